@@ -1,0 +1,139 @@
+"""The one place where laneproxy is wired together, and its lifecycle.
+
+Owns start-up order (sources first, then the first snapshot, then listeners and readiness), the
+shared objects of one process (store, stats, trace table, pools), and shutdown: on SIGTERM the
+proxy reports DRAINING, keeps serving with `Connection: close` for the drain period, then exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import signal
+import time
+
+from laneproxy.admin.server import AdminServer
+from laneproxy.control.files import FileSource
+from laneproxy.core.model import Endpoint
+from laneproxy.core.propagation import TraceLaneTable
+from laneproxy.core.store import RouteTableStore
+from laneproxy.dataplane.listener import GatewayRole, InboundRole, Listener, OutboundRole, default_picker
+from laneproxy.dataplane.upstream import UpstreamPools
+from laneproxy.observability.stats import ProxyStats
+from laneproxy.settings import ProxySettings
+
+log = logging.getLogger("laneproxy")
+
+
+class StartupError(Exception):
+    """The proxy cannot start: bad configuration, a port in use, no listener asked for."""
+
+
+class ProxyApp:
+    def __init__(self, settings: ProxySettings) -> None:
+        self.settings = settings
+        self.store = RouteTableStore()
+        self.stats = ProxyStats()
+        self.traces = TraceLaneTable(settings.trace_table_capacity, settings.trace_table_ttl, time.monotonic)
+        self.listeners: list[Listener] = []
+        self.bound: dict[str, int] = {}
+        self.source = None
+        self.admin: AdminServer | None = None
+        self.healthcheck_failed = False
+        self.draining = False
+        self.started_at = time.time()
+        self._stopped = asyncio.Event()
+
+    @property
+    def state(self) -> str:
+        if self.draining or self.healthcheck_failed:
+            return "DRAINING"
+        return "LIVE" if self.store.ready else "PRE_INITIALIZING"
+
+    def _make_source(self):
+        settings = self.settings
+        if settings.source == "kubernetes":
+            from laneproxy.control.kubernetes import KubernetesSource  # optional dependency
+
+            return KubernetesSource(self.store, namespace=settings.namespace, kubeconfig=settings.kubeconfig)
+        if not settings.config_files:
+            raise StartupError("no configuration: give --config FILE (or --source kubernetes)")
+        return FileSource(settings.config_files, self.store, namespace=settings.namespace,
+                          interval=settings.reload_interval)
+
+    async def start(self) -> None:
+        settings = self.settings
+        loop = asyncio.get_running_loop()
+        self.source = self._make_source()
+        await self.source.start()
+        if isinstance(self.source, FileSource) and not self.store.ready:
+            raise StartupError(f"configuration rejected:\n{self.store.last_error}")
+        pools = UpstreamPools(loop, connect_timeout=settings.timeouts.connect)
+        self.pools = pools
+        picker = default_picker(random.Random())
+        roles = []
+        if settings.gateway:
+            roles.append(("gateway", settings.gateway, GatewayRole(self.stats, picker, random.random)))
+        if settings.inbound:
+            if settings.app is None:
+                raise StartupError("--inbound needs --app: the address of the local application")
+            roles.append(("inbound", settings.inbound,
+                          InboundRole(self.stats, picker, Endpoint(settings.app.host, settings.app.port), self.traces)))
+        if settings.outbound:
+            roles.append(("outbound", settings.outbound, OutboundRole(self.stats, picker, self.traces, settings.own_lane)))
+        if not roles:
+            raise StartupError("no listener: give at least one of --gateway, --inbound, --outbound")
+        for name, address, role in roles:
+            listener = Listener(name, role, store=self.store, pools=pools, stats=self.stats, settings=settings, loop=loop)
+            try:
+                self.bound[name] = await listener.start(address.host, address.port)
+            except OSError as exc:
+                raise StartupError(f"{name} listener on {address}: {exc.strerror or exc}") from exc
+            self.listeners.append(listener)
+            log.info("%s listener on %s:%d", name, address.host, self.bound[name])
+        if settings.admin is not None:
+            self.admin = AdminServer(self)
+            try:
+                self.bound["admin"] = await self.admin.start(settings.admin.host, settings.admin.port)
+            except OSError as exc:
+                raise StartupError(f"admin on {settings.admin}: {exc.strerror or exc}") from exc
+            log.info("admin on %s:%d", settings.admin.host, self.bound["admin"])
+
+    def drain_listeners(self) -> None:
+        for listener in self.listeners:
+            listener.drain()
+
+    def begin_shutdown(self) -> None:
+        if self.draining:
+            return
+        log.info("draining for %.1fs", self.settings.drain_seconds)
+        self.draining = True
+        self.drain_listeners()
+        asyncio.get_running_loop().call_later(self.settings.drain_seconds, self._stopped.set)
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    async def stop(self) -> None:
+        for listener in self.listeners:
+            await listener.stop()
+        if self.source is not None:
+            await self.source.stop()
+        if self.admin is not None:
+            await self.admin.stop()
+        if hasattr(self, "pools"):
+            self.pools.close()
+
+
+async def serve(settings: ProxySettings) -> None:
+    """Run a proxy until SIGTERM/SIGINT, then drain and stop."""
+    app = ProxyApp(settings)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, app.begin_shutdown)
+    try:
+        await app.start()
+        await app.wait_stopped()
+    finally:
+        await app.stop()

@@ -1,0 +1,148 @@
+"""argv and the environment -> settings -> the chosen command (run, validate, mock, demo).
+
+Owns option names, their environment variables and help texts. Installs uvloop here, at run time,
+never at import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+from laneproxy.core.errors import ConfigInvalidError
+from laneproxy.settings import Address, ProxySettings, TimeoutSettings
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(f"LANEPROXY_{name}", default)
+
+
+def _address(text: str) -> Address:
+    try:
+        return Address.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _optional_address(text: str) -> Address | None:
+    return None if text.lower() in ("", "none", "off") else _address(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="laneproxy", description="A swimlane sidecar proxy for full-chain gray release.")
+    parser.add_argument("--log-level", default=_env("LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run the proxy (gateway and/or sidecar listeners)")
+    env_config = [p for p in (_env("CONFIG") or "").split(",") if p]
+    run.add_argument("--config", action="append", default=None, metavar="FILE",
+                     help="swimlane manifests or endpoints file; repeatable (env LANEPROXY_CONFIG, comma-separated)")
+    run.add_argument("--source", choices=["files", "kubernetes"], default=_env("SOURCE", "files"),
+                     help="where lane membership comes from (env LANEPROXY_SOURCE)")
+    run.add_argument("--kubeconfig", default=_env("KUBECONFIG") or os.environ.get("KUBECONFIG"),
+                     help="kubeconfig for --source kubernetes; in-cluster credentials when absent")
+    run.add_argument("--gateway", type=_address, default=_optional_address(_env("GATEWAY", "none")),
+                     metavar="[HOST:]PORT", help="ingress gateway listener (env LANEPROXY_GATEWAY)")
+    run.add_argument("--inbound", type=_address, default=_optional_address(_env("INBOUND", "none")),
+                     metavar="[HOST:]PORT", help="inbound listener in front of the app (env LANEPROXY_INBOUND)")
+    run.add_argument("--app", type=_address, default=_optional_address(_env("APP", "none")),
+                     metavar="[HOST:]PORT", help="the local app the inbound listener forwards to (env LANEPROXY_APP)")
+    run.add_argument("--outbound", type=_address, default=_optional_address(_env("OUTBOUND", "none")),
+                     metavar="[HOST:]PORT", help="the app's egress listener, usable as HTTP_PROXY (env LANEPROXY_OUTBOUND)")
+    run.add_argument("--admin", type=_optional_address, default=_optional_address(_env("ADMIN", "127.0.0.1:15000")),
+                     metavar="[HOST:]PORT|none", help="admin listener (default 127.0.0.1:15000; env LANEPROXY_ADMIN)")
+    run.add_argument("--lane", default=_env("LANE"), help="this sidecar's own lane, used in strict mode (env LANEPROXY_LANE)")
+    run.add_argument("--namespace", default=_env("NAMESPACE", "default"), help="namespace short host names resolve in")
+    run.add_argument("--reload-interval", type=float, default=float(_env("RELOAD_INTERVAL", "1.0")),
+                     help="seconds between checks of the config files for changes")
+    run.add_argument("--connect-timeout", type=float, default=5.0, help="upstream connect timeout, seconds (Envoy: 5)")
+    run.add_argument("--route-timeout", type=float, default=15.0, help="upstream response timeout, seconds; 0 disables")
+    run.add_argument("--trace-table-size", type=int, default=100_000, help="trace-id -> lane entries kept (LRU)")
+    run.add_argument("--trace-table-ttl", type=float, default=300.0, help="seconds a trace-id -> lane entry lives")
+    run.add_argument("--drain-seconds", type=float, default=float(_env("DRAIN_SECONDS", "5")),
+                     help="on SIGTERM keep serving this long with Connection: close, then exit")
+
+    validate = commands.add_parser("validate", help="check configuration files and print every problem")
+    validate.add_argument("files", nargs="+", metavar="FILE")
+    validate.add_argument("--namespace", default="default")
+
+    mock = commands.add_parser("mock", help="run the mock service (the seed's go-http-sample stand-in)")
+    mock.add_argument("--listen", type=_address, default=Address("127.0.0.1", 8000), metavar="[HOST:]PORT")
+    mock.add_argument("--app", help="service name (env app)")
+    mock.add_argument("--version", dest="app_version", help="version reported (env version)")
+    mock.add_argument("--upstream-url", help="call this URL and append its body (env upstream_url)")
+    mock.add_argument("--trace-header", default="my-request-id", help="the one header forwarded upstream")
+
+    demo = commands.add_parser("demo", help="run the full-chain demo on 127.0.0.1")
+    demo.add_argument("--gateway-port", type=int, default=8080, help="gateway port (0 picks a free one)")
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> ProxySettings:
+    config = tuple(args.config or [p for p in (_env("CONFIG") or "").split(",") if p])
+    return ProxySettings(
+        gateway=args.gateway, inbound=args.inbound, app=args.app, outbound=args.outbound, admin=args.admin,
+        config_files=config, source=args.source, kubeconfig=args.kubeconfig, namespace=args.namespace,
+        own_lane=args.lane, reload_interval=args.reload_interval,
+        trace_table_capacity=args.trace_table_size, trace_table_ttl=args.trace_table_ttl,
+        timeouts=TimeoutSettings(connect=args.connect_timeout, route=args.route_timeout),
+        drain_seconds=args.drain_seconds,
+    )
+
+
+def _run(args: argparse.Namespace) -> int:
+    import uvloop
+
+    from laneproxy.app import StartupError, serve
+
+    try:
+        uvloop.run(serve(settings_from_args(args)))
+    except StartupError as exc:
+        print(f"laneproxy: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from laneproxy.control.files import load_files
+
+    try:
+        table = load_files(args.files, namespace=args.namespace)
+    except ConfigInvalidError as exc:
+        for problem in exc.problems:
+            print(problem)
+        return 1
+    lanes = sum(len(group.lanes) for group in table.groups.values())
+    print(f"ok: {len(table.groups)} group(s), {lanes} lane(s), {len(table.services)} service(s), version {table.version}")
+    return 0
+
+
+def _mock(args: argparse.Namespace) -> int:
+    import uvloop
+
+    from laneproxy.mock import MockSettings, serve_mock
+
+    settings = MockSettings.from_environment(app=args.app, version=args.app_version, upstream_url=args.upstream_url,
+                                             host=args.listen.host, port=args.listen.port, trace_header=args.trace_header)
+    uvloop.run(serve_mock(settings))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from laneproxy.demo import run_demo
+
+    return run_demo(args.gateway_port)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = {"run": _run, "validate": _validate, "mock": _mock, "demo": _demo}[args.command]
+    return handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

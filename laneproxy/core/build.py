@@ -1,0 +1,673 @@
+"""Raw configuration documents -> one validated, immutable RouteTable. The only validation point.
+
+Owns the meaning of every input field: the ASM swimlane resources (`ASMSwimLaneGroup`, `ASMSwimLane`,
+`istio.alibabacloud.com/v1`), Kubernetes `Service` and `Pod` objects, and laneproxy's own
+`LaneEndpoints` file for local runs. Every problem is collected and reported as
+`source: path.to.field: reason`; nothing past this module sees an untyped dict.
+It never reads files or sockets: callers hand it text or parsed objects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Iterable, Mapping
+
+import yaml
+
+from laneproxy.core.errors import ConfigInvalidError, ConfigProblem
+from laneproxy.core.headers import TRAFFIC_TAG_LABEL
+from laneproxy.core.model import (
+    Endpoint,
+    IngressRule,
+    Lane,
+    MatchKind,
+    RequestMatch,
+    Route,
+    RouteTable,
+    RoutingStrategy,
+    Service,
+    ServiceRoutes,
+    StringMatch,
+    SwimLaneGroup,
+)
+
+SWIMLANE_API = "istio.alibabacloud.com/v1"
+ENDPOINTS_API = "laneproxy.dev/v1"
+GROUP_LABEL = "swimlane-group"
+DEFAULT_NAMESPACE = "default"
+DEFAULT_SERVICE_PORT = 80
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_LANE_VALUE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?$")
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigDocument:
+    """One parsed document and where it came from (a file name, or `kubernetes:<kind>/<name>`)."""
+
+    source: str
+    body: Mapping[str, Any]
+
+
+def parse_yaml(source: str, text: str) -> list[ConfigDocument]:
+    """Split multi-document YAML into documents; raise ConfigInvalidError naming the file on bad YAML."""
+    try:
+        loaded = [doc for doc in yaml.safe_load_all(text) if doc is not None]
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1} column {mark.column + 1}" if mark is not None else "document"
+        reason = getattr(exc, "problem", None) or str(exc)
+        raise ConfigInvalidError([ConfigProblem(source, where, f"malformed YAML: {reason}")]) from exc
+    problems = [
+        ConfigProblem(source, f"document[{index}]", "expected a mapping with apiVersion and kind")
+        for index, doc in enumerate(loaded)
+        if not isinstance(doc, dict)
+    ]
+    if problems:
+        raise ConfigInvalidError(problems)
+    return [ConfigDocument(source, doc) for doc in loaded]
+
+
+def content_version(texts: Iterable[str]) -> str:
+    """A short, stable version string for a set of inputs: equal inputs, equal version."""
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(text.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()[:12]
+
+
+class _Problems:
+    """Collects problems; `at` gives a field reader bound to one document and path prefix."""
+
+    def __init__(self) -> None:
+        self.items: list[ConfigProblem] = []
+
+    def add(self, source: str, path: str, reason: str) -> None:
+        self.items.append(ConfigProblem(source, path, reason))
+
+
+class _Fields:
+    """Typed access to one mapping inside a document, recording a problem for each wrong field."""
+
+    def __init__(self, problems: _Problems, source: str, path: str, body: Any) -> None:
+        self.problems, self.source, self.path = problems, source, path
+        self.body = body if isinstance(body, dict) else {}
+        if body is not None and not isinstance(body, dict):
+            self.fail("", "expected a mapping")
+
+    def where(self, key: str) -> str:
+        return f"{self.path}.{key}" if key else self.path
+
+    def fail(self, key: str, reason: str) -> None:
+        self.problems.add(self.source, self.where(key), reason)
+
+    def sub(self, key: str) -> _Fields:
+        return _Fields(self.problems, self.source, self.where(key), self.body.get(key))
+
+    def string(self, key: str, default: str | None = None, *, required: bool = False) -> str | None:
+        value = self.body.get(key)
+        if value is None or value == "":
+            if required:
+                self.fail(key, "required")
+            return default
+        if not isinstance(value, str):
+            self.fail(key, f"expected a string, got {type(value).__name__}")
+            return default
+        return value
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self.body.get(key)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            self.fail(key, f"expected true or false, got {value!r}")
+            return default
+        return value
+
+    def integer(self, key: str, default: int, *, low: int, high: int) -> int:
+        value = self.body.get(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            self.fail(key, f"expected an integer from {low} to {high}, got {value!r}")
+            return default
+        return value
+
+    def items(self, key: str) -> list[tuple[str, Any]]:
+        """A list field as (path, element) pairs."""
+        value = self.body.get(key)
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            self.fail(key, "expected a list")
+            return []
+        return [(f"{self.where(key)}[{index}]", element) for index, element in enumerate(value)]
+
+    def string_map(self, key: str) -> dict[str, str]:
+        value = self.body.get(key)
+        if value is None:
+            return {}
+        if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            self.fail(key, "expected a mapping of strings to strings")
+            return {}
+        return dict(value)
+
+    def at(self, path: str, body: Any) -> _Fields:
+        return _Fields(self.problems, self.source, path, body)
+
+
+# ---------------------------------------------------------------------------------------------
+# Documents -> intermediate declarations
+
+
+@dataclass(slots=True)
+class _GroupDecl:
+    source: str
+    name: str
+    services: list[str]
+    strategy: RoutingStrategy
+    weighted_hosts: tuple[str, ...]
+    weighted_matches: tuple[RequestMatch, ...]
+    permissive: bool
+    fallback_target: str | None
+    fallback_path: str
+    service_fallback: dict[str, str]
+    service_fallback_path: str
+    route_header: str
+    trace_header: str | None
+    auto_update: bool
+
+
+@dataclass(slots=True)
+class _LaneDecl:
+    source: str
+    name: str
+    group: str | None
+    label_selector: dict[str, str]
+    services: list[str]
+    rules: list[tuple[str, str, str, tuple[str, ...], RequestMatch, str]]  # path, rule name, host, hosts, match, dest path
+    weight: int
+    weight_host: str | None
+
+
+@dataclass(slots=True)
+class _ServiceDecl:
+    source: str
+    namespace: str
+    name: str
+    port: int
+    target_port: int | str | None
+    selector: dict[str, str] | None
+    endpoints: list[Endpoint]
+
+
+@dataclass(slots=True)
+class _PodDecl:
+    namespace: str
+    labels: dict[str, str]
+    ip: str
+    ready: bool
+    ports: dict[str, int]
+
+
+def _name_of(fields: _Fields) -> str | None:
+    return fields.sub("metadata").string("name", required=True)
+
+
+def _string_match(fields: _Fields) -> StringMatch | None:
+    present = [(kind, fields.body[kind.value]) for kind in MatchKind if fields.body.get(kind.value) not in (None, "")]
+    unknown = sorted(set(fields.body) - {kind.value for kind in MatchKind})
+    for key in unknown:
+        fields.fail(key, "unknown match type (use exact, prefix or regex)")
+    if len(present) != 1:
+        if not unknown:
+            fields.fail("", "exactly one of exact, prefix or regex is required")
+        return None
+    kind, value = present[0]
+    if not isinstance(value, str):
+        fields.fail(kind.value, "expected a string")
+        return None
+    pattern = None
+    if kind is MatchKind.REGEX:
+        try:
+            pattern = re.compile(value)
+        except re.error as exc:
+            fields.fail(kind.value, f"invalid regular expression {value!r}: {exc}")
+            return None
+    return StringMatch(kind, value, pattern)
+
+
+def _request_match(fields: _Fields) -> RequestMatch:
+    uri = _string_match(fields.sub("uri")) if fields.body.get("uri") else None
+    headers = []
+    raw_headers = fields.body.get("headers") or {}
+    if not isinstance(raw_headers, dict):
+        fields.fail("headers", "expected a mapping of header name to match")
+        raw_headers = {}
+    for name, spec in raw_headers.items():
+        if not isinstance(name, str) or not _TOKEN.match(name):
+            fields.fail(f"headers.{name}", "not a valid header name")
+            continue
+        match = _string_match(fields.sub("headers").sub(name))
+        if match is not None:
+            headers.append((name.lower(), match))
+    return RequestMatch(uri, tuple(headers))
+
+
+def _service_refs(fields: _Fields, key: str) -> list[str]:
+    refs = []
+    for path, element in fields.items(key):
+        ref = fields.at(path, element)
+        name = ref.string("name", required=True)
+        namespace = ref.string("namespace", DEFAULT_NAMESPACE)
+        if name:
+            refs.append(f"{namespace}/{name}")
+    return refs
+
+
+def _group_decl(doc: ConfigDocument, problems: _Problems) -> _GroupDecl | None:
+    top = _Fields(problems, doc.source, "ASMSwimLaneGroup", doc.body)
+    name = _name_of(top)
+    root = top.at(f"ASMSwimLaneGroup({name})", doc.body)
+    spec = root.sub("spec")
+    routing = spec.sub("ingress").sub("ingressRouting")
+    strategy_name = routing.string("ingressRoutingStrategy", RoutingStrategy.RULE_BASED.value)
+    try:
+        strategy = RoutingStrategy(strategy_name)
+    except ValueError:
+        routing.fail("ingressRoutingStrategy", f"unknown strategy {strategy_name!r} (use rule_based or weighted)")
+        strategy = RoutingStrategy.RULE_BASED
+    weighted = routing.sub("weightedRoutingRule")
+    weighted_hosts = tuple(h for _, h in weighted.items("hosts") if isinstance(h, str)) or ("*",)
+    weighted_matches = tuple(_request_match(weighted.at(path, m)) for path, m in weighted.items("requestMatches"))
+    permissive = spec.boolean("isPermissive", False)
+    pmc = spec.sub("permissiveModeConfiguration")
+    route_header = pmc.string("routeHeader", required=permissive)
+    if route_header and not _TOKEN.match(route_header):
+        pmc.fail("routeHeader", "not a valid header name")
+    trace_header = pmc.string("traceHeader")
+    if trace_header and not _TOKEN.match(trace_header):
+        pmc.fail("traceHeader", "not a valid header name")
+    if trace_header and route_header and trace_header.lower() == route_header.lower():
+        trace_header = None  # the app propagates the route header itself: nothing to remember
+    fallback_target = pmc.string("fallbackTarget", required=permissive)
+    service_fallback = pmc.string_map("serviceLevelFallbackTarget")
+    if name is None:
+        return None
+    return _GroupDecl(
+        source=doc.source,
+        name=name,
+        services=_service_refs(spec, "services"),
+        strategy=strategy,
+        weighted_hosts=weighted_hosts,
+        weighted_matches=weighted_matches,
+        permissive=permissive,
+        fallback_target=fallback_target,
+        fallback_path=pmc.where("fallbackTarget"),
+        service_fallback=service_fallback,
+        service_fallback_path=pmc.where("serviceLevelFallbackTarget"),
+        route_header=(route_header or "x-asm-prefer-tag").lower(),
+        trace_header=trace_header.lower() if trace_header else None,
+        auto_update=spec.boolean("autoUpdate", False),
+    )
+
+
+def _lane_decl(doc: ConfigDocument, problems: _Problems) -> _LaneDecl | None:
+    top = _Fields(problems, doc.source, "ASMSwimLane", doc.body)
+    name = _name_of(top)
+    root = top.at(f"ASMSwimLane({name})", doc.body)
+    if name is not None and not _LANE_VALUE.match(name):
+        root.fail("metadata.name", "a lane name must be 1-63 letters, digits, '-', '_' or '.'")
+    group = root.sub("metadata").string_map("labels").get(GROUP_LABEL)
+    if group is None:
+        root.fail(f"metadata.labels.{GROUP_LABEL}", "required: names the ASMSwimLaneGroup this lane belongs to")
+    spec = root.sub("spec")
+    selector = spec.string_map("labelSelector")
+    if not selector:
+        spec.fail("labelSelector", "required: a lane without a label selector would take every pod")
+    rules = []
+    for path, element in spec.items("ingressRules"):
+        rule = spec.at(path, element)
+        if not rule.boolean("online", True):
+            continue
+        hosts = tuple(h for _, h in rule.items("hosts") if isinstance(h, str)) or ("*",)
+        match = _request_match(rule.sub("match"))
+        destination = rule.sub("route").sub("destination")
+        host = destination.string("host", required=True)
+        if host:
+            rules.append((path, rule.string("name", name) or "", host, hosts, match, destination.where("host")))
+    weight = spec.sub("ingressWeight")
+    if name is None:
+        return None
+    return _LaneDecl(
+        source=doc.source,
+        name=name,
+        group=group,
+        label_selector=selector,
+        services=_service_refs(spec, "services"),
+        rules=rules,
+        weight=weight.integer("weight", 0, low=0, high=1_000_000),
+        weight_host=weight.sub("destination").string("host"),
+    )
+
+
+def _parse_address(fields: _Fields, path: str, value: Any) -> Endpoint | None:
+    if not isinstance(value, str) or ":" not in value:
+        fields.problems.add(fields.source, path, f"expected host:port, got {value!r}")
+        return None
+    host, _, port_text = value.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        fields.problems.add(fields.source, path, f"expected host:port with a port from 1 to 65535, got {value!r}")
+        return None
+    return Endpoint(host, int(port_text))
+
+
+def _endpoints_decls(doc: ConfigDocument, problems: _Problems) -> list[_ServiceDecl]:
+    root = _Fields(problems, doc.source, "LaneEndpoints", doc.body)
+    services = root.body.get("services")
+    if not isinstance(services, dict):
+        root.fail("services", "required: a mapping of namespace/name to {port, lanes}")
+        return []
+    decls = []
+    for key, spec in services.items():
+        fields = root.sub("services").sub(str(key))
+        namespace, _, name = str(key).rpartition("/")
+        if not name:
+            fields.fail("", "service key must be namespace/name or name")
+            continue
+        port = fields.integer("port", DEFAULT_SERVICE_PORT, low=1, high=65535)
+        endpoints = []
+        lanes = fields.body.get("lanes") or {}
+        if not isinstance(lanes, dict):
+            fields.fail("lanes", f"expected a mapping of {TRAFFIC_TAG_LABEL} value to a list of host:port")
+            lanes = {}
+        for tag, addresses in lanes.items():
+            lane_fields = fields.sub("lanes")
+            if not isinstance(addresses, list):
+                lane_fields.fail(str(tag), "expected a list of host:port")
+                continue
+            for index, address in enumerate(addresses):
+                endpoint = _parse_address(fields, f"{lane_fields.where(str(tag))}[{index}]", address)
+                if endpoint is not None:
+                    labels = MappingProxyType({TRAFFIC_TAG_LABEL: str(tag)})
+                    endpoints.append(Endpoint(endpoint.host, endpoint.port, labels))
+        decls.append(_ServiceDecl(doc.source, namespace or DEFAULT_NAMESPACE, name, port, None, None, endpoints))
+    return decls
+
+
+def _kube_service_decl(doc: ConfigDocument, problems: _Problems) -> _ServiceDecl | None:
+    root = _Fields(problems, doc.source, "Service", doc.body)
+    meta = root.sub("metadata")
+    name = meta.string("name", required=True)
+    spec = root.sub("spec")
+    ports = spec.items("ports")
+    if name is None or not ports:
+        return None
+    first = root.at(*ports[0])
+    port = first.integer("port", DEFAULT_SERVICE_PORT, low=1, high=65535)
+    target = first.body.get("targetPort", port)
+    selector = spec.string_map("selector") or None
+    return _ServiceDecl(doc.source, meta.string("namespace", DEFAULT_NAMESPACE) or DEFAULT_NAMESPACE, name, port, target, selector, [])
+
+
+def _pod_decl(doc: ConfigDocument) -> _PodDecl | None:
+    body = doc.body
+    meta = body.get("metadata") or {}
+    status = body.get("status") or {}
+    ip = status.get("podIP")
+    if not ip or meta.get("deletionTimestamp"):
+        return None
+    ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+    ports = {}
+    for container in (body.get("spec") or {}).get("containers") or []:
+        for port in container.get("ports") or []:
+            if port.get("name") and port.get("containerPort"):
+                ports[port["name"]] = int(port["containerPort"])
+    return _PodDecl(meta.get("namespace", DEFAULT_NAMESPACE), dict(meta.get("labels") or {}), ip, ready, ports)
+
+
+# ---------------------------------------------------------------------------------------------
+# Declarations -> table
+
+
+def _service_key_for_host(host: str, namespace: str) -> str:
+    """`mocka`, `mocka.default`, `mocka.default.svc[.cluster.local]` -> `default/mocka`."""
+    parts = host.split(":")[0].lower().split(".")
+    if len(parts) == 1:
+        return f"{namespace}/{parts[0]}"
+    return f"{parts[1]}/{parts[0]}"
+
+
+def _cluster_name(service: Service, lane: str | None) -> str:
+    return f"outbound|{service.port}|{lane or ''}|{service.fqdn}"
+
+
+def _host_names(service: Service, local_namespace: str) -> list[bytes]:
+    names = [service.fqdn, f"{service.name}.{service.namespace}.svc", f"{service.name}.{service.namespace}"]
+    if service.namespace == local_namespace:
+        names.append(service.name)
+    with_ports = names + [f"{name}:{service.port}" for name in names]
+    return [name.encode() for name in with_ports]
+
+
+def build_table(documents: Iterable[ConfigDocument], *, version: str, namespace: str = DEFAULT_NAMESPACE) -> RouteTable:
+    """Validate every document and build the complete table, or raise ConfigInvalidError with all problems.
+
+    `namespace` is the namespace the proxy runs in: short host names (`mockb`) resolve there.
+    """
+    problems = _Problems()
+    groups: list[_GroupDecl] = []
+    lanes: list[_LaneDecl] = []
+    services: dict[str, _ServiceDecl] = {}
+    pods: list[_PodDecl] = []
+    for doc in documents:
+        api, kind = doc.body.get("apiVersion"), doc.body.get("kind")
+        if kind in ("ASMSwimLaneGroup", "ASMSwimLane") and api != SWIMLANE_API:
+            problems.add(doc.source, f"{kind}.apiVersion", f"expected {SWIMLANE_API}, got {api!r}")
+        elif kind == "ASMSwimLaneGroup":
+            group = _group_decl(doc, problems)
+            if group is not None:
+                groups.append(group)
+        elif kind == "ASMSwimLane":
+            lane = _lane_decl(doc, problems)
+            if lane is not None:
+                lanes.append(lane)
+        elif kind == "LaneEndpoints":
+            if api != ENDPOINTS_API:
+                problems.add(doc.source, "LaneEndpoints.apiVersion", f"expected {ENDPOINTS_API}, got {api!r}")
+            for decl in _endpoints_decls(doc, problems):
+                _merge_service(services, decl)
+        elif kind == "Service" and api == "v1":
+            decl = _kube_service_decl(doc, problems)
+            if decl is not None:
+                _merge_service(services, decl)
+        elif kind == "Pod" and api == "v1":
+            pod = _pod_decl(doc)
+            if pod is not None:
+                pods.append(pod)
+        # Other kinds (Gateway, Deployment, Rollout...) may share a file with ours; they are not ours to read.
+    _attach_pods(services, pods)
+    table = _assemble(groups, lanes, services, problems, version=version, namespace=namespace)
+    if problems.items:
+        raise ConfigInvalidError(problems.items)
+    return table
+
+
+def _merge_service(services: dict[str, _ServiceDecl], decl: _ServiceDecl) -> None:
+    key = f"{decl.namespace}/{decl.name}"
+    existing = services.get(key)
+    if existing is None:
+        services[key] = decl
+    else:
+        existing.endpoints.extend(decl.endpoints)
+        if decl.selector is not None:
+            existing.selector, existing.port, existing.target_port = decl.selector, decl.port, decl.target_port
+
+
+def _attach_pods(services: dict[str, _ServiceDecl], pods: list[_PodDecl]) -> None:
+    for decl in services.values():
+        if not decl.selector:
+            continue
+        for pod in pods:
+            if not pod.ready or pod.namespace != decl.namespace:
+                continue
+            if not all(pod.labels.get(k) == v for k, v in decl.selector.items()):
+                continue
+            target = decl.target_port
+            port = pod.ports.get(target) if isinstance(target, str) else target
+            if port:
+                decl.endpoints.append(Endpoint(pod.ip, int(port), MappingProxyType(dict(pod.labels))))
+
+
+def _assemble(
+    group_decls: list[_GroupDecl],
+    lane_decls: list[_LaneDecl],
+    service_decls: dict[str, _ServiceDecl],
+    problems: _Problems,
+    *,
+    version: str,
+    namespace: str,
+) -> RouteTable:
+    known_groups = {g.name for g in group_decls}
+    lane_names: dict[str, _LaneDecl] = {}
+    for lane in lane_decls:
+        if lane.name in lane_names:
+            problems.add(lane.source, f"ASMSwimLane({lane.name}).metadata.name", "duplicate lane name")
+        lane_names[lane.name] = lane
+        if lane.group is not None and lane.group not in known_groups:
+            problems.add(lane.source, f"ASMSwimLane({lane.name}).metadata.labels.{GROUP_LABEL}",
+                         f"no ASMSwimLaneGroup named {lane.group!r}")
+
+    # Every service a group names exists, even with no endpoints yet: requests to it get 503, not 404.
+    for group in group_decls:
+        for key in group.services:
+            if key not in service_decls:
+                ns, _, name = key.partition("/")
+                service_decls[key] = _ServiceDecl(group.source, ns, name, DEFAULT_SERVICE_PORT, None, None, [])
+    services = {key: Service(d.namespace, d.name, d.port, _unique(d.endpoints)) for key, d in sorted(service_decls.items())}
+
+    groups: dict[str, SwimLaneGroup] = {}
+    group_of_service: dict[str, str] = {}
+    rules: list[IngressRule] = []
+    for decl in group_decls:
+        prefix = f"ASMSwimLaneGroup({decl.name})"
+        if decl.name in groups:
+            problems.add(decl.source, f"{prefix}.metadata.name", "duplicate group name")
+            continue
+        for key in decl.services:
+            if group_of_service.setdefault(key, decl.name) != decl.name:
+                problems.add(decl.source, f"{prefix}.spec.services", f"{key} already belongs to group {group_of_service[key]!r}")
+        members = [lane for lane in lane_decls if lane.group == decl.name]
+        member_names = {lane.name for lane in members}
+        if decl.fallback_target and decl.fallback_target not in member_names:
+            problems.add(decl.source, decl.fallback_path, f"unknown lane {decl.fallback_target!r} (lanes: {_names(member_names)})")
+        for key, target in decl.service_fallback.items():
+            if "/" not in key:
+                problems.add(decl.source, f"{decl.service_fallback_path}.{key}", "keys are namespace/name")
+            elif key not in decl.services:
+                problems.add(decl.source, f"{decl.service_fallback_path}.{key}", "not a service of this group")
+            if target not in member_names:
+                problems.add(decl.source, f"{decl.service_fallback_path}.{key}", f"unknown lane {target!r} (lanes: {_names(member_names)})")
+        lanes = {}
+        for lane in members:
+            lane_prefix = f"ASMSwimLane({lane.name})"
+            lane_rules = []
+            for path, rule_name, host, hosts, match, dest_path in lane.rules:
+                key = _service_key_for_host(host, namespace)
+                if key not in decl.services:
+                    problems.add(lane.source, dest_path, f"{host!r} is not a service of group {decl.name!r}")
+                lane_rules.append(IngressRule(lane.name, rule_name, hosts, match, key))
+            weight_destination = None
+            if lane.weight_host:
+                weight_destination = _service_key_for_host(lane.weight_host, namespace)
+                if weight_destination not in decl.services:
+                    problems.add(lane.source, f"{lane_prefix}.spec.ingressWeight.destination.host",
+                                 f"{lane.weight_host!r} is not a service of group {decl.name!r}")
+            elif lane_rules:
+                weight_destination = lane_rules[0].destination
+            if decl.strategy is RoutingStrategy.WEIGHTED and lane.weight > 0 and weight_destination is None:
+                problems.add(lane.source, f"{lane_prefix}.spec.ingressWeight.destination.host",
+                             "required for a weighted lane (or give the lane an ingress rule)")
+            lanes[lane.name] = Lane(
+                name=lane.name,
+                group=decl.name,
+                label_selector=MappingProxyType(lane.label_selector),
+                declared_services=frozenset(lane.services),
+                ingress_rules=tuple(lane_rules),
+                weight=lane.weight,
+                weight_destination=weight_destination,
+            )
+            rules.extend(lane_rules)
+        if decl.strategy is RoutingStrategy.WEIGHTED and not any(lane.weight for lane in lanes.values()):
+            problems.add(decl.source, f"{prefix}.spec.ingress.ingressRouting.ingressRoutingStrategy",
+                         "weighted routing needs at least one lane with ingressWeight.weight > 0")
+        groups[decl.name] = SwimLaneGroup(
+            name=decl.name,
+            services=frozenset(decl.services),
+            lanes=MappingProxyType(lanes),
+            strategy=decl.strategy,
+            weighted_hosts=decl.weighted_hosts,
+            weighted_matches=decl.weighted_matches,
+            permissive=decl.permissive,
+            fallback_target=decl.fallback_target,
+            service_fallback=MappingProxyType(dict(decl.service_fallback)),
+            route_header=decl.route_header,
+            trace_header=decl.trace_header,
+            auto_update=decl.auto_update,
+        )
+
+    routes: dict[str, ServiceRoutes] = {}
+    hosts: dict[bytes, ServiceRoutes] = {}
+    for key, service in services.items():
+        group = groups.get(group_of_service.get(key, ""))
+        service_routes = _service_routes(service, group)
+        routes[key] = service_routes
+        for name in _host_names(service, namespace):
+            hosts.setdefault(name, service_routes)
+    return RouteTable(
+        version=version,
+        services=MappingProxyType(services),
+        groups=MappingProxyType(groups),
+        routes=MappingProxyType(routes),
+        hosts=MappingProxyType(hosts),
+        ingress_rules=tuple(rules),
+    )
+
+
+def _unique(endpoints: list[Endpoint]) -> tuple[Endpoint, ...]:
+    """Endpoints by address, sorted; where an address is declared twice the first labels win."""
+    first: dict[tuple[str, int], Endpoint] = {}
+    for endpoint in endpoints:
+        first.setdefault((endpoint.host, endpoint.port), endpoint)
+    return tuple(first[address] for address in sorted(first))
+
+
+def _names(names: Iterable[str]) -> str:
+    return ", ".join(sorted(names)) or "none"
+
+
+def _service_routes(service: Service, group: SwimLaneGroup | None) -> ServiceRoutes:
+    """Precompute the route for every lane of the service's group, fallback included."""
+    if group is None:
+        default = Route(service.key, None, None, _cluster_name(service, None), service.endpoints)
+        return ServiceRoutes(service, None, MappingProxyType({}), default)
+    members: dict[str, tuple[Endpoint, ...]] = {}
+    for lane in group.lanes.values():
+        selected = tuple(e for e in service.endpoints if e.has_labels(lane.label_selector))
+        in_lane = service.key in lane.declared_services or (group.auto_update and bool(selected))
+        members[lane.name] = selected if in_lane else ()
+    fallback = group.fallback_for(service.key) if group.permissive else None
+    by_lane: dict[bytes, Route] = {}
+    for lane in group.lanes.values():
+        used = lane.name if members[lane.name] or fallback is None else fallback
+        by_lane[lane.name.encode()] = Route(service.key, lane.name, used, _cluster_name(service, used), members.get(used, ()))
+    base = group.fallback_target
+    if base is not None and base.encode() in by_lane:
+        default = by_lane[base.encode()]
+    else:
+        default = Route(service.key, None, None, _cluster_name(service, None), ())
+    return ServiceRoutes(service, group, MappingProxyType(by_lane), default)

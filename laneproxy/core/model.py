@@ -1,0 +1,204 @@
+"""The immutable data model of laneproxy: services, endpoints, lanes, swimlane groups and the route table.
+
+Owns the shapes that cross from the control plane to the data plane. Every object here is frozen;
+a published RouteTable is never edited, only replaced. Nothing here validates: build.py does.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from enum import Enum
+from types import MappingProxyType
+from typing import Mapping
+
+EMPTY_MAPPING: Mapping = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One address serving a service, with the labels that place it in lanes."""
+
+    host: str
+    port: int
+    labels: Mapping[str, str] = field(default_factory=lambda: EMPTY_MAPPING, compare=False, hash=False)
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def has_labels(self, selector: Mapping[str, str]) -> bool:
+        return all(self.labels.get(key) == value for key, value in selector.items())
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    """A Kubernetes-style service: `namespace/name`, its port and every endpoint of every lane."""
+
+    namespace: str
+    name: str
+    port: int
+    endpoints: tuple[Endpoint, ...] = ()
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def fqdn(self) -> str:
+        return f"{self.name}.{self.namespace}.svc.cluster.local"
+
+
+class MatchKind(str, Enum):
+    EXACT = "exact"
+    PREFIX = "prefix"
+    REGEX = "regex"
+
+
+@dataclass(frozen=True, slots=True)
+class StringMatch:
+    """Istio's StringMatch: exactly one of exact, prefix or regex (a full match, as in Envoy's RE2 use)."""
+
+    kind: MatchKind
+    value: str
+    pattern: re.Pattern[str] | None = field(default=None, compare=False)
+
+    def matches(self, text: str | None) -> bool:
+        if text is None:
+            return False
+        if self.kind is MatchKind.EXACT:
+            return text == self.value
+        if self.kind is MatchKind.PREFIX:
+            return text.startswith(self.value)
+        assert self.pattern is not None
+        return self.pattern.fullmatch(text) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class RequestMatch:
+    """Conditions on the request path and headers; all must hold. Header names are lowercase."""
+
+    uri: StringMatch | None = None
+    headers: tuple[tuple[str, StringMatch], ...] = ()
+
+    def matches(self, path: str, headers: Mapping[str, str], *, ignore_header: str | None = None) -> bool:
+        if self.uri is not None and not self.uri.matches(path):
+            return False
+        return all(name == ignore_header or match.matches(headers.get(name)) for name, match in self.headers)
+
+
+def host_matches(patterns: tuple[str, ...], host: str) -> bool:
+    """Istio host matching: '*' matches anything, '*.example.com' a suffix, anything else exactly."""
+    for pattern in patterns:
+        if pattern == "*" or pattern == host:
+            return True
+        if pattern.startswith("*.") and host.endswith(pattern[1:]):
+            return True
+    return False
+
+
+@dataclass(frozen=True, slots=True)
+class IngressRule:
+    """One lane's ingress rule at the gateway: matching requests go to `destination` in `lane`."""
+
+    lane: str
+    name: str
+    hosts: tuple[str, ...]
+    match: RequestMatch
+    destination: str  # service key, namespace/name
+
+
+@dataclass(frozen=True, slots=True)
+class Lane:
+    """A swimlane: the pods its label selector picks, the services it declares, and its ingress."""
+
+    name: str
+    group: str
+    label_selector: Mapping[str, str]
+    declared_services: frozenset[str]
+    ingress_rules: tuple[IngressRule, ...] = ()
+    weight: int = 0
+    weight_destination: str | None = None  # service key
+
+
+class RoutingStrategy(str, Enum):
+    RULE_BASED = "rule_based"
+    WEIGHTED = "weighted"
+
+
+@dataclass(frozen=True, slots=True)
+class SwimLaneGroup:
+    """An ASMSwimLaneGroup with its lanes: how lanes are chosen at the edge and carried along the chain."""
+
+    name: str
+    services: frozenset[str]
+    lanes: Mapping[str, Lane]
+    strategy: RoutingStrategy
+    weighted_hosts: tuple[str, ...]
+    weighted_matches: tuple[RequestMatch, ...]
+    permissive: bool
+    fallback_target: str | None
+    service_fallback: Mapping[str, str]
+    route_header: str
+    trace_header: str | None
+    auto_update: bool
+
+    def fallback_for(self, service_key: str) -> str | None:
+        return self.service_fallback.get(service_key, self.fallback_target)
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """The resolved answer for (service, lane asked): the lane that serves it and its endpoints."""
+
+    service: str
+    lane_asked: str | None
+    lane_used: str | None
+    cluster: str
+    endpoints: tuple[Endpoint, ...]
+
+    @property
+    def fallback(self) -> bool:
+        return self.lane_used != self.lane_asked
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceRoutes:
+    """Every route of one service, keyed by the lane value as it arrives on the wire (bytes)."""
+
+    service: Service
+    group: SwimLaneGroup | None
+    by_lane: Mapping[bytes, Route]
+    default: Route
+
+    def route_for(self, lane: bytes | None) -> Route:
+        if lane is None:
+            return self.default
+        return self.by_lane.get(lane, self.default)
+
+
+@dataclass(frozen=True, slots=True)
+class RouteTable:
+    """The complete, versioned routing snapshot the data plane reads once per request."""
+
+    version: str
+    services: Mapping[str, Service]
+    groups: Mapping[str, SwimLaneGroup]
+    routes: Mapping[str, ServiceRoutes]  # by service key, namespace/name
+    hosts: Mapping[bytes, ServiceRoutes]  # by lowercase Host value, with and without the port
+    ingress_rules: tuple[IngressRule, ...]
+
+    def lane(self, name: str) -> Lane | None:
+        for group in self.groups.values():
+            lane = group.lanes.get(name)
+            if lane is not None:
+                return lane
+        return None
+
+    def is_lane(self, name: str) -> bool:
+        return self.lane(name) is not None
+
+
+EMPTY_TABLE = RouteTable(
+    version="", services=EMPTY_MAPPING, groups=EMPTY_MAPPING, routes=EMPTY_MAPPING, hosts=EMPTY_MAPPING, ingress_rules=()
+)

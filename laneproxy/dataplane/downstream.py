@@ -1,0 +1,235 @@
+"""A client connection to one of laneproxy's listeners: HTTP/1.1 request parsing and response ordering.
+
+Owns the downstream side of the wire: strict parsing with httptools (llhttp rejects conflicting
+framing, bad chunk sizes, obs-fold and whitespace before colons), header limits, Host checks,
+pipelined requests answered in order with a bounded queue, keep-alive and closing, and the
+backpressure between this socket and the exchange's upstream socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import TYPE_CHECKING
+
+import httptools
+
+from laneproxy.core import headers as h
+from laneproxy.core.errors import DownstreamProtocolError, HeadersTooLargeError, LocalReplyError
+from laneproxy.dataplane import codec
+from laneproxy.dataplane.exchange import Exchange
+
+if TYPE_CHECKING:
+    from laneproxy.dataplane.listener import Listener
+
+
+class _RejectRequestError(Exception):
+    """Raised inside a parser callback to stop parsing; carries the local reply to send."""
+
+    def __init__(self, error: LocalReplyError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class DownstreamConnection(asyncio.Protocol):
+    __slots__ = (
+        "listener", "transport", "parser", "url", "headers", "header_bytes", "host", "host_count", "chunked",
+        "content_length", "parsing", "active", "queue", "closed", "draining", "reading_paused", "writing_paused",
+        "connection_tokens",
+    )
+
+    def __init__(self, listener: Listener) -> None:
+        self.listener = listener
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.header_bytes = 0
+        self.host: bytes | None = None
+        self.host_count = 0
+        self.chunked = False
+        self.content_length = False
+        self.connection_tokens: set[bytes] | None = None
+        self.parsing: Exchange | None = None  # the exchange whose request bytes are arriving
+        self.active: Exchange | None = None  # the exchange whose response is being written
+        self.queue: deque[Exchange] = deque()  # pipelined requests waiting for their turn
+        self.closed = False
+        self.draining = False
+        self.reading_paused = False
+        self.writing_paused = False
+
+    # asyncio.Protocol -------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.listener.connection_opened(self)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__ or exc.__cause__
+            error = cause.error if isinstance(cause, _RejectRequestError) else DownstreamProtocolError(str(exc))
+            self._reject(error)
+        except httptools.HttpParserUpgrade:
+            self._reject(DownstreamProtocolError("protocol upgrade is not supported"))
+        except httptools.HttpParserError as exc:
+            self._reject(DownstreamProtocolError(str(exc)))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.listener.connection_closed(self)
+        for exchange in (self.active, self.parsing, *self.queue):
+            if exchange is not None:
+                exchange.cancel()
+        self.queue.clear()
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+        active = self.active
+        if active is not None and active.upstream is not None and active.upstream.transport is not None:
+            active.upstream.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        active = self.active
+        if active is not None and active.upstream is not None and active.upstream.transport is not None:
+            active.upstream.transport.resume_reading()
+
+    # httptools callbacks ----------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.url = b""
+        self.headers = []
+        self.header_bytes = 0
+        self.host = None
+        self.host_count = 0
+        self.chunked = False
+        self.content_length = False
+        self.connection_tokens = None
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        if len(self.url) > self.listener.max_header_bytes:
+            raise _RejectRequestError(DownstreamProtocolError("request target too long"))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        name = name.lower()
+        self.header_bytes += len(name) + len(value) + 4
+        if self.header_bytes > self.listener.max_header_bytes or len(self.headers) >= self.listener.max_header_count:
+            raise _RejectRequestError(HeadersTooLargeError())
+        if b"\0" in value:
+            raise _RejectRequestError(DownstreamProtocolError("NUL in a header value"))
+        if name == h.HOST:
+            self.host = value
+            self.host_count += 1
+        elif name == h.TRANSFER_ENCODING:
+            self.chunked = True  # llhttp has already insisted that chunked is the final coding
+        elif name == h.CONTENT_LENGTH:
+            self.content_length = True
+        elif name == h.CONNECTION:
+            tokens = codec.connection_tokens(value)
+            self.connection_tokens = tokens if self.connection_tokens is None else self.connection_tokens | tokens
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        parser = self.parser
+        method = parser.get_method()
+        minor = 1 if parser.get_http_version() == "1.1" else 0
+        if self.host_count > 1:
+            raise _RejectRequestError(DownstreamProtocolError("more than one Host header"))
+        if minor == 1 and self.host is None and not self.url.startswith(b"http://"):
+            raise _RejectRequestError(DownstreamProtocolError("HTTP/1.1 request without a Host header"))
+        if method == b"CONNECT":
+            raise _RejectRequestError(DownstreamProtocolError("CONNECT is not supported"))
+        exchange = Exchange(
+            self, method, self.url, minor, self.headers, self.host, parser.should_keep_alive() and not self.draining,
+            self.chunked, self.chunked or self.content_length, self.connection_tokens,
+        )
+        self.parsing = exchange
+        if self.active is None:
+            self.active = exchange
+            exchange.begin()
+        else:
+            self.queue.append(exchange)
+            if len(self.queue) >= self.listener.max_pipelined:
+                self.pause_reading()
+
+    def on_body(self, body: bytes) -> None:
+        if self.parsing is not None:
+            self.parsing.on_request_body(body)
+
+    def on_message_complete(self) -> None:
+        exchange, self.parsing = self.parsing, None
+        if exchange is not None:
+            exchange.on_request_complete()
+
+    # called by exchanges ------------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.write(data)
+
+    def writelines(self, parts: list[bytes]) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.writelines(parts)
+
+    def exchange_done(self, exchange: Exchange) -> None:
+        if exchange is not self.active:
+            return
+        self.active = None
+        if not exchange.keep_alive:
+            self.close()
+            return
+        if self.reading_paused and not self.writing_paused:
+            self.resume_reading()
+        if self.queue:
+            following = self.queue.popleft()
+            self.active = following
+            following.begin()
+
+    def pause_reading(self) -> None:
+        if not self.reading_paused and self.transport is not None and not self.closed:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.reading_paused and self.transport is not None and not self.closed:
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        if not self.closed and self.transport is not None:
+            self.closed = True
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.closed = True
+            self.transport.abort()
+
+    def drain(self) -> None:
+        """Stop keeping this connection alive: close now if idle, else after the response in flight."""
+        self.draining = True
+        if self.active is None and self.parsing is None:
+            self.close()
+
+    # errors -----------------------------------------------------------------------------------
+
+    def _reject(self, error: LocalReplyError) -> None:
+        """A request we cannot parse or accept: answer it (after any response in flight) and close."""
+        self.listener.stats.cx_protocol_error += 1
+        self.parser = httptools.HttpRequestParser(self)  # never feed the broken stream again
+        self.parsing = None
+        reply = codec.local_reply(error.status, error.body.encode(), date=self.listener.dates.value(),
+                                  server=self.listener.server_name, close=True)
+        for exchange in self.queue:
+            exchange.cancel()
+        self.queue.clear()
+        if self.active is not None and not self.active.finished:
+            # A response is still streaming: do not interleave; cut the connection after it.
+            self.active.keep_alive = False
+            self.pause_reading()
+            return
+        self.write(reply)
+        self.close()

@@ -1,0 +1,197 @@
+"""The local full-chain demo: the seed scenario on 127.0.0.1 with real processes, no Kubernetes.
+
+Owns the demo topology: a gateway; mocka, mockb and mockc v1 in the base lane; mocka and mockc v2
+in the canary lane (the canary lane has no mockb); each app with its own sidecar (inbound and
+outbound listeners), the app's egress going through its sidecar by HTTP_PROXY. It writes the
+endpoints file for the ports it picked, uses the seed's swimlane manifests from `config/`, and
+stops every process it started. Tests use DemoCluster too, so the demo cannot rot.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
+
+# (app, version, lane tag, upstream app)
+TOPOLOGY = (
+    ("mocka", "v1", "base", "mockb"),
+    ("mockb", "v1", "base", "mockc"),
+    ("mockc", "v1", "base", None),
+    ("mocka", "v2", "canary", "mockb"),
+    ("mockc", "v2", "canary", None),
+)
+SERVICE_PORT = 8000
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Pod:
+    app: str
+    version: str
+    lane: str
+    upstream: str | None
+    app_port: int = field(default_factory=free_port)
+    inbound_port: int = field(default_factory=free_port)
+    outbound_port: int = field(default_factory=free_port)
+    admin_port: int = field(default_factory=free_port)
+
+
+class DemoCluster:
+    """Starts and stops the demo's processes; usable as a context manager."""
+
+    def __init__(self, *, gateway_port: int = 0, swimlanes: Path | None = None, workdir: Path | None = None,
+                 log_level: str = "warning") -> None:
+        self.swimlanes = swimlanes or CONFIG_DIR / "swimlanes.yaml"
+        if not self.swimlanes.exists():
+            raise FileNotFoundError(f"swimlane manifests not found at {self.swimlanes}")
+        self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="laneproxy-demo-")
+        self.workdir = workdir or Path(self._tmp.name)
+        self.endpoints_file = self.workdir / "endpoints.yaml"
+        self.gateway_port = gateway_port or free_port()
+        self.gateway_admin_port = free_port()
+        self.pods = [Pod(*spec) for spec in TOPOLOGY]
+        self.log_level = log_level
+        self.processes: list[subprocess.Popen] = []
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://127.0.0.1:{self.gateway_port}"
+
+    @property
+    def gateway_admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.gateway_admin_port}"
+
+    def endpoints_document(self, pods: list[Pod] | None = None) -> dict:
+        services: dict[str, dict] = {}
+        for pod in pods if pods is not None else self.pods:
+            entry = services.setdefault(f"default/{pod.app}", {"port": SERVICE_PORT, "lanes": {}})
+            entry["lanes"].setdefault(pod.lane, []).append(f"127.0.0.1:{pod.inbound_port}")
+        return {"apiVersion": "laneproxy.dev/v1", "kind": "LaneEndpoints", "services": services}
+
+    def write_endpoints(self, pods: list[Pod] | None = None) -> None:
+        """Atomically replace the endpoints file, as a ConfigMap update would."""
+        staged = self.endpoints_file.with_suffix(".tmp")
+        staged.write_text(yaml.safe_dump(self.endpoints_document(pods), sort_keys=False))
+        os.replace(staged, self.endpoints_file)
+
+    def _spawn(self, *args: str, env: dict[str, str] | None = None) -> None:
+        environment = {k: v for k, v in os.environ.items() if k.lower() not in ("http_proxy", "https_proxy", "no_proxy")}
+        environment.update(env or {})
+        command = [sys.executable, "-m", "laneproxy", "--log-level", self.log_level, *args]
+        self.processes.append(subprocess.Popen(command, env=environment, stdin=subprocess.DEVNULL))
+
+    def start(self, timeout: float = 30.0) -> None:
+        self.write_endpoints()
+        config = ["--config", str(self.swimlanes), "--config", str(self.endpoints_file)]
+        self._spawn("run", "--gateway", f"127.0.0.1:{self.gateway_port}",
+                    "--admin", f"127.0.0.1:{self.gateway_admin_port}", *config)
+        for pod in self.pods:
+            self._spawn("run", "--inbound", f"127.0.0.1:{pod.inbound_port}", "--app", f"127.0.0.1:{pod.app_port}",
+                        "--outbound", f"127.0.0.1:{pod.outbound_port}", "--admin", f"127.0.0.1:{pod.admin_port}",
+                        "--lane", pod.lane, *config)
+            upstream = f"http://{pod.upstream}:{SERVICE_PORT}/" if pod.upstream else ""
+            self._spawn("mock", "--listen", f"127.0.0.1:{pod.app_port}",
+                        env={"app": pod.app, "version": pod.version, "upstream_url": upstream,
+                             "HTTP_PROXY": f"http://127.0.0.1:{pod.outbound_port}"})
+        try:
+            self._wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        admin_ports = [self.gateway_admin_port, *(pod.admin_port for pod in self.pods)]
+        app_ports = [pod.app_port for pod in self.pods]
+        pending = [("admin", port) for port in admin_ports] + [("app", port) for port in app_ports]
+        while pending:
+            for process in self.processes:
+                if process.poll() is not None:
+                    raise RuntimeError(f"demo process {process.args} exited with {process.returncode}")
+            kind, port = pending[0]
+            if _answers(kind, port):
+                pending.pop(0)
+                continue
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"demo {kind} on port {port} not ready after {timeout}s")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.terminate()
+        deadline = time.monotonic() + 10
+        for process in self.processes:
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self.processes.clear()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> DemoCluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+
+def _answers(kind: str, port: int) -> bool:
+    if kind == "admin":
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=1) as response:
+                return response.status == 200
+        except OSError:
+            return False
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def run_demo(gateway_port: int) -> int:
+    cluster = DemoCluster(gateway_port=gateway_port, log_level="warning")
+    cluster.start()
+    gw = cluster.gateway_url
+    print(f"gateway: {gw}")
+    print(f"gateway admin: {cluster.gateway_admin_url}  (try /lanes and /stats)")
+    print("try:")
+    print(f"  curl {gw}/mock -H 'x-asm-prefer-tag: base' -H 'my-request-id: 10001'    # v1 -> v1 -> v1")
+    print(f"  curl {gw}/mock -H 'x-asm-prefer-tag: canary' -H 'my-request-id: 10002'  # v2 -> v1 -> v2")
+    print(f"  curl {gw}/mock -H 'my-request-id: 10003'                                # v1 -> v1 -> v1")
+    print("press Ctrl-C to stop", flush=True)
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+    try:
+        while not stop:
+            time.sleep(0.5)
+            if any(p.poll() is not None for p in cluster.processes):
+                print("a demo process exited; stopping", file=sys.stderr)
+                return 1
+    except KeyboardInterrupt:
+        pass
+    finally:
+        cluster.stop()
+    return 0

@@ -1,0 +1,1 @@
+"""Metrics, tracing and access logging. Counters are plain attributes bumped on the hot path; exporters read them."""
