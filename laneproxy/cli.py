@@ -93,8 +93,19 @@ def settings_from_args(args: argparse.Namespace) -> ProxySettings:
     )
 
 
+def _raise_open_file_limit() -> None:
+    """A proxy holds two sockets per request in flight: take the hard limit, as Envoy's docs advise."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def _run(args: argparse.Namespace) -> int:
     import uvloop
+
+    _raise_open_file_limit()
 
     from laneproxy.app import StartupError, serve
 
@@ -122,6 +133,8 @@ def _validate(args: argparse.Namespace) -> int:
 
 def _mock(args: argparse.Namespace) -> int:
     import uvloop
+
+    _raise_open_file_limit()
 
     from laneproxy.mock import MockSettings, serve_mock
 

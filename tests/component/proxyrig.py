@@ -1,0 +1,228 @@
+"""Test rig for component tests: a real `laneproxy run` process and a recording upstream, on 127.0.0.1.
+
+Owns starting and stopping those processes and servers; tests say what to send and what to expect.
+The recording upstream keeps every raw request head it receives, so tests can assert on exactly
+what crossed the wire (hop-by-hop removal, lane header, framing) and on whether a request arrived at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+SWIMLANES = REPO / "config" / "swimlanes.yaml"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class ReceivedRequest:
+    head: bytes
+    body: bytes
+
+    @property
+    def request_line(self) -> bytes:
+        return self.head.split(b"\r\n", 1)[0]
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        lines = self.head.split(b"\r\n")[1:]
+        return [tuple(part.strip() for part in line.split(b":", 1)) for line in lines if line]  # type: ignore[misc]
+
+    def header(self, name: bytes) -> bytes | None:
+        values = [v for k, v in self.headers() if k.lower() == name]
+        return values[0] if values else None
+
+
+@dataclass
+class RecordingUpstream:
+    """An HTTP/1.1 origin that records raw requests and answers with a scripted response.
+
+    `respond` builds the raw response bytes for a request; by default 200 with the request line as body.
+    It understands Content-Length and chunked request bodies (enough to find the message end).
+    """
+
+    respond: object = None
+    received: list[ReceivedRequest] = field(default_factory=list)
+    connections: int = 0
+    server: asyncio.AbstractServer | None = None
+    port: int = 0
+
+    async def start(self) -> RecordingUpstream:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                request = ReceivedRequest(head, await _read_body(reader, head))
+                self.received.append(request)
+                respond = self.respond or default_response
+                response = respond(request)
+                if response is None:  # scripted: drop the connection without answering
+                    writer.close()
+                    return
+                writer.write(response)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+async def _read_body(reader: asyncio.StreamReader, head: bytes) -> bytes:
+    lower = head.lower()
+    if b"transfer-encoding: chunked" in lower:
+        body = b""
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).strip(), 16)
+            if size == 0:
+                await reader.readuntil(b"\r\n")
+                return body
+            body += await reader.readexactly(size)
+            await reader.readexactly(2)
+    for line in lower.split(b"\r\n"):
+        if line.startswith(b"content-length:"):
+            return await reader.readexactly(int(line.split(b":")[1]))
+    return b""
+
+
+def default_response(request: ReceivedRequest) -> bytes:
+    body = request.request_line
+    return b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+
+
+def endpoints_file(path: Path, services: dict[str, dict[str, list[int]]], port: int = 8000) -> Path:
+    """Write a LaneEndpoints file: {"default/mockb": {"base": [port, ...]}} with 127.0.0.1 addresses."""
+    document = {
+        "apiVersion": "laneproxy.dev/v1",
+        "kind": "LaneEndpoints",
+        "services": {
+            key: {"port": port, "lanes": {lane: [f"127.0.0.1:{p}" for p in ports] for lane, ports in lanes.items()}}
+            for key, lanes in services.items()
+        },
+    }
+    staged = path.with_suffix(".tmp")
+    staged.write_text(yaml.safe_dump(document))
+    os.replace(staged, path)
+    return path
+
+
+class ProxyProcess:
+    """`laneproxy run` as a real process with the given listeners; waits for /ready."""
+
+    def __init__(self, *config: Path, gateway: bool = False, outbound: bool = False, inbound_app: int | None = None,
+                 extra: tuple[str, ...] = ()) -> None:
+        self.admin_port = free_port()
+        self.gateway_port = free_port() if gateway else None
+        self.outbound_port = free_port() if outbound else None
+        self.inbound_port = free_port() if inbound_app else None
+        args = [sys.executable, "-m", "laneproxy", "--log-level", "warning", "run", "--admin", f"127.0.0.1:{self.admin_port}",
+                "--reload-interval", "0.2"]
+        for path in config:
+            args += ["--config", str(path)]
+        if gateway:
+            args += ["--gateway", f"127.0.0.1:{self.gateway_port}"]
+        if outbound:
+            args += ["--outbound", f"127.0.0.1:{self.outbound_port}"]
+        if inbound_app:
+            args += ["--inbound", f"127.0.0.1:{self.inbound_port}", "--app", f"127.0.0.1:{inbound_app}"]
+        self.args = args + list(extra)
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 15.0) -> ProxyProcess:
+        self.process = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"laneproxy exited {self.process.returncode}: {self.process.stderr.read().decode()}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/ready", timeout=1) as response:
+                    if response.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise TimeoutError("laneproxy not ready")
+
+    def admin(self, path: str) -> bytes:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}{path}", timeout=5) as response:
+            return response.read()
+
+    def stat(self, name: str) -> int:
+        for line in self.admin("/stats").decode().splitlines():
+            key, _, value = line.partition(": ")
+            if key == name:
+                return int(value)
+        raise KeyError(name)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+async def exchange(port: int, raw: bytes, *, read_timeout: float = 5.0) -> bytes:
+    """Send raw bytes on a new connection and read until the server closes it (or the timeout)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(raw)
+    await writer.drain()
+    chunks = []
+    try:
+        async with asyncio.timeout(read_timeout):
+            while data := await reader.read(65536):
+                chunks.append(data)
+    except TimeoutError:
+        pass
+    writer.close()
+    return b"".join(chunks)
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[bytes, bytes], bytes]:
+    """One response from a keep-alive connection: status, headers (lowercase names), decoded body."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    status = int(lines[0].split()[1])
+    headers = {}
+    for line in lines[1:]:
+        if line:
+            name, _, value = line.partition(b":")
+            headers[name.strip().lower()] = value.strip()
+    if headers.get(b"transfer-encoding") == b"chunked":
+        body = b""
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).strip(), 16)
+            if size == 0:
+                await reader.readuntil(b"\r\n")
+                break
+            body += await reader.readexactly(size)
+            await reader.readexactly(2)
+    elif b"content-length" in headers:
+        body = await reader.readexactly(int(headers[b"content-length"]))
+    else:
+        body = await reader.read()
+    return status, headers, body
