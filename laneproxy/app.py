@@ -15,6 +15,7 @@ import time
 
 from laneproxy.admin.server import AdminServer
 from laneproxy.control.files import FileSource
+from laneproxy.core.errors import LaneProxyError
 from laneproxy.core.model import Endpoint
 from laneproxy.core.propagation import TraceLaneTable
 from laneproxy.core.store import RouteTableStore
@@ -54,8 +55,10 @@ class ProxyApp:
     def _make_source(self):
         settings = self.settings
         if settings.source == "kubernetes":
-            from laneproxy.control.kubernetes import KubernetesSource  # optional dependency
-
+            try:
+                from laneproxy.control.kubernetes import KubernetesSource  # optional dependency
+            except ImportError as exc:
+                raise StartupError(f"--source kubernetes needs: pip install 'laneproxy[kubernetes]' ({exc})") from exc
             return KubernetesSource(self.store, namespace=settings.namespace, kubeconfig=settings.kubeconfig)
         if not settings.config_files:
             raise StartupError("no configuration: give --config FILE (or --source kubernetes)")
@@ -66,7 +69,10 @@ class ProxyApp:
         settings = self.settings
         loop = asyncio.get_running_loop()
         self.source = self._make_source()
-        await self.source.start()
+        try:
+            await self.source.start()
+        except LaneProxyError as exc:  # e.g. Kubernetes credentials that cannot be loaded
+            raise StartupError(str(exc)) from exc
         if isinstance(self.source, FileSource) and not self.store.ready:
             raise StartupError(f"configuration rejected:\n{self.store.last_error}")
         pools = UpstreamPools(loop, connect_timeout=settings.timeouts.connect)
@@ -107,10 +113,18 @@ class ProxyApp:
     def begin_shutdown(self) -> None:
         if self.draining:
             return
-        log.info("draining for %.1fs", self.settings.drain_seconds)
+        log.info("draining for up to %.1fs", self.settings.drain_seconds)
         self.draining = True
         self.drain_listeners()
-        asyncio.get_running_loop().call_later(self.settings.drain_seconds, self._stopped.set)
+        asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        """Serve with Connection: close until the drain period ends or no client connection is left."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.drain_seconds
+        while loop.time() < deadline and any(listener.connections for listener in self.listeners):
+            await asyncio.sleep(0.05)
+        self._stopped.set()
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()

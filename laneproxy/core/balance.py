@@ -35,5 +35,6 @@ class RoundRobinPicker:
         self._cursor = start
 
     def pick(self, endpoints: Sequence[T]) -> T:
-        self._cursor += 1
-        return endpoints[self._cursor % len(endpoints)]
+        cursor = self._cursor
+        self._cursor = cursor + 1
+        return endpoints[cursor % len(endpoints)]

@@ -605,6 +605,7 @@ def _assemble(
         if decl.strategy is RoutingStrategy.WEIGHTED and not any(lane.weight for lane in lanes.values()):
             problems.add(decl.source, f"{prefix}.spec.ingress.ingressRouting.ingressRoutingStrategy",
                          "weighted routing needs at least one lane with ingressWeight.weight > 0")
+        # ASM reads the fallback targets in permissive mode only: a strict group has no baseline to fall back to.
         groups[decl.name] = SwimLaneGroup(
             name=decl.name,
             services=frozenset(decl.services),
@@ -613,8 +614,8 @@ def _assemble(
             weighted_hosts=decl.weighted_hosts,
             weighted_matches=decl.weighted_matches,
             permissive=decl.permissive,
-            fallback_target=decl.fallback_target,
-            service_fallback=MappingProxyType(dict(decl.service_fallback)),
+            fallback_target=decl.fallback_target if decl.permissive else None,
+            service_fallback=MappingProxyType(dict(decl.service_fallback) if decl.permissive else {}),
             route_header=decl.route_header,
             trace_header=decl.trace_header,
             auto_update=decl.auto_update,

@@ -13,10 +13,13 @@ from typing import TYPE_CHECKING, Protocol
 
 import httptools
 
+from laneproxy.core import headers as h
 from laneproxy.core.errors import UpstreamConnectError, UpstreamProtocolError
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+
+_FRAMING = (h.CONTENT_LENGTH, h.TRANSFER_ENCODING)
 
 
 class ResponseSink(Protocol):
@@ -31,7 +34,8 @@ class ResponseSink(Protocol):
 
 
 class UpstreamConnection(asyncio.Protocol):
-    __slots__ = ("pool", "transport", "parser", "sink", "headers", "reason", "received_any", "closed", "reused")
+    __slots__ = ("pool", "transport", "parser", "sink", "headers", "reason", "received_any", "closed", "reused",
+                 "until_close")
 
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
@@ -43,6 +47,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.received_any = False
         self.closed = False
         self.reused = False
+        self.until_close = False  # the response body ends when the connection does
 
     # asyncio.Protocol -------------------------------------------------------------------------
 
@@ -64,7 +69,11 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = True
         self.pool.forget(self)
         sink, self.sink = self.sink, None
-        if sink is not None:
+        if sink is None:
+            return
+        if self.until_close and exc is None:
+            sink.on_response_complete()  # httptools has no finish(): EOF is this body's end
+        else:
             sink.on_upstream_error(exc or ConnectionResetError("upstream closed the connection"), self.received_any)
 
     def pause_writing(self) -> None:
@@ -80,6 +89,7 @@ class UpstreamConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self.headers = []
         self.reason = b""
+        self.until_close = False
 
     def on_status(self, reason: bytes) -> None:
         self.reason += reason
@@ -88,16 +98,19 @@ class UpstreamConnection(asyncio.Protocol):
         self.headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if status >= 200 and status not in (204, 304):
+            framed = any(name in _FRAMING for name, _ in self.headers)
+            self.until_close = not framed
         if self.sink is not None:
-            self.sink.on_response_head(
-                self.parser.get_status_code(), self.reason, self.headers, self.parser.should_keep_alive()
-            )
+            self.sink.on_response_head(status, self.reason, self.headers, self.parser.should_keep_alive())
 
     def on_body(self, body: bytes) -> None:
         if self.sink is not None:
             self.sink.on_response_body(body)
 
     def on_message_complete(self) -> None:
+        self.until_close = False
         if self.sink is not None:
             self.sink.on_response_complete()
 

@@ -84,6 +84,8 @@ class RecordingUpstream:
                     return
                 writer.write(response)
                 await writer.drain()
+                if b"\r\nconnection: close\r\n" in response.split(b"\r\n\r\n", 1)[0].lower() + b"\r\n":
+                    return  # a close-delimited response ends when the connection does
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
