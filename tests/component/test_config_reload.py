@@ -1,0 +1,115 @@
+"""Configuration files change under a running chain: good changes swap the table, bad ones are refused."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from laneproxy.demo import DemoCluster
+from proxyrig import SWIMLANES
+
+CANARY = "mocka(version: v2, ip: 127.0.0.1)-> mockb(version: v1, ip: 127.0.0.1)-> mockc(version: v2, ip: 127.0.0.1)"
+CANARY_WITHOUT_MOCKC = "mocka(version: v2, ip: 127.0.0.1)-> mockb(version: v1, ip: 127.0.0.1)-> mockc(version: v1, ip: 127.0.0.1)"
+
+
+def chain(cluster: DemoCluster, trace: str) -> str:
+    request = urllib.request.Request(cluster.gateway_url + "/mock",
+                                     headers={"x-asm-prefer-tag": "canary", "my-request-id": trace})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return response.read().decode()
+
+
+def stats(port: int) -> dict[str, int]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats?format=json") as response:
+        return {row["name"]: row["value"] for row in json.load(response)["stats"]}
+
+
+def wait_for(predicate, timeout: float = 10.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with DemoCluster(log_level="error") as running:
+        yield running
+
+
+def test_removing_a_canary_endpoint_sends_its_hop_to_base_and_adding_it_back_returns(cluster):
+    assert chain(cluster, "r-1") == CANARY
+    without_mockc_v2 = [p for p in cluster.pods if not (p.app == "mockc" and p.lane == "canary")]
+    cluster.write_endpoints(without_mockc_v2)
+    assert wait_for(lambda: chain(cluster, f"r-2-{time.monotonic()}") == CANARY_WITHOUT_MOCKC)
+    cluster.write_endpoints()
+    assert wait_for(lambda: chain(cluster, f"r-3-{time.monotonic()}") == CANARY)
+
+
+@pytest.mark.parametrize(
+    "broken",
+    ["services: [unclosed", "apiVersion: laneproxy.dev/v1\nkind: LaneEndpoints\nservices:\n  default/mockc:\n    lanes: {canary: [nowhere]}\n"],
+    ids=["malformed-yaml", "bad-address"],
+)
+def test_an_invalid_change_keeps_the_running_table_and_is_counted(cluster, broken):
+    gateway_admin = cluster.gateway_admin_port
+    before = stats(gateway_admin)
+    with urllib.request.urlopen(cluster.gateway_admin_url + "/lanes") as response:
+        version = json.load(response)["version"]
+    cluster.endpoints_file.write_text(broken)
+    try:
+        assert wait_for(lambda: stats(gateway_admin)["laneproxy.config.update_rejected"]
+                        > before["laneproxy.config.update_rejected"])
+        assert chain(cluster, f"bad-{time.monotonic()}") == CANARY
+        with urllib.request.urlopen(cluster.gateway_admin_url + "/lanes") as response:
+            assert json.load(response)["version"] == version
+    finally:
+        cluster.write_endpoints()
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (("fallbackTarget: base", "fallbackTarget: stable"),
+         "ASMSwimLaneGroup(rollout).spec.permissiveModeConfiguration.fallbackTarget: unknown lane 'stable'"),
+        (("    routeHeader: x-asm-prefer-tag\n", ""),
+         "ASMSwimLaneGroup(rollout).spec.permissiveModeConfiguration.routeHeader: required"),
+        (("exact: /mock\n      name: canary", "regex: /mock(\n      name: canary"),
+         "ASMSwimLane(canary).spec.ingressRules[0].match.uri.regex: invalid regular expression '/mock('"),
+        (("  name: canary\nspec:", "  name: canary\nspec:\n  bad: [unclosed"),
+         ": line "),
+    ],
+    ids=["unknown-fallback-lane", "missing-route-header", "bad-regex", "malformed-yaml"],
+)
+def test_validate_names_file_field_and_reason(tmp_path: Path, edit, expected):
+    config = tmp_path / "swimlanes.yaml"
+    config.write_text(SWIMLANES.read_text().replace(*edit, 1))
+    result = subprocess.run([sys.executable, "-m", "laneproxy", "validate", str(config)],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert result.stdout.startswith(f"{config}: ")
+    assert expected in result.stdout
+
+
+def test_validate_accepts_the_seed_manifests_and_reports_what_it_read():
+    result = subprocess.run([sys.executable, "-m", "laneproxy", "validate", str(SWIMLANES)],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0
+    assert result.stdout.startswith("ok: 1 group(s), 2 lane(s), 3 service(s)")
+
+
+def test_run_refuses_to_start_on_invalid_configuration(tmp_path: Path):
+    config = tmp_path / "swimlanes.yaml"
+    config.write_text(SWIMLANES.read_text().replace("fallbackTarget: base", "fallbackTarget: stable"))
+    result = subprocess.run([sys.executable, "-m", "laneproxy", "run", "--config", str(config), "--outbound", "0",
+                             "--admin", "none"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "fallbackTarget: unknown lane 'stable'" in result.stderr
