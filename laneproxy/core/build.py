@@ -257,6 +257,17 @@ def _request_match(fields: _Fields) -> RequestMatch:
     return RequestMatch(uri, tuple(headers))
 
 
+def _hosts(fields: _Fields) -> tuple[str, ...]:
+    """Istio `hosts`, lowercased because requests are matched on their lowercased Host; none means every host."""
+    hosts = []
+    for path, host in fields.items("hosts"):
+        if isinstance(host, str) and host:
+            hosts.append(host.lower())
+        else:
+            fields.problems.add(fields.source, path, f"expected a host name, got {host!r}")
+    return tuple(hosts) or ("*",)
+
+
 def _service_refs(fields: _Fields, key: str) -> list[str]:
     refs = []
     for path, element in fields.items(key):
@@ -281,7 +292,7 @@ def _group_decl(doc: ConfigDocument, problems: _Problems) -> _GroupDecl | None:
         routing.fail("ingressRoutingStrategy", f"unknown strategy {strategy_name!r} (use rule_based or weighted)")
         strategy = RoutingStrategy.RULE_BASED
     weighted = routing.sub("weightedRoutingRule")
-    weighted_hosts = tuple(h for _, h in weighted.items("hosts") if isinstance(h, str)) or ("*",)
+    weighted_hosts = _hosts(weighted)
     weighted_matches = tuple(_request_match(weighted.at(path, m)) for path, m in weighted.items("requestMatches"))
     permissive = spec.boolean("isPermissive", False)
     pmc = spec.sub("permissiveModeConfiguration")
@@ -333,7 +344,7 @@ def _lane_decl(doc: ConfigDocument, problems: _Problems) -> _LaneDecl | None:
         rule = spec.at(path, element)
         if not rule.boolean("online", True):
             continue
-        hosts = tuple(h for _, h in rule.items("hosts") if isinstance(h, str)) or ("*",)
+        hosts = _hosts(rule)
         match = _request_match(rule.sub("match"))
         destination = rule.sub("route").sub("destination")
         host = destination.string("host", required=True)
@@ -410,24 +421,34 @@ def _kube_service_decl(doc: ConfigDocument, problems: _Problems) -> _ServiceDecl
     first = root.at(*ports[0])
     port = first.integer("port", DEFAULT_SERVICE_PORT, low=1, high=65535)
     target = first.body.get("targetPort", port)
+    number = isinstance(target, int) and not isinstance(target, bool) and 0 < target < 65536
+    if not (number or isinstance(target, str) and target):
+        first.fail("targetPort", f"expected a port number from 1 to 65535 or a port name, got {target!r}")
+        target = port
     selector = spec.string_map("selector") or None
     return _ServiceDecl(doc.source, meta.string("namespace", DEFAULT_NAMESPACE) or DEFAULT_NAMESPACE, name, port, target, selector, [])
 
 
-def _pod_decl(doc: ConfigDocument) -> _PodDecl | None:
-    body = doc.body
-    meta = body.get("metadata") or {}
-    status = body.get("status") or {}
-    ip = status.get("podIP")
-    if not ip or meta.get("deletionTimestamp"):
+def _pod_decl(doc: ConfigDocument, problems: _Problems) -> _PodDecl | None:
+    root = _Fields(problems, doc.source, "Pod", doc.body)
+    meta, status = root.sub("metadata"), root.sub("status")
+    ip = status.string("podIP")
+    if not ip or meta.body.get("deletionTimestamp"):
         return None
-    ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+    ready = False
+    for path, element in status.items("conditions"):
+        condition = root.at(path, element)
+        ready = ready or (condition.string("type") == "Ready" and condition.string("status") == "True")
     ports = {}
-    for container in (body.get("spec") or {}).get("containers") or []:
-        for port in container.get("ports") or []:
-            if port.get("name") and port.get("containerPort"):
-                ports[port["name"]] = int(port["containerPort"])
-    return _PodDecl(meta.get("namespace", DEFAULT_NAMESPACE), dict(meta.get("labels") or {}), ip, ready, ports)
+    for path, element in root.sub("spec").items("containers"):
+        container = root.at(path, element)
+        for port_path, port_element in container.items("ports"):
+            port = root.at(port_path, port_element)
+            name, number = port.string("name"), port.integer("containerPort", 0, low=1, high=65535)
+            if name and number:
+                ports[name] = number
+    namespace = meta.string("namespace", DEFAULT_NAMESPACE) or DEFAULT_NAMESPACE
+    return _PodDecl(namespace, meta.string_map("labels"), ip, ready, ports)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -486,7 +507,7 @@ def build_table(documents: Iterable[ConfigDocument], *, version: str, namespace:
             if decl is not None:
                 _merge_service(services, decl)
         elif kind == "Pod" and api == "v1":
-            pod = _pod_decl(doc)
+            pod = _pod_decl(doc, problems)
             if pod is not None:
                 pods.append(pod)
         # Other kinds (Gateway, Deployment, Rollout...) may share a file with ours; they are not ours to read.
