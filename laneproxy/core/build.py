@@ -396,16 +396,24 @@ def _endpoints_decls(doc: ConfigDocument, problems: _Problems) -> list[_ServiceD
         if not isinstance(lanes, dict):
             fields.fail("lanes", f"expected a mapping of {TRAFFIC_TAG_LABEL} value to a list of host:port")
             lanes = {}
+        lane_of_address: dict[tuple[str, int], str] = {}
         for tag, addresses in lanes.items():
             lane_fields = fields.sub("lanes")
             if not isinstance(addresses, list):
                 lane_fields.fail(str(tag), "expected a list of host:port")
                 continue
             for index, address in enumerate(addresses):
-                endpoint = _parse_address(fields, f"{lane_fields.where(str(tag))}[{index}]", address)
-                if endpoint is not None:
-                    labels = MappingProxyType({TRAFFIC_TAG_LABEL: str(tag)})
-                    endpoints.append(Endpoint(endpoint.host, endpoint.port, labels))
+                path = f"{lane_fields.where(str(tag))}[{index}]"
+                endpoint = _parse_address(fields, path, address)
+                if endpoint is None:
+                    continue
+                # One address is one pod with one ASM_TRAFFIC_TAG: listing it twice would make membership ambiguous.
+                seen = lane_of_address.setdefault((endpoint.host, endpoint.port), str(tag))
+                if seen != str(tag):
+                    problems.add(fields.source, path, f"{address} is already listed in lane {seen!r}")
+                    continue
+                labels = MappingProxyType({TRAFFIC_TAG_LABEL: str(tag)})
+                endpoints.append(Endpoint(endpoint.host, endpoint.port, labels))
         decls.append(_ServiceDecl(doc.source, namespace or DEFAULT_NAMESPACE, name, port, None, None, endpoints))
     return decls
 

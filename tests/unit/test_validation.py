@@ -334,3 +334,15 @@ def _service_and_pod(service_port=None, pod=None):
 )
 def test_malformed_kubernetes_objects_are_problems_not_crashes(service_port, pod, expected):
     assert problems(_service_and_pod(service_port, pod)) == expected
+
+
+def test_an_address_listed_in_two_lanes_of_one_service_is_ambiguous_and_refused():
+    text = (
+        "apiVersion: laneproxy.dev/v1\nkind: LaneEndpoints\nservices:\n  default/mockc:\n"
+        "    lanes:\n      base: [127.0.0.1:9001]\n      canary: [127.0.0.1:9001]\n"
+    )
+    with pytest.raises(ConfigInvalidError) as caught:
+        build_table(parse_yaml("endpoints.yaml", text), version="v")
+    assert [str(p) for p in caught.value.problems] == [
+        "endpoints.yaml: LaneEndpoints.services.default/mockc.lanes.canary[0]: 127.0.0.1:9001 is already listed in lane 'base'"
+    ]
