@@ -19,9 +19,13 @@ from laneproxy.core.errors import LaneProxyError
 from laneproxy.core.model import Endpoint
 from laneproxy.core.propagation import TraceLaneTable
 from laneproxy.core.store import RouteTableStore
-from laneproxy.dataplane.listener import GatewayRole, InboundRole, Listener, OutboundRole, default_picker
+from laneproxy.core.balance import RandomPicker
+from laneproxy.dataplane.health import EndpointSelector, OutlierDetector
+from laneproxy.dataplane.listener import GatewayRole, InboundRole, Listener, OutboundRole
 from laneproxy.dataplane.upstream import UpstreamPools
+from laneproxy.observability.access_log import AccessLog
 from laneproxy.observability.stats import ProxyStats
+from laneproxy.observability.tracing import Tracing, TracingSetupError
 from laneproxy.settings import ProxySettings
 
 log = logging.getLogger("laneproxy")
@@ -32,8 +36,9 @@ class StartupError(Exception):
 
 
 class ProxyApp:
-    def __init__(self, settings: ProxySettings) -> None:
+    def __init__(self, settings: ProxySettings, *, reuse_port: bool = False) -> None:
         self.settings = settings
+        self.reuse_port = reuse_port  # a worker of `--workers N`: listeners share their ports (SO_REUSEPORT)
         self.store = RouteTableStore()
         self.stats = ProxyStats()
         self.traces = TraceLaneTable(settings.trace_table_capacity, settings.trace_table_ttl, time.monotonic)
@@ -44,6 +49,8 @@ class ProxyApp:
         self.healthcheck_failed = False
         self.draining = False
         self.started_at = time.time()
+        self.access_log: AccessLog | None = None
+        self.tracing: Tracing | None = None
         self._stopped = asyncio.Event()
 
     @property
@@ -77,23 +84,37 @@ class ProxyApp:
             raise StartupError(f"configuration rejected:\n{self.store.last_error}")
         pools = UpstreamPools(loop, connect_timeout=settings.timeouts.connect)
         self.pools = pools
-        picker = default_picker(random.Random())
+        picker = RandomPicker(random.Random().random)
+        self.outliers = OutlierDetector(consecutive_5xx=settings.outlier.consecutive_5xx,
+                                        ejection_seconds=settings.outlier.ejection_seconds,
+                                        max_ejection_percent=settings.outlier.max_ejection_percent, clock=loop.time)
+        selector = EndpointSelector(picker, self.outliers)
+        self._start_observability(loop)
         roles = []
         if settings.gateway:
-            roles.append(("gateway", settings.gateway, GatewayRole(self.stats, picker, random.random)))
+            roles.append(("gateway", settings.gateway, GatewayRole(self.stats, selector, random.random)))
         if settings.inbound:
             if settings.app is None:
                 raise StartupError("--inbound needs --app: the address of the local application")
             roles.append(("inbound", settings.inbound,
-                          InboundRole(self.stats, picker, Endpoint(settings.app.host, settings.app.port), self.traces)))
+                          InboundRole(self.stats, EndpointSelector(picker, None), Endpoint(settings.app.host, settings.app.port), self.traces)))
         if settings.outbound:
-            roles.append(("outbound", settings.outbound, OutboundRole(self.stats, picker, self.traces, settings.own_lane)))
+            roles.append(("outbound", settings.outbound, OutboundRole(self.stats, selector, self.traces, settings.own_lane)))
         if not roles:
             raise StartupError("no listener: give at least one of --gateway, --inbound, --outbound")
         for name, address, role in roles:
             listener = Listener(name, role, store=self.store, pools=pools, stats=self.stats, settings=settings, loop=loop)
+            if self.access_log is not None:
+                listener.exchange_observers.append(self.access_log.record)
+            if self.tracing is not None:
+                listener.attach_tracer(self.tracing.for_listener(name))
             try:
-                self.bound[name] = await listener.start(address.host, address.port)
+                if self.reuse_port:
+                    listener.server = await loop.create_server(listener.protocol, address.host, address.port,
+                                                               reuse_address=True, reuse_port=True, backlog=1024)
+                    self.bound[name] = listener.server.sockets[0].getsockname()[1]
+                else:
+                    self.bound[name] = await listener.start(address.host, address.port)
             except OSError as exc:
                 raise StartupError(f"{name} listener on {address}: {exc.strerror or exc}") from exc
             self.listeners.append(listener)
@@ -105,6 +126,22 @@ class ProxyApp:
             except OSError as exc:
                 raise StartupError(f"admin on {settings.admin}: {exc.strerror or exc}") from exc
             log.info("admin on %s:%d", settings.admin.host, self.bound["admin"])
+
+    def _start_observability(self, loop: asyncio.AbstractEventLoop) -> None:
+        wanted = self.settings.observability
+        try:
+            if wanted.access_log:
+                self.access_log = AccessLog.open(wanted.access_log, loop, log_format=wanted.access_log_format)
+            self.tracing = Tracing.create(wanted.tracing, service_name="laneproxy",
+                                          context_capacity=self.settings.trace_table_capacity,
+                                          context_ttl=self.settings.trace_table_ttl)
+        except (OSError, ValueError, TracingSetupError) as exc:
+            raise StartupError(f"observability: {exc}") from exc
+
+    def quit(self) -> None:
+        """/quitquitquit: stop now, without a drain period."""
+        self.draining = True
+        self._stopped.set()
 
     def drain_listeners(self) -> None:
         for listener in self.listeners:
@@ -138,6 +175,10 @@ class ProxyApp:
             await self.admin.stop()
         if hasattr(self, "pools"):
             self.pools.close()
+        if self.access_log is not None:
+            self.access_log.close()
+        if self.tracing is not None:
+            self.tracing.shutdown()
 
 
 async def serve(settings: ProxySettings) -> None:

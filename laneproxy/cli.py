@@ -13,7 +13,15 @@ import os
 import sys
 
 from laneproxy.core.errors import ConfigInvalidError
-from laneproxy.settings import Address, ProxySettings, TimeoutSettings
+from laneproxy.settings import (
+    Address,
+    CircuitBreakerSettings,
+    ObservabilitySettings,
+    OutlierSettings,
+    ProxySettings,
+    RetrySettings,
+    TimeoutSettings,
+)
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -62,8 +70,35 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--route-timeout", type=float, default=15.0, help="upstream response timeout, seconds; 0 disables")
     run.add_argument("--trace-table-size", type=int, default=100_000, help="trace-id -> lane entries kept (LRU)")
     run.add_argument("--trace-table-ttl", type=float, default=300.0, help="seconds a trace-id -> lane entry lives")
+    run.add_argument("--workers", type=int, default=int(_env("WORKERS", "1")), metavar="N",
+                     help="N processes sharing the listening ports (SO_REUSEPORT); the admin adds their stats up "
+                          "(env LANEPROXY_WORKERS)")
     run.add_argument("--drain-seconds", type=float, default=float(_env("DRAIN_SECONDS", "5")),
                      help="on SIGTERM keep serving this long with Connection: close, then exit")
+    limits = run.add_argument_group("limits and timeouts (Envoy's defaults unless noted; 0 turns a timeout off)")
+    limits.add_argument("--request-headers-timeout", type=float, default=10.0,
+                        help="seconds a client has to send a complete request head (slowloris guard; Envoy: off)")
+    limits.add_argument("--stream-idle-timeout", type=float, default=300.0, help="seconds a request may sit idle")
+    limits.add_argument("--idle-timeout", type=float, default=3600.0, help="seconds an idle client connection is kept")
+    limits.add_argument("--max-request-headers-kb", type=int, default=60, help="request head size limit (431 beyond)")
+    limits.add_argument("--max-request-headers", type=int, default=100, help="request header count limit (431 beyond)")
+    limits.add_argument("--max-pipelined-requests", type=int, default=16, help="queued pipelined requests per connection")
+    limits.add_argument("--max-retries", type=int, default=2,
+                        help="retries of idempotent bodiless requests on connect failure, reset and 503")
+    limits.add_argument("--max-connections", type=int, default=1024, help="circuit breaker: connections per endpoint")
+    limits.add_argument("--max-pending-requests", type=int, default=1024,
+                        help="circuit breaker: requests waiting for a new connection per endpoint")
+    limits.add_argument("--max-requests", type=int, default=1024, help="circuit breaker: requests in flight per cluster")
+    limits.add_argument("--outlier-consecutive-5xx", type=int, default=5, help="5xx in a row that eject an endpoint")
+    limits.add_argument("--outlier-ejection-seconds", type=float, default=30.0, help="how long an ejection lasts")
+    limits.add_argument("--outlier-max-ejection-percent", type=int, default=10,
+                        help="share of an endpoint set that may be ejected (at least one endpoint always may)")
+    run.add_argument("--access-log", default=_env("ACCESS_LOG"), metavar="stdout|stderr|FILE",
+                     help="write an access log line per request (off by default; env LANEPROXY_ACCESS_LOG)")
+    run.add_argument("--access-log-format", choices=["text", "json"], default=_env("ACCESS_LOG_FORMAT", "text"),
+                     help="text: Envoy's default format plus lane asked and lane used; json: one object per line")
+    run.add_argument("--tracing", default=_env("TRACING", "none"), metavar="none|console|otlp|file:PATH",
+                     help="OpenTelemetry span exporter (default none; env LANEPROXY_TRACING)")
 
     validate = commands.add_parser("validate", help="check configuration files and print every problem")
     validate.add_argument("files", nargs="+", metavar="FILE")
@@ -88,8 +123,21 @@ def settings_from_args(args: argparse.Namespace) -> ProxySettings:
         config_files=config, source=args.source, kubeconfig=args.kubeconfig, namespace=args.namespace,
         own_lane=args.lane, reload_interval=args.reload_interval,
         trace_table_capacity=args.trace_table_size, trace_table_ttl=args.trace_table_ttl,
-        timeouts=TimeoutSettings(connect=args.connect_timeout, route=args.route_timeout),
+        timeouts=TimeoutSettings(connect=args.connect_timeout, route=args.route_timeout,
+                                 request_headers=args.request_headers_timeout, stream_idle=args.stream_idle_timeout,
+                                 idle=args.idle_timeout),
+        circuit_breakers=CircuitBreakerSettings(max_connections=args.max_connections,
+                                                max_pending_requests=args.max_pending_requests,
+                                                max_requests=args.max_requests),
+        retries=RetrySettings(max_retries=args.max_retries),
+        outlier=OutlierSettings(consecutive_5xx=args.outlier_consecutive_5xx,
+                                ejection_seconds=args.outlier_ejection_seconds,
+                                max_ejection_percent=args.outlier_max_ejection_percent),
+        max_request_headers_kb=args.max_request_headers_kb, max_request_headers_count=args.max_request_headers,
+        max_pipelined_requests=args.max_pipelined_requests,
         drain_seconds=args.drain_seconds,
+        observability=ObservabilitySettings(access_log=args.access_log or None,
+                                            access_log_format=args.access_log_format, tracing=args.tracing),
     )
 
 
@@ -106,6 +154,11 @@ def _run(args: argparse.Namespace) -> int:
     import uvloop
 
     _raise_open_file_limit()
+
+    if args.workers > 1:
+        from laneproxy.workers import supervise
+
+        return supervise(settings_from_args(args), args.workers, args.log_level)
 
     from laneproxy.app import StartupError, serve
 

@@ -29,10 +29,49 @@ class Address:
 
 @dataclass(frozen=True, slots=True)
 class TimeoutSettings:
-    """Envoy's defaults: connect 5 s (Envoy's own, not Istio's 10 s), route 15 s."""
+    """Envoy's defaults: connect 5 s (Envoy's own, not Istio's 10 s), route 15 s, stream idle 5 min,
+    connection idle 1 h. Envoy leaves the request-headers timeout off; laneproxy sets 10 s so a
+    slowloris client cannot hold a connection open by trickling a head. 0 turns any of them off."""
 
     connect: float = 5.0
     route: float = 15.0
+    request_headers: float = 10.0
+    stream_idle: float = 300.0
+    idle: float = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class CircuitBreakerSettings:
+    """Envoy's default thresholds, applied per cluster (an endpoint set of one service in one lane)."""
+
+    max_connections: int = 1024
+    max_pending_requests: int = 1024
+    max_requests: int = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class RetrySettings:
+    """Retries of idempotent requests without a body, on connect failure, reset and 503 by default."""
+
+    max_retries: int = 2
+    retry_on: tuple[str, ...] = ("connect-failure", "reset", "retriable-status-codes")
+    retriable_status_codes: tuple[int, ...] = (503,)
+
+
+@dataclass(frozen=True, slots=True)
+class OutlierSettings:
+    consecutive_5xx: int = 5
+    ejection_seconds: float = 30.0
+    max_ejection_percent: int = 10
+
+
+@dataclass(frozen=True, slots=True)
+class ObservabilitySettings:
+    """Access log and tracing; both off by default, as in Envoy."""
+
+    access_log: str | None = None  # None: off; "stdout", "stderr" or a file path
+    access_log_format: str = "text"  # text (Envoy's default format, plus the lanes) | json
+    tracing: str = "none"  # none | console | otlp | file:PATH ({pid} in PATH becomes the process id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +90,10 @@ class ProxySettings:
     trace_table_capacity: int = 100_000
     trace_table_ttl: float = 300.0
     timeouts: TimeoutSettings = field(default_factory=TimeoutSettings)
+    circuit_breakers: CircuitBreakerSettings = field(default_factory=CircuitBreakerSettings)
+    retries: RetrySettings = field(default_factory=RetrySettings)
+    outlier: OutlierSettings = field(default_factory=OutlierSettings)
+    observability: ObservabilitySettings = field(default_factory=ObservabilitySettings)
     max_request_headers_kb: int = 60
     max_request_headers_count: int = 100
     max_pipelined_requests: int = 16

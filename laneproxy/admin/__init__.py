@@ -1,1 +1,2 @@
-"""The Envoy-style admin server (aiohttp): readiness, stats, the lane table. One module per endpoint family."""
+"""The Envoy-style admin server (aiohttp), one module per endpoint family: home/help, readiness, lifecycle,
+server_info, stats, clusters, listeners, config_dump, loggers, and laneproxy's own lanes (/lanes, /route)."""

@@ -1,10 +1,23 @@
-"""/lanes: the running lookup table, service x lane -> endpoints, with the fallback each lane takes."""
+"""/lanes and /route: the running lookup table, and where one request would go and why.
+
+/lanes is the table: service x lane -> the lane that serves it, its cluster and endpoints, and
+whether that is a fallback. /route answers for one request described in the query
+(`?host=mockb&path=/mock&header=x-asm-prefer-tag:canary&listener=outbound`), using the same pure
+routing functions as the data plane. It never touches live state: the trace-id -> lane table is not
+consulted (a lookup would count as a hit or miss and refresh the entry), which the answer says when
+it matters, and for weighted ingress the random draw is the `random` parameter (default 0.5).
+"""
 
 from __future__ import annotations
 
 from aiohttp import web
 
-from laneproxy.core.model import RouteTable
+from laneproxy.admin.endpoint import AdminEndpoint, context, text
+from laneproxy.core import headers as h
+from laneproxy.core.errors import LocalReplyError
+from laneproxy.core.model import Route, RouteTable
+from laneproxy.core.propagation import LaneSource, lane_from_baggage
+from laneproxy.core.routing import choose_ingress, service_routes_for_host
 
 
 def lanes_document(table: RouteTable) -> dict:
@@ -35,8 +48,123 @@ def lanes_document(table: RouteTable) -> dict:
 
 
 async def lanes(request: web.Request) -> web.Response:
-    return web.json_response(lanes_document(request.app["proxy"].store.current))
+    return web.json_response(lanes_document(context(request).proxy.store.current))
 
 
-def add_routes(app: web.Application) -> None:
-    app.router.add_get("/lanes", lanes)
+class RouteQueryError(ValueError):
+    """A /route query that does not describe a request: no host, a header without a colon, a bad number."""
+
+
+def _route_document(route: Route, ejected: frozenset) -> dict:
+    return {
+        "service": route.service,
+        "lane_asked": route.lane_asked,
+        "lane_used": route.lane_used,
+        "fallback": route.fallback,
+        "cluster": route.cluster,
+        "endpoints": [endpoint.address for endpoint in route.endpoints],
+        "ejected_endpoints": [endpoint.address for endpoint in route.endpoints if endpoint in ejected],
+    }
+
+
+def explain_route(table: RouteTable, *, listener: str, host: str, path: str, headers: dict[str, str],
+                  random_value: float = 0.5, own_lane: str | None = None,
+                  ejected: frozenset = frozenset()) -> dict:
+    """Where a request with this host, path and headers would go from `listener`, and why. Pure."""
+    answer: dict = {"listener": listener, "table_version": table.version, "host": host, "path": path}
+    try:
+        if listener == "gateway":
+            decision = choose_ingress(table, host, path.split("?", 1)[0], headers, random_value)
+            answer.update(lane=decision.lane, reason=decision.reason, group=decision.group.name,
+                          route=_route_document(decision.route, ejected),
+                          headers_set_upstream={decision.group.route_header: decision.lane} if decision.lane else {})
+            if decision.reason == "weighted":
+                answer["random"] = random_value
+            return answer
+        routes = service_routes_for_host(table, host.encode())
+        group = routes.group
+        if group is None:
+            answer.update(lane=None, reason="the service is in no swimlane group: every endpoint serves it",
+                          route=_route_document(routes.default, ejected), headers_set_upstream={})
+            return answer
+        if not group.permissive:
+            lane, source = own_lane, LaneSource.OWN_LANE
+            reason = f"strict mode: this sidecar's own lane ({own_lane or 'none'})"
+        else:
+            lane, source, reason = _permissive_lane(group.route_header, group.trace_header, headers)
+        route = routes.route_for(lane.encode() if lane else None)
+        if route.fallback and route.lane_asked is not None:
+            reason += f"; {route.service} has no {route.lane_asked} endpoints, so this hop falls back to {route.lane_used}"
+        answer.update(lane=lane, lane_source=source.value, reason=reason, group=group.name,
+                      route=_route_document(route, ejected),
+                      headers_set_upstream={group.route_header: route.lane_asked} if route.lane_asked else {})
+        return answer
+    except LocalReplyError as error:
+        answer.update(local_reply={"status": error.status, "response_flags": error.flag, "body": error.body,
+                                   "detail": error.detail})
+        return answer
+
+
+def _permissive_lane(route_header: str, trace_header: str | None, headers: dict[str, str]):
+    lane = headers.get(route_header)
+    if lane:
+        return lane, LaneSource.ROUTE_HEADER, f"the {route_header} header asks for {lane}"
+    baggage = headers.get(h.BAGGAGE.decode())
+    from_baggage = lane_from_baggage(baggage.encode(), route_header.encode()) if baggage else None
+    note = ""
+    if trace_header and headers.get(trace_header):
+        note = (f"; /route does not consult the trace table: if {trace_header}={headers[trace_header]} was seen "
+                "with a lane on this sidecar's inbound listener, a real request would take that lane")
+    if from_baggage:
+        lane = from_baggage.decode("latin-1")
+        return lane, LaneSource.BAGGAGE, f"W3C baggage carries {route_header}={lane}" + note
+    return None, LaneSource.BASELINE, "no lane asked: the baseline" + note
+
+
+def _query(request: web.Request) -> tuple[str, str, dict[str, str], float]:
+    host = request.query.get("host")
+    if not host:
+        raise RouteQueryError("usage: /route?host=<host>[&path=/p][&header=name:value]...[&listener=gateway|outbound]"
+                              "[&random=0.5]")
+    headers = {}
+    for item in request.query.getall("header", []):
+        name, sep, value = item.partition(":")
+        if not sep or not name.strip():
+            raise RouteQueryError(f"header must be name:value, got {item!r}")
+        headers[name.strip().lower()] = value.strip()
+    try:
+        random_value = float(request.query.get("random", "0.5"))
+    except ValueError as exc:
+        raise RouteQueryError("random must be a number in [0, 1)") from exc
+    if not 0.0 <= random_value < 1.0:
+        raise RouteQueryError("random must be a number in [0, 1)")
+    return host, request.query.get("path", "/"), headers, random_value
+
+
+async def route(request: web.Request) -> web.Response:
+    proxy = context(request).proxy
+    try:
+        host, path, headers, random_value = _query(request)
+    except RouteQueryError as exc:
+        return text(f"{exc}\n", status=400)
+    names = [listener.name for listener in proxy.listeners]
+    listener = request.query.get("listener") or ("gateway" if "gateway" in names else "outbound")
+    if listener not in ("gateway", "outbound"):
+        return text("listener must be gateway or outbound (the inbound listener always sends to the app)\n", status=400)
+    answer = explain_route(proxy.store.current, listener=listener, host=host, path=path, headers=headers,
+                           random_value=random_value, own_lane=proxy.settings.own_lane,
+                           ejected=frozenset(proxy.outliers.ejected))
+    return web.json_response(answer)
+
+
+ENDPOINTS = (
+    AdminEndpoint("/lanes", "the lane lookup table: service x lane -> serving lane, cluster, endpoints, fallback",
+                  lanes),
+    AdminEndpoint("/route", "where would a request go, and why", route, params=(
+        ("host", "the request's Host (or authority)"),
+        ("path", "the request path (default /)"),
+        ("header", "name:value, repeatable"),
+        ("listener", "gateway or outbound (default: gateway if this proxy has one)"),
+        ("random", "the random draw in [0, 1) used by weighted ingress (default 0.5)"),
+    )),
+)

@@ -1,27 +1,68 @@
 """The admin HTTP server: routes each path to its endpoint family and owns the admin listener's lifecycle.
 
-Binds to 127.0.0.1 unless told otherwise. Handlers only read process state; the few that change it
-(health check fail/ok, drain) are POST-only, as in Envoy.
+Owns what every admin response shares with Envoy's: the POST-only rule for endpoints that change
+state (any other method answers 405 `Method GET not allowed, POST required.`, as Envoy 1.40 does),
+the 404 help text for unknown paths, and the response headers (`cache-control: no-cache, max-age=0`,
+`x-content-type-options: nosniff`, `server`). Binds to 127.0.0.1 unless told otherwise; binding it
+anywhere else is an explicit choice of the operator. Handlers live one module per endpoint family.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from laneproxy.admin import lanes, readiness, stats
+from laneproxy.admin import (clusters, config_dump, home, lanes, lifecycle, listeners, loggers, readiness, server_info,
+                             stats)
+from laneproxy.admin.endpoint import CONTEXT_KEY, AdminContext, AdminEndpoint, help_text, text
+from laneproxy.observability.inventory import all_records
+from laneproxy.observability.prometheus import build_registry
 
 if TYPE_CHECKING:
     from laneproxy.app import ProxyApp
 
+log = logging.getLogger("laneproxy.admin")
+
+FAMILIES = (home, readiness, lifecycle, server_info, stats, clusters, listeners, config_dump, loggers, lanes)
+
+_COMMON_HEADERS = {"cache-control": "no-cache, max-age=0", "x-content-type-options": "nosniff"}
+
+
+def admin_endpoints() -> tuple[AdminEndpoint, ...]:
+    return tuple(sorted((e for family in FAMILIES for e in family.ENDPOINTS), key=lambda e: e.path))
+
+
+def _handler(endpoint: AdminEndpoint):
+    async def handle(request: web.Request) -> web.StreamResponse:
+        if endpoint.mutates and request.method != "POST":
+            return text(f"Method {request.method} not allowed, POST required.", status=405)
+        return await endpoint.handler(request)
+
+    return handle
+
 
 def build_admin_app(proxy: ProxyApp) -> web.Application:
-    app = web.Application()
-    app["proxy"] = proxy
-    readiness.add_routes(app)
-    stats.add_routes(app)
-    lanes.add_routes(app)
+    endpoints = admin_endpoints()
+
+    @web.middleware
+    async def envoy_headers(request: web.Request, handler) -> web.StreamResponse:
+        try:
+            response = await handler(request)
+        except web.HTTPNotFound:
+            response = text("invalid path. " + help_text(endpoints), status=404)
+        response.headers.update(_COMMON_HEADERS)
+        response.headers["server"] = proxy.settings.server_name
+        return response
+
+    app = web.Application(middlewares=[envoy_headers])
+    admin = app[CONTEXT_KEY] = AdminContext(proxy, build_registry(lambda: all_records(stats.process_view(proxy))),
+                                                endpoints)
+    proxy.store.subscribe(admin.on_publish)
+    for endpoint in endpoints:
+        app.router.add_route("*", endpoint.path, _handler(endpoint))
     return app
 
 
@@ -31,6 +72,9 @@ class AdminServer:
         self.port = 0
 
     async def start(self, host: str, port: int) -> int:
+        if not _is_loopback(host):
+            log.warning("admin listens on %s: whoever reaches it can fail health checks, drain or stop this proxy",
+                        host)
         await self.runner.setup()
         site = web.TCPSite(self.runner, host, port, reuse_address=True)
         await site.start()
@@ -39,3 +83,12 @@ class AdminServer:
 
     async def stop(self) -> None:
         await self.runner.cleanup()
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -60,6 +60,18 @@ class UpstreamProtocolError(LocalReplyError):
     status, flag, body = 502, "UPE", _RESET_PREFIX + "protocol error"
 
 
+class StreamIdleTimeoutError(LocalReplyError):
+    """Nothing moved on a request for the stream idle timeout, after the request was complete."""
+
+    status, flag, body = 504, "SI", "stream timeout"
+
+
+class RequestTimeoutError(LocalReplyError):
+    """The client did not finish sending its request (head or body) in time."""
+
+    status, flag, body = 408, "SI", "request timeout"
+
+
 class DownstreamProtocolError(LocalReplyError):
     status, flag, body = 400, "DPE", "Bad Request"
 

@@ -15,12 +15,23 @@ TRAILER = b"trailer"
 UPGRADE = b"upgrade"
 BAGGAGE = b"baggage"
 TRACEPARENT = b"traceparent"
+EXPECT = b"expect"
 CONTENT_TYPE = b"content-type"
 DATE = b"date"
 SERVER = b"server"
 X_REQUEST_ID = b"x-request-id"
 X_FORWARDED_FOR = b"x-forwarded-for"
 X_FORWARDED_PROTO = b"x-forwarded-proto"
+USER_AGENT = b"user-agent"
+
+# Envoy's own headers (source/common/http/headers.h); a gateway strips every X_ENVOY_PREFIX header a client sends.
+X_ENVOY_PREFIX = b"x-envoy-"
+X_ENVOY_UPSTREAM_SERVICE_TIME = b"x-envoy-upstream-service-time"
+X_ENVOY_EXPECTED_RQ_TIMEOUT_MS = b"x-envoy-expected-rq-timeout-ms"
+X_ENVOY_UPSTREAM_RQ_TIMEOUT_MS = b"x-envoy-upstream-rq-timeout-ms"
+X_ENVOY_MAX_RETRIES = b"x-envoy-max-retries"
+X_ENVOY_ATTEMPT_COUNT = b"x-envoy-attempt-count"
+X_ENVOY_RETRY_ON = b"x-envoy-retry-on"
 
 # Hop-by-hop headers (RFC 9110 section 7.6.1), never forwarded; names listed in Connection are added per message.
 HOP_BY_HOP = frozenset({CONNECTION, KEEP_ALIVE, PROXY_CONNECTION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE})

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import httptools
 
 from laneproxy.core import headers as h
-from laneproxy.core.errors import DownstreamProtocolError, HeadersTooLargeError, LocalReplyError
+from laneproxy.core.errors import DownstreamProtocolError, HeadersTooLargeError, LocalReplyError, RequestTimeoutError
 from laneproxy.dataplane import codec
 from laneproxy.dataplane.exchange import Exchange
 
@@ -35,7 +35,7 @@ class DownstreamConnection(asyncio.Protocol):
     __slots__ = (
         "listener", "transport", "parser", "url", "headers", "header_bytes", "host", "host_count", "chunked",
         "content_length", "parsing", "active", "queue", "closed", "draining", "reading_paused", "writing_paused",
-        "connection_tokens",
+        "connection_tokens", "expect_continue", "max_retries", "retry_on", "head_since", "last_activity",
     )
 
     def __init__(self, listener: Listener) -> None:
@@ -57,6 +57,11 @@ class DownstreamConnection(asyncio.Protocol):
         self.draining = False
         self.reading_paused = False
         self.writing_paused = False
+        self.expect_continue = False
+        self.max_retries: bytes | None = None
+        self.retry_on: bytes | None = None
+        self.head_since: float | None = listener.now  # waiting for a request head since (None: not waiting)
+        self.last_activity = listener.now
 
     # asyncio.Protocol -------------------------------------------------------------------------
 
@@ -65,6 +70,7 @@ class DownstreamConnection(asyncio.Protocol):
         self.listener.connection_opened(self)
 
     def data_received(self, data: bytes) -> None:
+        self.last_activity = self.listener.now
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -107,6 +113,10 @@ class DownstreamConnection(asyncio.Protocol):
         self.chunked = False
         self.content_length = False
         self.connection_tokens = None
+        self.expect_continue = False
+        self.max_retries = self.retry_on = None
+        if self.head_since is None:
+            self.head_since = self.listener.now
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -130,6 +140,12 @@ class DownstreamConnection(asyncio.Protocol):
         elif name == h.CONNECTION:
             tokens = codec.connection_tokens(value)
             self.connection_tokens = tokens if self.connection_tokens is None else self.connection_tokens | tokens
+        elif name == h.EXPECT:
+            self.expect_continue = value.lower() == b"100-continue"
+        elif name == h.X_ENVOY_MAX_RETRIES:
+            self.max_retries = value
+        elif name == h.X_ENVOY_RETRY_ON:
+            self.retry_on = value
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -142,9 +158,15 @@ class DownstreamConnection(asyncio.Protocol):
             raise _RejectRequestError(DownstreamProtocolError("HTTP/1.1 request without a Host header"))
         if method == b"CONNECT":
             raise _RejectRequestError(DownstreamProtocolError("CONNECT is not supported"))
+        self.head_since = None
+        listener = self.listener
+        retry = listener.retry_policy
+        if (self.max_retries is not None or self.retry_on is not None) and listener.trust_envoy_headers:
+            retry = retry.with_overrides(self.max_retries, self.retry_on)
         exchange = Exchange(
             self, method, self.url, minor, self.headers, self.host, parser.should_keep_alive() and not self.draining,
             self.chunked, self.chunked or self.content_length, self.connection_tokens,
+            self.expect_continue and minor == 1, retry,
         )
         self.parsing = exchange
         if self.active is None:
@@ -213,6 +235,19 @@ class DownstreamConnection(asyncio.Protocol):
         self.draining = True
         if self.active is None and self.parsing is None:
             self.close()
+
+    def check_timeouts(self, now: float, headers_timeout: float, idle_timeout: float, stream_idle: float) -> None:
+        """Called by the listener's sweeper about four times a second; timeouts of 0 are off."""
+        if self.closed:
+            return
+        active = self.active
+        if active is None:
+            if headers_timeout and self.head_since is not None and now - self.head_since > headers_timeout:
+                self._reject(RequestTimeoutError("request headers timeout"))
+            elif idle_timeout and self.parsing is None and now - self.last_activity > idle_timeout:
+                self.close()
+        elif stream_idle and now - active.last_activity > stream_idle and now - self.last_activity > stream_idle:
+            active.on_stream_idle()
 
     # errors -----------------------------------------------------------------------------------
 

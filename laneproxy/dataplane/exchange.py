@@ -2,9 +2,10 @@
 
 Owns forwarding: asking the listener's role where the request goes, borrowing an upstream
 connection, streaming the request body up and the response down with backpressure, re-framing
-(chunked where the length is unknown), stripping hop-by-hop headers, the route timeout, the retry
-of a request that met a stale keep-alive connection, and turning failures into local replies.
-Callback-driven: a coroutine runs only while a new upstream connection is being opened.
+(chunked where the length is unknown), stripping hop-by-hop headers, `Expect: 100-continue`
+(answered once, by the proxy), circuit breaking, retries with `x-envoy-attempt-count`, passive
+health (outlier) reports, the route and stream-idle timeouts, and turning failures into local
+replies. Callback-driven: a coroutine runs only while a new upstream connection is being opened.
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ from typing import TYPE_CHECKING
 from laneproxy.core import headers as h
 from laneproxy.core.errors import (
     LocalReplyError,
-    UpstreamProtocolError,
+    NoHealthyUpstreamError,
+    RequestTimeoutError,
+    StreamIdleTimeoutError,
+    UpstreamOverflowError,
     UpstreamResetError,
     UpstreamTimeoutError,
 )
@@ -28,6 +32,41 @@ if TYPE_CHECKING:
     from laneproxy.dataplane.upstream import UpstreamConnection
 
 _NO_BODY_STATUS = frozenset({204, 304})
+_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_CHUNKED = b"transfer-encoding: chunked\r\n"
+_CLOSE = b"connection: close\r\n"
+
+
+class RetryPolicy:
+    """How many retries a request may take and on what; parsed once per request only when overridden."""
+
+    __slots__ = ("max_retries", "retry_on", "status_codes")
+
+    def __init__(self, max_retries: int, retry_on: frozenset[str], status_codes: frozenset[int]) -> None:
+        self.max_retries = max_retries
+        self.retry_on = retry_on
+        self.status_codes = status_codes
+
+    def with_overrides(self, max_retries: bytes | None, retry_on: bytes | None) -> RetryPolicy:
+        """Apply `x-envoy-max-retries` / `x-envoy-retry-on` from a trusted caller; bad values are ignored."""
+        count = self.max_retries
+        if max_retries is not None and max_retries.strip().isdigit():
+            count = min(int(max_retries), 10)
+        on = self.retry_on
+        if retry_on is not None:
+            on = frozenset(token.strip().decode("latin-1") for token in retry_on.split(b",") if token.strip())
+        return RetryPolicy(count, on, self.status_codes)
+
+    def on_failure(self, kind: str) -> bool:
+        """kind: connect-failure or reset."""
+        on = self.retry_on
+        return kind in on or "5xx" in on or (kind == "connect-failure" and "gateway-error" in on)
+
+    def on_status(self, status: int) -> bool:
+        on = self.retry_on
+        return (("5xx" in on and status >= 500) or ("gateway-error" in on and status in (502, 503, 504))
+                or ("retriable-status-codes" in on and status in self.status_codes))
 
 
 class Exchange:
@@ -35,12 +74,14 @@ class Exchange:
         "downstream", "listener", "method", "target", "http_minor", "headers", "host", "keep_alive",
         "request_chunked", "has_body", "request_complete", "pending_body", "upstream", "routed",
         "response_started", "response_chunked", "response_keep_alive", "response_status", "finished",
-        "timer", "start", "retried", "connection_tokens", "informational", "error",
+        "timer", "start", "connection_tokens", "error", "expect_continue", "retry", "attempts",
+        "discarding", "last_activity", "counted_active",
     )
 
     def __init__(self, downstream: DownstreamConnection, method: bytes, target: bytes, http_minor: int,
                  headers: list[tuple[bytes, bytes]], host: bytes | None, keep_alive: bool, request_chunked: bool,
-                 has_body: bool, connection_tokens: set[bytes] | None) -> None:
+                 has_body: bool, connection_tokens: set[bytes] | None, expect_continue: bool,
+                 retry: RetryPolicy) -> None:
         self.downstream = downstream
         self.listener: Listener = downstream.listener
         self.method = method
@@ -52,6 +93,8 @@ class Exchange:
         self.request_chunked = request_chunked
         self.has_body = has_body
         self.connection_tokens = connection_tokens
+        self.expect_continue = expect_continue
+        self.retry = retry
         self.request_complete = False
         self.pending_body: list[bytes] | None = None
         self.upstream: UpstreamConnection | None = None
@@ -60,12 +103,14 @@ class Exchange:
         self.response_chunked = False
         self.response_keep_alive = False
         self.response_status = 0
-        self.informational = False
         self.finished = False
         self.timer: TimerHandle | None = None
         self.start = 0.0
-        self.retried = False
         self.error: LocalReplyError | None = None
+        self.attempts = 0
+        self.discarding = False  # swallowing a response that will be retried
+        self.last_activity = downstream.listener.now
+        self.counted_active = False
 
     # request side, driven by the downstream parser ---------------------------------------------
 
@@ -78,11 +123,14 @@ class Exchange:
         except LocalReplyError as error:
             self.reply_locally(error)
             return
+        if self.expect_continue and not self.request_complete:
+            self.downstream.write(_CONTINUE)  # once, from the proxy; the upstream never sees the Expect
         self._dispatch()
 
     def on_request_body(self, data: bytes) -> None:
         if self.finished:
             return  # answered already (a local reply or an early response): drain and drop
+        self.last_activity = self.listener.now
         upstream = self.upstream
         if upstream is None or upstream.transport is None:
             if self.pending_body is None:
@@ -108,21 +156,36 @@ class Exchange:
     def _dispatch(self) -> None:
         routed = self.routed
         assert routed is not None
+        stats = routed.cluster_stats
+        limits = self.listener.settings.circuit_breakers
+        if not self.counted_active:
+            stats.rq_total += 1
+            if stats.rq_active >= limits.max_requests:
+                stats.rq_overflow += 1
+                self.reply_locally(UpstreamOverflowError("max requests"))
+                return
+            stats.rq_active += 1
+            self.counted_active = True
+        self.attempts += 1
         pool = self.listener.pools.get(routed.endpoint.host, routed.endpoint.port)
-        routed.cluster_stats.rq_total += 1
-        routed.cluster_stats.rq_active += 1
         connection = pool.take_idle()
         if connection is not None:
             self._attach(connection)
-        else:
-            pool.connect(self._on_connected)
+            return
+        if pool.open_count >= limits.max_connections or pool.pending >= limits.max_pending_requests:
+            routed.cluster_stats.rq_overflow += 1
+            self.reply_locally(UpstreamOverflowError("max connections or pending requests"))
+            return
+        pool.connect(self._on_connected)
 
-    def _on_connected(self, connection: UpstreamConnection | None, error: Exception | None) -> None:
+    def _on_connected(self, connection: UpstreamConnection | None, error: LocalReplyError | None) -> None:
         routed = self.routed
         assert routed is not None
         if connection is None:
             routed.cluster_stats.cx_connect_fail += 1
-            self._fail_upstream(error if isinstance(error, LocalReplyError) else UpstreamResetError(str(error)))
+            self._report_failure()
+            if not self._retry_if("connect-failure"):
+                self._fail_upstream(error or UpstreamResetError())
             return
         routed.cluster_stats.cx_total += 1
         if self.finished:  # the client left while we were connecting
@@ -134,12 +197,17 @@ class Exchange:
         self.upstream = connection
         connection.lend(self)
         transport = connection.transport
-        assert transport is not None and self.routed is not None
-        parts = [self.method, b" ", self.routed.path, b" HTTP/1.1\r\n"]
+        routed = self.routed
+        assert transport is not None and routed is not None
+        self.last_activity = self.listener.now
+        parts = [self.method, b" ", routed.path, b" HTTP/1.1\r\n"]
         skip = h.HOP_BY_HOP if self.connection_tokens is None else h.HOP_BY_HOP | self.connection_tokens
-        codec.write_headers(parts, self.headers, skip, self.routed.overrides)
+        if self.expect_continue:
+            skip = skip | {h.EXPECT}
+        codec.write_headers(parts, self.headers, skip, routed.overrides)
+        parts += (h.X_ENVOY_ATTEMPT_COUNT, b": %d\r\n" % self.attempts)
         if self.request_chunked:
-            parts.append(b"transfer-encoding: chunked\r\n")
+            parts.append(_CHUNKED)
         parts.append(codec.CRLF)
         pending = self.pending_body
         if pending:
@@ -163,19 +231,55 @@ class Exchange:
             self.routed.cluster_stats.rq_timeout += 1
         self._fail_upstream(UpstreamTimeoutError())
 
+    def on_stream_idle(self) -> None:
+        """Nothing moved for the stream idle timeout (the listener's sweeper calls this)."""
+        self._fail_upstream(StreamIdleTimeoutError() if self.request_complete else RequestTimeoutError())
+
+    def _retryable(self) -> bool:
+        # A streamed body is gone once sent: only bodiless idempotent requests are replayed.
+        return (self.attempts <= self.retry.max_retries and not self.has_body and self.request_complete
+                and not self.response_started and self.method in _IDEMPOTENT and not self.finished)
+
+    def _retry_if(self, kind: str) -> bool:
+        if not (self._retryable() and self.retry.on_failure(kind)):
+            return False
+        self._retry()
+        return True
+
+    def _retry(self) -> None:
+        routed = self.routed
+        assert routed is not None
+        self.upstream = None
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        try:
+            routed.endpoint, _ = self.listener.role.selector.select(routed.route, routed.routes)
+        except NoHealthyUpstreamError as error:
+            self.reply_locally(error)
+            return
+        routed.cluster_stats.rq_retry += 1
+        self._dispatch()
+
+    def _report_failure(self) -> None:
+        outliers = self.listener.role.selector.outliers
+        if outliers is not None and self.routed is not None:
+            outliers.failure(self.routed.endpoint, self.routed.route.endpoints)
+
     def on_upstream_error(self, error: Exception, received_any: bool) -> None:
         """The upstream connection failed or closed before the response was complete."""
         connection = self.upstream
-        if (connection is not None and connection.reused and not received_any and not self.retried
-                and not self.has_body and self.request_complete and not self.response_started):
+        if (connection is not None and connection.reused and not received_any and self.request_complete
+                and not self.has_body and not self.response_started and self.routed is not None):
             # A keep-alive connection the upstream had already closed: the request never reached it.
-            self.retried = True
             self.upstream = None
-            pool = self.listener.pools.get(self.routed.endpoint.host, self.routed.endpoint.port)
-            pool.connect(self._on_connected)
+            self.listener.pools.get(self.routed.endpoint.host, self.routed.endpoint.port).connect(self._on_connected)
             return
         if self.routed is not None:
             self.routed.cluster_stats.rq_reset += 1
+        self._report_failure()
+        if self._retry_if("reset"):
+            return
         self._fail_upstream(error if isinstance(error, LocalReplyError) else UpstreamResetError(str(error)))
 
     def _fail_upstream(self, error: LocalReplyError) -> None:
@@ -186,7 +290,8 @@ class Exchange:
             connection.abandon()
         if self.response_started:
             # Headers are out: the only honest signal left is to cut the client's connection.
-            self._finish(ok=False)
+            self.error = error
+            self._finish()
             self.downstream.abort()
             return
         self.reply_locally(error)
@@ -201,9 +306,17 @@ class Exchange:
 
     def on_response_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], keep_alive: bool) -> None:
         if status < 200:
-            self.informational = True
-            if status == 100:
-                self.downstream.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            return  # 1xx: the proxy answered Expect itself; informational responses end here
+        self.last_activity = self.listener.now
+        outliers = self.listener.role.selector.outliers
+        if outliers is not None and self.routed is not None:
+            if status >= 500:
+                outliers.failure(self.routed.endpoint, self.routed.route.endpoints)
+            else:
+                outliers.success(self.routed.endpoint)
+        if status >= 500 and self._retryable() and self.retry.on_status(status):
+            self.discarding = True
+            self.response_keep_alive = keep_alive
             return
         self.response_status = status
         self.response_keep_alive = keep_alive
@@ -222,12 +335,12 @@ class Exchange:
         if not has_length and not head_only:
             if self.http_minor >= 1:
                 self.response_chunked = True
-                parts.append(b"transfer-encoding: chunked\r\n")
+                parts.append(_CHUNKED)
             else:
                 self.keep_alive = False  # HTTP/1.0 client: the end of the body is the end of the connection
         if not self.keep_alive or self.downstream.draining:
             self.keep_alive = False
-            parts.append(b"connection: close\r\n")
+            parts.append(_CLOSE)
         parts.append(codec.CRLF)
         self.downstream.write(b"".join(parts))
         if self.method == b"HEAD":
@@ -236,25 +349,31 @@ class Exchange:
             self.on_response_complete()
 
     def on_response_body(self, data: bytes) -> None:
-        if self.finished:
+        if self.finished or self.discarding:
             return
+        self.last_activity = self.listener.now
         if self.response_chunked:
             self.downstream.writelines(codec.chunk(data))
         else:
             self.downstream.write(data)
 
     def on_response_complete(self) -> None:
-        if self.informational:
-            self.informational = False
-            return
         if self.finished:
             return
+        connection, self.upstream = self.upstream, None
+        if self.discarding:
+            self.discarding = False
+            if connection is not None:
+                connection.give_back(reusable=self.response_keep_alive)
+            self._retry()
+            return
+        if not self.response_started:
+            return  # a 1xx ended
         if self.response_chunked:
             self.downstream.write(codec.LAST_CHUNK)
-        connection, self.upstream = self.upstream, None
         if connection is not None:
             connection.give_back(reusable=self.response_keep_alive and self.request_complete)
-        self._finish(ok=True)
+        self._finish()
 
     # endings ---------------------------------------------------------------------------------
 
@@ -269,7 +388,7 @@ class Exchange:
             error.status, error.body.encode(), date=listener.dates.value(), server=listener.server_name, close=close,
         ))
         self.keep_alive = not close
-        self._finish(ok=False)
+        self._finish()
 
     def cancel(self) -> None:
         """The client went away: stop everything and release what can be released."""
@@ -278,15 +397,15 @@ class Exchange:
         connection, self.upstream = self.upstream, None
         if connection is not None:
             connection.abandon()
-        self._finish(ok=False)
+        self._finish()
 
-    def _finish(self, *, ok: bool) -> None:
+    def _finish(self) -> None:
         self.finished = True
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
         routed = self.routed
-        if routed is not None:
+        if routed is not None and self.counted_active:
             stats = routed.cluster_stats
             stats.rq_active -= 1
             if self.response_status:

@@ -1,48 +1,59 @@
 """Listeners and their roles: gateway, inbound (in front of the app) and outbound (the app's egress).
 
 Owns what differs between the three: how a request's lane is decided, which endpoint it goes to,
-and which headers change on the way. Everything else (framing, pooling, timeouts) is the
-exchange's, shared by all roles. The route table is read once per request from the store.
+and which headers change on the way (Envoy's policy, in header_policy, applied around routing by
+Role.prepare). It also counts what Envoy counts when an exchange ends (per listener and per host)
+and then hands the exchange to its observers (access log, tracing). Everything else (framing,
+pooling, timeouts) is the exchange's, shared by all roles. The route table is read once per request.
 """
 
 from __future__ import annotations
 
 import asyncio
-import random
 from typing import TYPE_CHECKING, Callable
 
 import httptools
 
 from laneproxy.core import headers as h
-from laneproxy.core.balance import RandomPicker
 from laneproxy.core.errors import DownstreamProtocolError, NoHealthyUpstreamError, NoRouteError
-from laneproxy.core.model import Endpoint, Route, RouteTable
+from laneproxy.core.model import Endpoint, Route, RouteTable, ServiceRoutes
 from laneproxy.core.propagation import LaneSource, TraceLaneTable, resolve_lane, trace_key
 from laneproxy.core.routing import choose_ingress, service_routes_for_host
 from laneproxy.dataplane.codec import DateCache
 from laneproxy.dataplane.downstream import DownstreamConnection
+from laneproxy.dataplane.exchange import RetryPolicy
+from laneproxy.dataplane.header_policy import RequestHeaderPolicy, response_headers
+from laneproxy.dataplane.health import EndpointSelector
 
 if TYPE_CHECKING:
     from laneproxy.core.store import RouteTableStore
     from laneproxy.dataplane.exchange import Exchange
     from laneproxy.dataplane.upstream import UpstreamPools
-    from laneproxy.observability.stats import ClusterStats, ProxyStats
+    from laneproxy.observability.stats import ClusterStats, HostStats, ProxyStats
+    from laneproxy.observability.tracing import ExchangeTracer
     from laneproxy.settings import ProxySettings
 
 
 class Target:
     """Where one request goes and what changes on the way: the role's answer to the exchange."""
 
-    __slots__ = ("endpoint", "path", "overrides", "cluster_stats", "route", "lane_source")
+    __slots__ = ("endpoint", "path", "overrides", "cluster_stats", "route", "routes", "lane_source", "host_stats",
+                 "request_id", "timeout", "service_time_ms", "span")
 
     def __init__(self, endpoint: Endpoint, path: bytes, overrides: dict[bytes, bytes], cluster_stats: ClusterStats,
-                 route: Route | None, lane_source: LaneSource | None) -> None:
+                 route: Route, routes: ServiceRoutes | None, lane_source: LaneSource | None) -> None:
         self.endpoint = endpoint
         self.path = path
         self.overrides = overrides
         self.cluster_stats = cluster_stats
-        self.route = route
+        self.route = route  # the route actually served: after an outlier fallback, the baseline's
+        self.routes = routes  # every lane of the service, for re-selection on retry
         self.lane_source = lane_source
+        self.host_stats: HostStats | None = None
+        self.request_id: bytes | None = None  # x-request-id as sent upstream
+        self.timeout: float | None = None  # route timeout in seconds, x-envoy-upstream-rq-timeout-ms applied
+        self.service_time_ms: int | None = None  # x-envoy-upstream-service-time, once the response head is in
+        self.span = None  # the OpenTelemetry span, when tracing is on
 
 
 def split_target(exchange: Exchange) -> tuple[bytes, bytes | None]:
@@ -73,39 +84,63 @@ def header_value(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | Non
 
 
 class Role:
-    """How one kind of listener turns a request into a Target; subclasses implement `prepare`."""
+    """How one kind of listener turns a request into a Target; subclasses implement `choose`."""
 
     name = "role"
+    edge = False  # faces external clients: strips their x-envoy-* headers, appends to x-forwarded-for
 
-    def __init__(self, stats: ProxyStats, picker: RandomPicker) -> None:
+    def __init__(self, stats: ProxyStats, selector: EndpointSelector) -> None:
         self.stats = stats
-        self.picker = picker
+        self.selector = selector
+        self.header_policy = RequestHeaderPolicy(edge=self.edge)  # the listener installs its settings' policy
+        self.tracer: ExchangeTracer | None = None
 
     def prepare(self, exchange: Exchange, table: RouteTable) -> Target:
+        """The exchange's question: route the request, then apply the header policy and open its span."""
+        facts = self.header_policy.inspect(exchange)
+        target = self.choose(exchange, table)
+        host_stats = target.host_stats = target.cluster_stats.host(target.endpoint)
+        host_stats.rq_active += 1
+        self.header_policy.apply(exchange, target, facts)
+        if self.tracer is not None:
+            self.tracer.start(exchange, target, table)
+        return target
+
+    def choose(self, exchange: Exchange, table: RouteTable) -> Target:
         raise NotImplementedError
 
-    def _target(self, route: Route, path: bytes, overrides: dict[bytes, bytes], source: LaneSource | None) -> Target:
-        if not route.endpoints:
-            raise NoHealthyUpstreamError(f"no endpoints for {route.cluster}")
+    def static_routes(self) -> tuple[Route, ...]:
+        """Routes this role serves that are not in the route table (shown by /clusters and /stats)."""
+        return ()
+
+    def _target(self, route: Route, routes: ServiceRoutes | None, path: bytes, overrides: dict[bytes, bytes],
+                source: LaneSource | None) -> Target:
+        try:
+            endpoint, route = self.selector.select(route, routes)
+        except NoHealthyUpstreamError:
+            cluster = self.stats.cluster(route.cluster)  # Envoy charges the cluster: none_healthy and a 503
+            cluster.cx_none_healthy += 1
+            cluster.rq_by_code[NoHealthyUpstreamError.status] += 1
+            raise
         lanes = self.stats.lanes
         if route.lane_used is not None:
             lanes.requests[route.lane_used] += 1
             if route.lane_asked is not None and route.lane_used != route.lane_asked:
                 lanes.fallbacks[(route.service, route.lane_asked, route.lane_used)] += 1
-        endpoint = self.picker.pick(route.endpoints)
-        return Target(endpoint, path, overrides, self.stats.cluster(route.cluster), route, source)
+        return Target(endpoint, path, overrides, self.stats.cluster(route.cluster), route, routes, source)
 
 
 class GatewayRole(Role):
     """The ingress gateway: match ingress rules, choose the lane, write it into the route header."""
 
     name = "gateway"
+    edge = True
 
-    def __init__(self, stats: ProxyStats, picker: RandomPicker, random_value: Callable[[], float]) -> None:
-        super().__init__(stats, picker)
+    def __init__(self, stats: ProxyStats, selector: EndpointSelector, random_value: Callable[[], float]) -> None:
+        super().__init__(stats, selector)
         self.random_value = random_value
 
-    def prepare(self, exchange: Exchange, table: RouteTable) -> Target:
+    def choose(self, exchange: Exchange, table: RouteTable) -> Target:
         path, authority = split_target(exchange)
         host = authority or exchange.host or b""
         headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in exchange.headers}
@@ -114,7 +149,8 @@ class GatewayRole(Role):
         overrides = {decision.group.route_header.encode(): decision.lane.encode()} if decision.lane else {}
         if authority is not None:
             overrides[h.HOST] = authority
-        return self._target(decision.route, path, overrides, LaneSource.ROUTE_HEADER)
+        return self._target(decision.route, table.routes.get(decision.route.service), path, overrides,
+                            LaneSource.ROUTE_HEADER)
 
 
 class InboundRole(Role):
@@ -122,12 +158,15 @@ class InboundRole(Role):
 
     name = "inbound"
 
-    def __init__(self, stats: ProxyStats, picker: RandomPicker, app: Endpoint, traces: TraceLaneTable) -> None:
-        super().__init__(stats, picker)
+    def __init__(self, stats: ProxyStats, selector: EndpointSelector, app: Endpoint, traces: TraceLaneTable) -> None:
+        super().__init__(stats, selector)
         self.app_route = Route("inbound", None, None, f"inbound|{app.port}||", (app,))
         self.traces = traces
 
-    def prepare(self, exchange: Exchange, table: RouteTable) -> Target:
+    def static_routes(self) -> tuple[Route, ...]:
+        return (self.app_route,)
+
+    def choose(self, exchange: Exchange, table: RouteTable) -> Target:
         path, authority = split_target(exchange)
         for group in table.groups.values():
             if group.trace_header is None:
@@ -144,7 +183,7 @@ class InboundRole(Role):
                 if key is not None:
                     self.traces.remember(key, lane)
         overrides = {h.HOST: authority} if authority is not None else {}
-        return self._target(self.app_route, path, overrides, None)
+        return self._target(self.app_route, None, path, overrides, None)
 
 
 class OutboundRole(Role):
@@ -152,12 +191,13 @@ class OutboundRole(Role):
 
     name = "outbound"
 
-    def __init__(self, stats: ProxyStats, picker: RandomPicker, traces: TraceLaneTable, own_lane: str | None) -> None:
-        super().__init__(stats, picker)
+    def __init__(self, stats: ProxyStats, selector: EndpointSelector, traces: TraceLaneTable,
+                 own_lane: str | None) -> None:
+        super().__init__(stats, selector)
         self.traces = traces
         self.own_lane = own_lane.encode() if own_lane else None
 
-    def prepare(self, exchange: Exchange, table: RouteTable) -> Target:
+    def choose(self, exchange: Exchange, table: RouteTable) -> Target:
         path, authority = split_target(exchange)
         host = authority or exchange.host
         if not host:
@@ -166,7 +206,7 @@ class OutboundRole(Role):
         group = routes.group
         overrides = {h.HOST: authority} if authority is not None else {}
         if group is None:
-            return self._target(routes.default, path, overrides, None)
+            return self._target(routes.default, routes, path, overrides, None)
         route_header = group.route_header.encode()
         if group.permissive:
             trace_header = group.trace_header.encode() if group.trace_header else None
@@ -187,7 +227,7 @@ class OutboundRole(Role):
         if route.lane_asked is not None:
             # The lane asked travels on, even across a fallback hop, so the next hop returns to it.
             overrides[route_header] = route.lane_asked.encode()
-        return self._target(route, path, overrides, source)
+        return self._target(route, routes, path, overrides, source)
 
 
 class Listener:
@@ -210,15 +250,35 @@ class Listener:
         self.max_pipelined = settings.max_pipelined_requests
         self.connections: set[DownstreamConnection] = set()
         self.server: asyncio.AbstractServer | None = None
+        self.sweeper: asyncio.Task | None = None
+        self.now = loop.time()  # a coarse clock for timeouts, advanced by the sweeper
+        retries = settings.retries
+        self.retry_policy = RetryPolicy(retries.max_retries, frozenset(retries.retry_on),
+                                        frozenset(retries.retriable_status_codes))
+        # x-envoy-* headers steer retries and timeouts only when they come from inside the mesh.
+        self.trust_envoy_headers = role.name != "gateway"
         self.draining = False
         self.exchange_observers: list[Callable[[Exchange], None]] = []  # access log, tracing
+        role.header_policy = RequestHeaderPolicy(edge=role.edge, route_timeout=settings.timeouts.route)
 
     def protocol(self) -> DownstreamConnection:
         return DownstreamConnection(self)
 
     async def start(self, host: str, port: int) -> int:
         self.server = await self.loop.create_server(self.protocol, host, port, reuse_address=True, backlog=1024)
+        self.sweeper = self.loop.create_task(self._sweep(), name=f"{self.name}-timeouts")
         return self.server.sockets[0].getsockname()[1]
+
+    async def _sweep(self) -> None:
+        """Advance the coarse clock and enforce per-connection timeouts, without a timer per request."""
+        timeouts = self.settings.timeouts
+        enabled = [t for t in (timeouts.request_headers, timeouts.idle, timeouts.stream_idle) if t > 0]
+        tick = max(0.05, min([0.25, *(t / 4 for t in enabled)]))
+        while True:
+            await asyncio.sleep(tick)
+            now = self.now = self.loop.time()
+            for connection in list(self.connections):
+                connection.check_timeouts(now, timeouts.request_headers, timeouts.idle, timeouts.stream_idle)
 
     def connection_opened(self, connection: DownstreamConnection) -> None:
         self.connections.add(connection)
@@ -232,14 +292,46 @@ class Listener:
         self.stats.cx_active -= 1
 
     def response_overrides(self, exchange: Exchange) -> dict[bytes, bytes]:
-        return {}
+        milliseconds = int((self.loop.time() - exchange.start) * 1000.0)
+        routed = exchange.routed
+        if routed is not None:
+            routed.service_time_ms = milliseconds
+        return response_headers(milliseconds, self.server_name)
 
     def on_exchange_done(self, exchange: Exchange) -> None:
         stats = self.stats
+        status = exchange.response_status
         stats.rq_total += 1
-        stats.rq_by_class[exchange.response_status // 100] += 1
+        stats.rq_by_class[status // 100] += 1
+        elapsed_ms = (self.loop.time() - exchange.start) * 1000.0
+        stats.rq_time.record(elapsed_ms)
+        error = exchange.error
+        routed = exchange.routed
+        if routed is not None:
+            host = routed.host_stats
+            if host is not None:
+                host.rq_active -= 1
+                # A retry may have moved the request to another endpoint: the outcome is the last one's.
+                _count_host_result(routed.cluster_stats.host(routed.endpoint), status,
+                                   error.flag if error is not None else None)
+            if error is None and status:
+                routed.cluster_stats.rq_time.record(elapsed_ms)
+        elif error is not None and error.flag == "NR":
+            stats.no_route += 1
         for observer in self.exchange_observers:
             observer(exchange)
+
+    def attach_tracer(self, tracer: ExchangeTracer) -> None:
+        self.role.tracer = tracer
+        self.exchange_observers.append(tracer.finish)
+
+    def active_requests(self) -> int:
+        """Requests received and not yet answered, pipelined ones included (downstream_rq_active)."""
+        return sum((connection.active is not None) + len(connection.queue) for connection in self.connections)
+
+    def resume(self) -> None:
+        """Undo `drain` for new connections (after /healthcheck/ok); drained connections still close."""
+        self.draining = False
 
     def drain(self) -> None:
         self.draining = True
@@ -247,10 +339,26 @@ class Listener:
             connection.drain()
 
     async def stop(self) -> None:
+        if self.sweeper is not None:
+            self.sweeper.cancel()
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()
 
 
-def default_picker(rng: random.Random | None = None) -> RandomPicker:
-    return RandomPicker((rng or random.Random()).random)
+def _count_host_result(host: HostStats, status: int, flag: str | None) -> None:
+    """Envoy's per-host outcome: a connect failure never reached the host; 5xx, resets and timeouts are errors."""
+    if flag == "UF":
+        host.cx_connect_fail += 1
+        host.rq_error += 1
+        return
+    if flag is None and status == 0:
+        return  # the client left; nothing to say about the host
+    host.rq_total += 1
+    if flag is not None or status >= 500:
+        host.rq_error += 1
+        if flag == "UT":
+            host.rq_timeout += 1
+    else:
+        host.rq_success += 1
+

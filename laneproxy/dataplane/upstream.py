@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Protocol
 import httptools
 
 from laneproxy.core import headers as h
-from laneproxy.core.errors import UpstreamConnectError, UpstreamProtocolError
+from laneproxy.core.errors import LocalReplyError, UpstreamConnectError, UpstreamProtocolError
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -53,6 +53,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.pool.open_count += 1
 
     def data_received(self, data: bytes) -> None:
         if self.sink is None:
@@ -67,6 +68,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.pool.open_count -= 1
         self.pool.forget(self)
         sink, self.sink = self.sink, None
         if sink is None:
@@ -151,14 +153,15 @@ class UpstreamConnection(asyncio.Protocol):
 class UpstreamPool:
     """Idle keep-alive connections to one endpoint (host, port), most recently used first."""
 
-    __slots__ = ("host", "port", "idle", "max_idle", "_loop", "_connect_timeout", "open_count")
+    __slots__ = ("host", "port", "idle", "max_idle", "_loop", "_connect_timeout", "open_count", "pending")
 
     def __init__(self, host: str, port: int, loop: asyncio.AbstractEventLoop, *, connect_timeout: float,
                  max_idle: int = 128) -> None:
         self.host, self.port = host, port
         self.idle: list[UpstreamConnection] = []
         self.max_idle = max_idle
-        self.open_count = 0
+        self.open_count = 0  # connections open now, idle or lent
+        self.pending = 0  # connections being opened for requests waiting on them
         self._loop = loop
         self._connect_timeout = connect_timeout
 
@@ -170,22 +173,24 @@ class UpstreamPool:
                 return connection
         return None
 
-    def connect(self, on_done: Callable[[UpstreamConnection | None, Exception | None], None]) -> asyncio.Task:
+    def connect(self, on_done: Callable[[UpstreamConnection | None, LocalReplyError | None], None]) -> asyncio.Task:
         """Open a new connection in the background and call `on_done(connection, error)`."""
+        self.pending += 1
         return self._loop.create_task(self._connect(on_done))
 
-    async def _connect(self, on_done: Callable[[UpstreamConnection | None, Exception | None], None]) -> None:
+    async def _connect(self, on_done: Callable[[UpstreamConnection | None, LocalReplyError | None], None]) -> None:
+        error: LocalReplyError | None = None
+        connection: UpstreamConnection | None = None
         try:
             async with asyncio.timeout(self._connect_timeout):
                 _, connection = await self._loop.create_connection(lambda: UpstreamConnection(self), self.host, self.port)
         except TimeoutError as exc:
-            on_done(None, UpstreamConnectError(f"connect timeout to {self.host}:{self.port}").with_cause(exc))
-            return
+            error = UpstreamConnectError(f"connect timeout to {self.host}:{self.port}").with_cause(exc)
         except OSError as exc:
-            on_done(None, UpstreamConnectError(f"{self.host}:{self.port}: {exc.strerror or exc}").with_cause(exc))
-            return
-        self.open_count += 1
-        on_done(connection, None)
+            error = UpstreamConnectError(f"{self.host}:{self.port}: {exc.strerror or exc}").with_cause(exc)
+        finally:
+            self.pending -= 1
+        on_done(connection, error)
 
     def keep(self, connection: UpstreamConnection) -> None:
         if len(self.idle) < self.max_idle:

@@ -1,72 +1,251 @@
 """The proxy's counters, kept as plain integers on slotted objects so the hot path pays an attribute add.
 
-Owns what is counted and the Envoy names it is reported under (`cluster.<name>.upstream_rq_total`,
-`http.<prefix>.downstream_rq_total`, ...). Exporters (admin /stats, Prometheus) read from here;
-nothing in here formats output for a particular endpoint. One instance per process, never global.
+Owns what is counted and the Envoy name and tags each number is reported under
+(`cluster.<name>.upstream_rq_total` with tag `envoy.cluster_name`, `http.<prefix>.downstream_rq_2xx`
+with `envoy.response_code_class`, ...): `*.records()` turn the numbers into StatRecords, which every
+exporter (admin /stats text and JSON, /stats/prometheus, /clusters) reads, so they cannot disagree.
+Nothing in here formats output for a particular endpoint, and nothing here is global: one
+ProxyStats per process, created by the app.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import Counter
-from typing import Iterator
+from dataclasses import dataclass
+from enum import Enum
+from typing import TYPE_CHECKING, Iterator
+
+if TYPE_CHECKING:
+    from laneproxy.core.model import Endpoint
+
+# Envoy's default histogram bucket bounds (milliseconds), as its /stats/prometheus reports them.
+HISTOGRAM_BOUNDS: tuple[float, ...] = (
+    0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 300000, 600000, 1800000, 3600000,
+)
+# The quantiles Envoy's text and JSON /stats print for every histogram.
+QUANTILES: tuple[float, ...] = (0, 25, 50, 75, 90, 95, 99, 99.5, 99.9, 100)
+
+
+class StatKind(str, Enum):
+    COUNTER = "counter"
+    GAUGE = "gauge"
+    HISTOGRAM = "histogram"
+    TEXT = "text"  # Envoy's text readout
+
+
+@dataclass(frozen=True, slots=True)
+class StatRecord:
+    """One reported number: its Envoy name, kind, value, and the Prometheus family and tags it maps to.
+
+    `used` follows Envoy's `usedonly`: a counter that was ever incremented, a gauge that was ever set.
+    `family` is the name after Envoy's tag extraction with the `envoy_` prefix
+    (`cluster.X.upstream_rq_200` -> `envoy_cluster_upstream_rq` with envoy_response_code=200 and
+    envoy_cluster_name=X); laneproxy's own stats use a `laneproxy_` family.
+    """
+
+    name: str
+    kind: StatKind
+    value: int | float | str | Histogram
+    used: bool
+    family: str
+    tags: tuple[tuple[str, str], ...] = ()
+
+
+class Histogram:
+    """Latencies in Envoy's default buckets (milliseconds): a count per bucket, a sum and a count."""
+
+    __slots__ = ("counts", "sum", "count", "low", "high")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(HISTOGRAM_BOUNDS) + 1)  # the last one is +Inf
+        self.sum = 0.0
+        self.count = 0
+        self.low = float("inf")  # the smallest and largest values seen bound the quantile estimates
+        self.high = 0.0
+
+    def record(self, milliseconds: float) -> None:
+        self.counts[bisect_left(HISTOGRAM_BOUNDS, milliseconds)] += 1
+        self.sum += milliseconds
+        self.count += 1
+        if milliseconds < self.low:
+            self.low = milliseconds
+        if milliseconds > self.high:
+            self.high = milliseconds
+
+    def cumulative(self) -> list[int]:
+        """Counts of values <= each bound, then the total (the +Inf bucket)."""
+        running, out = 0, []
+        for count in self.counts:
+            running += count
+            out.append(running)
+        return out
+
+    def quantile(self, percent: float) -> float | None:
+        """An estimate from the buckets (linear inside a bucket, within the values seen); None when empty."""
+        if self.count == 0:
+            return None
+        rank = self.count * percent / 100.0
+        running = 0
+        for index, count in enumerate(self.counts):
+            if count and running + count >= rank:
+                low = max(HISTOGRAM_BOUNDS[index - 1] if index > 0 else 0.0, self.low)
+                high = min(HISTOGRAM_BOUNDS[index] if index < len(HISTOGRAM_BOUNDS) else self.high, self.high)
+                return low + (high - low) * max(0.0, rank - running) / count
+            running += count
+        return self.high
+
+
+def _class_counts(by_code: Counter[int]) -> dict[int, int]:
+    classes: dict[int, int] = {}
+    for code, count in by_code.items():
+        if code:
+            classes[code // 100] = classes.get(code // 100, 0) + count
+    return classes
+
+
+class HostStats:
+    """Counters of one endpoint inside one cluster, as Envoy's /clusters reports them per host."""
+
+    __slots__ = ("address", "rq_total", "rq_success", "rq_error", "rq_timeout", "rq_active", "cx_connect_fail")
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.rq_total = self.rq_success = self.rq_error = self.rq_timeout = self.rq_active = self.cx_connect_fail = 0
+
+    def reset_counters(self) -> None:
+        self.rq_total = self.rq_success = self.rq_error = self.rq_timeout = self.cx_connect_fail = 0
 
 
 class ClusterStats:
     """Counters of one upstream cluster (`outbound|<port>|<lane>|<host>` or `inbound|<port>||`)."""
 
     __slots__ = ("name", "rq_total", "rq_by_code", "rq_active", "cx_total", "cx_active", "cx_connect_fail",
-                 "rq_timeout", "rq_reset", "rq_time_ms_sum", "rq_time_count")
+                 "cx_none_healthy", "rq_timeout", "rq_reset", "rq_time_ms_sum", "rq_time_count", "rq_time", "hosts",
+                 "rq_retry", "rq_overflow")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.rq_total = self.rq_active = self.cx_total = self.cx_active = 0
-        self.cx_connect_fail = self.rq_timeout = self.rq_reset = 0
+        self.cx_connect_fail = self.cx_none_healthy = self.rq_timeout = self.rq_reset = 0
+        self.rq_retry = self.rq_overflow = 0  # upstream_rq_retry; upstream_rq_pending_overflow (circuit breakers)
         self.rq_time_ms_sum = 0.0
         self.rq_time_count = 0
         self.rq_by_code: Counter[int] = Counter()
+        self.rq_time = Histogram()  # upstream_rq_time: requests an upstream answered
+        self.hosts: dict[Endpoint, HostStats] = {}
 
-    def counters(self) -> Iterator[tuple[str, int]]:
-        prefix = f"cluster.{self.name}."
-        yield prefix + "upstream_rq_total", self.rq_total
-        classes: Counter[int] = Counter()
-        for code, count in sorted(self.rq_by_code.items()):
-            yield prefix + f"upstream_rq_{code}", count
-            classes[code // 100] += count
-        for klass in sorted(classes):
-            yield prefix + f"upstream_rq_{klass}xx", classes[klass]
-        yield prefix + "upstream_cx_total", self.cx_total
-        yield prefix + "upstream_cx_connect_fail", self.cx_connect_fail
-        yield prefix + "upstream_rq_timeout", self.rq_timeout
-        yield prefix + "upstream_rq_rx_reset", self.rq_reset
+    def host(self, endpoint: Endpoint) -> HostStats:
+        stats = self.hosts.get(endpoint)
+        if stats is None:
+            stats = self.hosts[endpoint] = HostStats(endpoint.address)
+        return stats
 
-    def gauges(self) -> Iterator[tuple[str, int]]:
-        prefix = f"cluster.{self.name}."
-        yield prefix + "upstream_rq_active", self.rq_active
-        yield prefix + "upstream_cx_active", self.cx_active
+    def reset_counters(self) -> None:
+        self.rq_total = self.cx_total = self.cx_connect_fail = self.cx_none_healthy = 0
+        self.rq_timeout = self.rq_reset = self.rq_retry = self.rq_overflow = 0
+        self.rq_by_code.clear()
+        for host in self.hosts.values():
+            host.reset_counters()
+
+    def records(self, *, membership_total: int, membership_healthy: int) -> Iterator[StatRecord]:
+        """Every stat of this cluster; membership comes from the running table, not from traffic."""
+        yield from cluster_records(self.name, self, membership_total=membership_total,
+                                   membership_healthy=membership_healthy)
+
+
+def cluster_records(name: str, stats: ClusterStats | None, *, membership_total: int,
+                    membership_healthy: int) -> Iterator[StatRecord]:
+    """The stats of cluster `name`; `stats` None means the cluster is configured but saw no traffic."""
+    prefix = f"cluster.{name}."
+    cluster_tag = (("envoy_cluster_name", name),)
+
+    def counter(stat: str, value: int) -> StatRecord:
+        return StatRecord(prefix + stat, StatKind.COUNTER, value, value > 0, "envoy_cluster_" + stat, cluster_tag)
+
+    def gauge(stat: str, value: int, used: bool) -> StatRecord:
+        return StatRecord(prefix + stat, StatKind.GAUGE, value, used, "envoy_cluster_" + stat, cluster_tag)
+
+    yield gauge("membership_total", membership_total, True)
+    yield gauge("membership_healthy", membership_healthy, True)
+    if stats is None:
+        for stat in ("upstream_rq_total", "upstream_rq_completed", "upstream_cx_total", "upstream_cx_connect_fail",
+                     "upstream_cx_none_healthy", "upstream_rq_timeout", "upstream_rq_rx_reset", "upstream_rq_retry",
+                     "upstream_rq_pending_overflow"):
+            yield counter(stat, 0)
+        yield gauge("upstream_rq_active", 0, False)
+        yield StatRecord(prefix + "upstream_rq_time", StatKind.HISTOGRAM, Histogram(), False,
+                         "envoy_cluster_upstream_rq_time", cluster_tag)
+        return
+    by_code = stats.rq_by_code
+    yield counter("upstream_rq_total", stats.rq_total)
+    yield counter("upstream_rq_completed", sum(count for code, count in by_code.items() if code))
+    for code, count in sorted(by_code.items()):
+        if code:
+            yield StatRecord(f"{prefix}upstream_rq_{code}", StatKind.COUNTER, count, True, "envoy_cluster_upstream_rq",
+                             (("envoy_response_code", str(code)), *cluster_tag))
+    for klass, count in sorted(_class_counts(by_code).items()):
+        yield StatRecord(f"{prefix}upstream_rq_{klass}xx", StatKind.COUNTER, count, True,
+                         "envoy_cluster_upstream_rq_xx", (("envoy_response_code_class", str(klass)), *cluster_tag))
+    yield counter("upstream_cx_total", stats.cx_total)
+    yield counter("upstream_cx_connect_fail", stats.cx_connect_fail)
+    yield counter("upstream_cx_none_healthy", stats.cx_none_healthy)
+    yield counter("upstream_rq_timeout", stats.rq_timeout)
+    yield counter("upstream_rq_rx_reset", stats.rq_reset)
+    yield counter("upstream_rq_retry", stats.rq_retry)
+    yield counter("upstream_rq_pending_overflow", stats.rq_overflow)
+    # Envoy sets this gauge when a request is bound to an upstream connection; a cluster that only ever
+    # answered "no healthy upstream" has not.
+    yield gauge("upstream_rq_active", stats.rq_active, stats.cx_total > 0 or stats.rq_active > 0)
+    yield StatRecord(prefix + "upstream_rq_time", StatKind.HISTOGRAM, stats.rq_time, stats.rq_time.count > 0,
+                     "envoy_cluster_upstream_rq_time", cluster_tag)
 
 
 class ListenerStats:
-    """Downstream counters of one listener, reported as `http.<prefix>.*`."""
+    """Downstream counters of one listener, reported as `http.<prefix>.*` (the HTTP connection manager's)."""
 
-    __slots__ = ("prefix", "rq_total", "rq_by_class", "cx_total", "cx_active", "rq_active", "cx_protocol_error")
+    __slots__ = ("prefix", "rq_total", "rq_by_class", "cx_total", "cx_active", "rq_active", "cx_protocol_error",
+                 "no_route", "rq_time")
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
         self.rq_total = self.cx_total = self.cx_active = self.rq_active = self.cx_protocol_error = 0
+        self.no_route = 0
         self.rq_by_class: Counter[int] = Counter()
+        self.rq_time = Histogram()  # downstream_rq_time: first request byte to last response byte
 
-    def counters(self) -> Iterator[tuple[str, int]]:
+    def reset_counters(self) -> None:
+        self.rq_total = self.cx_total = self.cx_protocol_error = self.no_route = 0
+        self.rq_by_class.clear()
+
+    def records(self) -> Iterator[StatRecord]:
         prefix = f"http.{self.prefix}."
-        yield prefix + "downstream_rq_total", self.rq_total
+        tag = (("envoy_http_conn_manager_prefix", self.prefix),)
+        used = self.cx_total > 0
+
+        def counter(stat: str, value: int) -> StatRecord:
+            return StatRecord(prefix + stat, StatKind.COUNTER, value, value > 0, "envoy_http_" + stat, tag)
+
+        yield counter("downstream_rq_total", self.rq_total)
+        yield counter("downstream_rq_completed", self.rq_total)
+        yield counter("downstream_rq_http1_total", self.rq_total)
         for klass in range(1, 6):
-            yield prefix + f"downstream_rq_{klass}xx", self.rq_by_class[klass]
-        yield prefix + "downstream_cx_total", self.cx_total
-        yield prefix + "downstream_cx_protocol_error", self.cx_protocol_error
-
-    def gauges(self) -> Iterator[tuple[str, int]]:
-        prefix = f"http.{self.prefix}."
-        yield prefix + "downstream_cx_active", self.cx_active
-        yield prefix + "downstream_rq_active", self.rq_active
+            count = self.rq_by_class[klass]
+            yield StatRecord(f"{prefix}downstream_rq_{klass}xx", StatKind.COUNTER, count, count > 0,
+                             "envoy_http_downstream_rq_xx", (("envoy_response_code_class", str(klass)), *tag))
+        yield counter("downstream_cx_total", self.cx_total)
+        yield counter("downstream_cx_http1_total", self.cx_total)
+        yield counter("downstream_cx_protocol_error", self.cx_protocol_error)
+        yield counter("no_route", self.no_route)
+        yield counter("rq_total", self.rq_total)  # the router's count: every request reaches routing here
+        yield StatRecord(prefix + "downstream_cx_active", StatKind.GAUGE, self.cx_active, used,
+                         "envoy_http_downstream_cx_active", tag)
+        yield StatRecord(prefix + "downstream_cx_http1_active", StatKind.GAUGE, self.cx_active, used,
+                         "envoy_http_downstream_cx_http1_active", tag)
+        yield StatRecord(prefix + "downstream_rq_active", StatKind.GAUGE, self.rq_active, used,
+                         "envoy_http_downstream_rq_active", tag)
+        yield StatRecord(prefix + "downstream_rq_time", StatKind.HISTOGRAM, self.rq_time, self.rq_time.count > 0,
+                         "envoy_http_downstream_rq_time", tag)
 
 
 class LaneStats:
@@ -79,13 +258,22 @@ class LaneStats:
         self.fallbacks: Counter[tuple[str, str, str]] = Counter()
         self.lane_sources: Counter[str] = Counter()
 
-    def counters(self) -> Iterator[tuple[str, int]]:
+    def reset_counters(self) -> None:
+        self.requests.clear()
+        self.fallbacks.clear()
+        self.lane_sources.clear()
+
+    def records(self) -> Iterator[StatRecord]:
         for lane, count in sorted(self.requests.items()):
-            yield f"laneproxy.lane.{lane}.rq_total", count
+            yield StatRecord(f"laneproxy.lane.{lane}.rq_total", StatKind.COUNTER, count, count > 0,
+                             "laneproxy_lane_rq_total", (("lane", lane),))
         for (service, from_lane, to_lane), count in sorted(self.fallbacks.items()):
-            yield f"laneproxy.fallback.{service}.{from_lane}.{to_lane}", count
+            yield StatRecord(f"laneproxy.fallback.{service}.{from_lane}.{to_lane}", StatKind.COUNTER, count, count > 0,
+                             "laneproxy_fallback_rq_total",
+                             (("service", service), ("from_lane", from_lane), ("to_lane", to_lane)))
         for source, count in sorted(self.lane_sources.items()):
-            yield f"laneproxy.lane_source.{source}", count
+            yield StatRecord(f"laneproxy.lane_source.{source}", StatKind.COUNTER, count, count > 0,
+                             "laneproxy_lane_source_rq_total", (("source", source),))
 
 
 class ProxyStats:
@@ -109,3 +297,11 @@ class ProxyStats:
         if stats is None:
             stats = self.listeners[prefix] = ListenerStats(prefix)
         return stats
+
+    def reset_counters(self) -> None:
+        """Envoy's /reset_counters: counters to zero; gauges and histograms keep their values."""
+        for cluster in self.clusters.values():
+            cluster.reset_counters()
+        for listener in self.listeners.values():
+            listener.reset_counters()
+        self.lanes.reset_counters()

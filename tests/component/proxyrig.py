@@ -228,3 +228,122 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[bytes, 
     else:
         body = await reader.read()
     return status, headers, body
+
+
+# --- additions for the hardening suites (protocol safety, fuzz, resilience) ----------------------------
+
+
+@dataclass
+class ScriptedUpstream(RecordingUpstream):
+    """A RecordingUpstream that can also wait before answering: `delay(request) -> seconds` (None: at once).
+
+    The delay runs after the request is recorded, so a test can see a request arrive and still hold
+    its response (a slow or hanging origin). The connection is closed after any response whose head
+    says `connection: close`, as in RecordingUpstream; respond returning None drops it unanswered.
+    """
+
+    delay: object = None
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                request = ReceivedRequest(head, await _read_body(reader, head))
+                self.received.append(request)
+                if self.delay is not None:
+                    seconds = self.delay(request)
+                    if seconds:
+                        await asyncio.sleep(seconds)
+                response = (self.respond or default_response)(request)
+                if response is None:
+                    writer.close()
+                    return
+                writer.write(response)
+                await writer.drain()
+                if b"\r\nconnection: close\r\n" in response.split(b"\r\n\r\n", 1)[0].lower() + b"\r\n":
+                    return
+        except (asyncio.IncompleteReadError, ConnectionError, ValueError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            writer.close()
+
+    def reset(self) -> None:
+        self.received.clear()
+        self.connections = 0
+
+
+class UpstreamThread:
+    """Runs a ScriptedUpstream on its own event loop in a daemon thread (usable from sync and module fixtures).
+
+    `respond` and `delay` are called on that thread. Use as a context manager; attributes of the
+    upstream (port, received, connections, respond, delay, reset) are reachable on this object.
+    """
+
+    def __init__(self, respond=None, delay=None) -> None:
+        import threading
+
+        self.upstream = ScriptedUpstream(respond=respond, delay=delay)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="upstream", daemon=True)
+
+    def __enter__(self) -> UpstreamThread:
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self.upstream.start(), self.loop).result(timeout=5)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        asyncio.run_coroutine_threadsafe(self.upstream.stop(), self.loop).result(timeout=5)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=5)
+
+    def __getattr__(self, name: str):
+        return getattr(self.upstream, name)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in ("respond", "delay"):
+            setattr(self.upstream, name, value)
+        else:
+            object.__setattr__(self, name, value)
+
+
+async def exchange_ending(port: int, raw: bytes, *, timeout: float = 5.0) -> tuple[bytes, str]:
+    """Send raw bytes on a new connection; read until the server ends it. Returns (bytes, "eof" | "reset" | "timeout")."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(raw)
+    chunks = []
+    ending = "timeout"
+    try:
+        await writer.drain()
+        async with asyncio.timeout(timeout):
+            while data := await reader.read(65536):
+                chunks.append(data)
+            ending = "eof"
+    except TimeoutError:
+        pass
+    except ConnectionError:
+        ending = "reset"
+    writer.close()
+    return b"".join(chunks), ending
+
+
+async def exchange_until_close(port: int, raw: bytes, *, timeout: float = 5.0) -> tuple[bytes, bool]:
+    """Send raw bytes on a new connection; read until EOF or `timeout`. Returns (bytes, the server closed)."""
+    data, ending = await exchange_ending(port, raw, timeout=timeout)
+    return data, ending != "timeout"
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a process, from /proc/PID/status (VmRSS)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise KeyError("VmRSS")
+
+
+def status_lines(data: bytes) -> list[bytes]:
+    """The status lines ("HTTP/1.1 200 OK") in a raw byte stream; test-sized bodies only (not parsed, only searched)."""
+    import re
+
+    return re.findall(rb"HTTP/1\.[01] \d{3} [^\r\n]*", data)

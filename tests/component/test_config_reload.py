@@ -27,7 +27,7 @@ def chain(cluster: DemoCluster, trace: str) -> str:
 
 def stats(port: int) -> dict[str, int]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats?format=json") as response:
-        return {row["name"]: row["value"] for row in json.load(response)["stats"]}
+        return {row["name"]: row["value"] for row in json.load(response)["stats"] if "name" in row}
 
 
 def wait_for(predicate, timeout: float = 10.0):

@@ -1,0 +1,140 @@
+"""/clusters: every upstream cluster and its hosts, as Envoy's `cluster::host:port::stat::value` lines or JSON.
+
+Owns the per-host view runbooks read: request outcomes (rq_total, rq_success, rq_error, rq_timeout),
+connections (cx_active, cx_connect_fail), health flags (`healthy`, or `/failed_outlier_check` while
+outlier detection has the host ejected) and the default-priority circuit-breaker thresholds. A lane
+is its own cluster (`outbound|<port>|<lane>|<fqdn>`), so the lanes of a service show one per cluster.
+Not reported, because laneproxy does not keep them: per-host cx_total, rq_pending_active,
+success-rate outlier data and high-priority thresholds.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from laneproxy.admin.endpoint import AdminEndpoint, context, text
+from laneproxy.observability.inventory import cluster_members
+
+if TYPE_CHECKING:
+    from laneproxy.app import ProxyApp
+    from laneproxy.core.model import Endpoint
+
+
+@dataclass(frozen=True, slots=True)
+class HostView:
+    endpoint: Endpoint
+    counters: dict[str, int]  # name -> value, Envoy's per-host counters
+    gauges: dict[str, int]
+    ejected: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterView:
+    name: str
+    hosts: tuple[HostView, ...]
+
+
+def cluster_views(proxy: ProxyApp, pattern: re.Pattern[str] | None = None) -> list[ClusterView]:
+    static = tuple(route for listener in proxy.listeners for route in listener.role.static_routes())
+    members = cluster_members(proxy.store.current, static)
+    stats = proxy.stats.clusters
+    ejected = proxy.outliers.ejected
+    pools = proxy.pools
+    views = []
+    for name in sorted(set(members) | set(stats)):
+        if pattern is not None and pattern.search(name) is None:
+            continue
+        cluster = stats.get(name)
+        hosts = []
+        endpoints = list(members.get(name, ()))
+        if cluster is not None:
+            endpoints += [endpoint for endpoint in cluster.hosts if endpoint not in endpoints]
+        for endpoint in endpoints:
+            host = cluster.hosts.get(endpoint) if cluster is not None else None
+            # Only hosts that saw traffic have a pool; asking for one creates it, so ask only then.
+            open_now = pools.get(endpoint.host, endpoint.port).open_count if host is not None else 0
+            counters = {"cx_connect_fail": 0, "rq_error": 0, "rq_success": 0, "rq_timeout": 0, "rq_total": 0}
+            gauges = {"cx_active": open_now, "rq_active": 0}
+            if host is not None:
+                counters.update(cx_connect_fail=host.cx_connect_fail, rq_error=host.rq_error,
+                                rq_success=host.rq_success, rq_timeout=host.rq_timeout, rq_total=host.rq_total)
+                gauges["rq_active"] = host.rq_active
+            hosts.append(HostView(endpoint, counters, gauges, endpoint in ejected))
+        views.append(ClusterView(name, tuple(hosts)))
+    return views
+
+
+def _thresholds(proxy: ProxyApp) -> dict[str, int]:
+    breakers, retries = proxy.settings.circuit_breakers, proxy.settings.retries
+    return {"max_connections": breakers.max_connections, "max_pending_requests": breakers.max_pending_requests,
+            "max_requests": breakers.max_requests, "max_retries": retries.max_retries}
+
+
+def format_text(views: list[ClusterView], thresholds: dict[str, int], added_via_api: bool) -> str:
+    lines = []
+    for view in views:
+        name = view.name
+        lines.append(f"{name}::observability_name::{name}")
+        lines.extend(f"{name}::default_priority::{key}::{value}" for key, value in thresholds.items())
+        lines.append(f"{name}::added_via_api::{str(added_via_api).lower()}")
+        for host in view.hosts:
+            prefix = f"{name}::{host.endpoint.address}::"
+            for stat, value in sorted({**host.counters, **host.gauges}.items()):
+                lines.append(f"{prefix}{stat}::{value}")
+            lines += [f"{prefix}hostname::", f"{prefix}health_flags::{'/failed_outlier_check' if host.ejected else 'healthy'}",
+                      f"{prefix}weight::1", f"{prefix}region::", f"{prefix}zone::", f"{prefix}sub_zone::",
+                      f"{prefix}canary::false", f"{prefix}priority::0", f"{prefix}success_rate::-1",
+                      f"{prefix}local_origin_success_rate::-1"]
+    return "".join(line + "\n" for line in lines)
+
+
+def format_json(views: list[ClusterView], thresholds: dict[str, int], added_via_api: bool) -> dict:
+    statuses = []
+    for view in views:
+        hosts = []
+        for host in view.hosts:
+            # Envoy's JSON: uint64 counters as strings, zero values omitted, gauges typed.
+            stats = [{"name": stat, **({"value": str(value)} if value else {})}
+                     for stat, value in sorted(host.counters.items())]
+            stats += [{"type": "GAUGE", "name": stat, **({"value": str(value)} if value else {})}
+                      for stat, value in sorted(host.gauges.items())]
+            health = {"eds_health_status": "HEALTHY", **({"failed_outlier_check": True} if host.ejected else {})}
+            hosts.append({"address": {"socket_address": {"address": host.endpoint.host,
+                                                         "port_value": host.endpoint.port}},
+                          "stats": stats, "health_status": health, "weight": 1, "locality": {}})
+        status = {"name": view.name, "host_statuses": hosts, "observability_name": view.name}
+        if thresholds:
+            status["circuit_breakers"] = {"thresholds": [thresholds]}
+        if added_via_api:
+            status["added_via_api"] = True
+        statuses.append(status)
+    return {"cluster_statuses": statuses}
+
+
+async def clusters_handler(request: web.Request) -> web.Response:
+    proxy = context(request).proxy
+    pattern = request.query.get("filter")
+    try:
+        regex = re.compile(pattern) if pattern else None
+    except re.error as exc:
+        return text(f"Invalid re2 regex: {exc}", status=400)
+    views = cluster_views(proxy, regex)
+    thresholds = _thresholds(proxy)
+    added_via_api = proxy.settings.source != "files"
+    if request.query.get("format") == "json":
+        return web.Response(text=json.dumps(format_json(views, thresholds, added_via_api), indent=1),
+                            content_type="application/json")
+    return text(format_text(views, thresholds, added_via_api))
+
+
+ENDPOINTS = (
+    AdminEndpoint("/clusters", "upstream cluster status", clusters_handler, params=(
+        ("format", "File format to use; One of (text, json)"),
+        ("filter", "Regular expression (Python re, standing in for Google re2) for filtering clusters by name"),
+    )),
+)

@@ -1,0 +1,69 @@
+"""What every admin endpoint family declares (path, help, whether it changes state) and what they share.
+
+Owns the AdminEndpoint declaration, the per-server AdminContext (the proxy, this process's
+Prometheus registry, when the running table arrived), the help listing and Envoy's plain-text
+response shape. No handler lives here.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Awaitable, Callable, Iterable, Mapping
+
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from prometheus_client.registry import CollectorRegistry
+
+    from laneproxy.app import ProxyApp
+    from laneproxy.core.model import RouteTable
+
+
+@dataclass(frozen=True, slots=True)
+class AdminEndpoint:
+    path: str
+    help: str
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    mutates: bool = False  # POST only, as Envoy's handlers that change server state
+    params: tuple[tuple[str, str], ...] = ()  # (query parameter, help), shown by /help
+
+
+class AdminContext:
+    """The state one admin server reads: the proxy, its registry, and when the running table was published."""
+
+    __slots__ = ("proxy", "registry", "endpoints", "table_updated_at")
+
+    def __init__(self, proxy: ProxyApp, registry: CollectorRegistry, endpoints: tuple[AdminEndpoint, ...]) -> None:
+        self.proxy = proxy
+        self.registry = registry
+        self.endpoints = endpoints
+        self.table_updated_at = time.time()
+
+    def on_publish(self, table: RouteTable) -> None:
+        self.table_updated_at = time.time()
+
+
+CONTEXT_KEY = web.AppKey("laneproxy_admin_context", AdminContext)
+
+
+def context(request: web.Request) -> AdminContext:
+    return request.app[CONTEXT_KEY]
+
+
+def help_text(endpoints: Iterable[AdminEndpoint]) -> str:
+    lines = ["admin commands are:"]
+    for endpoint in endpoints:
+        lines.append(f"  {endpoint.path}{' (POST)' if endpoint.mutates else ''}: {endpoint.help}")
+        lines.extend(f"      {name}: {text}" for name, text in endpoint.params)
+    return "\n".join(lines) + "\n"
+
+
+def text(body: str, status: int = 200) -> web.Response:
+    return web.Response(status=status, text=body, content_type="text/plain", charset="UTF-8")
+
+
+def flag(query: Mapping[str, str], name: str) -> bool:
+    """Envoy's boolean query parameters: present means on (`?usedonly`, `?usedonly=`), unless `false` or `0`."""
+    value = query.get(name)
+    return value is not None and value.lower() not in ("false", "0")

