@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 _RESET_PREFIX = "upstream connect error or disconnect/reset before headers. reset reason: "
+_RETRIED_PREFIX = "upstream connect error or disconnect/reset before headers. retried and the latest reset reason: "
 
 
 class LaneProxyError(Exception):
@@ -25,6 +26,13 @@ class LocalReplyError(LaneProxyError):
     def __init__(self, detail: str = "") -> None:
         super().__init__(detail or self.body or self.flag)
         self.detail = detail
+
+    def after_retries(self) -> LocalReplyError:
+        """The same failure once the retry limit is spent: Envoy adds URX to the flags and says it retried."""
+        self.flag = f"URX,{self.flag}"
+        if self.body.startswith(_RESET_PREFIX):
+            self.body = _RETRIED_PREFIX + self.body[len(_RESET_PREFIX):]
+        return self
 
     def with_cause(self, cause: BaseException) -> LocalReplyError:
         """Chain a translated third-party exception when the error is handed on rather than raised."""

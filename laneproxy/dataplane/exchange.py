@@ -18,6 +18,7 @@ from laneproxy.core.errors import (
     NoHealthyUpstreamError,
     RequestTimeoutError,
     StreamIdleTimeoutError,
+    UpstreamConnectError,
     UpstreamOverflowError,
     UpstreamResetError,
     UpstreamTimeoutError,
@@ -75,7 +76,7 @@ class Exchange:
         "request_chunked", "has_body", "request_complete", "pending_body", "upstream", "routed",
         "response_started", "response_chunked", "response_keep_alive", "response_status", "finished",
         "timer", "start", "connection_tokens", "error", "expect_continue", "retry", "attempts",
-        "discarding", "last_activity", "counted_active",
+        "discarding", "last_activity", "counted_active", "request_bytes", "response_bytes",
     )
 
     def __init__(self, downstream: DownstreamConnection, method: bytes, target: bytes, http_minor: int,
@@ -111,6 +112,8 @@ class Exchange:
         self.discarding = False  # swallowing a response that will be retried
         self.last_activity = downstream.listener.now
         self.counted_active = False
+        self.request_bytes = 0  # body bytes as decoded, for the access log
+        self.response_bytes = 0
 
     # request side, driven by the downstream parser ---------------------------------------------
 
@@ -131,6 +134,7 @@ class Exchange:
         if self.finished:
             return  # answered already (a local reply or an early response): drain and drop
         self.last_activity = self.listener.now
+        self.request_bytes += len(data)
         upstream = self.upstream
         if upstream is None or upstream.transport is None:
             if self.pending_body is None:
@@ -159,7 +163,6 @@ class Exchange:
         stats = routed.cluster_stats
         limits = self.listener.settings.circuit_breakers
         if not self.counted_active:
-            stats.rq_total += 1
             if stats.rq_active >= limits.max_requests:
                 stats.rq_overflow += 1
                 self.reply_locally(UpstreamOverflowError("max requests"))
@@ -176,6 +179,7 @@ class Exchange:
             routed.cluster_stats.rq_overflow += 1
             self.reply_locally(UpstreamOverflowError("max connections or pending requests"))
             return
+        stats.cx_total += 1  # Envoy counts every connection attempt
         pool.connect(self._on_connected)
 
     def _on_connected(self, connection: UpstreamConnection | None, error: LocalReplyError | None) -> None:
@@ -187,7 +191,6 @@ class Exchange:
             if not self._retry_if("connect-failure"):
                 self._fail_upstream(error or UpstreamResetError())
             return
-        routed.cluster_stats.cx_total += 1
         if self.finished:  # the client left while we were connecting
             connection.give_back(reusable=True)
             return
@@ -199,6 +202,7 @@ class Exchange:
         transport = connection.transport
         routed = self.routed
         assert transport is not None and routed is not None
+        routed.cluster_stats.rq_total += 1  # an upstream request exists once it has a connection
         self.last_activity = self.listener.now
         parts = [self.method, b" ", routed.path, b" HTTP/1.1\r\n"]
         skip = h.HOP_BY_HOP if self.connection_tokens is None else h.HOP_BY_HOP | self.connection_tokens
@@ -221,7 +225,9 @@ class Exchange:
 
     def _arm_timer(self) -> None:
         if self.timer is None and self.request_complete and self.upstream is not None and not self.finished:
-            timeout = self.listener.settings.timeouts.route
+            routed = self.routed
+            timeout = routed.timeout if routed is not None and routed.timeout is not None else \
+                self.listener.settings.timeouts.route
             if timeout > 0:
                 self.timer = self.listener.loop.call_later(timeout, self._on_timeout)
 
@@ -285,6 +291,8 @@ class Exchange:
     def _fail_upstream(self, error: LocalReplyError) -> None:
         if self.finished:
             return
+        if self.attempts > 1 and isinstance(error, (UpstreamConnectError, UpstreamResetError)):
+            error = error.after_retries()
         connection, self.upstream = self.upstream, None
         if connection is not None:
             connection.abandon()
@@ -352,6 +360,7 @@ class Exchange:
         if self.finished or self.discarding:
             return
         self.last_activity = self.listener.now
+        self.response_bytes += len(data)
         if self.response_chunked:
             self.downstream.writelines(codec.chunk(data))
         else:

@@ -12,8 +12,8 @@ The text format is Envoy's default line with two fields appended, the lane asked
     "%REQ(X-FORWARDED-FOR)%" "%REQ(USER-AGENT)%" "%REQ(X-REQUEST-ID)%" "%REQ(:AUTHORITY)%" "%UPSTREAM_HOST%"
     "<lane asked>" "<lane used>"
 
-Byte counts the exchange does not record are `-`: the request body of a chunked request, and the
-body of a proxied response (a local reply's body length is known).
+Byte counts are body bytes, as Envoy counts them: the request body as decoded, the response body
+as proxied (or the local reply's body).
 """
 
 from __future__ import annotations
@@ -97,12 +97,8 @@ def access_entry(exchange: Exchange, *, wall_now: float, loop_now: float) -> Acc
         value = overrides.get(name)
         return _text(value if value is not None else _header(headers, name))
 
-    if not exchange.has_body:
-        bytes_received: int | None = 0
-    else:
-        length = _header(headers, h.CONTENT_LENGTH)
-        bytes_received = int(length) if length is not None and length.isdigit() and exchange.request_complete else None
-    bytes_sent = len(error.body.encode()) if error is not None else None
+    bytes_received = exchange.request_bytes
+    bytes_sent = exchange.response_bytes if exchange.response_started else (len(error.body) if error is not None else 0)
     route = routed.route if routed is not None else None
     if routed is not None:
         path = routed.path

@@ -196,7 +196,7 @@ def cluster_records(name: str, stats: ClusterStats | None, *, membership_total: 
     yield counter("upstream_rq_pending_overflow", stats.rq_overflow)
     # Envoy sets this gauge when a request is bound to an upstream connection; a cluster that only ever
     # answered "no healthy upstream" has not.
-    yield gauge("upstream_rq_active", stats.rq_active, stats.cx_total > 0 or stats.rq_active > 0)
+    yield gauge("upstream_rq_active", stats.rq_active, stats.rq_total > 0 or stats.rq_active > 0)
     yield StatRecord(prefix + "upstream_rq_time", StatKind.HISTOGRAM, stats.rq_time, stats.rq_time.count > 0,
                      "envoy_cluster_upstream_rq_time", cluster_tag)
 
