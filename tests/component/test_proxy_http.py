@@ -169,13 +169,17 @@ async def test_local_replies_match_envoy_for_no_route_and_connection_failure(tmp
     proxy = ProxyProcess(SWIMLANES, endpoints, outbound=True).start()
     try:
         unknown = await exchange(proxy.outbound_port, b"GET / HTTP/1.1\r\nHost: nowhere\r\nConnection: close\r\n\r\n")
-        refused = await exchange(proxy.outbound_port, b"GET / HTTP/1.1\r\nHost: mockb\r\nConnection: close\r\n\r\n")
+        refused = await exchange(proxy.outbound_port, b"GET / HTTP/1.1\r\nHost: mockb\r\nConnection: close\r\n"
+                                                      b"x-envoy-max-retries: 0\r\n\r\n")
+        retried = await exchange(proxy.outbound_port, b"GET / HTTP/1.1\r\nHost: mockb\r\nConnection: close\r\n\r\n")
         empty = await exchange(proxy.outbound_port, b"GET / HTTP/1.1\r\nHost: mocka\r\nConnection: close\r\n\r\n")
     finally:
         proxy.stop()
     assert unknown.startswith(b"HTTP/1.1 404 Not Found") and unknown.endswith(b"\r\n\r\n")
     assert refused.startswith(b"HTTP/1.1 503 Service Unavailable")
     assert refused.endswith(b"upstream connect error or disconnect/reset before headers. reset reason: connection failure")
+    assert retried.endswith(b"upstream connect error or disconnect/reset before headers. "
+                            b"retried and the latest reset reason: connection failure")
     assert empty.startswith(b"HTTP/1.1 503") and empty.endswith(b"\r\n\r\nno healthy upstream")
 
 

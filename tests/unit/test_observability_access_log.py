@@ -26,7 +26,8 @@ ROUTE = Route("default/mockb", "canary", "base", "outbound|8000|base|mockb.defau
               (Endpoint("10.0.2.1", 8000),))
 
 
-def exchange(*, status=200, error=None, routed=True, headers=(), has_body=False, start=100.0):
+def exchange(*, status=200, error=None, routed=True, headers=(), has_body=False, start=100.0, request_bytes=0,
+             response_bytes=0):
     target = None
     if routed:
         target = SimpleNamespace(
@@ -35,7 +36,9 @@ def exchange(*, status=200, error=None, routed=True, headers=(), has_body=False,
     return SimpleNamespace(
         routed=target, headers=[(b"user-agent", b"curl/8"), *headers], error=error, has_body=has_body,
         request_complete=True, start=start, method=b"GET", target=b"/mock?q=1", http_minor=1,
-        response_status=status, host=b"mockb:8000", listener=SimpleNamespace(name="outbound"))
+        response_status=status, host=b"mockb:8000", listener=SimpleNamespace(name="outbound"),
+        request_bytes=request_bytes, response_bytes=response_bytes,
+        response_started=error is None and status > 0)
 
 
 def entry(ex):
@@ -43,11 +46,11 @@ def entry(ex):
 
 
 def test_a_proxied_request_logs_every_envoy_default_field_and_the_lanes():
-    line = format_text(entry(exchange()))
+    line = format_text(entry(exchange(response_bytes=5)))
     fields = ENVOY_DEFAULT.match(line).groupdict()
     assert fields == {
         "start": "2026-09-21T14:13:20.250Z", "method": "GET", "path": "/mock?q=1", "protocol": "HTTP/1.1",
-        "code": "200", "flags": "-", "rx": "0", "tx": "-", "duration": "250", "service_time": "12", "xff": "-",
+        "code": "200", "flags": "-", "rx": "0", "tx": "5", "duration": "250", "service_time": "12", "xff": "-",
         "ua": "curl/8", "request_id": "rid-1", "authority": "mockb:8000", "upstream": "10.0.2.1:8000",
         "lane_asked": "canary", "lane_used": "base",
     }
@@ -60,7 +63,7 @@ def test_a_proxied_request_logs_every_envoy_default_field_and_the_lanes():
         (NoHealthyUpstreamError(), False, 503, "UH", "19", "-"),
         (UpstreamConnectError(), True, 503, "UF", str(len(UpstreamConnectError.body)), "10.0.2.1:8000"),
         (UpstreamTimeoutError(), True, 504, "UT", "24", "10.0.2.1:8000"),
-        (None, True, 0, "DC", "-", "10.0.2.1:8000"),  # the client left before a response
+        (None, True, 0, "DC", "0", "10.0.2.1:8000"),  # the client left before a response
     ],
 )
 def test_local_replies_log_envoys_response_flag_and_body_length(error, routed, status, flags, tx, upstream):
@@ -69,15 +72,16 @@ def test_local_replies_log_envoys_response_flag_and_body_length(error, routed, s
 
 
 @pytest.mark.parametrize(
-    ("headers", "has_body", "received"),
+    ("headers", "has_body", "request_bytes", "received"),
     [
-        ((), False, "0"),
-        (((b"content-length", b"42"),), True, "42"),
-        (((b"transfer-encoding", b"chunked"),), True, "-"),  # not counted by the exchange: unknown, not 0
+        ((), False, 0, "0"),
+        (((b"content-length", b"42"),), True, 42, "42"),
+        (((b"transfer-encoding", b"chunked"),), True, 11, "11"),  # decoded body bytes, as Envoy counts them
     ],
 )
-def test_bytes_received_is_known_for_bodiless_and_fixed_length_requests(headers, has_body, received):
-    fields = ENVOY_DEFAULT.match(format_text(entry(exchange(headers=headers, has_body=has_body)))).groupdict()
+def test_bytes_received_counts_the_request_body_as_decoded(headers, has_body, request_bytes, received):
+    ex = exchange(headers=headers, has_body=has_body, request_bytes=request_bytes)
+    fields = ENVOY_DEFAULT.match(format_text(entry(ex))).groupdict()
     assert fields["rx"] == received
 
 
