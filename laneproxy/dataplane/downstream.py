@@ -9,6 +9,8 @@ backpressure between this socket and the exchange's upstream socket.
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -21,6 +23,9 @@ from laneproxy.dataplane.exchange import Exchange
 
 if TYPE_CHECKING:
     from laneproxy.dataplane.listener import Listener
+
+
+_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 
 
 class _RejectRequestError(Exception):
@@ -36,6 +41,7 @@ class DownstreamConnection(asyncio.Protocol):
         "listener", "transport", "parser", "url", "headers", "header_bytes", "host", "host_count", "chunked",
         "content_length", "parsing", "active", "queue", "closed", "draining", "reading_paused", "writing_paused",
         "connection_tokens", "expect_continue", "max_retries", "retry_on", "head_since", "last_activity",
+        "transfer_codings", "in_trailers", "to_begin", "deferred_reply",
     )
 
     def __init__(self, listener: Listener) -> None:
@@ -62,6 +68,10 @@ class DownstreamConnection(asyncio.Protocol):
         self.retry_on: bytes | None = None
         self.head_since: float | None = listener.now  # waiting for a request head since (None: not waiting)
         self.last_activity = listener.now
+        self.transfer_codings: list[bytes] = []
+        self.in_trailers = False  # header callbacks after the head are chunked trailers: dropped, as Envoy does
+        self.to_begin: Exchange | None = None  # routed once the whole buffer has parsed cleanly
+        self.deferred_reply: bytes | None = None  # a 400 waiting for the response in flight to finish
 
     # asyncio.Protocol -------------------------------------------------------------------------
 
@@ -77,10 +87,18 @@ class DownstreamConnection(asyncio.Protocol):
             cause = exc.__context__ or exc.__cause__
             error = cause.error if isinstance(cause, _RejectRequestError) else DownstreamProtocolError(str(exc))
             self._reject(error)
+            return
         except httptools.HttpParserUpgrade:
             self._reject(DownstreamProtocolError("protocol upgrade is not supported"))
+            return
         except httptools.HttpParserError as exc:
             self._reject(DownstreamProtocolError(str(exc)))
+            return
+        # Nothing goes upstream before the bytes that arrived with the head have parsed: a broken chunk
+        # right behind a good head must not leave a half-forwarded request behind.
+        exchange, self.to_begin = self.to_begin, None
+        if exchange is not None and not exchange.finished:
+            exchange.begin()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -115,6 +133,8 @@ class DownstreamConnection(asyncio.Protocol):
         self.connection_tokens = None
         self.expect_continue = False
         self.max_retries = self.retry_on = None
+        self.transfer_codings = []
+        self.in_trailers = False
         if self.head_since is None:
             self.head_since = self.listener.now
 
@@ -124,6 +144,8 @@ class DownstreamConnection(asyncio.Protocol):
             raise _RejectRequestError(DownstreamProtocolError("request target too long"))
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.in_trailers:
+            return
         name = name.lower()
         self.header_bytes += len(name) + len(value) + 4
         if self.header_bytes > self.listener.max_header_bytes or len(self.headers) >= self.listener.max_header_count:
@@ -134,7 +156,8 @@ class DownstreamConnection(asyncio.Protocol):
             self.host = value
             self.host_count += 1
         elif name == h.TRANSFER_ENCODING:
-            self.chunked = True  # llhttp has already insisted that chunked is the final coding
+            self.chunked = True  # llhttp insists that chunked is the final coding; on_headers_complete that it is the only one
+            self.transfer_codings.append(value)
         elif name == h.CONTENT_LENGTH:
             self.content_length = True
         elif name == h.CONNECTION:
@@ -149,9 +172,18 @@ class DownstreamConnection(asyncio.Protocol):
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        self.in_trailers = True
         parser = self.parser
         method = parser.get_method()
-        minor = 1 if parser.get_http_version() == "1.1" else 0
+        version = parser.get_http_version()
+        if version not in ("1.1", "1.0"):
+            raise _RejectRequestError(DownstreamProtocolError(f"HTTP version {version} is not supported"))
+        minor = 1 if version == "1.1" else 0
+        if self.chunked:
+            codings = [token.strip() for token in b",".join(self.transfer_codings).lower().split(b",")]
+            if minor == 0 or codings != [b"chunked"]:
+                # RFC 9112 6.1: Transfer-Encoding from HTTP/1.0, or a coding other than chunked, is faulty framing.
+                raise _RejectRequestError(DownstreamProtocolError("unsupported Transfer-Encoding"))
         if self.host_count > 1:
             raise _RejectRequestError(DownstreamProtocolError("more than one Host header"))
         if minor == 1 and self.host is None and not self.url.startswith(b"http://"):
@@ -164,14 +196,15 @@ class DownstreamConnection(asyncio.Protocol):
         if (self.max_retries is not None or self.retry_on is not None) and listener.trust_envoy_headers:
             retry = retry.with_overrides(self.max_retries, self.retry_on)
         exchange = Exchange(
-            self, method, self.url, minor, self.headers, self.host, parser.should_keep_alive() and not self.draining,
+            self, method, self.url, minor, self.headers, self.host,
+            minor == 1 and parser.should_keep_alive() and not self.draining,
             self.chunked, self.chunked or self.content_length, self.connection_tokens,
             self.expect_continue and minor == 1, retry,
         )
         self.parsing = exchange
         if self.active is None:
             self.active = exchange
-            exchange.begin()
+            self.to_begin = exchange
         else:
             self.queue.append(exchange)
             if len(self.queue) >= self.listener.max_pipelined:
@@ -200,6 +233,10 @@ class DownstreamConnection(asyncio.Protocol):
         if exchange is not self.active:
             return
         self.active = None
+        if self.deferred_reply is not None:
+            self.write(self.deferred_reply)
+            self.close()
+            return
         if not exchange.keep_alive:
             self.close()
             return
@@ -226,8 +263,15 @@ class DownstreamConnection(asyncio.Protocol):
             self.transport.close()
 
     def abort(self) -> None:
+        """Reset the connection (RST, not FIN): a close-delimited body cut short must not look complete."""
         if self.transport is not None:
             self.closed = True
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+                except OSError:
+                    pass  # already gone; abort() below is all that is left to do
             self.transport.abort()
 
     def drain(self) -> None:
@@ -255,16 +299,27 @@ class DownstreamConnection(asyncio.Protocol):
         """A request we cannot parse or accept: answer it (after any response in flight) and close."""
         self.listener.stats.cx_protocol_error += 1
         self.parser = httptools.HttpRequestParser(self)  # never feed the broken stream again
-        self.parsing = None
+        broken, self.parsing = self.parsing, None
+        waiting, self.to_begin = self.to_begin, None
         reply = codec.local_reply(error.status, error.body.encode(), date=self.listener.dates.value(),
                                   server=self.listener.server_name, close=True)
         for exchange in self.queue:
             exchange.cancel()
         self.queue.clear()
-        if self.active is not None and not self.active.finished:
-            # A response is still streaming: do not interleave; cut the connection after it.
-            self.active.keep_alive = False
-            self.pause_reading()
-            return
+        active = self.active
+        if active is not None and not active.finished:
+            if active is not broken or active.response_started:
+                # An earlier request is still being answered: do not interleave; answer after it, then close.
+                if active.keep_alive:  # (bytes after a request that asked to close are simply dropped)
+                    self.deferred_reply = reply
+                active.keep_alive = False
+                self.pause_reading()
+                if waiting is active:
+                    active.begin()  # a complete request that arrived with the broken bytes is still answered
+                return
+            # The broken request is the one in flight and nothing was answered yet: drop its upstream side.
+            self.active = None
+            active.error, active.response_status = error, error.status
+            active.cancel()
         self.write(reply)
         self.close()

@@ -297,10 +297,11 @@ class Exchange:
         if connection is not None:
             connection.abandon()
         if self.response_started:
-            # Headers are out: the only honest signal left is to cut the client's connection.
+            # Headers are out: the only honest signal left is to reset the client's connection (before
+            # _finish, which would close it cleanly and make a cut body look complete).
             self.error = error
-            self._finish()
             self.downstream.abort()
+            self._finish()
             return
         self.reply_locally(error)
 
