@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import random
 import time
 from contextlib import aclosing
@@ -247,6 +248,7 @@ class Reflector:
         self.failures = 0
         self.last_error: KubernetesSourceError | None = None
         self._progress = False
+        self._streak = 0  # failures since the connection last worked
 
     @property
     def name(self) -> str:
@@ -278,6 +280,7 @@ class Reflector:
         self.synced = True
         self.lists += 1
         self._progress = True
+        self._recovered()
         self.on_change(self)
 
     async def watch(self) -> int:
@@ -309,6 +312,7 @@ class Reflector:
         meta = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
         resource_version = meta.get("resourceVersion")
         self._progress = True
+        self._recovered()
         if kind == "BOOKMARK":
             if resource_version:
                 self.resource_version = str(resource_version)
@@ -348,7 +352,8 @@ class Reflector:
                 else:
                     self.backoff.reset()
             except ResourceExpiredError as exc:
-                log.info("%s: %s; relisting (the served table stays until the relist is built)", self.name, exc.message or "410 Gone")
+                log.info("%s: %s; relisting (the served table stays until the relist is built)", self.name,
+                         exc.message or "410 Gone")
                 self.resource_version = None
                 self.relists_after_expiry += 1
                 expired_in_a_row += 1
@@ -358,13 +363,14 @@ class Reflector:
                 self.failures += 1
                 self.last_error = exc
                 delay = self._next_delay()
+                self._streak += 1
+                # The first failure of a streak, then every tenth: an outage must not flood the log.
                 level = logging.ERROR if isinstance(exc, (ApiStatusError, KubernetesConfigError)) else logging.WARNING
-                log.log(level, "%s: %s; retrying in %.1fs, serving the last good table%s", self.name, exc, delay,
-                        _hint(exc))
+                log.log(level if self._streak % 10 == 1 else logging.DEBUG,
+                        "%s: %s; retrying in %.1fs (attempt %d), serving the last good table%s",
+                        self.name, exc, delay, self._streak, _hint(exc))
                 if isinstance(exc, ApiStatusError) and exc.status == 401 and self.on_unauthorized is not None:
                     await self.on_unauthorized()
-            except asyncio.CancelledError:
-                raise
             except Exception:  # noqa: BLE001 - a bug here must not end the watch for the life of the process
                 self.failures += 1
                 delay = self._next_delay()
@@ -377,7 +383,13 @@ class Reflector:
         if self._progress:  # the connection worked since the last failure: start over from a short delay
             self.backoff.reset()
             self._progress = False
+            self._streak = 0
         return self.backoff.next()
+
+    def _recovered(self) -> None:
+        if self._streak:
+            log.info("%s: API server answers again after %d failed attempts", self.name, self._streak)
+            self._streak = 0
 
     def _complete(self, item: Any) -> tuple[str, Mapping[str, Any]]:
         """A listed or watched object as build.py reads it: with apiVersion and kind, without managedFields."""
@@ -448,6 +460,7 @@ class KubernetesSource:
         self.rebuilds = 0
         self.synced_after: float | None = None  # seconds from start to the first published table
         self._tasks: dict[tuple[str, str | None], asyncio.Task] = {}
+        self._retiring: set[asyncio.Task] = set()  # watches of namespaces no group names any more, cancelled
         self._api: kube_client.ApiClient | None = None
         self._transport: ApiTransport | None = None
         self._dirty = asyncio.Event()
@@ -476,7 +489,7 @@ class KubernetesSource:
         self._follow(SWIMLANES, None)
 
     async def stop(self) -> None:
-        tasks = [*self._tasks.values(), *([self._rebuilder] if self._rebuilder else [])]
+        tasks = [*self._tasks.values(), *self._retiring, *([self._rebuilder] if self._rebuilder else [])]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -497,6 +510,8 @@ class KubernetesSource:
 
     async def _load_configuration(self) -> kube_client.Configuration:
         configuration = kube_client.Configuration()
+        if self.kubeconfig and not os.path.isfile(self.kubeconfig):
+            raise KubernetesConfigError(f"kubeconfig {self.kubeconfig} does not exist")
         try:
             if self.kubeconfig:
                 await kube_config.load_kube_config(config_file=self.kubeconfig, context=self.context,
@@ -548,6 +563,8 @@ class KubernetesSource:
         task = self._tasks.pop(key, None)
         if task is not None:
             task.cancel()
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
 
     def _changed(self, reflector: Reflector) -> None:
         if reflector.kind in (SWIMLANE_GROUPS, SWIMLANES):
@@ -630,7 +647,5 @@ class KubernetesSource:
                     break
             try:
                 await self.rebuild()
-            except asyncio.CancelledError:
-                raise
             except Exception:  # noqa: BLE001 - a bug in one rebuild must not stop every later one
                 log.exception("rebuilding the route table failed; keeping version %r", self.store.current.version)

@@ -1,0 +1,1066 @@
+"""The Kubernetes source against a real kube-apiserver (tests/kube): the seed's Kruise Rollout flow, faults, RBAC.
+
+Every test runs the watcher with the token of the `laneproxy` ServiceAccount, bound by the manifests in
+deploy/rbac exactly as they are, and reads lane membership from the store it publishes to (one test runs
+a real `laneproxy run --source kubernetes` gateway in front of mock apps instead). No kubelet runs, so a
+test plays the kubelet's part by writing pod status (podIP, Ready) through the pods/status subresource,
+and Kruise Rollout's part by creating and deleting pods labelled as `patchPodTemplateMetadata` labels them.
+
+Faults are real too: a TCP relay between watcher and API server cuts every connection (a killed watch
+stream) or refuses them (the server is away), and a second kube-apiserver on the same etcd is stopped for
+LANEPROXY_OUTAGE_SECONDS (30) and started again. Waits poll the store against a deadline; nothing sleeps
+a fixed time to let something happen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import collections
+import contextlib
+import json
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from kubernetes_asyncio import client, config
+from kubernetes_asyncio.client.rest import ApiException
+
+_REPO = Path(__file__).resolve().parents[2]
+if str(_REPO) not in sys.path:  # `tests.kube` imports with a bare `pytest` too
+    sys.path.insert(0, str(_REPO))
+
+from laneproxy.control.kubernetes import (  # noqa: E402
+    PODS,
+    SWIMLANE_GROUPS,
+    ApiStatusError,
+    ApiTransport,
+    Backoff,
+    KubernetesSource,
+    Reflector,
+    ResourceExpiredError,
+)
+from laneproxy.core.model import RouteTable  # noqa: E402
+from laneproxy.core.store import RouteTableStore  # noqa: E402
+from tests.kube.apiserver import WATCHER_USER, KubeApiServer  # noqa: E402
+from tests.kube.fixtures import kube_apiserver  # noqa: E402, F401
+
+DEPLOY = _REPO / "deploy"
+SWIMLANES = _REPO / "config" / "swimlanes.yaml"
+NAMESPACE = "default"
+SWIMLANE_API_GROUP, SWIMLANE_VERSION = "istio.alibabacloud.com", "v1"
+PLURALS = {"ASMSwimLaneGroup": "asmswimlanegroups", "ASMSwimLane": "asmswimlanes"}
+TEST_LABEL = ("laneproxy-test", "kubernetes-source")
+OUTAGE_SECONDS = float(os.environ.get("LANEPROXY_OUTAGE_SECONDS", "30"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Manifests
+
+
+def yaml_documents(*paths: Path) -> list[dict]:
+    documents = []
+    for path in paths:
+        files = sorted(path.glob("*.yaml")) if path.is_dir() else [path]
+        for file in files:
+            documents.extend(doc for doc in yaml.safe_load_all(file.read_text()) if doc and doc.get("kind") != "Kustomization")
+    return documents
+
+
+def seed_services(target_port: int | str | None = None) -> list[dict]:
+    """The seed's Services for mocka, mockb and mockc; `target_port` only where pods share one IP."""
+    port: dict[str, Any] = {"port": 8000, "name": "http"}
+    if target_port is not None:
+        port["targetPort"] = target_port
+    return [
+        {"apiVersion": "v1", "kind": "Service",
+         "metadata": {"name": app, "namespace": NAMESPACE, "labels": {"app": app, "service": app, TEST_LABEL[0]: TEST_LABEL[1]}},
+         "spec": {"ports": [dict(port)], "selector": {"app": app}}}
+        for app in ("mocka", "mockb", "mockc")
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# The cluster, driven as an administrator (and as the kubelet and Kruise would drive it)
+
+
+class Cluster:
+    def __init__(self, api: client.ApiClient, kube: KubeApiServer) -> None:
+        self.api, self.kube = api, kube
+        self.core = client.CoreV1Api(api)
+        self.custom = client.CustomObjectsApi(api)
+        self.ext = client.ApiextensionsV1Api(api)
+        self.rbac = client.RbacAuthorizationV1Api(api)
+
+    async def apply(self, doc: dict) -> None:
+        """Create, or replace what is there (the session's cluster is shared with other tests)."""
+        kind, meta = doc["kind"], doc["metadata"]
+        name, namespace = meta["name"], meta.get("namespace", NAMESPACE)
+        if kind in PLURALS:
+            args = (SWIMLANE_API_GROUP, SWIMLANE_VERSION, PLURALS[kind])
+            create = lambda: self.custom.create_cluster_custom_object(*args, doc)  # noqa: E731
+            read = lambda: self.custom.get_cluster_custom_object(*args, name)  # noqa: E731
+            replace = lambda body: self.custom.replace_cluster_custom_object(*args, name, body)  # noqa: E731
+        else:
+            create, read, replace = {
+                "CustomResourceDefinition": (lambda: self.ext.create_custom_resource_definition(doc),
+                                             lambda: self.ext.read_custom_resource_definition(name),
+                                             lambda body: self.ext.replace_custom_resource_definition(name, body)),
+                "ClusterRole": (lambda: self.rbac.create_cluster_role(doc), lambda: self.rbac.read_cluster_role(name),
+                                lambda body: self.rbac.replace_cluster_role(name, body)),
+                "ClusterRoleBinding": (lambda: self.rbac.create_cluster_role_binding(doc),
+                                       lambda: self.rbac.read_cluster_role_binding(name),
+                                       lambda body: self.rbac.replace_cluster_role_binding(name, body)),
+                "ServiceAccount": (lambda: self.core.create_namespaced_service_account(namespace, doc),
+                                   lambda: self.core.read_namespaced_service_account(name, namespace),
+                                   lambda body: self.core.replace_namespaced_service_account(name, namespace, body)),
+                "Service": (lambda: self.core.create_namespaced_service(namespace, doc),
+                            lambda: self.core.read_namespaced_service(name, namespace),
+                            lambda body: self.core.replace_namespaced_service(name, namespace, body)),
+            }[kind]
+        try:
+            await create()
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+            current = await read()
+            version = current["metadata"]["resourceVersion"] if isinstance(current, dict) else current.metadata.resource_version
+            body = json.loads(json.dumps(doc))
+            body["metadata"]["resourceVersion"] = version
+            if kind == "Service":  # clusterIP is immutable once allocated
+                body["spec"]["clusterIP"] = current.spec.cluster_ip
+            await replace(body)
+
+    async def apply_all(self, docs: list[dict]) -> None:
+        for doc in docs:
+            await self.apply(doc)
+
+    async def install_deploy_manifests(self) -> None:
+        await self.apply_all(yaml_documents(DEPLOY / "crds", DEPLOY / "rbac"))
+        for plural in PLURALS.values():
+            name = f"{plural}.{SWIMLANE_API_GROUP}"
+            await eventually(lambda: self._established(name), what=f"CRD {name} established")
+
+    async def _established(self, name: str) -> bool:
+        crd = await self.ext.read_custom_resource_definition(name)
+        return any(c.type == "Established" and c.status == "True" for c in crd.status.conditions or [])
+
+    async def reset(self) -> None:
+        """Remove every swimlane object (cluster-scoped: the watcher reads all of them) and this module's objects."""
+        for plural in PLURALS.values():
+            await self.custom.delete_collection_cluster_custom_object(SWIMLANE_API_GROUP, SWIMLANE_VERSION, plural)
+        for namespace in (NAMESPACE, "team-d"):
+            selector = f"{TEST_LABEL[0]}={TEST_LABEL[1]}"
+            await self.core.delete_collection_namespaced_pod(namespace, label_selector=selector, grace_period_seconds=0)
+            for service in (await self.core.list_namespaced_service(namespace, label_selector=selector)).items:
+                await self.core.delete_namespaced_service(service.metadata.name, namespace)
+
+    async def create_pod(self, name: str, *, app: str, tag: str, version: str = "v1", ip: str | None = None,
+                         ready: bool = False, port: int = 8000, namespace: str = NAMESPACE) -> None:
+        """A pod as the seed's Deployment (or Kruise's canary Deployment) makes it; no kubelet will run it."""
+        labels = {"app": app, "version": version, "ASM_TRAFFIC_TAG": tag, TEST_LABEL[0]: TEST_LABEL[1]}
+        await self.core.create_namespaced_pod(namespace, {
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "labels": labels},
+            "spec": {"containers": [{"name": "default", "image": f"go-http-sample:{version}",
+                                     "ports": [{"name": "http", "containerPort": port}]}]},
+        })
+        if ip is not None:
+            await self.set_status(name, ip=ip, ready=ready, namespace=namespace)
+
+    async def set_status(self, name: str, *, ip: str, ready: bool, namespace: str = NAMESPACE) -> None:
+        """The kubelet's part: pod IP and the Ready condition, through the pods/status subresource."""
+        await self.core.patch_namespaced_pod_status(name, namespace, {"status": {
+            "phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
+            "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+        }})
+
+    async def delete_pod(self, name: str, namespace: str = NAMESPACE) -> None:
+        await self.core.delete_namespaced_pod(name, namespace, grace_period_seconds=0)
+
+    async def service_account_kubeconfig(self, path: Path, server: str, name: str = "laneproxy") -> Path:
+        """A kubeconfig holding a fresh token of the ServiceAccount (TokenRequest API)."""
+        request = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {"expirationSeconds": 3600}}
+        answer = await self.core.create_namespaced_service_account_token(name, NAMESPACE, request)
+        return write_kubeconfig(path, server, self.kube.ca_path, answer.status.token)
+
+
+def write_kubeconfig(path: Path, server: str, ca: Path, token: str) -> Path:
+    path.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "laneproxy",
+        "clusters": [{"name": "test", "cluster": {"server": server, "certificate-authority": str(ca)}}],
+        "users": [{"name": "laneproxy", "user": {"token": token}}],
+        "contexts": [{"name": "laneproxy", "context": {"cluster": "test", "user": "laneproxy"}}],
+    }))
+    return path
+
+
+@pytest.fixture
+async def cluster(kube_apiserver: KubeApiServer) -> AsyncIterator[Cluster]:
+    configuration = client.Configuration()
+    await config.load_kube_config(config_file=str(kube_apiserver.kubeconfig_path), client_configuration=configuration)
+    async with client.ApiClient(configuration=configuration) as api:
+        admin = Cluster(api, kube_apiserver)
+        await admin.install_deploy_manifests()
+        await admin.reset()
+        yield admin
+        await admin.reset()
+
+
+@pytest.fixture
+async def kubeconfig(cluster: Cluster, kube_apiserver: KubeApiServer, tmp_path: Path) -> Path:
+    """The watcher's credentials: the deploy/rbac ServiceAccount's token, nothing else."""
+    return await cluster.service_account_kubeconfig(tmp_path / "laneproxy.json", kube_apiserver.url)
+
+
+@asynccontextmanager
+async def running_source(kubeconfig: Path, **options: Any) -> AsyncIterator[tuple[RouteTableStore, KubernetesSource]]:
+    store = RouteTableStore()
+    options = {"backoff_initial": 0.1, "backoff_cap": 1.0, **options}
+    source = KubernetesSource(store, namespace=NAMESPACE, kubeconfig=str(kubeconfig), **options)
+    await source.start()
+    try:
+        yield store, source
+    finally:
+        await source.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# Waiting and reading the table
+
+
+async def eventually(predicate: Callable[[], Any], *, timeout: float = 15.0, what: str = "condition") -> float:
+    """Poll `predicate` (sync or async) until it is truthy; returns the seconds it took."""
+    started = time.monotonic()
+    while True:
+        result = predicate()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return time.monotonic() - started
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"{what}: not true after {timeout}s")
+        await asyncio.sleep(0.01)
+
+
+def route(table: RouteTable, service: str, lane: str) -> tuple[str | None, list[str]]:
+    """(lane the route really uses, its endpoint addresses) for a request of `lane` to `service`."""
+    return route_in(table, f"{NAMESPACE}/{service}", lane)
+
+
+def route_in(table: RouteTable, key: str, lane: str) -> tuple[str | None, list[str]]:
+    routes = table.routes.get(key)
+    chosen = routes.by_lane.get(lane.encode()) if routes else None
+    if chosen is None:
+        return None, []
+    return chosen.lane_used, sorted(endpoint.address for endpoint in chosen.endpoints)
+
+
+async def takes_effect(store: RouteTableStore, change: str, expected: dict[tuple[str, str], tuple[str, list[str]]],
+                       timeout: float = 15.0) -> float:
+    """Wait until every (service, lane) routes as expected; record how long the change took to take effect."""
+    def holds() -> bool:
+        return all(route(store.current, service, lane) == want for (service, lane), want in expected.items())
+
+    try:
+        elapsed = await eventually(holds, timeout=timeout, what=change)
+    except AssertionError:
+        actual = {key: route(store.current, *key) for key in expected}
+        raise AssertionError(f"{change}: expected {expected}, table {store.current.version!r} has {actual}") from None
+    print(f"{change}: took effect after {elapsed * 1000:.0f} ms")
+    return elapsed
+
+
+def built_from_current_cache(store: RouteTableStore, source: KubernetesSource) -> bool:
+    """The served table was built from every object the watcher holds right now."""
+    return store.current.version == source.documents()[1]
+
+
+async def start_seed(cluster: Cluster, base_ips: dict[str, str]) -> None:
+    await cluster.apply_all(yaml_documents(SWIMLANES) + seed_services())
+    for app, ip in base_ips.items():
+        await cluster.create_pod(f"{app}-v1-base", app=app, tag="base", version="v1", ip=ip, ready=True)
+
+
+BASE = {"mocka": "10.1.0.1", "mockb": "10.1.0.2", "mockc": "10.1.0.3"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Manifests and RBAC
+
+
+async def test_deploy_crds_accept_the_seed_swimlane_manifests_as_they_are(cluster: Cluster) -> None:
+    seed = yaml_documents(SWIMLANES)
+    await cluster.apply_all(seed)
+    for doc in seed:
+        stored = await cluster.custom.get_cluster_custom_object(
+            SWIMLANE_API_GROUP, SWIMLANE_VERSION, PLURALS[doc["kind"]], doc["metadata"]["name"])
+        assert stored["spec"] == doc["spec"]
+        assert stored["metadata"].get("labels") == doc["metadata"].get("labels")
+
+
+async def test_the_deploy_rbac_token_can_do_what_the_watcher_needs_and_nothing_else(
+        cluster: Cluster, kube_apiserver: KubeApiServer, kubeconfig: Path) -> None:
+    await start_seed(cluster, BASE)
+    async with running_source(kubeconfig) as (store, source):
+        await eventually(lambda: store.ready, what="watcher with the ServiceAccount token ready")
+        assert route(store.current, "mocka", "base") == ("base", ["10.1.0.1:8000"])
+        assert store.rejected == 0
+
+    configuration = client.Configuration()
+    await config.load_kube_config(config_file=str(kubeconfig), client_configuration=configuration)
+    async with client.ApiClient(configuration=configuration) as api:
+        core = client.CoreV1Api(api)
+        assert (await core.list_namespaced_pod(NAMESPACE)).items
+        for forbidden in (core.list_namespaced_secret(NAMESPACE), core.list_namespaced_config_map(NAMESPACE),
+                          core.list_node(), core.list_namespaced_endpoints(NAMESPACE),
+                          core.delete_namespaced_pod("mocka-v1-base", NAMESPACE),
+                          core.patch_namespaced_pod_status("mocka-v1-base", NAMESPACE, {"status": {"phase": "Failed"}}),
+                          client.CustomObjectsApi(api).delete_cluster_custom_object(
+                              SWIMLANE_API_GROUP, SWIMLANE_VERSION, "asmswimlanes", "canary")):
+            with pytest.raises(ApiException) as refused:
+                await forbidden
+            assert refused.value.status == 403
+
+    # What the token may do, as `kubectl auth can-i --list` shows it (SelfSubjectRulesReview).
+    listing = subprocess.run(["kubectl", "--kubeconfig", str(kubeconfig), "auth", "can-i", "--list", "-n", NAMESPACE],
+                             capture_output=True, text=True, timeout=60, check=True).stdout
+    print(listing)
+    granted = {}
+    for line in listing.splitlines()[1:]:
+        if line and not line[0].isspace():  # resource rows; indented rows are non-resource URLs (/api/*...)
+            granted[line.split()[0]] = line[line.rindex("["):]
+    assert granted == {
+        "asmswimlanegroups.istio.alibabacloud.com": "[get list watch]",
+        "asmswimlanes.istio.alibabacloud.com": "[get list watch]",
+        "pods": "[get list watch]",
+        "services": "[get list watch]",
+        # Every authenticated user gets these from the built-in system:basic-user role.
+        "selfsubjectaccessreviews.authorization.k8s.io": "[create]",
+        "selfsubjectrulesreviews.authorization.k8s.io": "[create]",
+    }
+
+
+async def test_a_user_without_the_deploy_rbac_never_becomes_ready(cluster: Cluster, kube_apiserver: KubeApiServer) -> None:
+    await start_seed(cluster, BASE)
+    async with running_source(kube_apiserver.kubeconfig_for(WATCHER_USER)) as (store, source):
+        groups = source.reflectors[(SWIMLANE_GROUPS.kind, None)]
+        await eventually(lambda: groups.failures >= 2, what="watcher refused twice")
+        assert isinstance(groups.last_error, ApiStatusError) and groups.last_error.status == 403
+        assert not store.ready and store.current.version == ""
+
+
+async def test_a_rotated_token_is_read_again_after_401(cluster: Cluster, kubeconfig: Path, tmp_path: Path) -> None:
+    await start_seed(cluster, BASE)
+    good = kubeconfig.read_text()
+    rotating = tmp_path / "rotating.json"
+    rotating.write_text(good.replace(json.loads(good)["users"][0]["user"]["token"], "not-a-valid-token"))
+    async with running_source(rotating) as (store, source):
+        groups = source.reflectors[(SWIMLANE_GROUPS.kind, None)]
+        await eventually(lambda: groups.failures >= 1, what="first attempt refused")
+        assert isinstance(groups.last_error, ApiStatusError) and groups.last_error.status == 401
+        rotating.write_text(good)  # as a kubelet rotates a projected service-account token
+        await eventually(lambda: store.ready, what="ready with the rotated token")
+
+
+# ---------------------------------------------------------------------------------------------
+# The seed's rollout, step by step
+
+
+async def test_seed_rollout_canary_promotion_and_rollback_move_lane_membership(cluster: Cluster, kubeconfig: Path) -> None:
+    await start_seed(cluster, BASE)
+    async with running_source(kubeconfig) as (store, source):
+        await eventually(lambda: store.ready, what="first complete sync")
+        print(f"first complete sync after {source.synced_after * 1000:.0f} ms; namespaces {source.namespaces}")
+        assert source.namespaces == [NAMESPACE]
+        assert set(store.current.groups) == {"rollout"}
+        await takes_effect(store, "base pods ready", {
+            ("mocka", "base"): ("base", ["10.1.0.1:8000"]), ("mockb", "base"): ("base", ["10.1.0.2:8000"]),
+            ("mockc", "base"): ("base", ["10.1.0.3:8000"]),
+            ("mocka", "canary"): ("base", ["10.1.0.1:8000"]), ("mockb", "canary"): ("base", ["10.1.0.2:8000"]),
+        })
+
+        # Kruise creates the canary Deployment's pod; until the kubelet reports it Ready it is no endpoint.
+        await cluster.create_pod("mocka-canary", app="mocka", tag="canary", version="v2", ip="10.1.0.11", ready=False)
+        pods = source.reflectors[(PODS.kind, NAMESPACE)]
+        await eventually(lambda: "mocka-canary" in pods.objects and pods.objects["mocka-canary"].get("status", {}).get("podIP")
+                         and built_from_current_cache(store, source), what="table built with the not-ready canary pod")
+        assert route(store.current, "mocka", "canary") == ("base", ["10.1.0.1:8000"])
+
+        await cluster.set_status("mocka-canary", ip="10.1.0.11", ready=True)
+        await takes_effect(store, "mocka canary pod ready", {
+            ("mocka", "canary"): ("canary", ["10.1.0.11:8000"]), ("mocka", "base"): ("base", ["10.1.0.1:8000"]),
+            ("mockb", "canary"): ("base", ["10.1.0.2:8000"]),
+        })
+
+        await cluster.set_status("mocka-canary", ip="10.1.0.11", ready=False)
+        await takes_effect(store, "mocka canary pod not ready any more", {("mocka", "canary"): ("base", ["10.1.0.1:8000"])})
+        await cluster.set_status("mocka-canary", ip="10.1.0.11", ready=True)
+        await takes_effect(store, "mocka canary pod ready again", {("mocka", "canary"): ("canary", ["10.1.0.11:8000"])})
+
+        for app, ip in (("mockb", "10.1.0.12"), ("mockc", "10.1.0.13")):
+            await cluster.create_pod(f"{app}-canary", app=app, tag="canary", version="v2", ip=ip, ready=True)
+            await takes_effect(store, f"{app} canary pod ready", {
+                (app, "canary"): ("canary", [f"{ip}:8000"]), (app, "base"): ("base", [f"{BASE[app]}:8000"])})
+
+        # Approve: the base Deployments run v2 (new pods, still labelled base), the canary pods go away.
+        for index, app in enumerate(("mocka", "mockb", "mockc")):
+            await cluster.create_pod(f"{app}-v2-base", app=app, tag="base", version="v2", ip=f"10.1.0.2{index + 1}", ready=True)
+        for app in ("mocka", "mockb", "mockc"):
+            await cluster.delete_pod(f"{app}-v1-base")
+            await cluster.delete_pod(f"{app}-canary")
+        await takes_effect(store, "approve: v2 is the base, canary pods deleted", {
+            (app, lane): ("base", [f"10.1.0.2{index + 1}:8000"])
+            for index, app in enumerate(("mocka", "mockb", "mockc")) for lane in ("base", "canary")
+        })
+
+        # A second canary, then undo: the canary pod is deleted and canary requests fall back to base.
+        await cluster.create_pod("mocka-canary-2", app="mocka", tag="canary", version="v3", ip="10.1.0.31", ready=True)
+        await takes_effect(store, "second mocka canary ready", {("mocka", "canary"): ("canary", ["10.1.0.31:8000"])})
+        await cluster.delete_pod("mocka-canary-2")
+        await takes_effect(store, "undo: canary falls back to base", {("mocka", "canary"): ("base", ["10.1.0.21:8000"])})
+        assert store.rejected == 0
+
+
+async def test_a_burst_of_pod_events_is_coalesced_into_few_rebuilds(cluster: Cluster, kubeconfig: Path) -> None:
+    await start_seed(cluster, BASE)
+    async with running_source(kubeconfig, debounce=0.1, max_delay=1.0) as (store, source):
+        await eventually(lambda: store.ready, what="first complete sync")
+        before, accepted = source.rebuilds, store.accepted
+        count = 30
+        await asyncio.gather(*(cluster.create_pod(f"mocka-burst-{i}", app="mocka", tag="canary", ip=f"10.2.0.{i + 1}", ready=True)
+                               for i in range(count)))
+        expected = sorted(f"10.2.0.{i + 1}:8000" for i in range(count))
+        await takes_effect(store, f"{count} canary pods created at once", {("mocka", "canary"): ("canary", expected)})
+        # 30 creations and 30 status writes are 60 events; every one of them rebuilding would be 60 tables.
+        print(f"{2 * count} events -> {source.rebuilds - before} rebuilds, {store.accepted - accepted} tables published")
+        assert source.rebuilds - before <= 10
+
+
+async def test_an_invalid_swimlane_update_is_rejected_and_the_last_good_table_keeps_serving(
+        cluster: Cluster, kubeconfig: Path) -> None:
+    await start_seed(cluster, BASE)
+    async with running_source(kubeconfig) as (store, source):
+        await eventually(lambda: store.ready, what="first complete sync")
+        good = store.current
+        canary = next(doc for doc in yaml_documents(SWIMLANES) if doc["metadata"]["name"] == "canary")
+        broken = json.loads(json.dumps(canary))
+        broken["metadata"]["labels"]["swimlane-group"] = "no-such-group"
+        await cluster.apply(broken)
+        await eventually(lambda: store.rejected >= 1, what="broken lane rejected")
+        assert store.current is good
+        assert "no ASMSwimLaneGroup named 'no-such-group'" in str(store.last_error)
+        assert "kubernetes:ASMSwimLane/canary" in str(store.last_error)
+
+        # Later changes still do not validate as a whole: the last good table stays, even for pods.
+        await cluster.create_pod("mocka-canary", app="mocka", tag="canary", ip="10.1.0.11", ready=True)
+        await eventually(lambda: store.rejected >= 2, what="second rejection")
+        assert store.current is good
+
+        await cluster.apply(canary)
+        await takes_effect(store, "lane fixed", {("mocka", "canary"): ("canary", ["10.1.0.11:8000"])})
+
+
+async def test_a_group_naming_another_namespace_makes_the_watcher_follow_it_and_let_go_again(
+        cluster: Cluster, kubeconfig: Path) -> None:
+    await start_seed(cluster, BASE)
+    with contextlib.suppress(ApiException):
+        await cluster.core.create_namespace({"metadata": {"name": "team-d"}})
+    mockd = {"apiVersion": "v1", "kind": "Service",
+             "metadata": {"name": "mockd", "namespace": "team-d", "labels": {TEST_LABEL[0]: TEST_LABEL[1]}},
+             "spec": {"ports": [{"port": 8000, "name": "http"}], "selector": {"app": "mockd"}}}
+    await cluster.apply(mockd)
+    await cluster.create_pod("mockd-base", app="mockd", tag="base", ip="10.3.0.1", ready=True, namespace="team-d")
+    async with running_source(kubeconfig) as (store, source):
+        await eventually(lambda: store.ready, what="first complete sync")
+        assert source.namespaces == [NAMESPACE] and "team-d/mockd" not in store.current.routes
+
+        group = next(doc for doc in yaml_documents(SWIMLANES) if doc["kind"] == "ASMSwimLaneGroup")
+        wider = json.loads(json.dumps(group))
+        wider["spec"]["services"].append({"name": "mockd", "namespace": "team-d"})
+        await cluster.apply(wider)
+        await eventually(lambda: route_in(store.current, "team-d/mockd", "base")[1], what="team-d/mockd in the group")
+        assert source.namespaces == [NAMESPACE, "team-d"]
+        assert route_in(store.current, "team-d/mockd", "base") == ("base", ["10.3.0.1:8000"])
+
+        await cluster.apply(group)
+        await eventually(lambda: source.namespaces == [NAMESPACE] and "team-d/mockd" not in store.current.routes,
+                         what="team-d dropped")
+
+
+# ---------------------------------------------------------------------------------------------
+# Faults
+
+
+class TcpRelay:
+    """Real bytes between watcher and API server, with two switches: `cut` every connection (a killed
+    watch stream), and `close` the listener (the server is away: connection refused) until `open`."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self.connections = 0
+        self._server: asyncio.AbstractServer | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    async def open(self) -> TcpRelay:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    def cut(self) -> None:
+        for writer in list(self._writers):
+            writer.transport.abort()
+        self._writers.clear()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        self.cut()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.transport.abort()
+            return
+        self.connections += 1
+        self._writers.update((writer, upstream_writer))
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            try:
+                while data := await source.read(65536):
+                    sink.write(data)
+                    await sink.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                sink.transport.abort()
+
+        await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
+        self._writers.difference_update((writer, upstream_writer))
+
+
+@pytest.fixture
+async def relay(kube_apiserver: KubeApiServer) -> AsyncIterator[TcpRelay]:
+    relay = await TcpRelay(kube_apiserver.port).open()
+    yield relay
+    await relay.close()
+
+
+async def test_not_ready_before_the_first_complete_sync(cluster: Cluster, relay: TcpRelay, tmp_path: Path) -> None:
+    await start_seed(cluster, BASE)
+    kubeconfig = await cluster.service_account_kubeconfig(tmp_path / "relay.json", relay.url)
+    await relay.close()  # the API server is unreachable when the proxy starts
+    async with running_source(kubeconfig) as (store, source):
+        groups = source.reflectors[(SWIMLANE_GROUPS.kind, None)]
+        await eventually(lambda: groups.failures >= 3, what="three refused connections")
+        assert not store.ready and store.current.version == "" and not source.synced
+        await relay.open()
+        elapsed = await eventually(lambda: store.ready, what="ready once the server answers")
+        print(f"ready {elapsed * 1000:.0f} ms after the API server became reachable")
+        assert route(store.current, "mocka", "canary") == ("base", ["10.1.0.1:8000"])
+
+
+async def test_a_killed_watch_stream_resumes_from_its_resource_version(cluster: Cluster, relay: TcpRelay, tmp_path: Path) -> None:
+    await start_seed(cluster, BASE)
+    kubeconfig = await cluster.service_account_kubeconfig(tmp_path / "relay.json", relay.url)
+    async with running_source(kubeconfig) as (store, source):
+        await eventually(lambda: store.ready, what="first complete sync")
+        lists = {key: r.lists for key, r in source.reflectors.items()}
+        watches = {key: r.watches for key, r in source.reflectors.items()}
+        relay.cut()
+        await cluster.create_pod("mocka-canary", app="mocka", tag="canary", ip="10.1.0.11", ready=True)
+        await takes_effect(store, "canary pod after a killed stream", {("mocka", "canary"): ("canary", ["10.1.0.11:8000"])})
+        await eventually(lambda: all(r.watches > watches[key] for key, r in source.reflectors.items()),
+                         what="every watch restarted")
+        assert {key: r.lists for key, r in source.reflectors.items()} == lists  # resumed, not relisted
+
+
+def _apiserver_command(kube: KubeApiServer) -> list[str]:
+    """The fixture's kube-apiserver command line, read from /proc: a second server needs the same flags."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = [part.decode() for part in (entry / "cmdline").read_bytes().split(b"\0") if part]
+        except OSError:
+            continue
+        if f"--secure-port={kube.port}" in argv and f"--etcd-servers={kube.etcd_url}" in argv:
+            return argv
+    raise AssertionError("the fixture's kube-apiserver process was not found")
+
+
+class SecondApiServer:
+    """Another kube-apiserver on the fixture's etcd (as in an HA control plane) that a test may stop and start."""
+
+    def __init__(self, kube: KubeApiServer, workdir: Path, *extra_args: str) -> None:
+        self.kube, self.workdir = kube, workdir
+        self.port = _free_port()
+        self.argv = [arg for arg in _apiserver_command(kube) if not arg.startswith(("--secure-port=", "--cert-dir="))]
+        self.argv += [f"--secure-port={self.port}", f"--cert-dir={workdir / 'certs'}", *extra_args]
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 120.0) -> float:
+        started = time.monotonic()
+        log = open(self.workdir / "kube-apiserver-2.log", "ab")
+        self.process = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+        log.close()
+        context = self.kube.ssl_context()
+        while time.monotonic() - started < timeout:
+            assert self.process.poll() is None, f"second kube-apiserver exited; see {self.workdir}/kube-apiserver-2.log"
+            request = urllib.request.Request(f"{self.url}/readyz", headers={"Authorization": f"Bearer {self.kube.token}"})
+            with contextlib.suppress(OSError, urllib.error.URLError):
+                with urllib.request.urlopen(request, timeout=2, context=context) as answer:
+                    if answer.status == 200:
+                        return time.monotonic() - started
+            time.sleep(0.1)
+        raise AssertionError(f"second kube-apiserver not ready after {timeout}s")
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+def _free_port() -> int:
+    """A free port below the ephemeral range: a port the kernel hands out for outgoing connections (there are
+    thousands here) may be taken again before the process that was given it binds it."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    while True:
+        port = random.randrange(10000, max(10001, low))
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+
+
+def compact_etcd(kube: KubeApiServer) -> int:
+    """Compact etcd's history up to now (the API server does this every 5 minutes); returns the revision."""
+    def post(path: str, body: dict) -> dict:
+        request = urllib.request.Request(kube.etcd_url + path, data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return json.load(answer)
+
+    revision = int(post("/v3/kv/range", {"key": base64.b64encode(b"/").decode()})["header"]["revision"])
+    post("/v3/kv/compaction", {"revision": str(revision), "physical": True})
+    return revision
+
+
+@pytest.fixture(scope="module")
+def second_apiserver(kube_apiserver: KubeApiServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecondApiServer]:
+    """Without a watch cache, so that a watch from a compacted revision is answered 410 Gone at once (with the
+    cache, the server answers 410 once the revision has left the cache's window: minutes, or after a restart)."""
+    server = SecondApiServer(kube_apiserver, tmp_path_factory.mktemp("apiserver-2"), "--watch-cache=false")
+    started = server.start()
+    print(f"second kube-apiserver ready after {started:.1f}s")
+    yield server
+    server.stop()
+
+
+async def test_a_watch_from_a_compacted_resource_version_gets_410_gone(
+        cluster: Cluster, kube_apiserver: KubeApiServer, second_apiserver: SecondApiServer, tmp_path: Path) -> None:
+    """The real server's answer, at the step level: the typed error that makes the reconnect loop relist."""
+    kubeconfig = await cluster.service_account_kubeconfig(tmp_path / "second.json", second_apiserver.url)
+    configuration = client.Configuration()
+    await config.load_kube_config(config_file=str(kubeconfig), client_configuration=configuration)
+    async with client.ApiClient(configuration=configuration) as api:
+        transport = ApiTransport(api, request_timeout=30, connect_timeout=5)
+        reflector = Reflector(transport, PODS, NAMESPACE, on_change=lambda _: None,
+                              backoff=Backoff(0.1, 1, random.Random(0)), watch_timeout=30)
+        await reflector.list()
+        listed = int(reflector.resource_version)
+        for index in range(2):
+            await cluster.create_pod(f"mocka-compacted-{index}", app="mocka", tag="base")
+        assert compact_etcd(kube_apiserver) > listed + 1
+        with pytest.raises(ResourceExpiredError) as expired:
+            await reflector.watch()
+        assert expired.value.status == 410
+        print(f"410 from the real server: {expired.value}")
+
+
+async def test_410_gone_on_reconnect_relists_without_dropping_the_served_table(
+        cluster: Cluster, kube_apiserver: KubeApiServer, second_apiserver: SecondApiServer, tmp_path: Path) -> None:
+    await start_seed(cluster, BASE)
+    relay = await TcpRelay(second_apiserver.port).open()
+    kubeconfig = await cluster.service_account_kubeconfig(tmp_path / "relay.json", relay.url)
+    try:
+        async with running_source(kubeconfig) as (store, source):
+            await eventually(lambda: store.ready, what="first complete sync")
+            served = store.current
+            await relay.close()
+            # While the watcher is cut off: changes, then etcd compacts the history it would resume from.
+            await cluster.create_pod("mocka-canary", app="mocka", tag="canary", ip="10.1.0.11", ready=True)
+            await cluster.delete_pod("mockb-v1-base")
+            compact_etcd(kube_apiserver)
+            pods = source.reflectors[(PODS.kind, NAMESPACE)]
+            failures = pods.failures
+            await eventually(lambda: pods.failures >= failures + 2, what="reconnects refused")
+            assert store.current is served
+            await relay.open()
+            await takes_effect(store, "changes made while cut off, after 410 and relist", {
+                ("mocka", "canary"): ("canary", ["10.1.0.11:8000"]), ("mockb", "base"): ("base", [])})
+            # Every stream resumes from a compacted revision, so each relists exactly once (some may still be
+            # in their backoff when the pod changes are in).
+            await eventually(lambda: all(r.relists_after_expiry for r in source.reflectors.values()),
+                             what="every stream relisted")
+            assert {r.name: r.relists_after_expiry for r in source.reflectors.values()} == {
+                r.name: 1 for r in source.reflectors.values()}
+            assert store.current is not served and store.rejected == 0
+    finally:
+        await relay.close()
+
+
+async def test_api_server_stopped_and_started_again_keeps_the_last_table_and_catches_up(
+        cluster: Cluster, second_apiserver: SecondApiServer, tmp_path: Path) -> None:
+    server = second_apiserver
+    try:
+        await start_seed(cluster, BASE)
+        kubeconfig = await cluster.service_account_kubeconfig(tmp_path / "second.json", server.url)
+        async with running_source(kubeconfig, backoff_cap=2.0) as (store, source):
+            await eventually(lambda: store.ready, what="first complete sync")
+            await cluster.create_pod("mocka-canary", app="mocka", tag="canary", ip="10.1.0.11", ready=True)
+            await takes_effect(store, "canary before the outage", {("mocka", "canary"): ("canary", ["10.1.0.11:8000"])})
+            served = store.current
+
+            await asyncio.to_thread(server.stop)
+            stopped = time.monotonic()
+            # Changes made through the other API server while this one is down.
+            await cluster.delete_pod("mocka-canary")
+            await cluster.create_pod("mockb-canary", app="mockb", tag="canary", ip="10.1.0.12", ready=True)
+            pods = source.reflectors[(PODS.kind, NAMESPACE)]
+            failures = pods.failures
+            while time.monotonic() - stopped < OUTAGE_SECONDS:
+                assert store.current is served  # the last good table keeps serving all along
+                await asyncio.sleep(0.1)
+            assert pods.failures > failures, "the watcher should have kept trying to reconnect"
+
+            restart = await asyncio.to_thread(server.start)
+            caught_up = await takes_effect(store, f"after a {OUTAGE_SECONDS:.0f}s outage", {
+                ("mocka", "canary"): ("base", ["10.1.0.1:8000"]), ("mockb", "canary"): ("canary", ["10.1.0.12:8000"])},
+                timeout=30)
+            relists = {r.name: r.relists_after_expiry for r in source.reflectors.values()}
+            print(f"second API server restarted in {restart:.1f}s; watcher caught up "
+                  f"{caught_up:.2f}s after it was ready; relists after 410: {relists}")
+    finally:
+        if server.process is None or server.process.poll() is not None:
+            await asyncio.to_thread(server.start)  # the module's other tests need it
+
+
+# ---------------------------------------------------------------------------------------------
+# The real process: `laneproxy run --source kubernetes` as a gateway in front of mock apps
+
+
+def _get(url: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except OSError as exc:
+        return 0, str(exc)
+
+
+async def answers(url: str, expected: tuple[int, str], headers: dict[str, str] | None = None) -> bool:
+    """Off the event loop: the relay that carries the proxy's watch runs on it."""
+    return await asyncio.to_thread(_get, url, headers) == expected
+
+
+async def test_laneproxy_run_with_the_kubernetes_source_routes_canary_requests_as_pods_change(
+        cluster: Cluster, relay: TcpRelay, tmp_path: Path) -> None:
+    # Every "pod" here is a mock app on 127.0.0.1, so each declares its own port and the Services target it by name.
+    ports = {name: _free_port() for name in ("mocka-v1", "mocka-v2", "admin", "gateway")}
+    await cluster.apply_all(yaml_documents(SWIMLANES) + seed_services(target_port="http"))
+    await cluster.create_pod("mocka-v1-base", app="mocka", tag="base", version="v1", port=ports["mocka-v1"],
+                             ip="127.0.0.1", ready=True)
+    kubeconfig = await cluster.service_account_kubeconfig(tmp_path / "relay.json", relay.url)
+    await relay.close()
+    python = [sys.executable, "-m", "laneproxy"]
+    processes = [
+        subprocess.Popen([*python, "mock", "--listen", f"127.0.0.1:{ports[f'mocka-{v}']}", "--app", "mocka",
+                          "--version", v], stdin=subprocess.DEVNULL)
+        for v in ("v1", "v2")
+    ]
+    processes.append(subprocess.Popen(
+        [*python, "--log-level", "info", "run", "--source", "kubernetes", "--kubeconfig", str(kubeconfig),
+         "--namespace", NAMESPACE, "--drain-seconds", "0", "--gateway", f"127.0.0.1:{ports['gateway']}", "--admin", f"127.0.0.1:{ports['admin']}"],
+        stdin=subprocess.DEVNULL))
+    admin, gateway = f"http://127.0.0.1:{ports['admin']}", f"http://127.0.0.1:{ports['gateway']}/mock"
+    canary = {"x-asm-prefer-tag": "canary", "my-request-id": "10002"}
+    V1, V2 = (200, "mocka(version: v1, ip: 127.0.0.1)"), (200, "mocka(version: v2, ip: 127.0.0.1)")  # noqa: N806
+    try:
+        # The API server is unreachable: the admin answers, the proxy is not ready.
+        await eventually(lambda: answers(admin + "/ready", (503, "PRE_INITIALIZING\n")), what="admin up, not ready")
+        await relay.open()
+        await eventually(lambda: answers(admin + "/ready", (200, "LIVE\n")), what="ready after the first sync")
+        assert await answers(gateway, V1, canary)
+
+        await cluster.create_pod("mocka-canary", app="mocka", tag="canary", version="v2", port=ports["mocka-v2"],
+                                 ip="127.0.0.1", ready=True)
+        elapsed = await eventually(lambda: answers(gateway, V2, canary), what="canary requests reach the canary pod")
+        print(f"canary pod reached through the gateway {elapsed * 1000:.0f} ms after it was ready")
+        assert await answers(gateway, V1, {"x-asm-prefer-tag": "base"})
+        lanes = json.loads((await asyncio.to_thread(_get, admin + "/lanes"))[1])
+        assert lanes["services"]["default/mocka"]["lanes"]["canary"]["endpoints"] == [f"127.0.0.1:{ports['mocka-v2']}"]
+
+        await cluster.delete_pod("mocka-canary")
+        await eventually(lambda: answers(gateway, V1, canary), what="rollback: canary requests back on base")
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+# ---------------------------------------------------------------------------------------------
+# The rollout story under continuous traffic: a gateway and app+sidecar pairs, all on the Kubernetes source
+
+UPSTREAM = {"mocka": "mockb", "mockb": "mockc", "mockc": None}
+HOP = re.compile(r"(\w+)\(version: (\w+), ip: [^)]*\)")
+
+
+class StoryPod:
+    """One pod of the story: a mock app and its laneproxy sidecar (inbound + outbound), both real processes.
+    The Pod object names the sidecar's inbound port as its `http` port; its IP is 127.0.0.1."""
+
+    def __init__(self, app: str, version: str, tag: str, index: int) -> None:
+        self.app, self.version, self.tag = app, version, tag
+        self.name = f"{app}-{version}-{tag}-{index}"
+        self.app_port, self.inbound, self.outbound, self.admin = (_free_port() for _ in range(4))
+        self.processes: list[subprocess.Popen] = []
+
+    def start(self, kubeconfig: Path) -> None:
+        self.processes.append(_laneproxy(
+            "run", "--source", "kubernetes", "--kubeconfig", str(kubeconfig), "--namespace", NAMESPACE,
+            "--inbound", f"127.0.0.1:{self.inbound}", "--app", f"127.0.0.1:{self.app_port}",
+            "--outbound", f"127.0.0.1:{self.outbound}", "--admin", f"127.0.0.1:{self.admin}",
+            "--lane", self.tag, "--drain-seconds", "1"))
+        upstream = f"http://{UPSTREAM[self.app]}:8000/" if UPSTREAM[self.app] else ""
+        self.processes.append(_laneproxy("mock", "--listen", f"127.0.0.1:{self.app_port}", env={
+            "app": self.app, "version": self.version, "upstream_url": upstream,
+            "HTTP_PROXY": f"http://127.0.0.1:{self.outbound}"}))
+
+    def stop(self) -> None:
+        """Sidecar first (it drains what is in flight), then the app: a pod's graceful termination."""
+        for process in self.processes:
+            _terminate(process)
+
+
+def _laneproxy(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    environment = {k: v for k, v in os.environ.items() if k.lower() not in ("http_proxy", "https_proxy", "no_proxy")}
+    environment.update(env or {})
+    return subprocess.Popen([sys.executable, "-m", "laneproxy", "--log-level", "warning", *args],
+                            env=environment, stdin=subprocess.DEVNULL)
+
+
+def _terminate(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.terminate()
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+class Story:
+    """Pods in the API and their processes; the timeline of lane membership the traffic is checked against."""
+
+    def __init__(self, cluster: Cluster, kubeconfig: Path, admin_ports: list[int]) -> None:
+        self.cluster, self.kubeconfig = cluster, kubeconfig
+        self.gateway_admin = admin_ports
+        self.pods: list[StoryPod] = []
+        self.ready: list[StoryPod] = []
+        # (change began, change took effect everywhere, ready pods after it): what a request may have met.
+        self.timeline: list[tuple[float, float, tuple[StoryPod, ...]]] = [(float("-inf"), float("-inf"), ())]
+        self.effects: list[tuple[str, float]] = []
+        self.created = 0
+
+    def admins(self) -> list[int]:
+        return [*self.gateway_admin, *(pod.admin for pod in self.pods)]
+
+    def expected_lanes(self) -> dict[tuple[str, str], list[str]]:
+        expected = {}
+        for app in UPSTREAM:
+            base = sorted(f"127.0.0.1:{p.inbound}" for p in self.ready if p.app == app and p.tag == "base")
+            for lane in ("base", "canary"):
+                own = sorted(f"127.0.0.1:{p.inbound}" for p in self.ready if p.app == app and p.tag == lane)
+                expected[(app, lane)] = own or base
+        return expected
+
+    async def converged(self) -> bool:
+        """Every proxy (gateway and sidecars) routes as the ready pods imply."""
+        expected = self.expected_lanes()
+
+        def check(port: int) -> bool:
+            status, body = _get(f"http://127.0.0.1:{port}/lanes")
+            if status != 200:
+                return False
+            services = json.loads(body)["services"]
+            return all(sorted(services.get(f"{NAMESPACE}/{app}", {}).get("lanes", {}).get(lane, {}).get("endpoints", [])) == want
+                       for (app, lane), want in expected.items())
+
+        answers = await asyncio.gather(*(asyncio.to_thread(check, port) for port in self.admins()))
+        return all(answers)
+
+    async def _record(self, description: str, began: float) -> None:
+        elapsed = await eventually(self.converged, timeout=30, what=description)
+        self.timeline.append((began, time.monotonic(), tuple(self.ready)))
+        self.effects.append((description, elapsed))
+
+    async def add(self, app: str, version: str, tag: str) -> StoryPod:
+        """Kruise creates the pod; the kubelet starts it and reports it Ready once the sidecar is ready."""
+        self.created += 1
+        pod = StoryPod(app, version, tag, self.created)
+        await self.cluster.create_pod(pod.name, app=app, tag=tag, version=version, port=pod.inbound)
+        self.pods.append(pod)
+        pod.start(self.kubeconfig)
+        await eventually(lambda: answers(f"http://127.0.0.1:{pod.admin}/ready", (200, "LIVE\n")), timeout=30,
+                         what=f"{pod.name} sidecar ready")
+        began = time.monotonic()
+        await self.cluster.set_status(pod.name, ip="127.0.0.1", ready=True)
+        self.ready.append(pod)
+        await self._record(f"{pod.name} ready", began)
+        return pod
+
+    async def delete(self, pod: StoryPod) -> None:
+        """Deleted in the API first; its processes stop once no proxy routes to it (preStop-style)."""
+        began = time.monotonic()
+        await self.cluster.delete_pod(pod.name)
+        self.ready.remove(pod)
+        await self._record(f"{pod.name} deleted", began)
+        await asyncio.to_thread(pod.stop)
+        self.pods.remove(pod)
+
+    def allowed(self, started: float, ended: float) -> list[set[tuple[str, str]]]:
+        """Per lane request, per hop: the (app, version) pairs any membership visible during the request implies."""
+        visible = []
+        for index, (began, _, ready) in enumerate(self.timeline):
+            until = self.timeline[index + 1][1] if index + 1 < len(self.timeline) else float("inf")
+            if began <= ended and started <= until:
+                visible.append(ready)
+        return visible
+
+    def chain_ok(self, lane: str, body: str, started: float, ended: float) -> bool:
+        hops = HOP.findall(body)
+        if [app for app, _ in hops] != ["mocka", "mockb", "mockc"]:
+            return False
+        for app, version in hops:
+            options = set()
+            for ready in self.allowed(started, ended):
+                own = {p.version for p in ready if p.app == app and p.tag == lane}
+                options |= own or {p.version for p in ready if p.app == app and p.tag == "base"}
+            if version not in options:
+                return False
+        return True
+
+    def stop(self) -> None:
+        for pod in self.pods:
+            pod.stop()
+
+
+async def test_rollout_story_under_continuous_traffic_every_request_succeeds_on_its_lane(
+        cluster: Cluster, kubeconfig: Path) -> None:
+    await cluster.apply_all(yaml_documents(SWIMLANES) + seed_services(target_port="http"))
+    gateway_port, gateway_admin = _free_port(), _free_port()
+    gateway = _laneproxy("run", "--source", "kubernetes", "--kubeconfig", str(kubeconfig), "--namespace", NAMESPACE,
+                         "--gateway", f"127.0.0.1:{gateway_port}", "--admin", f"127.0.0.1:{gateway_admin}",
+                         "--drain-seconds", "0")
+    story = Story(cluster, kubeconfig, [gateway_admin])
+    records: list[tuple[str, float, float, int, str]] = []
+    stop = asyncio.Event()
+
+    async def traffic(session: aiohttp.ClientSession, worker: int) -> None:
+        index = 0
+        while not stop.is_set():
+            lane = ("base", "canary", None)[(worker + index) % 3]
+            headers = {"my-request-id": f"story-{worker}-{index}"}
+            if lane:
+                headers["x-asm-prefer-tag"] = lane
+            started = time.monotonic()
+            try:
+                async with session.get(f"http://127.0.0.1:{gateway_port}/mock", headers=headers) as answer:
+                    status, body = answer.status, await answer.text()
+            except aiohttp.ClientError as exc:
+                status, body = 0, repr(exc)
+            records.append((lane or "base", started, time.monotonic(), status, body))
+            index += 1
+
+    try:
+        await eventually(lambda: answers(f"http://127.0.0.1:{gateway_admin}/ready", (200, "LIVE\n")), timeout=30,
+                         what="gateway ready")
+        bases = {app: await story.add(app, "v1", "base") for app in UPSTREAM}
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+            workers = [asyncio.create_task(traffic(session, worker)) for worker in range(3)]
+            try:
+                await eventually(lambda: len(records) > 30, what="traffic flowing")
+                canaries = {app: await story.add(app, "v2", "canary") for app in UPSTREAM}  # mocka, then mockb, mockc
+                for app in UPSTREAM:  # approve: the base runs v2, the canary pods go
+                    new_base = await story.add(app, "v2", "base")
+                    await story.delete(bases[app])
+                    bases[app] = new_base
+                for app in UPSTREAM:
+                    await story.delete(canaries[app])
+                second = await story.add("mocka", "v3", "canary")  # a second canary, then undo
+                await story.delete(second)
+                settled = len(records)
+                await eventually(lambda: len(records) > settled + 30, what="traffic after the story")
+            finally:
+                stop.set()
+                await asyncio.gather(*workers)
+    finally:
+        await asyncio.to_thread(story.stop)
+        await asyncio.to_thread(_terminate, gateway)
+
+    failed = [r for r in records if r[3] != 200]
+    wrong = [r for r in records if r[3] == 200 and not story.chain_ok(r[0], r[4], r[1], r[2])]
+    lanes = {lane: sum(1 for r in records if r[0] == lane) for lane in ("base", "canary")}
+    chains = collections.Counter((r[0], "->".join(v for _, v in HOP.findall(r[4]))) for r in records if r[3] == 200)
+    print(f"{len(records)} requests ({lanes}), {len(failed)} not 200, {len(wrong)} on a chain their lane does not imply")
+    print(f"  chains seen: {dict(sorted(chains.items()))}")
+    for description, elapsed in story.effects:
+        print(f"  {description}: every proxy routed accordingly after {elapsed * 1000:.0f} ms")
+    assert not failed, failed[:5]
+    assert not wrong, wrong[:5]
+    # Each stage of the story was really travelled: canary requests reached each canary as it came and went.
+    for lane, chain in [("base", "v1->v1->v1"), ("canary", "v1->v1->v1"), ("canary", "v2->v1->v1"), ("canary", "v2->v2->v1"),
+                        ("canary", "v2->v2->v2"), ("base", "v2->v2->v2"), ("canary", "v3->v2->v2")]:
+        assert chains[(lane, chain)], f"no {lane} request took {chain}"
