@@ -142,6 +142,13 @@ class SwimLaneGroup:
     route_header: str
     trace_header: str | None
     auto_update: bool
+    # The header names as the data plane compares them (lowercase bytes), derived once per table.
+    route_header_key: bytes = field(init=False, compare=False)
+    trace_header_key: bytes | None = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "route_header_key", self.route_header.lower().encode())
+        object.__setattr__(self, "trace_header_key", self.trace_header.lower().encode() if self.trace_header else None)
 
     def fallback_for(self, service_key: str) -> str | None:
         return self.service_fallback.get(service_key, self.fallback_target)
@@ -156,6 +163,10 @@ class Route:
     lane_used: str | None
     cluster: str
     endpoints: tuple[Endpoint, ...]
+    lane_asked_value: bytes | None = field(init=False, compare=False)  # as written into the route header
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "lane_asked_value", self.lane_asked.encode() if self.lane_asked else None)
 
     @property
     def fallback(self) -> bool:

@@ -15,6 +15,7 @@ from laneproxy.core import headers as h
 
 CRLF = b"\r\n"
 LAST_CHUNK = b"0\r\n\r\n"
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close"})
 _REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
 
 
@@ -40,6 +41,37 @@ def write_headers(
         parts += (name, b": ", value, CRLF)
     for name, value in overrides.items():
         parts += (name, b": ", value, CRLF)
+
+
+def write_response_headers(parts: list[bytes], header_list: list[tuple[bytes, bytes]],
+                           overrides: Mapping[bytes, bytes]) -> bool:
+    """One pass over an upstream response's headers: drop hop-by-hop ones, apply overrides; True if it has a length.
+
+    A Connection header that names other headers (rare: nearly always `keep-alive` or `close`) makes
+    those hop-by-hop too, and the head is written again with them skipped.
+    """
+    start = len(parts)
+    has_length = False
+    named: set[bytes] | None = None
+    hop_by_hop = h.HOP_BY_HOP
+    for name, value in header_list:
+        if name in hop_by_hop:
+            if name == h.CONNECTION and value not in _PLAIN_CONNECTION:
+                tokens = connection_tokens(value) - hop_by_hop
+                if tokens:
+                    named = tokens if named is None else named | tokens
+            continue
+        if name == h.CONTENT_LENGTH:
+            has_length = True
+        if name not in overrides:
+            parts += (name, b": ", value, CRLF)
+    if named is not None:
+        del parts[start:]
+        write_headers(parts, header_list, hop_by_hop | named, overrides)
+        return has_length
+    for name, value in overrides.items():
+        parts += (name, b": ", value, CRLF)
+    return has_length
 
 
 def chunk(data: bytes) -> list[bytes]:

@@ -290,6 +290,8 @@ class DownstreamConnection(asyncio.Protocol):
                 self._reject(RequestTimeoutError("request headers timeout"))
             elif idle_timeout and self.parsing is None and now - self.last_activity > idle_timeout:
                 self.close()
+        elif active.deadline and now >= active.deadline:
+            active.on_timeout()
         elif stream_idle and now - active.last_activity > stream_idle and now - self.last_activity > stream_idle:
             active.on_stream_idle()
 

@@ -26,8 +26,6 @@ from laneproxy.core.errors import (
 from laneproxy.dataplane import codec
 
 if TYPE_CHECKING:
-    from asyncio import TimerHandle
-
     from laneproxy.dataplane.downstream import DownstreamConnection
     from laneproxy.dataplane.listener import Listener, Target
     from laneproxy.dataplane.upstream import UpstreamConnection
@@ -75,8 +73,8 @@ class Exchange:
         "downstream", "listener", "method", "target", "http_minor", "headers", "host", "keep_alive",
         "request_chunked", "has_body", "request_complete", "pending_body", "upstream", "routed",
         "response_started", "response_chunked", "response_keep_alive", "response_status", "finished",
-        "timer", "start", "connection_tokens", "error", "expect_continue", "retry", "attempts",
-        "discarding", "last_activity", "counted_active", "request_bytes", "response_bytes",
+        "deadline", "start", "connection_tokens", "error", "expect_continue", "retry", "attempts",
+        "discarding", "last_activity", "counted_active", "request_bytes", "response_bytes", "pending_head",
     )
 
     def __init__(self, downstream: DownstreamConnection, method: bytes, target: bytes, http_minor: int,
@@ -105,7 +103,8 @@ class Exchange:
         self.response_keep_alive = False
         self.response_status = 0
         self.finished = False
-        self.timer: TimerHandle | None = None
+        self.deadline = 0.0  # route timeout, loop time; 0 when not armed (the listener's sweeper enforces it)
+        self.pending_head: bytes | None = None  # the response head, held to go out in one write with the body
         self.start = 0.0
         self.error: LocalReplyError | None = None
         self.attempts = 0
@@ -224,15 +223,16 @@ class Exchange:
         self._arm_timer()
 
     def _arm_timer(self) -> None:
-        if self.timer is None and self.request_complete and self.upstream is not None and not self.finished:
+        if not self.deadline and self.request_complete and self.upstream is not None and not self.finished:
             routed = self.routed
             timeout = routed.timeout if routed is not None and routed.timeout is not None else \
                 self.listener.settings.timeouts.route
             if timeout > 0:
-                self.timer = self.listener.loop.call_later(timeout, self._on_timeout)
+                # No timer object per request: the listener's sweeper compares deadlines a few times a second.
+                self.deadline = self.listener.loop.time() + timeout
 
-    def _on_timeout(self) -> None:
-        self.timer = None
+    def on_timeout(self) -> None:
+        self.deadline = 0.0
         if self.routed is not None:
             self.routed.cluster_stats.rq_timeout += 1
         self._fail_upstream(UpstreamTimeoutError())
@@ -256,9 +256,7 @@ class Exchange:
         routed = self.routed
         assert routed is not None
         self.upstream = None
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.deadline = 0.0
         try:
             routed.endpoint, _ = self.listener.role.selector.select(routed.route, routed.routes)
         except NoHealthyUpstreamError as error:
@@ -330,16 +328,9 @@ class Exchange:
         self.response_status = status
         self.response_keep_alive = keep_alive
         self.response_started = True
-        skip: frozenset[bytes] | set[bytes] = h.HOP_BY_HOP
-        has_length = False
-        for name, value in headers:
-            if name == h.CONNECTION:
-                skip = skip | codec.connection_tokens(value)
-            elif name == h.CONTENT_LENGTH:
-                has_length = True
         overrides = self.listener.response_overrides(self)
         parts = [b"HTTP/1.1 %d " % status, reason or codec.reason_phrase(status), codec.CRLF]
-        codec.write_headers(parts, headers, skip, overrides)
+        has_length = codec.write_response_headers(parts, headers, overrides)
         head_only = self.method == b"HEAD" or status in _NO_BODY_STATUS
         if not has_length and not head_only:
             if self.http_minor >= 1:
@@ -351,7 +342,7 @@ class Exchange:
             self.keep_alive = False
             parts.append(_CLOSE)
         parts.append(codec.CRLF)
-        self.downstream.write(b"".join(parts))
+        self.pending_head = b"".join(parts)
         if self.method == b"HEAD":
             # httptools cannot be told a response to HEAD has no body: finish here, never reuse.
             self.response_keep_alive = False
@@ -362,10 +353,22 @@ class Exchange:
             return
         self.last_activity = self.listener.now
         self.response_bytes += len(data)
+        head, self.pending_head = self.pending_head, None
         if self.response_chunked:
-            self.downstream.writelines(codec.chunk(data))
+            parts = codec.chunk(data)
+            if head is not None:
+                parts.insert(0, head)
+            self.downstream.writelines(parts)
+        elif head is not None:
+            self.downstream.writelines([head, data])
         else:
             self.downstream.write(data)
+
+    def flush_head(self) -> None:
+        """The upstream read ended after the head: send it now rather than wait for body bytes."""
+        head, self.pending_head = self.pending_head, None
+        if head is not None:
+            self.downstream.write(head)
 
     def on_response_complete(self) -> None:
         if self.finished:
@@ -379,8 +382,11 @@ class Exchange:
             return
         if not self.response_started:
             return  # a 1xx ended
+        head, self.pending_head = self.pending_head, None
         if self.response_chunked:
-            self.downstream.write(codec.LAST_CHUNK)
+            self.downstream.write(codec.LAST_CHUNK if head is None else head + codec.LAST_CHUNK)
+        elif head is not None:
+            self.downstream.write(head)
         if connection is not None:
             connection.give_back(reusable=self.response_keep_alive and self.request_complete)
         self._finish()
@@ -411,9 +417,7 @@ class Exchange:
 
     def _finish(self) -> None:
         self.finished = True
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.deadline = 0.0
         routed = self.routed
         if routed is not None and self.counted_active:
             stats = routed.cluster_stats

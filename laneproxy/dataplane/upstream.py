@@ -27,6 +27,8 @@ class ResponseSink(Protocol):
 
     def on_response_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], keep_alive: bool) -> None: ...
     def on_response_body(self, data: bytes) -> None: ...
+    pending_head: bytes | None
+    def flush_head(self) -> None: ...
     def on_response_complete(self) -> None: ...
     def on_upstream_error(self, error: Exception, received_any: bool) -> None: ...
     def pause_upstream_writes(self) -> None: ...
@@ -35,7 +37,7 @@ class ResponseSink(Protocol):
 
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = ("pool", "transport", "parser", "sink", "headers", "reason", "received_any", "closed", "reused",
-                 "until_close")
+                 "until_close", "framed")
 
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
@@ -48,6 +50,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = False
         self.reused = False
         self.until_close = False  # the response body ends when the connection does
+        self.framed = False  # the response has Content-Length or Transfer-Encoding
 
     # asyncio.Protocol -------------------------------------------------------------------------
 
@@ -65,6 +68,10 @@ class UpstreamConnection(asyncio.Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self._fail(UpstreamProtocolError(str(exc)))
+            return
+        sink = self.sink
+        if sink is not None and sink.pending_head is not None:
+            sink.flush_head()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -92,18 +99,21 @@ class UpstreamConnection(asyncio.Protocol):
         self.headers = []
         self.reason = b""
         self.until_close = False
+        self.framed = False
 
     def on_status(self, reason: bytes) -> None:
         self.reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name.lower(), value))
+        name = name.lower()
+        if name in _FRAMING:
+            self.framed = True
+        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
         if status >= 200 and status not in (204, 304):
-            framed = any(name in _FRAMING for name, _ in self.headers)
-            self.until_close = not framed
+            self.until_close = not self.framed
         if self.sink is not None:
             self.sink.on_response_head(status, self.reason, self.headers, self.parser.should_keep_alive())
 
