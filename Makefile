@@ -25,3 +25,24 @@ unit: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# Load test of the demo chain with locust (loadtests/run.py): base, canary and untagged users, every body
+# checked against its lane, a canary endpoint added then removed mid-run. Knobs: LOADTEST_TIME (30s),
+# LOADTEST_USERS (30), LOADTEST_MIX (base=1,canary=1,untagged=1), LOADTEST_SCENARIO (membership|steady),
+# LOADTEST_WAIT (0.1). CSV, HTML and summary land in loadtests/results/; non-zero exit on any leak or error.
+.PHONY: loadtest
+loadtest: $(STAMP)
+	$(PY) -m loadtests.run
+
+# `make bench`: laneproxy against nginx and Envoy on 127.0.0.1 (loadtests/bench/, about 6 minutes). It installs
+# nginx-light, wrk and its Python tools first; the results land in loadtests/results/ and the table and chart in
+# loadtests/bench/RESULTS.md and results.png. BENCH_ARGS passes options, e.g. BENCH_ARGS="--rounds 5 --profile".
+.PHONY: bench bench-deps
+bench-deps: $(STAMP)
+	loadtests/bench/install.sh $(PY)
+
+bench: bench-deps
+	$(PY) loadtests/bench/bench.py --publish $(BENCH_ARGS)
+
+# The suite runs the benchmark's smoke variant (tests/component/test_bench_smoke.py): it needs the same tools.
+test: bench-deps

