@@ -12,6 +12,7 @@ import logging
 import os
 from pathlib import Path
 
+from laneproxy.control.building import build_off_loop, settle_heap
 from laneproxy.core.build import ConfigDocument, build_table, content_version, parse_yaml
 from laneproxy.core.errors import ConfigInvalidError, ConfigProblem
 from laneproxy.core.model import RouteTable
@@ -67,7 +68,7 @@ class FileSource:
         """Build from the files as they are now; True if a new table was published."""
         self._seen = await asyncio.to_thread(_fingerprint, self.paths)
         try:
-            table = await asyncio.to_thread(load_files, self.paths, namespace=self.namespace)
+            table = await build_off_loop(lambda: load_files(self.paths, namespace=self.namespace))
         except ConfigInvalidError as exc:
             self.store.reject(exc)
             log.error("configuration rejected, keeping version %r:\n%s", self.store.current.version or "none", exc)
@@ -75,6 +76,7 @@ class FileSource:
         if table.version == self.store.current.version:
             return False
         self.store.publish(table)
+        settle_heap()
         log.info("configuration version %s published (%d services, %d groups)", table.version,
                  len(table.services), len(table.groups))
         return True

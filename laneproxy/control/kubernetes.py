@@ -34,6 +34,7 @@ from kubernetes_asyncio import client as kube_client
 from kubernetes_asyncio import config as kube_config
 from kubernetes_asyncio.config import ConfigException
 
+from laneproxy.control.building import build_off_loop, settle_heap
 from laneproxy.core.build import DEFAULT_NAMESPACE, SWIMLANE_API, ConfigDocument, build_table, content_version
 from laneproxy.core.errors import ConfigInvalidError, LaneProxyError
 from laneproxy.core.store import RouteTableStore
@@ -611,7 +612,7 @@ class KubernetesSource:
         self.rebuilds += 1
         try:
             # Off the event loop: a large namespace must not stall the sidecar's hot path.
-            table = await asyncio.to_thread(build_table, documents, version=version, namespace=self.namespace)
+            table = await build_off_loop(lambda: build_table(documents, version=version, namespace=self.namespace))
         except ConfigInvalidError as exc:
             self.store.reject(exc)
             problems = str(exc)
@@ -623,6 +624,7 @@ class KubernetesSource:
         first = not self.store.ready
         self._logged_problems = None
         self.store.publish(table)
+        settle_heap()
         if first:
             self.synced_after = time.monotonic() - self._started_at
             log.info("first complete sync after %.2fs", self.synced_after)
