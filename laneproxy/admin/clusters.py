@@ -10,19 +10,20 @@ success-rate outlier data and high-priority thresholds.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from laneproxy.admin.endpoint import AdminEndpoint, context, text
+from laneproxy.admin.endpoint import AdminEndpoint, context, envoy_headers, text
+from laneproxy.admin.exposition import Pacer, indented_json, cluster_order
 from laneproxy.observability.inventory import cluster_members
 
 if TYPE_CHECKING:
     from laneproxy.app import ProxyApp
     from laneproxy.core.model import Endpoint
+    from laneproxy.observability.stats import ClusterStats
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,30 +44,31 @@ def cluster_views(proxy: ProxyApp, pattern: re.Pattern[str] | None = None) -> li
     static = tuple(route for listener in proxy.listeners for route in listener.role.static_routes())
     members = cluster_members(proxy.store.current, static)
     stats = proxy.stats.clusters
+    return [cluster_view(proxy, name, members.get(name, ()), stats.get(name))
+            for name in sorted(set(members) | set(stats)) if pattern is None or pattern.search(name) is not None]
+
+
+def cluster_view(proxy: ProxyApp, name: str, members: tuple[Endpoint, ...],
+                 cluster: ClusterStats | None) -> ClusterView:
+    """One cluster: the endpoints the table lists, then any other host that served traffic."""
     ejected = proxy.outliers.ejected
     pools = proxy.pools
-    views = []
-    for name in sorted(set(members) | set(stats)):
-        if pattern is not None and pattern.search(name) is None:
-            continue
-        cluster = stats.get(name)
-        hosts = []
-        endpoints = list(members.get(name, ()))
-        if cluster is not None:
-            endpoints += [endpoint for endpoint in cluster.hosts if endpoint not in endpoints]
-        for endpoint in endpoints:
-            host = cluster.hosts.get(endpoint) if cluster is not None else None
-            # Only hosts that saw traffic have a pool; asking for one creates it, so ask only then.
-            open_now = pools.get(endpoint.host, endpoint.port).open_count if host is not None else 0
-            counters = {"cx_connect_fail": 0, "rq_error": 0, "rq_success": 0, "rq_timeout": 0, "rq_total": 0}
-            gauges = {"cx_active": open_now, "rq_active": 0}
-            if host is not None:
-                counters.update(cx_connect_fail=host.cx_connect_fail, rq_error=host.rq_error,
-                                rq_success=host.rq_success, rq_timeout=host.rq_timeout, rq_total=host.rq_total)
-                gauges["rq_active"] = host.rq_active
-            hosts.append(HostView(endpoint, counters, gauges, endpoint in ejected))
-        views.append(ClusterView(name, tuple(hosts)))
-    return views
+    hosts = []
+    endpoints = list(members)
+    if cluster is not None:
+        endpoints += [endpoint for endpoint in cluster.hosts if endpoint not in endpoints]
+    for endpoint in endpoints:
+        host = cluster.hosts.get(endpoint) if cluster is not None else None
+        # Only hosts that saw traffic have a pool; asking for one creates it, so ask only then.
+        open_now = pools.get(endpoint.host, endpoint.port).open_count if host is not None else 0
+        counters = {"cx_connect_fail": 0, "rq_error": 0, "rq_success": 0, "rq_timeout": 0, "rq_total": 0}
+        gauges = {"cx_active": open_now, "rq_active": 0}
+        if host is not None:
+            counters.update(cx_connect_fail=host.cx_connect_fail, rq_error=host.rq_error,
+                            rq_success=host.rq_success, rq_timeout=host.rq_timeout, rq_total=host.rq_total)
+            gauges["rq_active"] = host.rq_active
+        hosts.append(HostView(endpoint, counters, gauges, endpoint in ejected))
+    return ClusterView(name, tuple(hosts))
 
 
 def _thresholds(proxy: ProxyApp) -> dict[str, int]:
@@ -116,20 +118,43 @@ def format_json(views: list[ClusterView], thresholds: dict[str, int], added_via_
     return {"cluster_statuses": statuses}
 
 
-async def clusters_handler(request: web.Request) -> web.Response:
-    proxy = context(request).proxy
+async def clusters_handler(request: web.Request) -> web.StreamResponse:
+    """The clusters one at a time, in slices that yield to the loop (a big table has tens of thousands)."""
+    admin = context(request)
+    proxy = admin.proxy
     pattern = request.query.get("filter")
     try:
         regex = re.compile(pattern) if pattern else None
     except re.error as exc:
         return text(f"Invalid re2 regex: {exc}", status=400)
-    views = cluster_views(proxy, regex)
     thresholds = _thresholds(proxy)
     added_via_api = proxy.settings.source != "files"
-    if request.query.get("format") == "json":
-        return web.Response(text=json.dumps(format_json(views, thresholds, added_via_api), indent=1),
-                            content_type="application/json")
-    return text(format_text(views, thresholds, added_via_api))
+    as_json = request.query.get("format") == "json"
+    static = tuple(route for listener in proxy.listeners for route in listener.role.static_routes())
+    catalog = admin.catalogs.catalog(proxy.store.current, static)
+    stats = dict(proxy.stats.clusters)
+    response = web.StreamResponse(headers=envoy_headers(proxy.settings.server_name))
+    response.content_type = "application/json" if as_json else "text/plain"
+    response.charset = "utf-8" if as_json else "UTF-8"
+    await response.prepare(request)
+    pacer = Pacer(response)
+    pacer.write('{\n "cluster_statuses": [' if as_json else "")
+    written = 0
+    for name in cluster_order(catalog, stats):
+        if regex is None or regex.search(name) is not None:
+            view = [cluster_view(proxy, name, catalog.members.get(name, ()), stats.get(name))]
+            if as_json:
+                status = format_json(view, thresholds, added_via_api)["cluster_statuses"][0]
+                pacer.write(("\n" if not written else ",\n") + indented_json(status, 2))
+            else:
+                pacer.write(format_text(view, thresholds, added_via_api))
+            written += 1
+        await pacer.tick()
+    if as_json:
+        pacer.write("\n ]\n}" if written else "]\n}")
+    await pacer.flush()
+    await response.write_eof()
+    return response
 
 
 ENDPOINTS = (

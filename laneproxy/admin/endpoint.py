@@ -1,8 +1,9 @@
 """What every admin endpoint family declares (path, help, whether it changes state) and what they share.
 
 Owns the AdminEndpoint declaration, the per-server AdminContext (the proxy, this process's
-Prometheus registry, when the running table arrived), the help listing and Envoy's plain-text
-response shape. No handler lives here.
+Prometheus registry, when the running table arrived, the running table's cluster catalog), the help
+listing, the headers every admin response carries and Envoy's plain-text response shape. No handler
+lives here.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Awaitable, Callable, Iterable, Mapping
 
 from aiohttp import web
+
+from laneproxy.observability.inventory import CatalogCache
 
 if TYPE_CHECKING:
     from prometheus_client.registry import CollectorRegistry
@@ -32,16 +35,18 @@ class AdminEndpoint:
 class AdminContext:
     """The state one admin server reads: the proxy, its registry, and when the running table was published."""
 
-    __slots__ = ("proxy", "registry", "endpoints", "table_updated_at")
+    __slots__ = ("proxy", "registry", "endpoints", "table_updated_at", "catalogs")
 
     def __init__(self, proxy: ProxyApp, registry: CollectorRegistry, endpoints: tuple[AdminEndpoint, ...]) -> None:
         self.proxy = proxy
         self.registry = registry
         self.endpoints = endpoints
         self.table_updated_at = time.time()
+        self.catalogs = CatalogCache()  # the running table's clusters, rebuilt after each publication
 
     def on_publish(self, table: RouteTable) -> None:
         self.table_updated_at = time.time()
+        self.catalogs.invalidate(table)
 
 
 CONTEXT_KEY = web.AppKey("laneproxy_admin_context", AdminContext)
@@ -57,6 +62,14 @@ def help_text(endpoints: Iterable[AdminEndpoint]) -> str:
         lines.append(f"  {endpoint.path}{' (POST)' if endpoint.mutates else ''}: {endpoint.help}")
         lines.extend(f"      {name}: {text}" for name, text in endpoint.params)
     return "\n".join(lines) + "\n"
+
+
+ENVOY_HEADERS = {"cache-control": "no-cache, max-age=0", "x-content-type-options": "nosniff"}
+
+
+def envoy_headers(server_name: str) -> dict[str, str]:
+    """The headers every admin response carries, as Envoy's; a streamed response needs them before it starts."""
+    return {**ENVOY_HEADERS, "server": server_name}
 
 
 def text(body: str, status: int = 200) -> web.Response:

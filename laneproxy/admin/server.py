@@ -17,7 +17,7 @@ from aiohttp import web
 
 from laneproxy.admin import (clusters, config_dump, home, lanes, lifecycle, listeners, loggers, readiness, server_info,
                              stats)
-from laneproxy.admin.endpoint import CONTEXT_KEY, AdminContext, AdminEndpoint, help_text, text
+from laneproxy.admin.endpoint import CONTEXT_KEY, AdminContext, AdminEndpoint, envoy_headers, help_text, text
 from laneproxy.observability.inventory import all_records
 from laneproxy.observability.prometheus import build_registry
 
@@ -27,8 +27,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("laneproxy.admin")
 
 FAMILIES = (home, readiness, lifecycle, server_info, stats, clusters, listeners, config_dump, loggers, lanes)
-
-_COMMON_HEADERS = {"cache-control": "no-cache, max-age=0", "x-content-type-options": "nosniff"}
 
 
 def admin_endpoints() -> tuple[AdminEndpoint, ...]:
@@ -48,16 +46,16 @@ def build_admin_app(proxy: ProxyApp) -> web.Application:
     endpoints = admin_endpoints()
 
     @web.middleware
-    async def envoy_headers(request: web.Request, handler) -> web.StreamResponse:
+    async def common_headers(request: web.Request, handler) -> web.StreamResponse:
         try:
             response = await handler(request)
         except web.HTTPNotFound:
             response = text("invalid path. " + help_text(endpoints), status=404)
-        response.headers.update(_COMMON_HEADERS)
-        response.headers["server"] = proxy.settings.server_name
+        if not response.prepared:  # a streamed response sent these itself before its first byte
+            response.headers.update(envoy_headers(proxy.settings.server_name))
         return response
 
-    app = web.Application(middlewares=[envoy_headers])
+    app = web.Application(middlewares=[common_headers])
     admin = app[CONTEXT_KEY] = AdminContext(proxy, build_registry(lambda: all_records(stats.process_view(proxy))),
                                                 endpoints)
     proxy.store.subscribe(admin.on_publish)

@@ -9,27 +9,23 @@ shapes. Names, tags and values come from observability.inventory; nothing here i
 from __future__ import annotations
 
 import json
-import re
 import time
 from typing import TYPE_CHECKING, Iterable, Mapping
 
 from aiohttp import web
 
-from laneproxy.admin.endpoint import AdminEndpoint, context, flag, text
+from laneproxy.admin.endpoint import AdminEndpoint, context, envoy_headers, text
+from laneproxy.admin.exposition import (JsonFormat, PrometheusFormat, Selection, StatsQueryError, TextFormat,
+                                        histogram_summary, stream)
 from laneproxy.core.propagation import TraceTableCounters
-from laneproxy.observability.inventory import ProcessView, all_records
-from laneproxy.observability.prometheus import metric_families, render, render_registry
+from laneproxy.observability.inventory import ClusterCatalog, ProcessView, all_records
+from laneproxy.observability.prometheus import metric_families, render
 from laneproxy.observability.stats import QUANTILES, Histogram, StatKind, StatRecord
 
 if TYPE_CHECKING:
     from laneproxy.app import ProxyApp
 
-_TYPES = {"all": None, "counters": StatKind.COUNTER, "gauges": StatKind.GAUGE, "histograms": StatKind.HISTOGRAM,
-          "textreadouts": StatKind.TEXT}
-
-
-class StatsQueryError(ValueError):
-    """A /stats query Envoy would refuse: a bad regular expression, an unknown type or format."""
+__all__ = ["StatsQueryError", "histogram_summary", "process_view", "select", "format_text", "format_json"]
 
 
 def process_view(proxy: ProxyApp) -> ProcessView:
@@ -47,39 +43,7 @@ def process_view(proxy: ProxyApp) -> ProcessView:
 
 def select(records: Iterable[StatRecord], query: Mapping[str, str]) -> list[StatRecord]:
     """The records an Envoy-style query asks for; raises StatsQueryError on a query Envoy would refuse."""
-    pattern = query.get("filter")
-    try:
-        regex = re.compile(pattern) if pattern else None
-    except re.error as exc:
-        raise StatsQueryError(f"Invalid re2 regex: {exc}") from exc
-    kind_name = query.get("type", "All").lower()
-    if kind_name not in _TYPES:
-        raise StatsQueryError(f"invalid type: {query.get('type')}; expected one of All, Counters, Gauges, "
-                              "Histograms, TextReadouts")
-    kind = _TYPES[kind_name]
-    invert = flag(query, "invert_filter")
-    used_only = flag(query, "usedonly")
-    chosen = []
-    for record in records:
-        if kind is not None and record.kind is not kind:
-            continue
-        if used_only and not record.used:
-            continue
-        if regex is not None and (regex.search(record.name) is None) != invert:
-            continue
-        chosen.append(record)
-    return chosen
-
-
-def _number(value: float) -> str:
-    return f"{value:g}"
-
-
-def histogram_summary(histogram: Histogram) -> str:
-    """Envoy's text form: `P0(interval,cumulative) ...`; laneproxy keeps no interval, so that part is nan."""
-    if histogram.count == 0:
-        return "No recorded values"
-    return " ".join(f"P{_number(q)}(nan,{_number(histogram.quantile(q))})" for q in QUANTILES)
+    return Selection.from_query(query).choose(records)
 
 
 def format_text(records: list[StatRecord]) -> str:
@@ -113,34 +77,41 @@ def format_json(records: list[StatRecord]) -> dict:
     return {"stats": stats}
 
 
-async def stats_handler(request: web.Request) -> web.Response:
-    admin = context(request)
-    output = request.query.get("format", "text")
-    if output == "prometheus":
-        return await prometheus_handler(request)
-    if output not in ("text", "json"):
-        return text(f"usage: /stats?format=(text|json|prometheus); got format={output}\n", status=400)
-    try:
-        records = select(all_records(process_view(admin.proxy)), request.query)
-    except StatsQueryError as exc:
-        return text(str(exc), status=400)
+def reference_body(output: str, selection: Selection, view: ProcessView, catalog: ClusterCatalog) -> str:
+    """The whole answer rendered at once from StatRecords: the shape the streamed answer must equal."""
+    records = selection.choose(all_records(view, catalog))
     if output == "json":
         document = format_json(records)
-        document["config_version"] = admin.proxy.store.current.version  # laneproxy's; workers.py merges on it
-        return web.Response(text=json.dumps(document, indent=1), content_type="application/json")
-    return text(format_text(records))
+        document["config_version"] = view.table.version  # laneproxy's; workers.py merges on it
+        return json.dumps(document, indent=1)
+    if output == "prometheus":
+        return render(metric_families(records))
+    return format_text(records)
 
 
-async def prometheus_handler(request: web.Request) -> web.Response:
+async def _answer(request: web.Request, output: str) -> web.StreamResponse:
     admin = context(request)
-    query = request.query
-    if not any(name in query for name in ("filter", "usedonly", "type", "invert_filter")):
-        return text(render_registry(admin.registry))  # a plain scrape reads through the registry
     try:
-        records = select(all_records(process_view(admin.proxy)), query)
+        selection = Selection.from_query(request.query)
     except StatsQueryError as exc:
         return text(str(exc), status=400)
-    return text(render(metric_families(records)))
+    view = process_view(admin.proxy)
+    catalog = admin.catalogs.catalog(view.table, view.static_routes)
+    fmt = (JsonFormat(view.table.version) if output == "json" else PrometheusFormat() if output == "prometheus"
+           else TextFormat())
+    return await stream(request, fmt, selection, view, catalog, envoy_headers(admin.proxy.settings.server_name),
+                        lambda: reference_body(output, selection, view, catalog))
+
+
+async def stats_handler(request: web.Request) -> web.StreamResponse:
+    output = request.query.get("format", "text")
+    if output not in ("text", "json", "prometheus"):
+        return text(f"usage: /stats?format=(text|json|prometheus); got format={output}\n", status=400)
+    return await _answer(request, output)
+
+
+async def prometheus_handler(request: web.Request) -> web.StreamResponse:
+    return await _answer(request, "prometheus")
 
 
 async def reset_counters(request: web.Request) -> web.Response:

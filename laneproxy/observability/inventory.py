@@ -48,18 +48,79 @@ def cluster_members(table: RouteTable, static_routes: Iterable[Route] = ()) -> d
     return clusters
 
 
-def all_records(view: ProcessView) -> Iterator[StatRecord]:
+class ClusterCatalog:
+    """The clusters of one running table (plus the static routes), sorted by name, with their endpoints.
+
+    Built once per published table and reused by every scrape until the next publication: a table is
+    immutable, so its cluster list is too. `prefix_free` says no cluster name is a prefix of another,
+    which is what lets an exporter emit the stats of one cluster after another and still be in the
+    order of a sort by full stat name (`cluster.<name>.<stat>`).
+    """
+
+    __slots__ = ("table", "static_routes", "members", "names", "prefix_free")
+
+    def __init__(self, table: RouteTable, static_routes: tuple[Route, ...] = ()) -> None:
+        self.table = table
+        self.static_routes = static_routes
+        self.members = cluster_members(table, static_routes)
+        self.names: tuple[str, ...] = tuple(sorted(self.members))
+        self.prefix_free = names_are_prefix_free(self.names)
+
+    def serves(self, table: RouteTable, static_routes: tuple[Route, ...]) -> bool:
+        return table is self.table and static_routes == self.static_routes
+
+
+def names_are_prefix_free(names: Iterable[str]) -> bool:
+    """Whether no name of a sorted sequence is a prefix of another (adjacent pairs suffice once sorted)."""
+    previous = None
+    for name in names:
+        if previous is not None and name.startswith(previous):
+            return False
+        previous = name
+    return True
+
+
+class CatalogCache:
+    """The catalog of the running table, kept until a new table is published (one per admin server)."""
+
+    __slots__ = ("_catalog", "builds")
+
+    def __init__(self) -> None:
+        self._catalog: ClusterCatalog | None = None
+        self.builds = 0
+
+    def catalog(self, table: RouteTable, static_routes: tuple[Route, ...] = ()) -> ClusterCatalog:
+        catalog = self._catalog
+        if catalog is None or not catalog.serves(table, static_routes):
+            catalog = self._catalog = ClusterCatalog(table, static_routes)
+            self.builds += 1
+        return catalog
+
+    def invalidate(self, table: RouteTable | None = None) -> None:
+        """Forget the catalog (a store subscriber: called with the table just published)."""
+        self._catalog = None
+
+
+def all_records(view: ProcessView, catalog: ClusterCatalog | None = None) -> Iterator[StatRecord]:
     stats = view.stats
-    members = cluster_members(view.table, view.static_routes)
+    if catalog is None:
+        catalog = ClusterCatalog(view.table, view.static_routes)
+    members = catalog.members
     for name in sorted(set(members) | set(stats.clusters)):
         endpoints = members.get(name, ())
         # Without active health checking every endpoint the table lists counts as healthy, as in Envoy.
         yield from cluster_records(name, stats.clusters.get(name), membership_total=len(endpoints),
                                    membership_healthy=len(endpoints))
+    yield from other_records(view, active_clusters=len(members))
+
+
+def other_records(view: ProcessView, *, active_clusters: int) -> Iterator[StatRecord]:
+    """Every record that is not a cluster's: listeners, lanes, server and config (few, whatever the table)."""
+    stats = view.stats
     for listener in stats.listeners.values():
         yield from listener.records()
     yield from stats.lanes.records()
-    yield from _process_records(view, active_clusters=len(members))
+    yield from _process_records(view, active_clusters=active_clusters)
 
 
 def _process_records(view: ProcessView, *, active_clusters: int) -> Iterator[StatRecord]:

@@ -83,5 +83,40 @@ def render(families: Iterable[Metric]) -> str:
     return "".join(out)
 
 
+def metric_type(record: StatRecord) -> str:
+    """The Prometheus type of the family a record belongs to (a text readout is an info-style gauge)."""
+    return "gauge" if record.kind is StatKind.TEXT else record.kind.value
+
+
+def family_order(family: str, metric_type: str) -> tuple[int, str]:
+    """Where a family goes in the exposition: counters, then gauges, then histograms, each by name."""
+    return _TYPE_ORDER.get(metric_type, 3), family
+
+
+def type_line(family: str, metric_type: str) -> str:
+    return f"# TYPE {family} {metric_type}\n"
+
+
+def record_lines(record: StatRecord) -> str:
+    """The sample lines of one record, exactly as render(metric_families([record])) writes them, without TYPE."""
+    labels = ",".join(f'{name}="{_escape(value)}"' for name, value in record.tags)
+    kind = record.kind
+    if kind is StatKind.HISTOGRAM:
+        histogram = record.value
+        assert isinstance(histogram, Histogram)
+        family = record.family
+        prefix = f"{family}_bucket{{{labels}," if labels else f"{family}_bucket{{"
+        lines = [f'{prefix}le="{bound}"}} {count}\n' for bound, count in zip(_BOUND_LABELS, histogram.cumulative())]
+        lines.append(f"{family}_sum{{{labels}}} {_number(histogram.sum)}\n")
+        lines.append(f"{family}_count{{{labels}}} {_number(histogram.count)}\n")
+        return "".join(lines)
+    value = 1 if kind is StatKind.TEXT else record.value
+    return f"{record.family}{{{labels}}} {_number(value)}\n"  # type: ignore[arg-type]
+
+
+def escape_label(value: str) -> str:
+    return _escape(value)
+
+
 def render_registry(registry: CollectorRegistry) -> str:
     return render(registry.collect())
