@@ -1,4 +1,5 @@
-"""argv and the environment -> settings -> the chosen command (run, validate, mock, demo).
+"""argv and the environment -> settings -> the chosen command (run, validate, mock, demo, inject, webhook, capture,
+probe).
 
 Owns option names, their environment variables and help texts. Installs uvloop here, at run time,
 never at import.
@@ -113,7 +114,50 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="run the full-chain demo on 127.0.0.1")
     demo.add_argument("--gateway-port", type=int, default=8080, help="gateway port (0 picks a free one)")
+
+    inject = commands.add_parser("inject", help="print Kubernetes manifests with the sidecar added "
+                                                "(like istioctl kube-inject)")
+    inject.add_argument("-f", "--filename", required=True, metavar="FILE", help="multi-document YAML; - reads stdin")
+    _sidecar_options(inject)
+
+    webhook = commands.add_parser("webhook", help="the mutating admission webhook that injects the sidecar (HTTPS)")
+    webhook.add_argument("--listen", type=_address, default=_address(_env("WEBHOOK_LISTEN", "127.0.0.1:9443")),
+                         metavar="[HOST:]PORT", help="HTTPS listener (env LANEPROXY_WEBHOOK_LISTEN)")
+    webhook.add_argument("--cert", default=_env("WEBHOOK_CERT"), required=_env("WEBHOOK_CERT") is None,
+                         help="serving certificate, PEM; reloaded when it changes (env LANEPROXY_WEBHOOK_CERT)")
+    webhook.add_argument("--key", default=_env("WEBHOOK_KEY"), required=_env("WEBHOOK_KEY") is None,
+                         help="its private key, PEM (env LANEPROXY_WEBHOOK_KEY)")
+    _sidecar_options(webhook)
+
+    capture = commands.add_parser("capture", help="print (and with --apply install) the iptables rules that capture "
+                                                  "a pod's traffic for its sidecar: the init container's job")
+    capture.add_argument("--apply", action="store_true", help="install them with iptables-restore (needs NET_ADMIN)")
+    capture.add_argument("--iptables-restore", default="iptables-restore", metavar="PROGRAM")
+    capture.add_argument("--inbound-listener-port", type=int, default=15006)
+    capture.add_argument("--outbound-listener-port", type=int, default=15001)
+    capture.add_argument("--proxy-uid", type=int, default=1337, help="the proxy's uid (and gid): never captured")
+    capture.add_argument("--inbound-ports", default="", metavar="P,P", help="app ports sent to the inbound listener")
+    capture.add_argument("--include-outbound-ports", default="", metavar="P,P",
+                         help="capture only these (default: all)")
+    capture.add_argument("--exclude-outbound-ports", default="", metavar="P,P", help="leave these alone (non-HTTP)")
+    capture.add_argument("--exclude-outbound-cidrs", default="", metavar="CIDR,CIDR", help="leave these alone")
+
+    probe = commands.add_parser("probe", help="exit 0 if the URL (an admin /ready) answers 200: a readiness probe")
+    probe.add_argument("url", nargs="?", default="http://127.0.0.1:15000/ready")
+    probe.add_argument("--timeout", type=float, default=2.0)
     return parser
+
+
+def _sidecar_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--image", default=_env("SIDECAR_IMAGE"),
+                         help="the image of the injected containers (default laneproxy:VERSION; "
+                              "env LANEPROXY_SIDECAR_IMAGE)")
+    command.add_argument("--image-pull-policy", default=_env("SIDECAR_IMAGE_PULL_POLICY", "IfNotPresent"),
+                         choices=["Always", "IfNotPresent", "Never"])
+    command.add_argument("--capture", default=_env("SIDECAR_CAPTURE", "iptables"), choices=["iptables", "http-proxy"],
+                         help="iptables: an init container redirects the pod's traffic; http-proxy: no init container, "
+                              "the apps get HTTP_PROXY (env LANEPROXY_SIDECAR_CAPTURE; pods override it with the "
+                              "laneproxy.dev/capture annotation)")
 
 
 def settings_from_args(args: argparse.Namespace) -> ProxySettings:
@@ -203,10 +247,84 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(args.gateway_port)
 
 
+def _sidecar_settings(args: argparse.Namespace):
+    from laneproxy.inject import SidecarSettings, default_image
+
+    return SidecarSettings(image=args.image or default_image(), image_pull_policy=args.image_pull_policy,
+                           capture=args.capture, log_level=args.log_level)
+
+
+def _inject(args: argparse.Namespace) -> int:
+    from laneproxy.inject import InjectionError, dump_manifests, inject_manifests
+
+    try:
+        text = sys.stdin.read() if args.filename == "-" else open(args.filename, encoding="utf-8").read()
+        documents = []
+        for document, refusal in inject_manifests(text, _sidecar_settings(args)):
+            if refusal is not None:
+                name = (document.get("metadata") or {}).get("name", "?")
+                print(f"laneproxy inject: {document.get('kind')} {name} left as it is: {refusal}", file=sys.stderr)
+            documents.append(document)
+    except (OSError, InjectionError) as exc:
+        print(f"laneproxy inject: {exc}", file=sys.stderr)
+        return 1
+    sys.stdout.write(dump_manifests(documents))
+    return 0
+
+
+def _webhook(args: argparse.Namespace) -> int:
+    import uvloop
+
+    from laneproxy.webhook import CertificateError, WebhookSettings, serve_webhook
+
+    settings = WebhookSettings(cert_file=args.cert, key_file=args.key, host=args.listen.host, port=args.listen.port,
+                               sidecar=_sidecar_settings(args))
+    try:
+        uvloop.run(serve_webhook(settings))
+    except (CertificateError, OSError) as exc:
+        print(f"laneproxy webhook: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _capture(args: argparse.Namespace) -> int:
+    from laneproxy.capture import CaptureError, CaptureSettings, apply_rules, nat_rules, parse_cidrs, parse_ports
+
+    try:
+        rules = nat_rules(CaptureSettings(
+            inbound_listener_port=args.inbound_listener_port, outbound_listener_port=args.outbound_listener_port,
+            proxy_uid=args.proxy_uid, proxy_gid=args.proxy_uid, inbound_ports=parse_ports(args.inbound_ports),
+            include_outbound_ports=parse_ports(args.include_outbound_ports),
+            exclude_outbound_ports=parse_ports(args.exclude_outbound_ports),
+            exclude_outbound_cidrs=parse_cidrs(args.exclude_outbound_cidrs)))
+        sys.stdout.write(rules)
+        if args.apply:
+            apply_rules(rules, args.iptables_restore)
+            print("# installed", file=sys.stderr)
+    except CaptureError as exc:
+        print(f"laneproxy capture: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _probe(args: argparse.Namespace) -> int:
+    import urllib.error
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through HTTP_PROXY
+    try:
+        with opener.open(args.url, timeout=args.timeout) as response:
+            return 0 if response.status == 200 else 1
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"laneproxy probe: {args.url}: {exc}", file=sys.stderr)
+        return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    handler = {"run": _run, "validate": _validate, "mock": _mock, "demo": _demo}[args.command]
+    handler = {"run": _run, "validate": _validate, "mock": _mock, "demo": _demo, "inject": _inject,
+               "webhook": _webhook, "capture": _capture, "probe": _probe}[args.command]
     return handler(args)
 
 

@@ -10,6 +10,8 @@ pooling, timeouts) is the exchange's, shared by all roles. The route table is re
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 from typing import TYPE_CHECKING, Callable
 
 import httptools
@@ -146,7 +148,7 @@ class GatewayRole(Role):
         headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in exchange.headers}
         decision = choose_ingress(table, host.decode("latin-1"), path.split(b"?", 1)[0].decode("latin-1"),
                                   headers, self.random_value())
-        overrides = {decision.group.route_header.encode(): decision.lane.encode()} if decision.lane else {}
+        overrides = {decision.group.route_header_key: decision.lane.encode()} if decision.lane else {}
         if authority is not None:
             overrides[h.HOST] = authority
         return self._target(decision.route, table.routes.get(decision.route.service), path, overrides,
@@ -171,7 +173,7 @@ class InboundRole(Role):
         for group in table.groups.values():
             if group.trace_header is None:
                 continue
-            route_header, trace_header = group.route_header.encode(), group.trace_header.encode()
+            route_header, trace_header = group.route_header_key, group.trace_header_key
             lane = trace = None
             for name, value in exchange.headers:
                 if name == route_header:
@@ -187,7 +189,10 @@ class InboundRole(Role):
 
 
 class OutboundRole(Role):
-    """The app's egress: find the service, resolve the lane (header, trace table, baggage), fall back."""
+    """The app's egress: find the service, resolve the lane (header, trace table, baggage), fall back.
+
+    A captured connection (iptables REDIRECT) for a host no service names goes to its original destination.
+    """
 
     name = "outbound"
 
@@ -202,14 +207,22 @@ class OutboundRole(Role):
         host = authority or exchange.host
         if not host:
             raise NoRouteError("no host")
-        routes = service_routes_for_host(table, host)
-        group = routes.group
         overrides = {h.HOST: authority} if authority is not None else {}
+        try:
+            routes = service_routes_for_host(table, host)
+        except NoRouteError:
+            # A connection captured by iptables for a host no service names: on to where it was going.
+            original = original_destination(exchange.downstream.transport)
+            if original is None:
+                raise
+            route = passthrough_route(original)  # no outlier ejection: there is no other endpoint to try
+            return Target(original, path, overrides, self.stats.cluster(route.cluster), route, None, None)
+        group = routes.group
         if group is None:
             return self._target(routes.default, routes, path, overrides, None)
-        route_header = group.route_header.encode()
+        route_header = group.route_header_key
         if group.permissive:
-            trace_header = group.trace_header.encode() if group.trace_header else None
+            trace_header = group.trace_header_key
             route_value = trace_value = baggage_value = None
             for name, value in exchange.headers:
                 if name == route_header:
@@ -226,8 +239,37 @@ class OutboundRole(Role):
         self.stats.lanes.lane_sources[source.value] += 1
         if route.lane_asked is not None:
             # The lane asked travels on, even across a fallback hop, so the next hop returns to it.
-            overrides[route_header] = route.lane_asked.encode()
+            overrides[route_header] = route.lane_asked_value
         return self._target(route, routes, path, overrides, source)
+
+
+SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h: the destination a connection had before REDIRECT
+PASSTHROUGH_CLUSTER = "PassthroughCluster"  # Istio's name for traffic to destinations outside the mesh
+
+
+def original_destination(transport: asyncio.BaseTransport | None) -> Endpoint | None:
+    """Where a connection redirected to this listener by iptables was going; None if it was not redirected.
+
+    Asked only for requests no route matches, so the hot path never pays for the system call.
+    """
+    if transport is None:
+        return None
+    sock = transport.get_extra_info("socket")
+    if sock is None or sock.family != socket.AF_INET:
+        return None
+    try:
+        raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+    except OSError:  # ENOENT: no NAT entry, the client connected to this listener itself (HTTP_PROXY)
+        return None
+    port, address = struct.unpack_from("!H4s", raw, 2)
+    original = (socket.inet_ntoa(address), port)
+    if original == tuple(transport.get_extra_info("sockname")[:2]):
+        return None  # not redirected: passing it on would loop back here
+    return Endpoint(*original)
+
+
+def passthrough_route(endpoint: Endpoint) -> Route:
+    return Route(PASSTHROUGH_CLUSTER, None, None, PASSTHROUGH_CLUSTER, (endpoint,))
 
 
 class Listener:
@@ -272,7 +314,7 @@ class Listener:
     async def _sweep(self) -> None:
         """Advance the coarse clock and enforce per-connection timeouts, without a timer per request."""
         timeouts = self.settings.timeouts
-        enabled = [t for t in (timeouts.request_headers, timeouts.idle, timeouts.stream_idle) if t > 0]
+        enabled = [t for t in (timeouts.request_headers, timeouts.idle, timeouts.stream_idle, timeouts.route) if t > 0]
         tick = max(0.05, min([0.25, *(t / 4 for t in enabled)]))
         while True:
             await asyncio.sleep(tick)

@@ -1,0 +1,313 @@
+"""Transparent capture for real: iptables rules in network namespaces this test creates, never on the host.
+
+Two namespaces joined by a veth pair: a client, and a "pod" holding an app (the mock, as uid 1000), its
+sidecar (`laneproxy run` as uid 1337 with inbound and outbound listeners) and mockb in two lanes on loopback.
+`laneproxy capture --apply` installs the rules in the pod's namespace, as the init container does. The app
+calls http://mockb:8000/ with no proxy configured: mockb resolves (the namespace's own /etc/hosts, which
+`ip netns exec` mounts) to a service address routed to a veth pair inside the pod namespace, whose counters
+prove that not one packet went that way: the nat rules sent every connection to the outbound listener.
+Needs root (creating namespaces); iptables and iproute2 come from tests/image/install_tools.sh.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+_REPO = Path(__file__).resolve().parents[2]
+if str(_REPO) not in sys.path:
+    sys.path.insert(0, str(_REPO))
+
+from laneproxy.capture import CaptureError, CaptureSettings, nat_rules, parse_ports  # noqa: E402
+from tests.image.hosttools import ensure_tools  # noqa: E402
+
+SWIMLANES = _REPO / "config" / "swimlanes.yaml"
+POD_IP, CLIENT_IP = "10.99.0.2", "10.99.0.1"
+MOCKB_SERVICE_IP = "10.96.0.20"  # a Service's cluster IP: nothing listens there
+APP_UID, PROXY_UID = 1000, 1337
+
+CLIENT = """
+import json, sys, urllib.request
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+results = []
+for url, headers in json.loads(sys.argv[1]):
+    request = urllib.request.Request(url, headers=headers)
+    try:
+        with opener.open(request, timeout=20) as response:
+            results.append([response.status, response.read().decode()])
+    except urllib.error.HTTPError as error:
+        results.append([error.code, error.read().decode()])
+print(json.dumps(results))
+"""
+
+
+def run(*args: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    result = subprocess.run(list(args), capture_output=True, text=True, timeout=60, check=False, **kwargs)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        pytest.fail("the capture tests create network namespaces and iptables rules: run them as root")
+
+
+# The rules ------------------------------------------------------------------------------------------------------
+
+
+def test_rules_exempt_the_proxy_and_loopback_before_redirecting_the_rest():
+    rules = nat_rules(CaptureSettings(inbound_ports=(8000,), exclude_outbound_ports=(5432,),
+                                      exclude_outbound_cidrs=("10.0.0.0/8",)))
+    lines = rules.splitlines()
+    output = [line for line in lines if line.startswith("-A LANEPROXY_OUTPUT")]
+    assert output == [
+        "-A LANEPROXY_OUTPUT -m owner --uid-owner 1337 -j RETURN",
+        "-A LANEPROXY_OUTPUT -m owner --gid-owner 1337 -j RETURN",
+        "-A LANEPROXY_OUTPUT -o lo -j RETURN",
+        "-A LANEPROXY_OUTPUT -d 127.0.0.1/32 -j RETURN",
+        "-A LANEPROXY_OUTPUT -d 10.0.0.0/8 -j RETURN",
+        "-A LANEPROXY_OUTPUT -p tcp --dport 5432 -j RETURN",
+        "-A LANEPROXY_OUTPUT -j LANEPROXY_REDIRECT",
+    ]
+    assert "-A LANEPROXY_INBOUND -p tcp --dport 8000 -j LANEPROXY_IN_REDIRECT" in lines
+    assert "-A LANEPROXY_REDIRECT -p tcp -j REDIRECT --to-ports 15001" in lines
+    assert "-A LANEPROXY_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006" in lines
+    assert lines[1] == "*nat" and lines[-1] == "COMMIT"
+    only = nat_rules(CaptureSettings(include_outbound_ports=(80, 8000)))
+    assert "-A LANEPROXY_OUTPUT -p tcp --dport 8000 -j LANEPROXY_REDIRECT" in only
+    assert "-A LANEPROXY_OUTPUT -j LANEPROXY_REDIRECT" not in only
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(inbound_ports=(15006,)), "loop"),
+    (dict(exclude_outbound_ports=(70000,)), "outside"),
+    (dict(exclude_outbound_cidrs=("fd00::/8",)), "IPv6"),
+    (dict(exclude_outbound_cidrs=("ten/8",)), "not a CIDR"),
+])
+def test_settings_that_would_loop_or_mean_nothing_are_refused(settings, message):
+    with pytest.raises(CaptureError, match=message):
+        CaptureSettings(**settings)
+    with pytest.raises(CaptureError, match="port numbers"):
+        parse_ports("80,http")
+
+
+def test_iptables_restore_accepts_every_variant_of_the_rules():
+    require_root()
+    ensure_tools()
+    namespace = f"lpcap-check-{os.getpid()}"
+    run("ip", "netns", "add", namespace)
+    try:
+        for settings in (CaptureSettings(), CaptureSettings(inbound_ports=(8000, 9090), proxy_gid=None),
+                         CaptureSettings(include_outbound_ports=(80,), exclude_outbound_cidrs=("169.254.169.254/32",))):
+            run("ip", "netns", "exec", namespace, "iptables-restore", "--test", input=nat_rules(settings))
+    finally:
+        run("ip", "netns", "del", namespace, check=False)
+
+
+# Capture in a pod's network namespace ----------------------------------------------------------------------------
+
+
+class CapturedPod:
+    def __init__(self) -> None:
+        tag = f"{os.getpid() % 100000}"
+        self.pod, self.client = f"lpcap-pod-{tag}", f"lpcap-cli-{tag}"
+        self.workdir = Path(tempfile.mkdtemp(prefix="laneproxy-capture-"))
+        self.workdir.chmod(0o755)  # the app and the proxy run as other users
+        self.hosts_dir = Path("/etc/netns") / self.pod
+        self.processes: list[tuple[str, subprocess.Popen]] = []
+
+    def exec_argv(self, namespace: str, *argv: str, uid: int | None = None, env: dict | None = None) -> list[str]:
+        # A clean environment (no HTTP_PROXY, nothing of the test process's configuration), then the user.
+        prefix = ["ip", "netns", "exec", namespace, "env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+                  *(f"{key}={value}" for key, value in (env or {}).items())]
+        if uid is not None:
+            prefix += ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+        return prefix + list(argv)
+
+    def spawn(self, name: str, namespace: str, *argv: str, uid: int | None = None, env: dict | None = None) -> None:
+        with open(self.workdir / f"{name}.log", "wb") as log:
+            process = subprocess.Popen(self.exec_argv(namespace, *argv, uid=uid, env=env), stdout=log,
+                                       stderr=subprocess.STDOUT)
+        self.processes.append((name, process))
+
+    def laneproxy(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "laneproxy", *args]
+
+    def start(self) -> CapturedPod:
+        pod, client = self.pod, self.client
+        for namespace in (pod, client):
+            run("ip", "netns", "add", namespace)
+        # The pod's link to the client, created inside the namespaces: nothing appears in the host's.
+        run("ip", "-n", pod, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", client)
+        run("ip", "-n", pod, "addr", "add", f"{POD_IP}/24", "dev", "eth0")
+        run("ip", "-n", client, "addr", "add", f"{CLIENT_IP}/24", "dev", "eth0")
+        # Where service addresses are routed: a veth pair whose both ends are in the pod namespace (this
+        # kernel has no dummy devices). A packet that escaped capture would be counted on svc0.
+        run("ip", "-n", pod, "link", "add", "svc0", "type", "veth", "peer", "name", "svc1")
+        for namespace, device in ((pod, "lo"), (pod, "eth0"), (client, "lo"), (client, "eth0")):
+            run("ip", "-n", namespace, "link", "set", device, "up")
+        for device in ("svc0", "svc1"):
+            run("ip", "netns", "exec", pod, "sysctl", "-q", "-w", f"net.ipv6.conf.{device}.disable_ipv6=1")
+            run("ip", "-n", pod, "link", "set", device, "up")
+        run("ip", "-n", pod, "route", "add", "10.96.0.0/16", "dev", "svc0")
+        self.hosts_dir.mkdir(parents=True, exist_ok=True)
+        (self.hosts_dir / "hosts").write_text(f"127.0.0.1 localhost\n{MOCKB_SERVICE_IP} mockb\n"
+                                              f"{CLIENT_IP} outside.example\n")
+
+        endpoints = {"apiVersion": "laneproxy.dev/v1", "kind": "LaneEndpoints", "services": {
+            "default/mockb": {"port": 8000, "lanes": {"base": ["127.0.0.1:18001"], "canary": ["127.0.0.1:18002"]}}}}
+        (self.workdir / "endpoints.yaml").write_text(yaml.safe_dump(endpoints))
+        shutil.copy(SWIMLANES, self.workdir / "swimlanes.yaml")
+        for path in self.workdir.iterdir():
+            path.chmod(0o644)
+
+        self.spawn("mockb-v1", pod, *self.laneproxy("mock", "--listen", "127.0.0.1:18001"),
+                   env={"app": "mockb", "version": "v1"})
+        self.spawn("mockb-v2", pod, *self.laneproxy("mock", "--listen", "127.0.0.1:18002"),
+                   env={"app": "mockb", "version": "v2"})
+        self.spawn("outside", client, *self.laneproxy("mock", "--listen", f"{CLIENT_IP}:9000"),
+                   env={"app": "outside", "version": "v0"})
+        self.spawn("mocka", pod, *self.laneproxy("mock", "--listen", "0.0.0.0:8000"), uid=APP_UID,
+                   env={"app": "mocka", "version": "v1", "upstream_url": "http://mockb:8000/"})
+        self.spawn("sidecar", pod, *self.laneproxy(
+            "run", "--config", str(self.workdir / "swimlanes.yaml"), "--config", str(self.workdir / "endpoints.yaml"),
+            "--inbound", "0.0.0.0:15006", "--app", "127.0.0.1:8000", "--outbound", "127.0.0.1:15001",
+            "--admin", "127.0.0.1:15000"), uid=PROXY_UID)
+        # The init container's job.
+        applied = run(*self.exec_argv(pod, *self.laneproxy("capture", "--apply", "--inbound-ports", "8000")))
+        self.rules = applied.stdout
+        self.wait_ready()
+        return self
+
+    def wait_ready(self) -> None:
+        probe = [sys.executable, "-c", "import socket, sys\nfor a in sys.argv[1:]:\n h, p = a.rsplit(':', 1)\n"
+                                       " socket.create_connection((h, int(p)), timeout=1).close()"]
+        deadline = time.monotonic() + 30
+        while True:
+            ready = run(*self.exec_argv(self.pod, *probe, "127.0.0.1:18001", "127.0.0.1:18002", "127.0.0.1:8000",
+                                        "127.0.0.1:15006", "127.0.0.1:15001"), check=False).returncode == 0
+            ready = ready and self.admin("/ready")[0] == 200
+            if ready:
+                return
+            for name, process in self.processes:
+                if process.poll() is not None:
+                    raise AssertionError(f"{name} exited:\n{(self.workdir / f'{name}.log').read_text()}")
+            if time.monotonic() > deadline:
+                raise AssertionError("the pod never became ready:\n" + self.logs())
+            time.sleep(0.1)
+
+    def requests(self, namespace: str, calls: list[tuple[str, dict]], uid: int | None = None) -> list[list]:
+        result = run(*self.exec_argv(namespace, sys.executable, "-c", CLIENT, json.dumps(calls), uid=uid))
+        return json.loads(result.stdout)
+
+    def admin(self, path: str) -> list:
+        return self.requests(self.pod, [(f"http://127.0.0.1:15000{path}", {})])[0]
+
+    def stats(self) -> dict[str, int]:
+        text = self.admin("/stats")[1]
+        return {name: int(value) for name, _, value in (line.partition(": ") for line in text.splitlines())
+                if value.strip().isdigit()}
+
+    def svc_packets(self) -> int:
+        link = json.loads(run("ip", "-n", self.pod, "-s", "-j", "link", "show", "svc0").stdout)[0]
+        return link["stats64"]["tx"]["packets"]
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {name}\n{(self.workdir / f'{name}.log').read_text()}" for name, _ in self.processes)
+
+    def stop(self) -> None:
+        for _, process in self.processes:
+            if process.poll() is None:
+                process.terminate()
+        for _, process in self.processes:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        for namespace in (self.pod, self.client):
+            run("ip", "netns", "del", namespace, check=False)
+        shutil.rmtree(self.hosts_dir, ignore_errors=True)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def captured_pod():
+    require_root()
+    ensure_tools()
+    pod = CapturedPod()
+    try:
+        yield pod.start()
+    finally:
+        pod.stop()
+
+
+def test_the_apps_call_to_mockb_goes_through_the_outbound_listener_and_stays_in_its_lane(captured_pod):
+    pod = captured_pod
+    assert "-A LANEPROXY_OUTPUT -j LANEPROXY_REDIRECT" in pod.rules
+    before_stats, before_packets = pod.stats(), pod.svc_packets()
+    app = f"http://{POD_IP}:8000/mock"
+    answers = pod.requests(pod.client, [
+        (app, {"x-asm-prefer-tag": "canary", "my-request-id": "30002"}),
+        (app, {"x-asm-prefer-tag": "base", "my-request-id": "30001"}),
+        (app, {"my-request-id": "30002"}),  # the trace id alone: the sidecar remembers its lane
+        (app, {}),
+    ])
+    print(pod.logs())
+    assert answers == [
+        [200, "mocka(version: v1, ip: 127.0.0.1)-> mockb(version: v2, ip: 127.0.0.1)"],
+        [200, "mocka(version: v1, ip: 127.0.0.1)-> mockb(version: v1, ip: 127.0.0.1)"],
+        [200, "mocka(version: v1, ip: 127.0.0.1)-> mockb(version: v2, ip: 127.0.0.1)"],
+        [200, "mocka(version: v1, ip: 127.0.0.1)-> mockb(version: v1, ip: 127.0.0.1)"],
+    ]
+    after = pod.stats()
+    # The client's connections to the app were captured into the inbound listener, the app's into the outbound.
+    assert after["http.inbound.downstream_rq_total"] - before_stats.get("http.inbound.downstream_rq_total", 0) == 4
+    assert after["http.outbound.downstream_rq_total"] - before_stats.get("http.outbound.downstream_rq_total", 0) == 4
+    canary = "cluster.outbound|8000|canary|mockb.default.svc.cluster.local.upstream_rq_total"
+    assert after[canary] - before_stats.get(canary, 0) == 2
+    assert pod.svc_packets() == before_packets, "a packet for the service address left the pod's namespace"
+    counters = run("ip", "netns", "exec", pod.pod, "iptables-save", "-c", "-t", "nat").stdout
+    redirected = [line for line in counters.splitlines() if line.endswith("-j REDIRECT --to-ports 15001")]
+    assert redirected and not redirected[0].startswith("[0:"), counters
+
+
+def test_a_captured_request_for_no_known_service_passes_through_to_its_original_destination(captured_pod):
+    pod = captured_pod
+    before = pod.stats()
+    # The app's uid, no proxy configured: the connection to outside.example:9000 is captured like any other.
+    answers = pod.requests(pod.pod, [("http://outside.example:9000/anything", {})], uid=APP_UID)
+    assert answers == [[200, f"outside(version: v0, ip: {CLIENT_IP})"]]
+    after = pod.stats()
+    assert after["cluster.PassthroughCluster.upstream_rq_total"] - before.get(
+        "cluster.PassthroughCluster.upstream_rq_total", 0) == 1
+
+
+def test_the_proxys_own_uid_is_never_captured(captured_pod):
+    pod = captured_pod
+    before = pod.stats()
+    # Run as the proxy's uid, the same call reaches outside.example directly: the outbound listener sees nothing.
+    answers = pod.requests(pod.pod, [("http://outside.example:9000/direct", {})], uid=PROXY_UID)
+    assert answers == [[200, f"outside(version: v0, ip: {CLIENT_IP})"]]
+    assert pod.stats()["http.outbound.downstream_rq_total"] == before["http.outbound.downstream_rq_total"]
+
+
+def test_the_outbound_listener_used_as_http_proxy_still_refuses_unknown_hosts(captured_pod):
+    pod = captured_pod
+    # Not captured (loopback): no original destination to pass through to, so Envoy's 404 for no route.
+    proxy = "import urllib.request, sys\n" \
+            "o = urllib.request.build_opener(urllib.request.ProxyHandler({'http': 'http://127.0.0.1:15001'}))\n" \
+            "try:\n o.open('http://nowhere.example:9000/', timeout=10)\nexcept urllib.error.HTTPError as e:\n" \
+            " print(e.code)"
+    result = run(*pod.exec_argv(pod.pod, sys.executable, "-c", proxy, uid=APP_UID))
+    assert result.stdout.strip() == "404"

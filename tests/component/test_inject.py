@@ -1,0 +1,258 @@
+"""`laneproxy inject`: the sidecar, the capture init container and the HTTP_PROXY alternative, on every workload kind.
+
+The injected manifests are applied to a real kube-apiserver (tests/kube), so the API server, not this test,
+says whether the downward-API fields, probes, security contexts and resources are valid.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+_REPO = Path(__file__).resolve().parents[2]
+if str(_REPO) not in sys.path:
+    sys.path.insert(0, str(_REPO))
+
+from laneproxy.inject import (  # noqa: E402
+    CAPTURE_INIT_NAME,
+    INJECTED_ANNOTATION,
+    SIDECAR_NAME,
+    InjectionError,
+    SidecarSettings,
+    dump_manifests,
+    inject_document,
+    inject_manifests,
+    inject_pod,
+    pod_template,
+)
+from tests.image.hosttools import kubectl  # noqa: E402
+from tests.kube.fixtures import kube_apiserver  # noqa: E402, F401
+
+SEED_APPS = _REPO / "deploy" / "examples" / "seed" / "apps.yaml"
+SETTINGS = SidecarSettings(image="localhost/laneproxy:test")
+NAMESPACE = "lp-inject-test"
+
+
+def seed_pod_spec() -> dict:
+    return {
+        "metadata": {"labels": {"app": "mocka", "version": "v1", "ASM_TRAFFIC_TAG": "base"}},
+        "spec": {"containers": [{"name": "default", "image": "registry.example/go-http-sample:1.0",
+                                 "env": [{"name": "version", "value": "v1"}],
+                                 "ports": [{"containerPort": 8000}]}]},
+    }
+
+
+def workload(kind: str) -> dict:
+    template = seed_pod_spec()
+    api = {"Pod": "v1", "Job": "batch/v1", "CronJob": "batch/v1beta1"}.get(kind, "apps/v1")
+    body: dict = {"apiVersion": api, "kind": kind, "metadata": {"name": f"mocka-{kind.lower()}"}}
+    selector = {"matchLabels": {"app": "mocka"}}
+    if kind == "Pod":
+        body["metadata"].update(template["metadata"])
+        body["spec"] = template["spec"]
+    elif kind == "Job":
+        template["spec"]["restartPolicy"] = "Never"
+        body["spec"] = {"template": template}
+    elif kind == "CronJob":
+        template["spec"]["restartPolicy"] = "Never"
+        body["spec"] = {"schedule": "*/5 * * * *", "jobTemplate": {"spec": {"template": template}}}
+    elif kind == "StatefulSet":
+        body["spec"] = {"serviceName": "mocka", "selector": selector, "template": template}
+    else:
+        body["spec"] = {"selector": selector, "template": template}
+    return body
+
+
+def container(pod: dict, name: str, key: str = "containers") -> dict:
+    return next(c for c in pod["spec"][key] if c["name"] == name)
+
+
+def env_of(item: dict) -> dict:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in item.get("env", [])}
+
+
+def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "laneproxy", *args], input=stdin, capture_output=True, text=True,
+                          timeout=60, check=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["Pod", "Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job", "CronJob"])
+def test_every_workload_kind_gets_the_sidecar_once_however_often_it_is_injected(kind):
+    once, refusal = inject_document(workload(kind), SETTINGS)
+    assert refusal is None
+    twice, _ = inject_document(once, SETTINGS)
+    assert twice == once
+    template = pod_template(once)
+    assert [c["name"] for c in template["spec"]["containers"]] == ["default", SIDECAR_NAME]
+    assert [c["name"] for c in template["spec"]["initContainers"]] == [CAPTURE_INIT_NAME]
+    assert template["metadata"]["annotations"][INJECTED_ANNOTATION] == SETTINGS.image
+
+
+def test_the_cli_output_is_a_fixed_point_and_keeps_every_other_document():
+    text = SEED_APPS.read_text()
+    first = run_cli("inject", "-f", str(SEED_APPS), "--image", SETTINGS.image)
+    assert first.returncode == 0, first.stderr
+    second = run_cli("inject", "-f", "-", "--image", SETTINGS.image, stdin=first.stdout)
+    assert second.returncode == 0, second.stderr
+    assert second.stdout == first.stdout
+    before = [d for d in yaml.safe_load_all(text) if d]
+    after = list(yaml.safe_load_all(first.stdout))
+    assert [(d["kind"], d["metadata"]["name"]) for d in after] == [(d["kind"], d["metadata"]["name"]) for d in before]
+    services = [d for d in after if d["kind"] == "Service"]
+    assert services == [d for d in before if d["kind"] == "Service"]  # untouched
+
+
+def test_sidecar_learns_namespace_lane_and_service_from_the_downward_api_and_listens_for_the_app():
+    pod = inject_pod(seed_pod_spec(), SETTINGS)
+    env = env_of(container(pod, SIDECAR_NAME))
+    assert env["LANEPROXY_SOURCE"] == "kubernetes"
+    assert env["LANEPROXY_LANE"] == {"fieldRef": {"fieldPath": "metadata.labels['ASM_TRAFFIC_TAG']"}}
+    assert env["LANEPROXY_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    assert env["LANEPROXY_SERVICE"] == {"fieldRef": {"fieldPath": "metadata.labels['app']"}}
+    assert env["LANEPROXY_INBOUND"] == "0.0.0.0:15006"
+    assert env["LANEPROXY_APP"] == "127.0.0.1:8000"  # the first containerPort of the app
+    assert env["LANEPROXY_OUTBOUND"] == "127.0.0.1:15001"
+    assert env["LANEPROXY_ADMIN"] == "127.0.0.1:15000"  # never beyond loopback: it can stop the proxy
+    sidecar = container(pod, SIDECAR_NAME)
+    assert sidecar["readinessProbe"]["exec"]["command"] == ["laneproxy", "probe", "http://127.0.0.1:15000/ready"]
+    assert sidecar["ports"] == [{"name": "lp-inbound", "containerPort": 15006, "protocol": "TCP"}]
+    assert set(sidecar["resources"]) == {"requests", "limits"}
+
+
+def test_sidecar_runs_as_1337_read_only_without_capabilities_and_only_the_init_container_has_net_admin():
+    pod = inject_pod(seed_pod_spec(), SETTINGS)
+    sidecar = container(pod, SIDECAR_NAME)["securityContext"]
+    assert sidecar["runAsUser"] == 1337 and sidecar["runAsNonRoot"] is True
+    assert sidecar["readOnlyRootFilesystem"] is True and sidecar["allowPrivilegeEscalation"] is False
+    assert sidecar["capabilities"] == {"drop": ["ALL"]}
+    init = container(pod, CAPTURE_INIT_NAME, "initContainers")
+    assert init["securityContext"]["runAsUser"] == 0
+    assert init["securityContext"]["capabilities"] == {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]}
+    assert init["securityContext"]["privileged"] is False
+    assert init["args"][:2] == ["capture", "--apply"]
+    assert init["args"][init["args"].index("--inbound-ports") + 1] == "8000"
+
+
+def test_annotations_choose_the_app_port_and_the_outbound_ports_and_cidrs_left_alone():
+    pod = seed_pod_spec()
+    pod["metadata"]["annotations"] = {"laneproxy.dev/app-port": "9080",
+                                      "laneproxy.dev/exclude-outbound-ports": "5432, 6379",
+                                      "laneproxy.dev/exclude-outbound-cidrs": "10.0.0.0/8"}
+    injected = inject_pod(pod, SETTINGS)
+    assert env_of(container(injected, SIDECAR_NAME))["LANEPROXY_APP"] == "127.0.0.1:9080"
+    args = container(injected, CAPTURE_INIT_NAME, "initContainers")["args"]
+    assert args[args.index("--exclude-outbound-ports") + 1] == "5432,6379"
+    assert args[args.index("--exclude-outbound-cidrs") + 1] == "10.0.0.0/8"
+
+
+def test_http_proxy_alternative_needs_no_init_container_and_points_the_apps_at_the_outbound_listener():
+    pod = seed_pod_spec()
+    pod["spec"]["containers"][0]["env"].append({"name": "NO_PROXY", "value": "db.internal"})  # the app's own wins
+    injected = inject_pod(pod, SidecarSettings(image=SETTINGS.image, capture="http-proxy"))
+    assert "initContainers" not in injected["spec"]
+    app_env = env_of(container(injected, "default"))
+    assert app_env["HTTP_PROXY"] == app_env["http_proxy"] == "http://127.0.0.1:15001"
+    assert app_env["NO_PROXY"] == "db.internal"
+    assert inject_pod(injected, SidecarSettings(image=SETTINGS.image, capture="http-proxy")) == injected
+    # The same choice per pod, by annotation; switching a pod back to capture removes nothing it needs.
+    pod["metadata"]["annotations"] = {"laneproxy.dev/capture": "http-proxy"}
+    assert "initContainers" not in inject_pod(pod, SETTINGS)["spec"]
+
+
+def test_injection_with_new_settings_updates_the_sidecar_in_place():
+    old = inject_pod(seed_pod_spec(), SidecarSettings(image="laneproxy:old"))
+    new = inject_pod(old, SidecarSettings(image="laneproxy:new"))
+    assert [c["name"] for c in new["spec"]["containers"]] == ["default", SIDECAR_NAME]
+    assert container(new, SIDECAR_NAME)["image"] == "laneproxy:new"
+    assert container(new, CAPTURE_INIT_NAME, "initContainers")["image"] == "laneproxy:new"
+
+
+@pytest.mark.parametrize("change, reason", [
+    (lambda p: p["metadata"]["labels"].update({"laneproxy-injection": "disabled"}), "label laneproxy-injection"),
+    (lambda p: p["spec"].update({"hostNetwork": True}), "hostNetwork"),
+])
+def test_pods_that_opt_out_or_share_the_node_network_are_left_as_they_are(change, reason):
+    document = workload("Deployment")
+    change(document["spec"]["template"])
+    result, refusal = inject_document(document, SETTINGS)
+    assert result == document and reason in refusal
+    cli = run_cli("inject", "-f", "-", stdin=yaml.safe_dump(document))
+    assert cli.returncode == 0 and yaml.safe_load(cli.stdout) == document
+    assert "left as it is" in cli.stderr
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda p: p["metadata"].update({"annotations": {"laneproxy.dev/app-port": "http"}}), "not a port number"),
+    (lambda p: p["metadata"].update({"annotations": {"laneproxy.dev/capture": "ebpf"}}), "expected iptables"),
+    (lambda p: p["metadata"].update({"annotations": {"laneproxy.dev/exclude-outbound-ports": "x"}}), "port numbers"),
+    (lambda p: p["spec"].update({"securityContext": {"runAsUser": 1337}}), "bypass the sidecar"),
+])
+def test_a_pod_that_cannot_be_injected_as_asked_is_an_error_naming_the_reason(change, message):
+    pod = seed_pod_spec()
+    change(pod)
+    with pytest.raises(InjectionError, match=message):
+        inject_pod(pod, SETTINGS)
+    cli = run_cli("inject", "-f", "-", stdin=yaml.safe_dump({"apiVersion": "v1", "kind": "Pod",
+                                                               "metadata": {"name": "x", **pod["metadata"]},
+                                                               "spec": pod["spec"]}))
+    assert cli.returncode == 1 and message in cli.stderr
+
+
+def test_input_is_never_modified():
+    pod = seed_pod_spec()
+    snapshot = copy.deepcopy(pod)
+    inject_pod(pod, SETTINGS)
+    list(inject_manifests(yaml.safe_dump(workload("Deployment")), SETTINGS))
+    assert pod == snapshot
+
+
+# Against the real API server -------------------------------------------------------------------------------------
+
+
+def _kubectl(kube, *args: str, stdin: str | None = None) -> str:
+    result = subprocess.run([kubectl(), "--kubeconfig", str(kube.kubeconfig_path), *args], input=stdin,
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, f"kubectl {' '.join(args)}:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def test_injected_workloads_and_pods_are_accepted_by_the_real_api_server(kube_apiserver):
+    kube = kube_apiserver
+    _kubectl(kube, "create", "namespace", NAMESPACE, "--dry-run=client", "-o", "yaml")
+    _kubectl(kube, "apply", "-f", "-", stdin=yaml.safe_dump({"apiVersion": "v1", "kind": "Namespace",
+                                                              "metadata": {"name": NAMESPACE}}))
+    try:
+        documents = [workload(kind) for kind in ("Pod", "Deployment", "StatefulSet", "DaemonSet", "Job")]
+        for document in documents:
+            document["metadata"]["namespace"] = NAMESPACE
+        seed = [d for d in yaml.safe_load_all(SEED_APPS.read_text()) if d]
+        for document in seed:
+            document["metadata"]["namespace"] = NAMESPACE
+        injected = [doc for doc, _ in inject_manifests(dump_manifests(documents + seed), SETTINGS)]
+        http_proxy = inject_document({**workload("Pod"), "metadata": {"name": "mocka-http-proxy",
+                                                                       "namespace": NAMESPACE,
+                                                                       "labels": {"app": "mocka"}}},
+                                     SidecarSettings(image=SETTINGS.image, capture="http-proxy"))[0]
+        print(_kubectl(kube, "apply", "-f", "-", stdin=dump_manifests([*injected, http_proxy])))
+        stored = json.loads(_kubectl(kube, "get", "pod", "mocka-pod", "-n", NAMESPACE, "-o", "json"))
+        sidecar = container(stored, SIDECAR_NAME)
+        assert env_of(sidecar)["LANEPROXY_LANE"]["fieldRef"]["fieldPath"] == "metadata.labels['ASM_TRAFFIC_TAG']"
+        assert sidecar["securityContext"]["runAsUser"] == 1337
+        assert container(stored, CAPTURE_INIT_NAME, "initContainers")["securityContext"]["capabilities"]["add"] == \
+            ["NET_ADMIN", "NET_RAW"]
+        deployment = json.loads(_kubectl(kube, "get", "deployment", "mocka-v1", "-n", NAMESPACE, "-o", "json"))
+        assert [c["name"] for c in deployment["spec"]["template"]["spec"]["containers"]] == ["default", SIDECAR_NAME]
+        # Injecting what the server stored changes nothing the server would see.
+        again = inject_document(deployment, SETTINGS)[0]
+        assert again["spec"]["template"] == deployment["spec"]["template"]
+    finally:
+        _kubectl(kube, "delete", "namespace", NAMESPACE, "--wait=false")
