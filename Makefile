@@ -46,3 +46,8 @@ bench: bench-deps
 
 # The suite runs the benchmark's smoke variant (tests/component/test_bench_smoke.py): it needs the same tools.
 test: bench-deps
+
+# The container image (podman, or TOOL=docker), built without network inside the build: tests/image/build_image.sh.
+.PHONY: image
+image: $(STAMP)
+	tests/image/build_image.sh
