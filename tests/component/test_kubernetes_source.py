@@ -784,6 +784,9 @@ async def test_api_server_stopped_and_started_again_keeps_the_last_table_and_cat
 # The real process: `laneproxy run --source kubernetes` as a gateway in front of mock apps
 
 
+OUTAGE_WITH_TRAFFIC_SECONDS = 5.0
+
+
 def _get(url: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
     request = urllib.request.Request(url, headers=headers or {})
     try:
@@ -837,8 +840,19 @@ async def test_laneproxy_run_with_the_kubernetes_source_routes_canary_requests_a
         lanes = json.loads((await asyncio.to_thread(_get, admin + "/lanes"))[1])
         assert lanes["services"]["default/mocka"]["lanes"]["canary"]["endpoints"] == [f"127.0.0.1:{ports['mocka-v2']}"]
 
+        # An API outage with traffic: the watch streams are cut and the API cannot be reached. Requests keep
+        # flowing on the last table; a rollback made meanwhile appears once the API is back.
+        await relay.close()
         await cluster.delete_pod("mocka-canary")
-        await eventually(lambda: answers(gateway, V1, canary), what="rollback: canary requests back on base")
+        outage_ends, served = time.monotonic() + OUTAGE_WITH_TRAFFIC_SECONDS, 0
+        while time.monotonic() < outage_ends:
+            assert await answers(gateway, V2, canary), "the last table must keep serving during the outage"
+            served += 1
+            await asyncio.sleep(0.05)
+        await relay.open()
+        elapsed = await eventually(lambda: answers(gateway, V1, canary), what="rollback seen after the outage")
+        print(f"{served} canary requests served on the last table during a {OUTAGE_WITH_TRAFFIC_SECONDS:.0f}s outage; "
+              f"the rollback made meanwhile took effect {elapsed * 1000:.0f} ms after the API came back")
     finally:
         for process in processes:
             process.terminate()
