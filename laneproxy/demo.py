@@ -95,7 +95,9 @@ class DemoCluster:
         environment = {k: v for k, v in os.environ.items() if k.lower() not in ("http_proxy", "https_proxy", "no_proxy")}
         environment.update(env or {})
         command = [sys.executable, "-m", "laneproxy", "--log-level", self.log_level, *args]
-        self.processes.append(subprocess.Popen(command, env=environment, stdin=subprocess.DEVNULL))
+        # A session of their own: Ctrl-C reaches the demo, which then stops them in order, not all at once.
+        self.processes.append(subprocess.Popen(command, env=environment, stdin=subprocess.DEVNULL,
+                                               start_new_session=True))
 
     def start(self, timeout: float = 30.0) -> None:
         self.write_endpoints()
