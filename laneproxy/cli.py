@@ -8,7 +8,6 @@ never at import.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import sys
@@ -46,7 +45,6 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run the proxy (gateway and/or sidecar listeners)")
-    env_config = [p for p in (_env("CONFIG") or "").split(",") if p]
     run.add_argument("--config", action="append", default=None, metavar="FILE",
                      help="swimlane manifests or endpoints file; repeatable (env LANEPROXY_CONFIG, comma-separated)")
     run.add_argument("--source", choices=["files", "kubernetes"], default=_env("SOURCE", "files"),

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import yaml
 
+from proxyrig import stop_process
+
 ROUTE_TIMEOUT = 1.0
 SLOW_SECONDS = 3.0
 SERVICES = ("backend", "dead", "empty")
@@ -215,13 +217,7 @@ class Proxy:
         return wait_for(lines, f"{count} access log lines from {self.name}")[:count]
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
 
 
 class EnvoyProxy(Proxy):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,14 +18,10 @@ from pathlib import Path
 
 import yaml
 
+from laneproxy.demo import free_port  # noqa: F401  (re-exported for the tests)
+
 REPO = Path(__file__).resolve().parents[2]
 SWIMLANES = REPO / "config" / "swimlanes.yaml"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
@@ -52,10 +47,12 @@ class RecordingUpstream:
     """An HTTP/1.1 origin that records raw requests and answers with a scripted response.
 
     `respond` builds the raw response bytes for a request; by default 200 with the request line as body.
+    `delay` holds a recorded request's answer (a slow or hanging origin).
     It understands Content-Length and chunked request bodies (enough to find the message end).
     """
 
     respond: object = None
+    delay: object = None  # delay(request) -> seconds to wait before answering (None: at once)
     received: list[ReceivedRequest] = field(default_factory=list)
     connections: int = 0
     server: asyncio.AbstractServer | None = None
@@ -77,8 +74,11 @@ class RecordingUpstream:
                 head = await reader.readuntil(b"\r\n\r\n")
                 request = ReceivedRequest(head, await _read_body(reader, head))
                 self.received.append(request)
-                respond = self.respond or default_response
-                response = respond(request)
+                if self.delay is not None:
+                    seconds = self.delay(request)
+                    if seconds:
+                        await asyncio.sleep(seconds)
+                response = (self.respond or default_response)(request)
                 if response is None:  # scripted: drop the connection without answering
                     writer.close()
                     return
@@ -86,10 +86,14 @@ class RecordingUpstream:
                 await writer.drain()
                 if b"\r\nconnection: close\r\n" in response.split(b"\r\n\r\n", 1)[0].lower() + b"\r\n":
                     return  # a close-delimited response ends when the connection does
-        except (asyncio.IncompleteReadError, ConnectionError):
+        except (asyncio.IncompleteReadError, ConnectionError, ValueError, asyncio.LimitOverrunError):
             pass
         finally:
             writer.close()
+
+    def reset(self) -> None:
+        self.received.clear()
+        self.connections = 0
 
 
 async def _read_body(reader: asyncio.StreamReader, head: bytes) -> bytes:
@@ -128,6 +132,17 @@ def endpoints_file(path: Path, services: dict[str, dict[str, list[int]]], port: 
     staged.write_text(yaml.safe_dump(document))
     os.replace(staged, path)
     return path
+
+
+def stop_process(process: subprocess.Popen | None, timeout: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within `timeout` seconds."""
+    if process is not None and process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 class ProxyProcess:
@@ -179,13 +194,7 @@ class ProxyProcess:
         raise KeyError(name)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
 
 
 async def exchange(port: int, raw: bytes, *, read_timeout: float = 5.0) -> bytes:
@@ -233,48 +242,11 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[bytes, 
 # --- additions for the hardening suites (protocol safety, fuzz, resilience) ----------------------------
 
 
-@dataclass
-class ScriptedUpstream(RecordingUpstream):
-    """A RecordingUpstream that can also wait before answering: `delay(request) -> seconds` (None: at once).
 
-    The delay runs after the request is recorded, so a test can see a request arrive and still hold
-    its response (a slow or hanging origin). The connection is closed after any response whose head
-    says `connection: close`, as in RecordingUpstream; respond returning None drops it unanswered.
-    """
-
-    delay: object = None
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                request = ReceivedRequest(head, await _read_body(reader, head))
-                self.received.append(request)
-                if self.delay is not None:
-                    seconds = self.delay(request)
-                    if seconds:
-                        await asyncio.sleep(seconds)
-                response = (self.respond or default_response)(request)
-                if response is None:
-                    writer.close()
-                    return
-                writer.write(response)
-                await writer.drain()
-                if b"\r\nconnection: close\r\n" in response.split(b"\r\n\r\n", 1)[0].lower() + b"\r\n":
-                    return
-        except (asyncio.IncompleteReadError, ConnectionError, ValueError, asyncio.LimitOverrunError):
-            pass
-        finally:
-            writer.close()
-
-    def reset(self) -> None:
-        self.received.clear()
-        self.connections = 0
 
 
 class UpstreamThread:
-    """Runs a ScriptedUpstream on its own event loop in a daemon thread (usable from sync and module fixtures).
+    """Runs a RecordingUpstream on its own event loop in a daemon thread (usable from sync and module fixtures).
 
     `respond` and `delay` are called on that thread. Use as a context manager; attributes of the
     upstream (port, received, connections, respond, delay, reset) are reachable on this object.
@@ -283,7 +255,7 @@ class UpstreamThread:
     def __init__(self, respond=None, delay=None) -> None:
         import threading
 
-        self.upstream = ScriptedUpstream(respond=respond, delay=delay)
+        self.upstream = RecordingUpstream(respond=respond, delay=delay)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="upstream", daemon=True)
 

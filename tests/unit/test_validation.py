@@ -209,7 +209,7 @@ def test_each_config_problem_names_source_field_path_and_reason(edits, expected)
             [("canary", "metadata.labels.swimlane-group", "rolout"),
              ("endpoints", "services.default/mockb.lanes.base", ["nowhere"]),
              ("endpoints", "services.default/mockc.port", 65536)],
-            [f"config/endpoints.example.yaml: LaneEndpoints.services.default/mockb.lanes.base[0]: expected host:port, got 'nowhere'",
+            ["config/endpoints.example.yaml: LaneEndpoints.services.default/mockb.lanes.base[0]: expected host:port, got 'nowhere'",
              "config/endpoints.example.yaml: LaneEndpoints.services.default/mockc.port: "
              "expected an integer from 1 to 65535, got 65536",
              f"{CANARY}.metadata.labels.swimlane-group: no ASMSwimLaneGroup named 'rolout'"],
