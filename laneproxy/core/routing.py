@@ -50,8 +50,9 @@ def choose_ingress(
     """Match a request at the gateway against every group's ingress configuration.
 
     Rule-based: the first online lane rule whose hosts, uri and headers match picks the lane. A
-    request that matches a rule except for the route header (no tag, or a tag that is not a lane)
-    goes to the group's fallback target lane, the baseline. Weighted: a request matching the
+    request that matches some rule except for the route header goes to the group's fallback target
+    lane, the baseline: no tag, a tag that is not a lane, or a lane whose own rules do not cover
+    this host and path (only matching requests enter a lane, as in ASM). Weighted: a request matching the
     group's weightedRoutingRule is assigned a lane in proportion to the lanes' ingress weights.
     `headers` has lowercase names; `path` excludes the query string.
     """

@@ -28,6 +28,7 @@ class RouteTableStore:
     def publish(self, table: RouteTable) -> None:
         self.current = table
         self.accepted += 1
+        self.last_error = None  # the running table is good again
         self.ready = True
         for listener in self._listeners:
             listener(table)
