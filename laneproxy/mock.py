@@ -11,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
+
+from laneproxy.standalone import serve_until_signalled
 
 log = logging.getLogger("laneproxy.mock")
 
@@ -78,16 +79,5 @@ def build_mock_app(settings: MockSettings) -> web.Application:
 
 
 async def serve_mock(settings: MockSettings) -> None:
-    runner = web.AppRunner(build_mock_app(settings), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
-    await site.start()
     log.info("%s %s listening on %s:%d", settings.app, settings.version, settings.host, settings.port)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        await runner.cleanup()
+    await serve_until_signalled(build_mock_app(settings), settings.host, settings.port)

@@ -15,11 +15,12 @@ import base64
 import json
 import logging
 import os
-import signal
 import ssl
 from dataclasses import dataclass, field
 
 from aiohttp import web
+
+from laneproxy.standalone import serve_until_signalled
 
 from laneproxy.core.errors import LaneProxyError
 from laneproxy.inject import InjectionError, SidecarSettings, inject_pod, injection_refusal
@@ -191,21 +192,16 @@ def build_webhook_app(sidecar: SidecarSettings) -> web.Application:
 
 
 async def serve_webhook(settings: WebhookSettings) -> None:
-    """Serve HTTPS until SIGTERM or SIGINT."""
+    """Serve HTTPS until SIGTERM or SIGINT, picking up renewed certificates as their files change."""
     certificates = CertificateReloader(settings.cert_file, settings.key_file)
-    runner = web.AppRunner(build_webhook_app(settings.sidecar), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port, ssl_context=certificates.context, reuse_address=True)
-    await site.start()
+    app = build_webhook_app(settings.sidecar)
+
+    async def watch_certificates(app: web.Application):
+        watcher = asyncio.get_running_loop().create_task(certificates.watch(settings.cert_check_interval))
+        yield
+        watcher.cancel()
+
+    app.cleanup_ctx.append(watch_certificates)
     log.info("webhook on https://%s:%d%s, injecting %s", settings.host, settings.port, INJECT_PATH,
              settings.sidecar.image)
-    watcher = asyncio.get_running_loop().create_task(certificates.watch(settings.cert_check_interval))
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        watcher.cancel()
-        await runner.cleanup()
+    await serve_until_signalled(app, settings.host, settings.port, ssl_context=certificates.context)
