@@ -28,7 +28,7 @@ from laneproxy.dataplane import codec
 if TYPE_CHECKING:
     from laneproxy.dataplane.downstream import DownstreamConnection
     from laneproxy.dataplane.listener import Listener, Target
-    from laneproxy.dataplane.upstream import UpstreamConnection
+    from laneproxy.dataplane.upstream import UpstreamConnection, UpstreamPool
 
 _NO_BODY_STATUS = frozenset({204, 304})
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
@@ -178,7 +178,11 @@ class Exchange:
             routed.cluster_stats.rq_overflow += 1
             self.reply_locally(UpstreamOverflowError("max connections or pending requests"))
             return
-        stats.cx_total += 1  # Envoy counts every connection attempt
+        self._open_connection(pool)
+
+    def _open_connection(self, pool: UpstreamPool) -> None:
+        assert self.routed is not None
+        self.routed.cluster_stats.cx_total += 1  # Envoy counts every connection attempt
         pool.connect(self._on_connected)
 
     def _on_connected(self, connection: UpstreamConnection | None, error: LocalReplyError | None) -> None:
@@ -277,7 +281,7 @@ class Exchange:
                 and not self.has_body and not self.response_started and self.routed is not None):
             # A keep-alive connection the upstream had already closed: the request never reached it.
             self.upstream = None
-            self.listener.pools.get(self.routed.endpoint.host, self.routed.endpoint.port).connect(self._on_connected)
+            self._open_connection(self.listener.pools.get(self.routed.endpoint.host, self.routed.endpoint.port))
             return
         if self.routed is not None:
             self.routed.cluster_stats.rq_reset += 1
