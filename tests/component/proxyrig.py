@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -132,6 +134,35 @@ def endpoints_file(path: Path, services: dict[str, dict[str, list[int]]], port: 
     staged.write_text(yaml.safe_dump(document))
     os.replace(staged, path)
     return path
+
+
+class ThreadedOrigin:
+    """A blocking-socket origin on 127.0.0.1: one daemon thread accepts, one thread serves each connection.
+
+    Subclasses implement `_serve(conn)`; `connections` counts the accepted ones.
+    """
+
+    backlog = 128
+
+    def start_serving(self) -> None:
+        self.connections = 0
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(self.backlog)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        raise NotImplementedError
 
 
 def stop_process(process: subprocess.Popen | None, timeout: float = 10.0) -> None:

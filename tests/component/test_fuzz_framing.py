@@ -22,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from proxyrig import SWIMLANES, ProxyProcess, endpoints_file
+from proxyrig import SWIMLANES, ProxyProcess, ThreadedOrigin, endpoints_file
 
 # Headers the proxy may add or rewrite on the way up; everything else the upstream sees must come from the client.
 PROXY_WRITTEN = {b"host", b"content-length", b"transfer-encoding", b"x-asm-prefer-tag", b"x-request-id",
@@ -39,30 +39,16 @@ class Decoded:
 
 
 @dataclass
-class StrictUpstream:
+class StrictUpstream(ThreadedOrigin):
     """An origin that parses what it receives with h11 and records each complete request; answers 200 `ok`."""
 
     received: list[Decoded] = field(default_factory=list)
     violations: list[str] = field(default_factory=list)  # bytes from the proxy that are not valid HTTP
     aborted: int = 0  # requests the proxy cut off mid-message (closing the connection): legitimate, counted
-    connections: int = 0
 
     def __post_init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(128)
-        self.port = self.sock.getsockname()[1]
         self.lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.connections += 1
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+        self.start_serving()
 
     def _serve(self, conn: socket.socket) -> None:
         parser = h11.Connection(h11.SERVER)

@@ -21,8 +21,8 @@ import pytest
 from proxyrig import (
     SWIMLANES,
     ProxyProcess,
+    ThreadedOrigin,
     UpstreamThread,
-    default_response,
     endpoints_file,
     exchange,
     free_port,
@@ -116,25 +116,13 @@ async def test_a_thousand_slowloris_connections_are_closed_by_the_header_timeout
 # -- 1 GiB each way with bounded memory -------------------------------------------------------
 
 
-class StreamingOrigin:
+class StreamingOrigin(ThreadedOrigin):
     """A blocking-socket origin on a thread: PUT discards the body and answers its size and CRC32;
     GET /download sends 1 GiB (a 1 MiB block repeated) with a Content-Length."""
 
     def __init__(self, block: bytes) -> None:
         self.block = block
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+        self.start_serving()
 
     def _serve(self, conn: socket.socket) -> None:
         conn.settimeout(60)
