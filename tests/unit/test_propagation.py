@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from laneproxy.core.propagation import LaneSource, TraceLaneTable, lane_from_baggage, resolve_lane, trace_key
+from laneproxy.core.propagation import (
+    MAX_TRACE_KEY_BYTES,
+    LaneSource,
+    TraceLaneTable,
+    entry_bytes,
+    lane_from_baggage,
+    resolve_lane,
+    trace_key,
+    valid_traceparent,
+)
 
 ROUTE = b"x-asm-prefer-tag"
 TRACE = b"my-request-id"
@@ -167,3 +176,100 @@ def test_trace_lane_table_is_lru_bounded_with_ttl_and_counts_everything(capacity
 def test_trace_lane_table_needs_positive_capacity_and_ttl(capacity, ttl):
     with pytest.raises(ValueError):
         TraceLaneTable(capacity, ttl, Clock())
+
+
+@pytest.mark.parametrize(("max_bytes", "max_key_bytes"), [(0, 256), (-1, 256), (1024, 0)])
+def test_trace_lane_table_needs_a_positive_byte_budget_and_key_length(max_bytes, max_key_bytes):
+    with pytest.raises(ValueError):
+        TraceLaneTable(16, 60, Clock(), max_bytes=max_bytes, max_key_bytes=max_key_bytes)
+
+
+def cost(*entries: tuple[bytes, bytes]) -> int:
+    return sum(entry_bytes(key, lane) for key, lane in entries)
+
+
+LONG = b"k" * MAX_TRACE_KEY_BYTES
+
+
+# Steps as above; ("bytes", n) asserts what the table holds by the byte budget's count.
+@pytest.mark.parametrize(
+    ("max_bytes", "steps", "counters", "size"),
+    [
+        pytest.param(cost((b"a", b"1"), (b"b", b"2")), [("put", b"a", b"1"), ("put", b"b", b"2"), ("put", b"c", b"3"),
+                                                       ("get", b"a", None), ("get", b"b", b"2"), ("get", b"c", b"3")],
+                     (2, 1, 1, 0, 0), 2, id="over_the_byte_budget_the_least_recently_used_entry_is_evicted"),
+        pytest.param(cost((b"a", b"1"), (b"b", b"2")), [("put", b"a", b"1"), ("put", b"b", b"2"), ("get", b"a", b"1"),
+                                                       ("put", b"c", b"3"), ("get", b"b", None), ("get", b"a", b"1")],
+                     (2, 1, 1, 0, 0), 2, id="a_lookup_protects_an_entry_from_the_byte_budget_too"),
+        pytest.param(cost((b"a", b"1"), (b"b", b"2"), (b"c", b"3")),
+                     [("put", b"a", b"1"), ("put", b"b", b"2"), ("put", b"c", b"3"), ("put", b"d" * 40, b"4"),
+                      ("get", b"a", None), ("get", b"b", None), ("get", b"c", b"3"), ("bytes", cost((b"c", b"3"), (b"d" * 40, b"4")))],
+                     (1, 2, 2, 0, 0), 2, id="one_long_entry_evicts_as_many_short_ones_as_its_bytes_need"),
+        pytest.param(cost((b"a", b"1")), [("put", b"a", b"1"), ("put", b"b" * 100, b"2"), ("get", b"b" * 100, b"2"),
+                                          ("bytes", cost((b"b" * 100, b"2")))],
+                     (1, 0, 1, 0, 0), 1, id="an_entry_alone_over_the_budget_is_kept_until_the_next_write"),
+        pytest.param(cost((b"a", b"canary"), (b"b", b"2")),
+                     [("put", b"a", b"1"), ("put", b"b", b"2"), ("put", b"a", b"canary"), ("get", b"b", b"2"),
+                      ("bytes", cost((b"a", b"canary"), (b"b", b"2")))],
+                     (1, 0, 0, 0, 0), 2, id="rewriting_a_key_charges_its_new_lane_not_both"),
+        pytest.param(1 << 20, [("at", 0), ("put", b"a", b"1"), ("put", b"b", b"2"), ("at", 60), ("get", b"a", None),
+                               ("bytes", cost((b"b", b"2")))],
+                     (0, 1, 0, 1, 0), 1, id="an_expired_entry_gives_its_bytes_back"),
+        pytest.param(1 << 20, [("put", LONG, b"1"), ("get", LONG, b"1"), ("put", LONG + b"k", b"1"),
+                               ("get", LONG + b"k", None), ("bytes", cost((LONG, b"1")))],
+                     (1, 1, 0, 0, 1), 1, id="a_key_over_the_length_limit_is_not_remembered_and_is_counted"),
+        pytest.param(1 << 20, [("put", b"a", b"1"), ("put", b"x" * 16384, b"canary"), ("put", b"x" * 16384, b"canary"),
+                               ("get", b"a", b"1")],
+                     (1, 0, 0, 0, 2), 1, id="every_rejected_write_is_counted_and_evicts_nothing"),
+    ],
+)
+def test_trace_lane_table_is_bounded_in_bytes_and_key_length(max_bytes, steps, counters, size):
+    clock = Clock(0.0)
+    table = TraceLaneTable(100, 10, clock, max_bytes=max_bytes)
+    for step in steps:
+        if step[0] == "at":
+            clock.now = step[1]
+        elif step[0] == "put":
+            table.remember(step[1], step[2])
+        elif step[0] == "bytes":
+            assert table.size_bytes == step[1]
+        else:
+            assert (step[1][:8], table.lookup(step[1])) == (step[1][:8], step[2])
+        assert table.size_bytes <= max(max_bytes, cost(*[(k, v) for k, (v, _) in list(table._entries.items())[-1:]]))
+    c = table.counters
+    assert (c.hits, c.misses, c.evictions, c.expirations, c.rejected_long_ids) == counters
+    assert len(table) == size
+    assert table.size_bytes == sum(entry_bytes(key, lane) for key, (lane, _) in table._entries.items())
+
+
+def test_four_thousand_sixteen_kilobyte_trace_ids_cost_the_table_nothing():
+    """The audit's case: 4,000 ids of 16 kB once cost 56 MiB; now none is remembered and each is counted."""
+    table = TraceLaneTable(100_000, 300, Clock())
+    for index in range(4000):
+        table.remember(b"%05d" % index + b"x" * 16_000, b"canary")
+    assert (len(table), table.size_bytes, table.counters.rejected_long_ids) == (0, 0, 4000)
+
+
+@pytest.mark.parametrize(
+    ("value", "valid"),
+    [
+        pytest.param(PARENT_1, True, id="version_00_sampled"),
+        pytest.param(PARENT_2, True, id="version_00_not_sampled"),
+        pytest.param(b"01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-later", True,
+                     id="a_later_version_may_add_fields"),
+        pytest.param(PARENT_1 + b"-later", False, id="version_00_has_exactly_four_fields"),
+        pytest.param(PARENT_1.upper(), False, id="uppercase_hex"),
+        pytest.param(b"ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", False, id="version_ff"),
+        pytest.param(b"00-" + b"0" * 32 + b"-00f067aa0ba902b7-01", False, id="all_zero_trace_id"),
+        pytest.param(b"00-4bf92f3577b34da6a3ce929d0e0e4736-" + b"0" * 16 + b"-01", False, id="all_zero_parent_id"),
+        pytest.param(b"00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01", False, id="short_trace_id"),
+        pytest.param(b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b-01", False, id="short_parent_id"),
+        pytest.param(b"00-4bf92f3577b34da6a3ce929d0e0e473g-00f067aa0ba902b7-01", False, id="non_hex_trace_id"),
+        pytest.param(b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-1", False, id="one_digit_flags"),
+        pytest.param(b"00-4bf92f3577b34da6a3ce929d0e0e4736-01", False, id="too_few_fields"),
+        pytest.param(b"10002", False, id="not_a_traceparent"),
+        pytest.param(b"", False, id="empty"),
+    ],
+)
+def test_a_valid_traceparent_follows_the_w3c_rules(value, valid):
+    assert valid_traceparent(value) is valid
