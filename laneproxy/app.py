@@ -41,7 +41,8 @@ class ProxyApp:
         self.reuse_port = reuse_port  # a worker of `--workers N`: listeners share their ports (SO_REUSEPORT)
         self.store = RouteTableStore()
         self.stats = ProxyStats()
-        self.traces = TraceLaneTable(settings.trace_table_capacity, settings.trace_table_ttl, time.monotonic)
+        self.traces = TraceLaneTable(settings.trace_table_capacity, settings.trace_table_ttl, time.monotonic,
+                                     max_bytes=settings.trace_table_bytes)
         self.listeners: list[Listener] = []
         self.bound: dict[str, int] = {}
         self.source = None

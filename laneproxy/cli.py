@@ -28,6 +28,15 @@ def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(f"LANEPROXY_{name}", default)
 
 
+def _flag(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    raise SystemExit(f"laneproxy: expected true or false in the environment, got {text!r}")
+
+
 def _address(text: str) -> Address:
     try:
         return Address.parse(text)
@@ -69,6 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--route-timeout", type=float, default=15.0, help="upstream response timeout, seconds; 0 disables")
     run.add_argument("--trace-table-size", type=int, default=100_000, help="trace-id -> lane entries kept (LRU)")
     run.add_argument("--trace-table-ttl", type=float, default=300.0, help="seconds a trace-id -> lane entry lives")
+    run.add_argument("--trace-table-bytes", type=int, default=int(_env("TRACE_TABLE_BYTES", str(32 * 1024 * 1024))),
+                     metavar="BYTES", help="byte budget of the trace-id -> lane table, LRU beyond it (default 32 MiB; "
+                                           "env LANEPROXY_TRACE_TABLE_BYTES)")
+    run.add_argument("--trust-client-trace-id", action=argparse.BooleanOptionalAction,
+                     default=_flag(_env("TRUST_CLIENT_TRACE_ID", "false")),
+                     help="gateway: keep the swimlane trace id a client sends instead of giving each request a fresh "
+                          "one (off by default; env LANEPROXY_TRUST_CLIENT_TRACE_ID). Anyone who knows a live trace "
+                          "id can then move that trace between lanes: turn it on only behind a trusted edge")
     run.add_argument("--workers", type=int, default=int(_env("WORKERS", "1")), metavar="N",
                      help="N processes sharing the listening ports (SO_REUSEPORT); the admin adds their stats up "
                           "(env LANEPROXY_WORKERS)")
@@ -165,6 +182,7 @@ def settings_from_args(args: argparse.Namespace) -> ProxySettings:
         config_files=config, source=args.source, kubeconfig=args.kubeconfig, namespace=args.namespace,
         own_lane=args.lane, reload_interval=args.reload_interval,
         trace_table_capacity=args.trace_table_size, trace_table_ttl=args.trace_table_ttl,
+        trace_table_bytes=args.trace_table_bytes, trust_client_trace_id=args.trust_client_trace_id,
         timeouts=TimeoutSettings(connect=args.connect_timeout, route=args.route_timeout,
                                  request_headers=args.request_headers_timeout, stream_idle=args.stream_idle_timeout,
                                  idle=args.idle_timeout),

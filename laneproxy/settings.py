@@ -89,6 +89,10 @@ class ProxySettings:
     reload_interval: float = 1.0
     trace_table_capacity: int = 100_000
     trace_table_ttl: float = 300.0
+    trace_table_bytes: int = 32 * 1024 * 1024  # what the trace table may hold, as its byte budget counts it
+    # The gateway keeps a client's swimlane trace id instead of giving the request a fresh one. Only
+    # behind an edge that already sets the id: any client that knows a live id can otherwise move it.
+    trust_client_trace_id: bool = False
     timeouts: TimeoutSettings = field(default_factory=TimeoutSettings)
     circuit_breakers: CircuitBreakerSettings = field(default_factory=CircuitBreakerSettings)
     retries: RetrySettings = field(default_factory=RetrySettings)

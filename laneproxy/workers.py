@@ -39,7 +39,7 @@ from collections.abc import Iterable
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
 
-from laneproxy.core.propagation import TraceLaneTable
+from laneproxy.core.propagation import DEFAULT_MAX_BYTES, TraceLaneTable
 from laneproxy.settings import Address, ProxySettings
 
 if TYPE_CHECKING:
@@ -169,23 +169,24 @@ class SharedTraceLaneTable(TraceLaneTable):
 
     __slots__ = ("_socket", "_siblings")
 
-    def __init__(self, capacity: int, ttl: float, clock, *, own: bytes, siblings: list[bytes]) -> None:
-        super().__init__(capacity, ttl, clock)
+    def __init__(self, capacity: int, ttl: float, clock, *, own: bytes, siblings: list[bytes],
+                 max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        super().__init__(capacity, ttl, clock, max_bytes=max_bytes)
         self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._socket.bind(own)
         self._socket.setblocking(False)
         self._siblings = siblings
 
-    def remember(self, key: bytes, lane: bytes) -> None:
-        super().remember(key, lane)
-        if len(key) > 0xFFFF:
-            return
+    def remember(self, key: bytes, lane: bytes) -> bool:
+        if not super().remember(key, lane):
+            return False  # too long for any table: the siblings would refuse it too
         message = struct.pack("!H", len(key)) + key + lane
         for address in self._siblings:
             try:
                 self._socket.sendto(message, address)
             except OSError:  # BlockingIOError, ConnectionRefusedError, FileNotFoundError: the sibling is busy or gone
                 pass
+        return True
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         loop.add_reader(self._socket.fileno(), self._receive)
@@ -256,7 +257,8 @@ async def _worker_serve(spec: WorkerSpec, channel: Connection) -> None:
     loop = asyncio.get_running_loop()
     siblings = [sibling_address(spec.supervisor_pid, i) for i in range(spec.count) if i != spec.index]
     app.traces = SharedTraceLaneTable(settings.trace_table_capacity, settings.trace_table_ttl, time.monotonic,
-                                      own=sibling_address(spec.supervisor_pid, spec.index), siblings=siblings)
+                                      own=sibling_address(spec.supervisor_pid, spec.index), siblings=siblings,
+                                      max_bytes=settings.trace_table_bytes)
     app.traces.attach(loop)
     loop.add_signal_handler(signal.SIGTERM, app.begin_shutdown)
     # The supervisor gone (killed, crashed) closes this pipe: drain and go rather than live on unsupervised.

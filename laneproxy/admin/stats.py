@@ -37,6 +37,7 @@ def process_view(proxy: ProxyApp) -> ProcessView:
         uptime_seconds=int(time.time() - proxy.started_at),
         static_routes=tuple(route for listener in proxy.listeners for route in listener.role.static_routes()),
         trace_counters=proxy.traces.counters, trace_table_size=len(proxy.traces),
+        trace_table_bytes=proxy.traces.size_bytes,
         config_accepted=proxy.store.accepted, config_rejected=proxy.store.rejected,
     )
 

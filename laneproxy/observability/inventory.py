@@ -33,6 +33,7 @@ class ProcessView:
     static_routes: tuple[Route, ...] = ()  # routes not in the table, e.g. a sidecar's inbound app
     trace_counters: TraceTableCounters | None = None
     trace_table_size: int = 0
+    trace_table_bytes: int = 0
     config_accepted: int = 0
     config_rejected: int = 0
 
@@ -143,7 +144,10 @@ def _process_records(view: ProcessView, *, active_clusters: int) -> Iterator[Sta
         yield counter("laneproxy.trace_table.misses", traces.misses, "laneproxy_trace_table_misses")
         yield counter("laneproxy.trace_table.evictions", traces.evictions, "laneproxy_trace_table_evictions")
         yield counter("laneproxy.trace_table.expirations", traces.expirations, "laneproxy_trace_table_expirations")
+        yield counter("laneproxy.trace_table.rejected_long_ids", traces.rejected_long_ids,
+                      "laneproxy_trace_table_rejected_long_ids")
         yield gauge("laneproxy.trace_table.size", view.trace_table_size, "laneproxy_trace_table_size")
+        yield gauge("laneproxy.trace_table.bytes", view.trace_table_bytes, "laneproxy_trace_table_bytes")
     yield counter("laneproxy.config.update_success", view.config_accepted, "laneproxy_config_update_success")
     yield counter("laneproxy.config.update_rejected", view.config_rejected, "laneproxy_config_update_rejected")
     version = view.table.version

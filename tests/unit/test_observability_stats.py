@@ -176,8 +176,8 @@ def test_process_records_include_server_state_lane_and_config_stats():
     stats = ProxyStats()
     stats.lanes.fallbacks[("default/mockb", "canary", "base")] = 2
     view = ProcessView(stats=stats, table=seed_table(), state="DRAINING", uptime_seconds=7,
-                       trace_counters=TraceTableCounters(hits=3), trace_table_size=1, config_accepted=2,
-                       config_rejected=1)
+                       trace_counters=TraceTableCounters(hits=3, rejected_long_ids=4), trace_table_size=1,
+                       trace_table_bytes=290, config_accepted=2, config_rejected=1)
     records = by_name(all_records(view))
     assert (records["server.live"].value, records["server.state"].value, records["server.uptime"].value) == (0, 1, 7)
     assert records["cluster_manager.active_clusters"].value == 5
@@ -185,6 +185,10 @@ def test_process_records_include_server_state_lane_and_config_stats():
     assert (fallback.family, dict(fallback.tags), fallback.value) == (
         "laneproxy_fallback_rq_total", {"service": "default/mockb", "from_lane": "canary", "to_lane": "base"}, 2)
     assert records["laneproxy.trace_table.hits"].value == 3
+    rejected, size_bytes = records["laneproxy.trace_table.rejected_long_ids"], records["laneproxy.trace_table.bytes"]
+    assert (rejected.kind, rejected.family, rejected.value) == (
+        StatKind.COUNTER, "laneproxy_trace_table_rejected_long_ids", 4)
+    assert (size_bytes.kind, size_bytes.family, size_bytes.value) == (StatKind.GAUGE, "laneproxy_trace_table_bytes", 290)
     assert (records["laneproxy.config.update_success"].value, records["laneproxy.config.update_rejected"].value) == (2, 1)
     version = records["laneproxy.config.version"]
     assert (version.kind, version.value, dict(version.tags)) == (StatKind.TEXT, "test", {"version": "test"})
