@@ -6,6 +6,14 @@ manager and router would in Envoy (and Istio's sidecars):
 - `x-request-id`: kept when present (at the gateway too, as Envoy with `preserve_external_request_id`),
   else a new UUID4, added to the request before routing (as Envoy's connection manager does) so that
   a local reply's access log line and span carry it too;
+- each swimlane group's trace header (`my-request-id`), at an edge: the sidecars' trace -> lane tables
+  are keyed by its value, so a client that could choose it could move another user's trace into its
+  own lane. The gateway treats it as Envoy treats an external `x-request-id` by default
+  (`preserve_external_request_id: false`): every request gets a fresh UUID4 from a cryptographic random
+  source, unless `trust_client_trace_id` keeps the client's one (then a fresh one only when it sent
+  none, an empty one or several). A `traceparent` trace header is the client's W3C trace context and is
+  kept when it is one valid traceparent (its trace-id is 128 random bits by the W3C rules: a collision
+  is negligible and a live one cannot be guessed), else replaced by a fresh sampled one;
 - `x-forwarded-proto: http`: set when absent; an edge (the gateway) always overwrites it;
 - `x-forwarded-for`: an edge appends the client's address (Envoy's `use_remote_address`); sidecars
   pass it through;
@@ -27,11 +35,14 @@ routing, `apply` after it, on the facts `inspect` found.
 from __future__ import annotations
 
 import random
+import secrets
 from typing import TYPE_CHECKING, Callable
 
 from laneproxy.core import headers as h
+from laneproxy.core.propagation import valid_traceparent
 
 if TYPE_CHECKING:
+    from laneproxy.core.model import RouteTable
     from laneproxy.dataplane.exchange import Exchange
     from laneproxy.dataplane.listener import Target
 
@@ -48,6 +59,24 @@ def uuid4_bytes(bits: int) -> bytes:
                                           n & 0xFFFFFFFFFFFF)
 
 
+def fresh_traceparent(bits: Callable[[int], int]) -> bytes:
+    """A new W3C trace context: random trace-id and parent-id (never all zero), sampled as a new trace is."""
+    return b"00-%032x-%016x-01" % (bits(128) or 1, bits(64) or 1)
+
+
+def edge_trace_value(name: bytes, sent: list[bytes], *, trust: bool, bits: Callable[[int], int]) -> bytes | None:
+    """The value an edge sends as trace header `name`, given every value the client sent; None keeps them.
+
+    Several values are replaced even when trusted: hops that read the first and hops that read the
+    last would disagree about the trace.
+    """
+    if name == h.TRACEPARENT:
+        return None if len(sent) == 1 and valid_traceparent(sent[0]) else fresh_traceparent(bits)
+    if trust and len(sent) == 1 and sent[0]:
+        return None
+    return uuid4_bytes(bits(128))
+
+
 def _milliseconds(value: bytes) -> int | None:
     return int(value) if value.isdigit() and len(value) < 10 else None
 
@@ -59,17 +88,57 @@ RequestFacts = tuple[bytes, bytes | None, bool, bytes | None]
 class RequestHeaderPolicy:
     """The header changes one listener makes: `inspect` the request, route it, then `apply` to its Target."""
 
-    __slots__ = ("edge", "route_timeout", "expected_timeout", "random_bits")
+    __slots__ = ("edge", "route_timeout", "expected_timeout", "random_bits", "trust_client_trace_id", "trace_bits",
+                 "_table", "_trace_headers")
 
     def __init__(self, *, edge: bool, route_timeout: float = 15.0,
-                 random_bits: Callable[[int], int] = random.getrandbits) -> None:
+                 random_bits: Callable[[int], int] = random.getrandbits, trust_client_trace_id: bool = False,
+                 trace_bits: Callable[[int], int] = secrets.randbits) -> None:
         self.edge = edge
         self.route_timeout = route_timeout
         self.expected_timeout = b"%d" % round(route_timeout * 1000) if route_timeout > 0 else None
-        self.random_bits = random_bits
+        self.random_bits = random_bits  # request ids: unique is enough
+        self.trust_client_trace_id = trust_client_trace_id
+        # Trace ids key the lane tables: they must be unguessable, and a Mersenne Twister's next outputs
+        # follow from 624 it has given, which an app that echoes its trace id would hand to any client.
+        self.trace_bits = trace_bits
+        self._table: RouteTable | None = None
+        self._trace_headers: tuple[bytes, ...] = ()
 
-    def inspect(self, exchange: Exchange) -> RequestFacts:
-        """Before routing: read what the policy needs, strip an external client's x-envoy-*, add x-request-id."""
+    def trace_headers(self, table: RouteTable) -> tuple[bytes, ...]:
+        """The swimlane trace headers of `table` that an edge sets (a route header is never one of them)."""
+        if table is not self._table:  # tables are immutable: computed once per published table
+            groups = table.groups.values()
+            route_headers = {group.route_header_key for group in groups}
+            self._trace_headers = tuple(sorted({group.trace_header_key for group in groups
+                                                if group.trace_header_key is not None} - route_headers))
+            self._table = table
+        return self._trace_headers
+
+    def set_trace_ids(self, exchange: Exchange, table: RouteTable) -> None:
+        """At an edge: each trace header of `table` gets the value `edge_trace_value` chooses."""
+        names = self.trace_headers(table)
+        if not names:
+            return
+        sent: dict[bytes, list[bytes]] = {name: [] for name in names}
+        for name, value in exchange.headers:
+            values = sent.get(name)
+            if values is not None:
+                values.append(value)
+        chosen = {}
+        for name, values in sent.items():
+            value = edge_trace_value(name, values, trust=self.trust_client_trace_id, bits=self.trace_bits)
+            if value is not None:
+                chosen[name] = value
+        if chosen:
+            exchange.headers = [(n, v) for n, v in exchange.headers if n not in chosen]
+            exchange.headers.extend(chosen.items())
+
+    def inspect(self, exchange: Exchange, table: RouteTable | None = None) -> RequestFacts:
+        """Before routing: set an edge's trace ids, read what the policy needs, strip an external client's
+        x-envoy-*, add x-request-id. Without `table` (no swimlane groups known) no trace id is set."""
+        if self.edge and table is not None:
+            self.set_trace_ids(exchange, table)
         request_id = forwarded_for = timeout_value = None
         has_proto = has_envoy = False
         for name, value in exchange.headers:

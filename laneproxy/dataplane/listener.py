@@ -99,7 +99,7 @@ class Role:
 
     def prepare(self, exchange: Exchange, table: RouteTable) -> Target:
         """The exchange's question: route the request, then apply the header policy and open its span."""
-        facts = self.header_policy.inspect(exchange)
+        facts = self.header_policy.inspect(exchange, table)
         target = self.choose(exchange, table)
         host_stats = target.host_stats = target.cluster_stats.host(target.endpoint)
         host_stats.rq_active += 1
@@ -133,7 +133,11 @@ class Role:
 
 
 class GatewayRole(Role):
-    """The ingress gateway: match ingress rules, choose the lane, write it into the route header."""
+    """The ingress gateway: match ingress rules, choose the lane, write it into the route header.
+
+    Its header policy has already given the request the swimlane trace ids the gateway chose
+    (header_policy: a client must not pick the trace id another user's lane is remembered by).
+    """
 
     name = "gateway"
     edge = True
@@ -301,7 +305,8 @@ class Listener:
         self.trust_envoy_headers = role.name != "gateway"
         self.draining = False
         self.exchange_observers: list[Callable[[Exchange], None]] = []  # access log, tracing
-        role.header_policy = RequestHeaderPolicy(edge=role.edge, route_timeout=settings.timeouts.route)
+        role.header_policy = RequestHeaderPolicy(edge=role.edge, route_timeout=settings.timeouts.route,
+                                                 trust_client_trace_id=settings.trust_client_trace_id)
 
     def protocol(self) -> DownstreamConnection:
         return DownstreamConnection(self)

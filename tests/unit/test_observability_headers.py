@@ -6,7 +6,15 @@ from types import SimpleNamespace
 
 import pytest
 
-from laneproxy.dataplane.header_policy import RequestHeaderPolicy, response_headers, uuid4_bytes
+from laneproxy.core.propagation import valid_traceparent
+from laneproxy.dataplane.header_policy import (
+    RequestHeaderPolicy,
+    edge_trace_value,
+    fresh_traceparent,
+    response_headers,
+    uuid4_bytes,
+)
+from .manifests import build, edit, seed_bodies
 
 NEW_ID = b"00000000-0000-4000-8000-000000000000"  # what uuid4_bytes makes of all-zero random bits
 
@@ -91,3 +99,132 @@ def test_request_ids_are_uuid4_shaped(bits):
     value = uuid.UUID(uuid4_bytes(bits).decode())
     assert (value.version, value.variant) == (4, uuid.RFC_4122)
     assert value == uuid.UUID(int=bits, version=4)
+
+
+# --- the swimlane trace header at the edge ------------------------------------------------------------
+
+TRACE = b"my-request-id"
+TRACEPARENT = b"traceparent"
+VALID_PARENT = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+BITS = 0x0123456789ABCDEF0123456789ABCDEF
+
+
+def fixed_bits(bits: int) -> int:
+    """Injected randomness: the same known bits every time, cut to the width asked for."""
+    return BITS & ((1 << bits) - 1)
+
+
+FRESH_ID = uuid4_bytes(BITS)
+FRESH_PARENT = b"00-0123456789abcdef0123456789abcdef-0123456789abcdef-01"
+
+
+@pytest.mark.parametrize(
+    ("name", "sent", "trust", "expected"),
+    [
+        pytest.param(TRACE, [], False, FRESH_ID, id="no_id_gets_a_fresh_one"),
+        pytest.param(TRACE, [b"10002"], False, FRESH_ID, id="a_clients_id_is_replaced"),
+        pytest.param(TRACE, [b"10002"], True, None, id="trusted_a_clients_id_is_kept"),
+        pytest.param(TRACE, [], True, FRESH_ID, id="trusted_no_id_still_gets_a_fresh_one"),
+        pytest.param(TRACE, [b""], True, FRESH_ID, id="trusted_an_empty_id_is_replaced"),
+        pytest.param(TRACE, [b"10002", b"10003"], True, FRESH_ID, id="trusted_two_ids_are_replaced_by_one"),
+        pytest.param(TRACE, [b"x" * 4096], True, None, id="trusted_a_long_id_is_kept_the_tables_refuse_it"),
+        pytest.param(b"x-request-id", [b"abc"], False, FRESH_ID, id="x_request_id_as_trace_header_is_replaced_too"),
+        pytest.param(TRACEPARENT, [VALID_PARENT], False, None, id="a_valid_traceparent_is_kept"),
+        pytest.param(TRACEPARENT, [VALID_PARENT], True, None, id="trusted_a_valid_traceparent_is_kept"),
+        pytest.param(TRACEPARENT, [], False, FRESH_PARENT, id="no_traceparent_gets_a_fresh_one"),
+        pytest.param(TRACEPARENT, [b"00-" + b"0" * 32 + b"-00f067aa0ba902b7-01"], False, FRESH_PARENT,
+                     id="an_all_zero_trace_id_is_replaced"),
+        pytest.param(TRACEPARENT, [b"10002"], True, FRESH_PARENT, id="trusted_an_invalid_traceparent_is_replaced"),
+        pytest.param(TRACEPARENT, [VALID_PARENT.upper()], False, FRESH_PARENT, id="uppercase_traceparent_is_invalid"),
+        pytest.param(TRACEPARENT, [VALID_PARENT, VALID_PARENT], False, FRESH_PARENT,
+                     id="two_traceparents_are_replaced_by_one"),
+    ],
+)
+def test_the_edge_chooses_each_trace_header_value(name, sent, trust, expected):
+    assert edge_trace_value(name, sent, trust=trust, bits=fixed_bits) == expected
+
+
+def test_a_fresh_traceparent_is_valid_even_from_all_zero_randomness():
+    assert valid_traceparent(fresh_traceparent(lambda bits: 0))
+    assert valid_traceparent(fresh_traceparent(fixed_bits))
+
+
+def table_with(trace_header: str | None = "my-request-id", route_header: str = "x-asm-prefer-tag"):
+    bodies = seed_bodies()
+    pmc = {"fallbackTarget": "base", "routeHeader": route_header}
+    if trace_header is not None:
+        pmc["traceHeader"] = trace_header
+    edit(bodies["group"], "spec.permissiveModeConfiguration", pmc)
+    return build(bodies)
+
+
+def inspected(headers, table, *, edge=True, trust=False):
+    exchange = SimpleNamespace(headers=list(headers))
+    policy = RequestHeaderPolicy(edge=edge, random_bits=lambda bits: 0, trust_client_trace_id=trust,
+                                 trace_bits=fixed_bits)
+    facts = policy.inspect(exchange, table)
+    return exchange.headers, facts[0]
+
+
+@pytest.mark.parametrize(
+    ("trace_header", "headers", "edge", "trust", "expected"),
+    [
+        pytest.param("my-request-id", [(TRACE, b"10002"), (b"x-asm-prefer-tag", b"canary")], True, False,
+                     [(b"x-asm-prefer-tag", b"canary"), (TRACE, FRESH_ID), (b"x-request-id", NEW_ID)],
+                     id="gateway_replaces_the_clients_id"),
+        pytest.param("my-request-id", [(b"x-asm-prefer-tag", b"canary")], True, False,
+                     [(b"x-asm-prefer-tag", b"canary"), (TRACE, FRESH_ID), (b"x-request-id", NEW_ID)],
+                     id="gateway_sets_an_id_on_a_request_without_one"),
+        pytest.param("my-request-id", [(TRACE, b"10002"), (b"accept", b"*/*"), (TRACE, b"10003")], True, True,
+                     [(b"accept", b"*/*"), (TRACE, FRESH_ID), (b"x-request-id", NEW_ID)],
+                     id="trusting_gateway_replaces_two_ids_by_one"),
+        pytest.param("my-request-id", [(TRACE, b"10002")], True, True,
+                     [(TRACE, b"10002"), (b"x-request-id", NEW_ID)], id="trusting_gateway_keeps_the_clients_id"),
+        pytest.param("my-request-id", [(TRACE, b"10002")], False, False,
+                     [(TRACE, b"10002"), (b"x-request-id", NEW_ID)], id="a_sidecar_never_touches_the_trace_id"),
+        pytest.param("x-asm-prefer-tag", [(b"x-asm-prefer-tag", b"canary")], True, False,
+                     [(b"x-asm-prefer-tag", b"canary"), (b"x-request-id", NEW_ID)],
+                     id="a_trace_header_that_is_the_route_header_is_left_alone"),
+        pytest.param(None, [(TRACE, b"10002")], True, False,
+                     [(TRACE, b"10002"), (b"x-request-id", NEW_ID)], id="no_trace_header_configured"),
+        pytest.param("traceparent", [(TRACEPARENT, VALID_PARENT)], True, False,
+                     [(TRACEPARENT, VALID_PARENT), (b"x-request-id", NEW_ID)], id="gateway_keeps_a_valid_traceparent"),
+        pytest.param("traceparent", [(TRACEPARENT, b"00-xyz-01")], True, False,
+                     [(TRACEPARENT, FRESH_PARENT), (b"x-request-id", NEW_ID)],
+                     id="gateway_replaces_an_invalid_traceparent"),
+    ],
+)
+def test_the_gateway_sets_each_requests_trace_id_before_routing(trace_header, headers, edge, trust, expected):
+    sent, _ = inspected(headers, table_with(trace_header), edge=edge, trust=trust)
+    assert sent == expected
+
+
+def test_x_request_id_as_the_trace_header_is_the_fresh_value_everywhere():
+    sent, request_id = inspected([(b"x-request-id", b"victim")], table_with("x-request-id"))
+    assert sent == [(b"x-request-id", FRESH_ID)] and request_id == FRESH_ID
+
+
+def test_the_trace_headers_of_a_table_are_found_once_per_table():
+    policy = RequestHeaderPolicy(edge=True)
+    first, second = table_with("my-request-id"), table_with("traceparent")
+    assert policy.trace_headers(first) == (TRACE,)
+    assert policy.trace_headers(second) == (TRACEPARENT,)
+    assert policy.trace_headers(first) == (TRACE,)
+
+
+def test_the_gateways_trace_ids_are_unguessable_and_distinct_by_default():
+    """Trace ids key the lane tables: they come from the system's cryptographic source, not the process PRNG."""
+    import secrets
+    import uuid
+
+    policy = RequestHeaderPolicy(edge=True)
+    assert policy.trace_bits is secrets.randbits and not policy.trust_client_trace_id
+    table = table_with()
+    values = set()
+    for _ in range(50):
+        exchange = SimpleNamespace(headers=[(TRACE, b"10002")])
+        policy.inspect(exchange, table)
+        (value,) = [v for n, v in exchange.headers if n == TRACE]
+        assert uuid.UUID(value.decode()).version == 4
+        values.add(value)
+    assert len(values) == 50
