@@ -57,7 +57,9 @@ class DemoCluster:
     """Starts and stops the demo's processes; usable as a context manager."""
 
     def __init__(self, *, gateway_port: int = 0, swimlanes: Path | None = None, workdir: Path | None = None,
-                 log_level: str = "warning") -> None:
+                 log_level: str = "warning", own_apps: frozenset[tuple[str, str]] = frozenset()) -> None:
+        """`own_apps`: (app, version) pairs whose application the caller serves itself on the pod's
+        `app_port` (a test's app that holds a request); the demo starts only their sidecars."""
         self.swimlanes = swimlanes or CONFIG_DIR / "swimlanes.yaml"
         if not self.swimlanes.exists():
             raise FileNotFoundError(f"swimlane manifests not found at {self.swimlanes}")
@@ -68,6 +70,7 @@ class DemoCluster:
         self.gateway_admin_port = free_port()
         self.pods = [Pod(*spec) for spec in TOPOLOGY]
         self.log_level = log_level
+        self.own_apps = own_apps
         self.processes: list[subprocess.Popen] = []
 
     @property
@@ -108,6 +111,8 @@ class DemoCluster:
             self._spawn("run", "--inbound", f"127.0.0.1:{pod.inbound_port}", "--app", f"127.0.0.1:{pod.app_port}",
                         "--outbound", f"127.0.0.1:{pod.outbound_port}", "--admin", f"127.0.0.1:{pod.admin_port}",
                         "--lane", pod.lane, *config)
+            if (pod.app, pod.version) in self.own_apps:
+                continue
             upstream = f"http://{pod.upstream}:{SERVICE_PORT}/" if pod.upstream else ""
             self._spawn("mock", "--listen", f"127.0.0.1:{pod.app_port}",
                         env={"app": pod.app, "version": pod.version, "upstream_url": upstream,
