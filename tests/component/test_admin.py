@@ -232,3 +232,31 @@ def test_drain_listeners_closes_connections_and_healthcheck_ok_lets_them_live_ag
     assert get(admin, "/drain_listeners", "POST") == (200, b"OK\n")
     assert b"connection: close" in keep_alive_head(port)
     assert get(admin, "/ready") == (200, b"LIVE\n")  # draining listeners is not failing health checks
+
+
+# the trace table's bounds -------------------------------------------------------------------------
+
+
+def test_the_trace_tables_byte_budget_and_refused_long_ids_show_in_stats(upstreams, tmp_path):
+    base, _ = upstreams
+    entry = len(b"t-1") + len(b"canary") + 250  # what the byte budget charges an entry (core.propagation)
+    endpoints = endpoints_file(tmp_path / "endpoints.yaml", {"default/mockb": {"base": [base.port]}})
+    sidecar = ProxyProcess(SWIMLANES, endpoints, inbound_app=base.port,
+                           extra=("--trace-table-bytes", str(2 * entry + entry // 2))).start()
+    try:
+        for trace in ("t-1", "t-2", "t-3", "x" * 257):
+            head = (b"GET / HTTP/1.1\r\nHost: mocka\r\nx-asm-prefer-tag: canary\r\nmy-request-id: %s\r\n"
+                    b"Connection: close\r\n\r\n" % trace.encode())
+            assert asyncio.run(exchange(sidecar.inbound_port, head)).startswith(b"HTTP/1.1 200")
+        text = {name: sidecar.stat(name) for name in ("laneproxy.trace_table.size", "laneproxy.trace_table.bytes",
+                                                      "laneproxy.trace_table.evictions",
+                                                      "laneproxy.trace_table.rejected_long_ids")}
+        samples = {s.name: s.value for family in text_string_to_metric_families(sidecar.admin("/stats/prometheus").decode())
+                   for s in family.samples if s.name.startswith("laneproxy_trace_table")}
+    finally:
+        sidecar.stop()
+    # Two entries fit the budget: t-3 evicted t-1; the 257-byte id was refused, not stored.
+    assert text == {"laneproxy.trace_table.size": 2, "laneproxy.trace_table.bytes": 2 * entry,
+                    "laneproxy.trace_table.evictions": 1, "laneproxy.trace_table.rejected_long_ids": 1}
+    assert (samples["laneproxy_trace_table_bytes"], samples["laneproxy_trace_table_rejected_long_ids_total"]) == (
+        2 * entry, 1)
