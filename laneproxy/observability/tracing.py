@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Callable
 
 from laneproxy.core import headers as h
 from laneproxy.core.errors import LaneProxyError
-from laneproxy.core.propagation import TraceLaneTable, trace_key
+from laneproxy.core.propagation import MAX_TRACE_KEY_BYTES, TraceLaneTable, trace_key
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
@@ -77,7 +77,9 @@ class Tracing:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.provider = provider
         self.tracer: Tracer = provider.get_tracer("laneproxy")
-        self.contexts = TraceLaneTable(context_capacity, context_ttl, clock)  # trace key -> traceparent
+        # trace key -> traceparent; a key is `header NUL trace-key`, so it may be longer than a trace key
+        # by its header name: the trace keys the lane table remembers must stay traceable here too.
+        self.contexts = TraceLaneTable(context_capacity, context_ttl, clock, max_key_bytes=2 * MAX_TRACE_KEY_BYTES + 1)
 
     @classmethod
     def create(cls, spec: str, *, service_name: str, context_capacity: int = 100_000,

@@ -16,7 +16,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from laneproxy.core.errors import NoRouteError
 from laneproxy.core.model import Endpoint, Route
-from laneproxy.core.propagation import LaneSource
+from laneproxy.core.propagation import MAX_TRACE_KEY_BYTES, LaneSource
 from laneproxy.observability.tracing import Tracing, TracingSetupError, format_traceparent, parse_traceparent
 
 from .manifests import build, seed_bodies
@@ -90,6 +90,15 @@ def test_an_apps_calls_join_the_trace_of_the_request_it_received_by_its_trace_he
     assert call.parent.span_id == received.context.span_id
     assert inbound.overrides[b"traceparent"].split(b"-")[2] == b"%016x" % received.context.span_id
     assert unrelated.context.trace_id != received.context.trace_id and unrelated.parent is None
+
+
+def test_the_longest_trace_id_the_lane_table_remembers_still_joins_the_apps_calls_to_the_trace(spans):
+    tracing, exporter = spans
+    longest = b"t" * MAX_TRACE_KEY_BYTES
+    run(tracing, "inbound", [(b"traceparent", INCOMING), (b"my-request-id", longest)])
+    run(tracing, "outbound", [(b"my-request-id", longest)])
+    received, call = exporter.get_finished_spans()
+    assert call.parent is not None and call.parent.span_id == received.context.span_id
 
 
 @pytest.mark.parametrize("value", [b"garbage", b"00-" + b"0" * 32 + b"-b7ad6b7169203331-01",
