@@ -188,6 +188,7 @@ def run_demo(gateway_port: int) -> int:
     print(f"  curl {gw}/mock -H 'x-asm-prefer-tag: base' -H 'my-request-id: 10001'    # v1 -> v1 -> v1")
     print(f"  curl {gw}/mock -H 'x-asm-prefer-tag: canary' -H 'my-request-id: 10002'  # v2 -> v1 -> v2")
     print(f"  curl {gw}/mock -H 'my-request-id: 10003'                                # v1 -> v1 -> v1")
+    print(f"  curl {gw}/mock -H 'x-asm-prefer-tag: canary'                          # v2 -> v1 -> v2: the gateway sets the id")
     print("press Ctrl-C to stop", flush=True)
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
