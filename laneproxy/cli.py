@@ -37,6 +37,12 @@ def _flag(text: str) -> bool:
     raise SystemExit(f"laneproxy: expected true or false in the environment, got {text!r}")
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return int(text)
+
+
 def _address(text: str) -> Address:
     try:
         return Address.parse(text)
@@ -78,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--route-timeout", type=float, default=15.0, help="upstream response timeout, seconds; 0 disables")
     run.add_argument("--trace-table-size", type=int, default=100_000, help="trace-id -> lane entries kept (LRU)")
     run.add_argument("--trace-table-ttl", type=float, default=300.0, help="seconds a trace-id -> lane entry lives")
-    run.add_argument("--trace-table-bytes", type=int, default=int(_env("TRACE_TABLE_BYTES", str(32 * 1024 * 1024))),
+    run.add_argument("--trace-table-bytes", type=_positive_int, default=_env("TRACE_TABLE_BYTES", str(32 * 1024 * 1024)),
                      metavar="BYTES", help="byte budget of the trace-id -> lane table, LRU beyond it (default 32 MiB; "
                                            "env LANEPROXY_TRACE_TABLE_BYTES)")
     run.add_argument("--trust-client-trace-id", action=argparse.BooleanOptionalAction,

@@ -3,8 +3,8 @@
 Owns what a listener adds to, or takes from, every request it forwards, as its HTTP connection
 manager and router would in Envoy (and Istio's sidecars):
 
-- `x-request-id`: kept when present (at the gateway too, as Envoy with `preserve_external_request_id`),
-  else a new UUID4, added to the request before routing (as Envoy's connection manager does) so that
+- `x-request-id`: kept when present (at the gateway too, as Envoy with `preserve_external_request_id`,
+  unless a swimlane group names it as its trace header: see below), else a new UUID4, added to the request before routing (as Envoy's connection manager does) so that
   a local reply's access log line and span carry it too;
 - each swimlane group's trace header (`my-request-id`), at an edge: the sidecars' trace -> lane tables
   are keyed by its value, so a client that could choose it could move another user's trace into its
