@@ -168,7 +168,7 @@ def wait_until_served(admin_urls: list[str], expected: dict, timeout: float) -> 
 
 def status_text(status: dict) -> str:
     """`laneproxy demo status` as a table: a lane without its own pod shows where its requests go."""
-    lines = [f"{'service':<8} {'base':<14} {'canary':<14}"]
+    lines = [f"{'service':<8} {'base':<14} canary"]
     for app, row in status["services"].items():
         cells = []
         for lane in LANES:
@@ -178,7 +178,7 @@ def status_text(status: dict) -> str:
                 continue
             versions = ",".join(entry["versions"]) or "none"
             cells.append(versions if entry["lane_used"] == lane else f"-> {entry['lane_used']} ({versions})")
-        lines.append(f"{app:<8} {cells[0]:<14} {cells[1]:<14}")
+        lines.append(f"{app:<8} {cells[0]:<14} {cells[1]}")
     return "\n".join(lines)
 
 
