@@ -146,6 +146,9 @@ class DemoCluster:
     def stop_pod(self, pod: Pod) -> None:
         """Stop a pod as the kubelet does: its sidecar first (it drains), then the app once nothing reaches it."""
         for process in pod.processes:
+            # Out of the watched list first: run_demo stops everything when a watched process exits.
+            if process in self.processes:
+                self.processes.remove(process)
             if process.poll() is None:
                 process.terminate()
             try:
@@ -153,8 +156,6 @@ class DemoCluster:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-            if process in self.processes:
-                self.processes.remove(process)
         pod.processes.clear()
 
     def _wait_ready(self, timeout: float, pods: list[Pod], *, gateway: bool) -> None:
@@ -242,8 +243,8 @@ def run_demo(gateway_port: int, state_file: Path | None = None) -> int:
     try:
         while not stop:
             time.sleep(0.5)
-            # Only the demo's own pods: a replaced pod's processes leave cluster.processes when it is stopped.
-            if any(p.poll() is not None for p in cluster.processes):
+            # A copy: the control thread adds and removes pods' processes meanwhile.
+            if any(p.poll() is not None for p in list(cluster.processes)):
                 print("a demo process exited; stopping", file=sys.stderr)
                 return 1
     except KeyboardInterrupt:

@@ -170,7 +170,8 @@ class Route:
     endpoints: tuple[Endpoint, ...]
     lane_asked_value: bytes | None = field(init=False, compare=False)  # as written into the route header
     # The lanes tried after the lane asked, in order, when it has no healthy endpoints (its fallback
-    # chain, or the group's fallback target); empty in strict mode and outside any group.
+    # chain, or the group's fallback target); empty in strict mode and outside any group. Not part of a
+    # route's identity: two routes to the same endpoints of the same lane are equal, however they got there.
     chain: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
