@@ -14,7 +14,7 @@ from typing import Callable
 
 from laneproxy.core.balance import RandomPicker
 from laneproxy.core.errors import NoHealthyUpstreamError
-from laneproxy.core.fallback import LaneChoice, choose_lane
+from laneproxy.core.fallback import choose_lane
 from laneproxy.core.model import Endpoint, Route, ServiceRoutes
 
 
@@ -76,17 +76,18 @@ class EndpointSelector:
         self.random = random or _random.random
 
     def select(self, route: Route, routes: ServiceRoutes | None) -> tuple[Endpoint, Route]:
-        endpoint, choice = self.choose(route, routes)
-        return endpoint, choice.route
+        endpoint, route, _ = self.choose(route, routes)
+        return endpoint, route
 
-    def choose(self, route: Route, routes: ServiceRoutes | None) -> tuple[Endpoint, LaneChoice]:
+    def choose(self, route: Route, routes: ServiceRoutes | None) -> tuple[Endpoint, Route, bool]:
+        """(endpoint, the route served, whether the request spilled past a partly healthy lane)."""
         outliers = self.outliers
         if outliers is None or not outliers.ejected:
             if not route.endpoints:
                 raise NoHealthyUpstreamError(f"no healthy endpoints for {route.cluster}")
-            return self.picker.pick(route.endpoints), LaneChoice(route, route.endpoints, False)
+            return self.picker.pick(route.endpoints), route, False
         # A retry passes the route it was served (maybe a fallback): the chain starts again from the lane asked.
         choice = choose_lane(route, routes, outliers.healthy, self.random())
         if choice is None:
             raise NoHealthyUpstreamError(f"no healthy endpoints for {route.cluster}")
-        return self.picker.pick(choice.healthy), choice
+        return self.picker.pick(choice.healthy), choice.route, choice.spilled
