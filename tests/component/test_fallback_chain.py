@@ -30,10 +30,10 @@ def swimlanes(path: Path) -> Path:
              "spec": {"isPermissive": True, "autoUpdate": True, "services": [{"name": "mockb", "namespace": "default"}],
                       "permissiveModeConfiguration": {"routeHeader": "x-asm-prefer-tag", "fallbackTarget": "base"}}}
     lanes = []
-    for name, annotations in (("base", {}), ("s2", {}),
+    for name, lane_annotations in (("base", {}), ("s2", {}),
                               ("s3", {FALLBACK_CHAIN_ANNOTATION: "s2 -> base", SPILL_BELOW_ANNOTATION: "0.5"})):
         lanes.append({"apiVersion": "istio.alibabacloud.com/v1", "kind": "ASMSwimLane",
-                      "metadata": {"name": name, "labels": {"swimlane-group": "rollout"}, "annotations": annotations},
+                      "metadata": {"name": name, "labels": {"swimlane-group": "rollout"}, "annotations": lane_annotations},
                       "spec": {"labelSelector": {"ASM_TRAFFIC_TAG": name}}})
     path.write_text(yaml.safe_dump_all([group, *lanes]))
     return path

@@ -6,7 +6,6 @@ import pytest
 
 from laneproxy.core.build import FALLBACK_CHAIN_ANNOTATION, SPILL_BELOW_ANNOTATION
 from laneproxy.core.fallback import choose_lane
-from laneproxy.core.model import Endpoint
 
 from .manifests import build, documents, endpoints_body, lane_body, problems, seed_bodies
 
@@ -18,10 +17,10 @@ def three_lanes(*, s3: dict[str, str] | None = None, s2: dict[str, str] | None =
     """The seed group with lanes s2 and s3 added (annotations as given) and mockb's endpoints per lane."""
     bodies = seed_bodies()
     bodies["group"]["spec"]["isPermissive"] = permissive
-    for name, annotations in (("s2", s2), ("s3", s3)):
+    for name, lane_annotations in (("s2", s2), ("s3", s3)):
         body = lane_body(name, services=("mocka", "mockb", "mockc"))
-        if annotations:
-            body["metadata"]["annotations"] = dict(annotations)
+        if lane_annotations:
+            body["metadata"]["annotations"] = dict(lane_annotations)
         bodies[name] = body
     lanes = endpoints if endpoints is not None else {
         "base": ["10.0.0.1:80", "10.0.0.2:80"], "s2": ["10.0.2.1:80", "10.0.2.2:80"],
@@ -89,10 +88,6 @@ def test_the_table_precomputes_the_first_lane_of_the_chain_with_endpoints(annota
     s3 = {FALLBACK_CHAIN_ANNOTATION: annotation} if annotation else None
     route = build(three_lanes(s3=s3, endpoints=endpoints)).routes[MOCKB].route_for(b"s3")
     assert (route.lane_asked, route.lane_used, route.chain) == ("s3", lane_used, chain)
-
-
-def address(endpoint: Endpoint) -> str:
-    return endpoint.address
 
 
 @pytest.mark.parametrize(
