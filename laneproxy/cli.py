@@ -133,8 +133,24 @@ def build_parser() -> argparse.ArgumentParser:
     mock.add_argument("--upstream-url", help="call this URL and append its body (env upstream_url)")
     mock.add_argument("--trace-header", default="my-request-id", help="the one header forwarded upstream")
 
-    demo = commands.add_parser("demo", help="run the full-chain demo on 127.0.0.1")
+    demo = commands.add_parser("demo", help="run the full-chain demo on 127.0.0.1; from a second terminal, "
+                                            "release, approve, undo and status drive its release lifecycle")
     demo.add_argument("--gateway-port", type=int, default=8080, help="gateway port (0 picks a free one)")
+    demo.add_argument("--state", default=None, metavar="FILE",
+                      help="where the running demo writes its control address (default: "
+                           "$TMPDIR/laneproxy-demo-<uid>.json)")
+    gestures = demo.add_subparsers(dest="gesture", metavar="[release|approve|undo|status]")
+    release = gestures.add_parser("release", help="a canary of SERVICE at VERSION joins the canary lane "
+                                                  "(as Kruise's canary Deployment)")
+    release.add_argument("service")
+    release.add_argument("version")
+    approve = gestures.add_parser("approve", help="the base lane's SERVICE becomes the canary's version; the canary "
+                                                  "goes away (kubectl kruise rollout approve)")
+    approve.add_argument("service")
+    undo = gestures.add_parser("undo", help="the canary of SERVICE goes away; canary requests use base for that hop "
+                                            "(kubectl kruise rollout undo)")
+    undo.add_argument("service")
+    gestures.add_parser("status", help="each service's versions per lane, as the gateway's /lanes sees them")
 
     inject = commands.add_parser("inject", help="print Kubernetes manifests with the sidecar added "
                                                 "(like istioctl kube-inject)")
@@ -264,9 +280,26 @@ def _mock(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from laneproxy.demo import run_demo
+    from pathlib import Path
 
-    return run_demo(args.gateway_port)
+    from laneproxy.demo import run_demo
+    from laneproxy.rollout import ControlClientError, control_request, default_state_file, status_text
+
+    state = Path(args.state) if args.state else default_state_file()
+    if args.gesture is None:
+        return run_demo(args.gateway_port, state)
+    try:
+        if args.gesture == "status":
+            print(status_text(control_request(state, "GET", "/status")))
+            return 0
+        query = {"service": args.service}
+        if args.gesture == "release":
+            query["version"] = args.version
+        print(control_request(state, "POST", f"/{args.gesture}", **query)["message"])
+    except ControlClientError as exc:
+        print(f"laneproxy demo {args.gesture}: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _sidecar_settings(args: argparse.Namespace):

@@ -9,6 +9,7 @@ stops every process it started. Tests use DemoCluster too, so the demo cannot ro
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -51,6 +52,11 @@ class Pod:
     inbound_port: int = field(default_factory=free_port)
     outbound_port: int = field(default_factory=free_port)
     admin_port: int = field(default_factory=free_port)
+    processes: list[subprocess.Popen] = field(default_factory=list, compare=False, repr=False)  # sidecar, then app
+
+    @property
+    def service(self) -> str:
+        return f"default/{self.app}"
 
 
 class DemoCluster:
@@ -94,39 +100,74 @@ class DemoCluster:
         staged.write_text(yaml.safe_dump(self.endpoints_document(pods), sort_keys=False))
         os.replace(staged, self.endpoints_file)
 
-    def _spawn(self, *args: str, env: dict[str, str] | None = None) -> None:
+    def _spawn(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
         environment = {k: v for k, v in os.environ.items() if k.lower() not in ("http_proxy", "https_proxy", "no_proxy")}
         environment.update(env or {})
         command = [sys.executable, "-m", "laneproxy", "--log-level", self.log_level, *args]
         # A session of their own: Ctrl-C reaches the demo, which then stops them in order, not all at once.
-        self.processes.append(subprocess.Popen(command, env=environment, stdin=subprocess.DEVNULL,
-                                               start_new_session=True))
+        process = subprocess.Popen(command, env=environment, stdin=subprocess.DEVNULL, start_new_session=True)
+        self.processes.append(process)
+        return process
+
+    @property
+    def _config_args(self) -> list[str]:
+        return ["--config", str(self.swimlanes), "--config", str(self.endpoints_file)]
 
     def start(self, timeout: float = 30.0) -> None:
         self.write_endpoints()
-        config = ["--config", str(self.swimlanes), "--config", str(self.endpoints_file)]
         self._spawn("run", "--gateway", f"127.0.0.1:{self.gateway_port}",
-                    "--admin", f"127.0.0.1:{self.gateway_admin_port}", *config)
+                    "--admin", f"127.0.0.1:{self.gateway_admin_port}", *self._config_args)
         for pod in self.pods:
-            self._spawn("run", "--inbound", f"127.0.0.1:{pod.inbound_port}", "--app", f"127.0.0.1:{pod.app_port}",
-                        "--outbound", f"127.0.0.1:{pod.outbound_port}", "--admin", f"127.0.0.1:{pod.admin_port}",
-                        "--lane", pod.lane, *config)
-            if (pod.app, pod.version) in self.own_apps:
-                continue
-            upstream = f"http://{pod.upstream}:{SERVICE_PORT}/" if pod.upstream else ""
-            self._spawn("mock", "--listen", f"127.0.0.1:{pod.app_port}",
-                        env={"app": pod.app, "version": pod.version, "upstream_url": upstream,
-                             "HTTP_PROXY": f"http://127.0.0.1:{pod.outbound_port}"})
+            self._spawn_pod(pod)
         try:
-            self._wait_ready(timeout)
+            self._wait_ready(timeout, self.pods, gateway=True)
         except BaseException:
             self.stop()
             raise
 
-    def _wait_ready(self, timeout: float) -> None:
+    def _spawn_pod(self, pod: Pod) -> None:
+        # A short drain: a replaced pod's sidecar stops only after every proxy has stopped sending to it.
+        pod.processes.append(self._spawn(
+            "run", "--inbound", f"127.0.0.1:{pod.inbound_port}", "--app", f"127.0.0.1:{pod.app_port}",
+            "--outbound", f"127.0.0.1:{pod.outbound_port}", "--admin", f"127.0.0.1:{pod.admin_port}",
+            "--lane", pod.lane, "--drain-seconds", "2", *self._config_args))
+        if (pod.app, pod.version) in self.own_apps:
+            return  # the caller serves this pod's application itself
+        upstream = f"http://{pod.upstream}:{SERVICE_PORT}/" if pod.upstream else ""
+        pod.processes.append(self._spawn(
+            "mock", "--listen", f"127.0.0.1:{pod.app_port}",
+            env={"app": pod.app, "version": pod.version, "upstream_url": upstream,
+                 "HTTP_PROXY": f"http://127.0.0.1:{pod.outbound_port}"}))
+
+    def start_pod(self, pod: Pod, timeout: float = 30.0) -> None:
+        """Start one more pod (its sidecar and app) and wait until both are ready; it is not published yet."""
+        self._spawn_pod(pod)
+        try:
+            self._wait_ready(timeout, [pod], gateway=False)
+        except BaseException:
+            self.stop_pod(pod)
+            raise
+
+    def stop_pod(self, pod: Pod) -> None:
+        """Stop a pod as the kubelet does: its sidecar first (it drains), then the app once nothing reaches it."""
+        for process in pod.processes:
+            # Out of the watched list first: run_demo stops everything when a watched process exits.
+            if process in self.processes:
+                self.processes.remove(process)
+            if process.poll() is None:
+                process.terminate()
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        pod.processes.clear()
+
+    def _wait_ready(self, timeout: float, pods: list[Pod], *, gateway: bool) -> None:
         deadline = time.monotonic() + timeout
-        admin_ports = [self.gateway_admin_port, *(pod.admin_port for pod in self.pods)]
-        app_ports = [pod.app_port for pod in self.pods]
+        admin_ports = [self.gateway_admin_port] if gateway else []
+        admin_ports += [pod.admin_port for pod in pods]
+        app_ports = [pod.app_port for pod in pods]
         pending = [("admin", port) for port in admin_ports] + [("app", port) for port in app_ports]
         while pending:
             for process in self.processes:
@@ -152,6 +193,8 @@ class DemoCluster:
                 process.kill()
                 process.wait()
         self.processes.clear()
+        for pod in self.pods:
+            pod.processes.clear()
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
@@ -178,28 +221,43 @@ def _answers(kind: str, port: int) -> bool:
         return False
 
 
-def run_demo(gateway_port: int) -> int:
+def run_demo(gateway_port: int, state_file: Path | None = None) -> int:
+    from laneproxy.rollout import ControlServer, DemoRollout, default_state_file, write_state
+
+    state_file = state_file or default_state_file()
     cluster = DemoCluster(gateway_port=gateway_port, log_level="warning")
     cluster.start()
+    control = ControlServer(DemoRollout(cluster)).start()
+    write_state(state_file, cluster, control.url)
     gw = cluster.gateway_url
     print(f"gateway: {gw}")
     print(f"gateway admin: {cluster.gateway_admin_url}  (try /lanes and /stats)")
+    print(f"control: {control.url}  (state in {state_file})")
     print("try:")
     print(f"  curl {gw}/mock -H 'x-asm-prefer-tag: base' -H 'my-request-id: 10001'    # v1 -> v1 -> v1")
     print(f"  curl {gw}/mock -H 'x-asm-prefer-tag: canary' -H 'my-request-id: 10002'  # v2 -> v1 -> v2")
     print(f"  curl {gw}/mock -H 'my-request-id: 10003'                                # v1 -> v1 -> v1")
     print(f"  curl {gw}/mock -H 'x-asm-prefer-tag: canary'                          # v2 -> v1 -> v2: the gateway sets the id")
+    print("and from another terminal, the seed's release steps:")
+    print("  laneproxy demo release mockb v2    # a canary mockb v2 joins the canary lane")
+    print("  laneproxy demo approve mockb       # the base lane's mockb becomes v2")
+    print("  laneproxy demo undo mocka          # the canary mocka goes away")
+    print("  laneproxy demo status              # each service's versions per lane")
     print("press Ctrl-C to stop", flush=True)
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
     try:
         while not stop:
             time.sleep(0.5)
-            if any(p.poll() is not None for p in cluster.processes):
+            # A copy: the control thread adds and removes pods' processes meanwhile.
+            if any(p.poll() is not None for p in list(cluster.processes)):
                 print("a demo process exited; stopping", file=sys.stderr)
                 return 1
     except KeyboardInterrupt:
         pass
     finally:
+        control.stop()
+        with contextlib.suppress(OSError):
+            state_file.unlink()
         cluster.stop()
     return 0

@@ -3,7 +3,8 @@
 /lanes is the table: service x lane -> the lane that serves it, its cluster and endpoints, and
 whether that is a fallback. /route answers for one request described in the query
 (`?host=mockb&path=/mock&header=x-asm-prefer-tag:canary&listener=outbound`), using the same pure
-routing functions as the data plane. It never touches live state: the trace-id -> lane table is not
+routing functions as the data plane; with endpoints ejected it adds `health`: each lane of the chain's
+healthy fraction and the lane that fallback chains and spill pick for the draw `random`. It never touches live state: the trace-id -> lane table is not
 consulted (a lookup would count as a hit or miss and refresh the entry), which the answer says when
 it matters, and for weighted ingress the random draw is the `random` parameter (default 0.5).
 """
@@ -15,7 +16,8 @@ from aiohttp import web
 from laneproxy.admin.endpoint import AdminEndpoint, context, text
 from laneproxy.core import headers as h
 from laneproxy.core.errors import LocalReplyError
-from laneproxy.core.model import Route, RouteTable
+from laneproxy.core.fallback import choose_lane, healthy_fraction, own_route
+from laneproxy.core.model import Route, RouteTable, ServiceRoutes
 from laneproxy.core.propagation import LaneSource, lane_from_baggage
 from laneproxy.core.routing import choose_ingress, service_routes_for_host
 
@@ -32,6 +34,7 @@ def lanes_document(table: RouteTable) -> dict:
                     "fallback": route.fallback,
                     "cluster": route.cluster,
                     "endpoints": [endpoint.address for endpoint in route.endpoints],
+                    "fallback_chain": list(route.chain),
                 }
                 for lane, route in routes.by_lane.items()
             },
@@ -41,7 +44,10 @@ def lanes_document(table: RouteTable) -> dict:
     groups = {
         name: {"lanes": list(group.lanes), "permissive": group.permissive, "fallback_target": group.fallback_target,
                "route_header": group.route_header, "trace_header": group.trace_header,
-               "strategy": group.strategy.value}
+               "strategy": group.strategy.value,
+               "fallback_chains": {lane.name: {service: list(chain) for service, chain in lane.fallback_chains.items()}
+                                   for lane in group.lanes.values() if lane.fallback_chains},
+               "spill_below": {lane.name: lane.spill_below for lane in group.lanes.values() if lane.spill_below}}
         for name, group in table.groups.items()
     }
     return {"version": table.version, "groups": groups, "services": services}
@@ -61,10 +67,29 @@ def _route_document(route: Route, ejected: frozenset) -> dict:
         "lane_asked": route.lane_asked,
         "lane_used": route.lane_used,
         "fallback": route.fallback,
+        "fallback_chain": list(route.chain),
         "cluster": route.cluster,
         "endpoints": [endpoint.address for endpoint in route.endpoints],
         "ejected_endpoints": [endpoint.address for endpoint in route.endpoints if endpoint in ejected],
     }
+
+
+def _health_document(route: Route, routes: ServiceRoutes | None, ejected: frozenset, random_value: float) -> dict:
+    """With ejected endpoints: each lane of the chain's healthy fraction, and the lane the draw `random` picks."""
+    def healthy(endpoints: tuple) -> tuple:
+        return tuple(endpoint for endpoint in endpoints if endpoint not in ejected)
+
+    choice = choose_lane(route, routes, healthy, random_value)
+    lanes = {}
+    if routes is not None and routes.group is not None and route.lane_asked is not None:
+        for lane in (route.lane_asked, *route.chain):
+            own = own_route(routes, lane)
+            group_lane = routes.group.lanes.get(lane)
+            lanes[lane] = {"healthy_fraction": healthy_fraction(own, healthy) if own is not None else 0.0,
+                           "spill_below": group_lane.spill_below if group_lane is not None else 0.0}
+    return {"random": random_value, "lanes": lanes,
+            "lane_used": choice.route.lane_used if choice is not None else None,
+            "spilled": choice.spilled if choice is not None else False}
 
 
 def explain_route(table: RouteTable, *, listener: str, host: str, path: str, headers: dict[str, str],
@@ -80,6 +105,9 @@ def explain_route(table: RouteTable, *, listener: str, host: str, path: str, hea
                           headers_set_upstream={decision.group.route_header: decision.lane} if decision.lane else {})
             if decision.reason == "weighted":
                 answer["random"] = random_value
+            if ejected:
+                answer["health"] = _health_document(decision.route, table.routes.get(decision.route.service), ejected,
+                                                    random_value)
             return answer
         routes = service_routes_for_host(table, host.encode())
         group = routes.group
@@ -98,6 +126,8 @@ def explain_route(table: RouteTable, *, listener: str, host: str, path: str, hea
         answer.update(lane=lane, lane_source=source.value, reason=reason, group=group.name,
                       route=_route_document(route, ejected),
                       headers_set_upstream={group.route_header: route.lane_asked} if route.lane_asked else {})
+        if ejected:
+            answer["health"] = _health_document(route, routes, ejected, random_value)
         return answer
     except LocalReplyError as error:
         answer.update(local_reply={"status": error.status, "response_flags": error.flag, "body": error.body,
@@ -165,6 +195,6 @@ ENDPOINTS = (
         ("path", "the request path (default /)"),
         ("header", "name:value, repeatable"),
         ("listener", "gateway or outbound (default: gateway if this proxy has one)"),
-        ("random", "the random draw in [0, 1) used by weighted ingress (default 0.5)"),
+        ("random", "the random draw in [0, 1) used by weighted ingress and by spill (default 0.5)"),
     )),
 )

@@ -43,6 +43,12 @@ DEFAULT_SERVICE_PORT = 80
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _LANE_VALUE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?$")
+# laneproxy's own settings on an ASMSwimLane, as annotations so that ASM's schema stays untouched.
+# fallback-chain: "s2 -> base" (every service), or "default/mockb: s2 -> base; *: base" (per service).
+FALLBACK_CHAIN_ANNOTATION = "laneproxy.dev/fallback-chain"
+# spill-below: "0.5": below half of its endpoints healthy, the lane keeps healthy/0.5 of its traffic.
+SPILL_BELOW_ANNOTATION = "laneproxy.dev/spill-below"
+ALL_SERVICES = "*"
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +199,9 @@ class _LaneDecl:
     rules: list[tuple[str, str, str, tuple[str, ...], RequestMatch, str]]  # path, rule name, host, hosts, match, dest path
     weight: int
     weight_host: str | None
+    fallback_chains: dict[str, tuple[str, ...]]
+    fallback_chain_path: str
+    spill_below: float
 
 
 @dataclass(slots=True)
@@ -335,6 +344,9 @@ def _lane_decl(doc: ConfigDocument, problems: _Problems) -> _LaneDecl | None:
     if name is not None and not _LANE_VALUE.match(name):
         root.fail("metadata.name", "a lane name must be 1-63 letters, digits, '-', '_' or '.'")
     group = root.sub("metadata").string_map("labels").get(GROUP_LABEL)
+    annotations = root.sub("metadata").sub("annotations")
+    chains = _fallback_chains(annotations)
+    spill_below = _spill_below(annotations)
     if group is None:
         root.fail(f"metadata.labels.{GROUP_LABEL}", "required: names the ASMSwimLaneGroup this lane belongs to")
     spec = root.sub("spec")
@@ -364,7 +376,46 @@ def _lane_decl(doc: ConfigDocument, problems: _Problems) -> _LaneDecl | None:
         rules=rules,
         weight=weight.integer("weight", 0, low=0, high=1_000_000),
         weight_host=weight.sub("destination").string("host"),
+        fallback_chains=chains,
+        fallback_chain_path=annotations.where(FALLBACK_CHAIN_ANNOTATION),
+        spill_below=spill_below,
     )
+
+
+def _fallback_chains(annotations: _Fields) -> dict[str, tuple[str, ...]]:
+    """The fallback-chain annotation as {service key or "*": (lane, ...)}; lanes are checked in _assemble."""
+    text = annotations.string(FALLBACK_CHAIN_ANNOTATION)
+    if not text:
+        return {}
+    chains: dict[str, tuple[str, ...]] = {}
+    for entry in filter(None, (part.strip() for part in re.split(r"[;\n]", text))):
+        service, sep, chain_text = entry.rpartition(":")
+        service = service.strip() if sep else ALL_SERVICES
+        if service != ALL_SERVICES and "/" not in service:
+            service = f"{DEFAULT_NAMESPACE}/{service}"
+        lanes = tuple(lane.strip() for lane in chain_text.split("->"))
+        if not all(lanes):
+            annotations.fail(FALLBACK_CHAIN_ANNOTATION, f"expected 'lane -> lane ...', got {entry!r}")
+            continue
+        if service in chains:
+            annotations.fail(FALLBACK_CHAIN_ANNOTATION, f"{service} has two chains")
+            continue
+        chains[service] = lanes
+    return chains
+
+
+def _spill_below(annotations: _Fields) -> float:
+    text = annotations.string(SPILL_BELOW_ANNOTATION)
+    if not text:
+        return 0.0
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        annotations.fail(SPILL_BELOW_ANNOTATION, f"expected a healthy fraction from 0 to 1, got {text!r}")
+        return 0.0
+    return value
 
 
 def _parse_address(fields: _Fields, path: str, value: Any) -> Endpoint | None:
@@ -471,6 +522,17 @@ def _service_key_for_host(host: str, namespace: str) -> str:
     if len(parts) == 1:
         return f"{namespace}/{parts[0]}"
     return f"{parts[1]}/{parts[0]}"
+
+
+def _chain(group: SwimLaneGroup, lane: Lane, service_key: str) -> tuple[str, ...]:
+    """The lanes tried after `lane` for this service: its own chain, else the group's fallback target."""
+    if not group.permissive:
+        return ()
+    chain = lane.fallback_chains.get(service_key) or lane.fallback_chains.get(ALL_SERVICES)
+    if chain is not None:
+        return chain
+    fallback = group.fallback_for(service_key)
+    return (fallback,) if fallback is not None and fallback != lane.name else ()
 
 
 def _cluster_name(service: Service, lane: str | None) -> str:
@@ -623,6 +685,7 @@ def _assemble(
             if decl.strategy is RoutingStrategy.WEIGHTED and lane.weight > 0 and weight_destination is None:
                 problems.add(lane.source, f"{lane_prefix}.spec.ingressWeight.destination.host",
                              "required for a weighted lane (or give the lane an ingress rule)")
+            _check_chains(lane, decl, member_names, problems)
             lanes[lane.name] = Lane(
                 name=lane.name,
                 group=decl.name,
@@ -631,6 +694,8 @@ def _assemble(
                 ingress_rules=tuple(lane_rules),
                 weight=lane.weight,
                 weight_destination=weight_destination,
+                fallback_chains=MappingProxyType(dict(lane.fallback_chains)),
+                spill_below=lane.spill_below,
             )
             rules.extend(lane_rules)
         if decl.strategy is RoutingStrategy.WEIGHTED and not any(lane.weight for lane in lanes.values()):
@@ -670,6 +735,22 @@ def _assemble(
     )
 
 
+def _check_chains(lane: _LaneDecl, group: _GroupDecl, member_names: set[str], problems: _Problems) -> None:
+    """A chain names other lanes of the lane's group, each once, for services of the group, in permissive mode."""
+    where = lane.fallback_chain_path
+    if lane.fallback_chains and not group.permissive:
+        problems.add(lane.source, where, f"group {group.name!r} is strict (isPermissive: false): lanes never fall back")
+    for service, chain in lane.fallback_chains.items():
+        if service != ALL_SERVICES and service not in group.services:
+            problems.add(lane.source, where, f"{service} is not a service of group {group.name!r}")
+        shown = " -> ".join((lane.name, *chain))
+        for target in chain:
+            if target not in member_names:
+                problems.add(lane.source, where, f"unknown lane {target!r} in {shown} (lanes: {_names(member_names)})")
+        if lane.name in chain or len(set(chain)) != len(chain):
+            problems.add(lane.source, where, f"cycle in {shown}: a chain names each lane once, never its own")
+
+
 def _unique(endpoints: list[Endpoint]) -> tuple[Endpoint, ...]:
     """Endpoints by address, sorted; where an address is declared twice the first labels win."""
     first: dict[tuple[str, int], Endpoint] = {}
@@ -692,11 +773,13 @@ def _service_routes(service: Service, group: SwimLaneGroup | None) -> ServiceRou
         selected = tuple(e for e in service.endpoints if e.has_labels(lane.label_selector))
         in_lane = service.key in lane.declared_services or (group.auto_update and bool(selected))
         members[lane.name] = selected if in_lane else ()
-    fallback = group.fallback_for(service.key) if group.permissive else None
     by_lane: dict[bytes, Route] = {}
     for lane in group.lanes.values():
-        used = lane.name if members[lane.name] or fallback is None else fallback
-        by_lane[lane.name.encode()] = Route(service.key, lane.name, used, _cluster_name(service, used), members.get(used, ()))
+        chain = _chain(group, lane, service.key)
+        # The first lane of the chain with endpoints serves; with none, the last one (and its 503).
+        used = next((name for name in (lane.name, *chain) if members.get(name)), chain[-1] if chain else lane.name)
+        by_lane[lane.name.encode()] = Route(service.key, lane.name, used, _cluster_name(service, used),
+                                            members.get(used, ()), chain)
     base = group.fallback_target
     if base is not None and base.encode() in by_lane:
         default = by_lane[base.encode()]

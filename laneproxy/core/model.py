@@ -119,6 +119,11 @@ class Lane:
     ingress_rules: tuple[IngressRule, ...] = ()
     weight: int = 0
     weight_destination: str | None = None  # service key
+    # laneproxy's extensions (annotations on the ASMSwimLane, so the ASM schema is untouched):
+    # the lanes tried in order when this lane has no healthy endpoints, per service key ("*": every
+    # service), and the healthy fraction below which a share of the lane's traffic spills to them.
+    fallback_chains: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: EMPTY_MAPPING)
+    spill_below: float = 0.0
 
 
 class RoutingStrategy(str, Enum):
@@ -164,6 +169,10 @@ class Route:
     cluster: str
     endpoints: tuple[Endpoint, ...]
     lane_asked_value: bytes | None = field(init=False, compare=False)  # as written into the route header
+    # The lanes tried after the lane asked, in order, when it has no healthy endpoints (its fallback
+    # chain, or the group's fallback target); empty in strict mode and outside any group. Not part of a
+    # route's identity: two routes to the same endpoints of the same lane are equal, however they got there.
+    chain: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lane_asked_value", self.lane_asked.encode() if self.lane_asked else None)

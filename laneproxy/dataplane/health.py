@@ -2,16 +2,19 @@
 
 Owns passive health: consecutive 5xx (and local connect/reset failures, as Envoy counts them by
 default) eject an endpoint for a while, never more than a share of a set (but always at least one,
-so a lone broken canary can leave). A lane whose endpoints are all ejected falls back to the
-baseline exactly as an empty lane does. When nothing is ejected the check is one truth test.
+so a lone broken canary can leave). A lane whose endpoints are all ejected falls back along its
+chain (by default to the baseline) exactly as an empty lane does, and a partly ejected lane may
+spill (core.fallback decides). When nothing is ejected the check is one truth test.
 """
 
 from __future__ import annotations
 
+import random as _random
 from typing import Callable
 
 from laneproxy.core.balance import RandomPicker
 from laneproxy.core.errors import NoHealthyUpstreamError
+from laneproxy.core.fallback import choose_lane
 from laneproxy.core.model import Endpoint, Route, ServiceRoutes
 
 
@@ -58,36 +61,33 @@ class OutlierDetector:
 
 
 class EndpointSelector:
-    """Picks an endpoint of a route among the healthy ones; falls back to the baseline lane when none is."""
+    """Picks a healthy endpoint of a route; when its lane is unhealthy, the lane's fallback chain decides.
 
-    __slots__ = ("picker", "outliers")
+    With nothing ejected the table's precomputed route stands (every lane fully healthy, so no chain
+    and no spill applies): one truth test. Otherwise core.fallback.choose_lane takes the decision.
+    """
 
-    def __init__(self, picker: RandomPicker, outliers: OutlierDetector | None) -> None:
+    __slots__ = ("picker", "outliers", "random")
+
+    def __init__(self, picker: RandomPicker, outliers: OutlierDetector | None,
+                 random: Callable[[], float] | None = None) -> None:
         self.picker = picker
         self.outliers = outliers
+        self.random = random or _random.random
 
     def select(self, route: Route, routes: ServiceRoutes | None) -> tuple[Endpoint, Route]:
+        endpoint, route, _ = self.choose(route, routes)
+        return endpoint, route
+
+    def choose(self, route: Route, routes: ServiceRoutes | None) -> tuple[Endpoint, Route, bool]:
+        """(endpoint, the route served, whether the request spilled past a partly healthy lane)."""
         outliers = self.outliers
-        endpoints = route.endpoints if outliers is None else outliers.healthy(route.endpoints)
-        if not endpoints and routes is not None:
-            fallback = _fallback_route(route, routes)
-            if fallback is not None:
-                route = fallback
-                endpoints = route.endpoints if outliers is None else outliers.healthy(route.endpoints)
-        if not endpoints:
+        if outliers is None or not outliers.ejected:
+            if not route.endpoints:
+                raise NoHealthyUpstreamError(f"no healthy endpoints for {route.cluster}")
+            return self.picker.pick(route.endpoints), route, False
+        # A retry passes the route it was served (maybe a fallback): the chain starts again from the lane asked.
+        choice = choose_lane(route, routes, outliers.healthy, self.random())
+        if choice is None:
             raise NoHealthyUpstreamError(f"no healthy endpoints for {route.cluster}")
-        return self.picker.pick(endpoints), route
-
-
-def _fallback_route(route: Route, routes: ServiceRoutes) -> Route | None:
-    """The route of the fallback lane, keeping the lane asked (so the next hop returns to it)."""
-    group = routes.group
-    if group is None or not group.permissive:
-        return None
-    target = group.fallback_for(route.service)
-    if target is None or target == route.lane_used:
-        return None
-    fallback = routes.by_lane.get(target.encode())
-    if fallback is None:
-        return None
-    return Route(route.service, route.lane_asked, fallback.lane_used, fallback.cluster, fallback.endpoints)
+        return self.picker.pick(choice.healthy), choice.route, choice.spilled

@@ -118,7 +118,7 @@ class Role:
     def _target(self, route: Route, routes: ServiceRoutes | None, path: bytes, overrides: dict[bytes, bytes],
                 source: LaneSource | None) -> Target:
         try:
-            endpoint, route = self.selector.select(route, routes)
+            endpoint, route, spilled = self.selector.choose(route, routes)
         except NoHealthyUpstreamError:
             cluster = self.stats.cluster(route.cluster)  # Envoy charges the cluster: none_healthy and a 503
             cluster.cx_none_healthy += 1
@@ -129,6 +129,8 @@ class Role:
             lanes.requests[route.lane_used] += 1
             if route.lane_asked is not None and route.lane_used != route.lane_asked:
                 lanes.fallbacks[(route.service, route.lane_asked, route.lane_used)] += 1
+                if spilled:
+                    lanes.spills[(route.service, route.lane_asked, route.lane_used)] += 1
         return Target(endpoint, path, overrides, self.stats.cluster(route.cluster), route, routes, source)
 
 

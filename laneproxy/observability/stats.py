@@ -249,18 +249,24 @@ class ListenerStats:
 
 
 class LaneStats:
-    """laneproxy's own lane counters: requests per lane used, fallbacks per (service, from lane, to lane)."""
+    """laneproxy's own lane counters: requests per lane used, fallbacks per (service, from lane, to lane).
 
-    __slots__ = ("requests", "fallbacks", "lane_sources")
+    A spill (a share of a partly healthy lane sent down its fallback chain) counts as a fallback and,
+    in `spills`, once more as a spill, so the share of fallbacks caused by partial health is visible.
+    """
+
+    __slots__ = ("requests", "fallbacks", "spills", "lane_sources")
 
     def __init__(self) -> None:
         self.requests: Counter[str] = Counter()
         self.fallbacks: Counter[tuple[str, str, str]] = Counter()
+        self.spills: Counter[tuple[str, str, str]] = Counter()
         self.lane_sources: Counter[str] = Counter()
 
     def reset_counters(self) -> None:
         self.requests.clear()
         self.fallbacks.clear()
+        self.spills.clear()
         self.lane_sources.clear()
 
     def records(self) -> Iterator[StatRecord]:
@@ -270,6 +276,10 @@ class LaneStats:
         for (service, from_lane, to_lane), count in sorted(self.fallbacks.items()):
             yield StatRecord(f"laneproxy.fallback.{service}.{from_lane}.{to_lane}", StatKind.COUNTER, count, count > 0,
                              "laneproxy_fallback_rq_total",
+                             (("service", service), ("from_lane", from_lane), ("to_lane", to_lane)))
+        for (service, from_lane, to_lane), count in sorted(self.spills.items()):
+            yield StatRecord(f"laneproxy.spill.{service}.{from_lane}.{to_lane}", StatKind.COUNTER, count, count > 0,
+                             "laneproxy_spill_rq_total",
                              (("service", service), ("from_lane", from_lane), ("to_lane", to_lane)))
         for source, count in sorted(self.lane_sources.items()):
             yield StatRecord(f"laneproxy.lane_source.{source}", StatKind.COUNTER, count, count > 0,

@@ -54,3 +54,34 @@ def test_ejected_endpoints_are_pointed_out():
     answer = explain_route(build(seed_bodies()), listener="outbound", host="mockb", path="/", headers={},
                            ejected=ejected)
     assert answer["route"]["ejected_endpoints"] == ["127.0.0.1:16002"]
+
+
+@pytest.mark.parametrize(
+    ("ejected", "random_value", "lane_used", "spilled", "fractions"),
+    [
+        ({"127.0.0.1:16004", "127.0.0.1:16014"}, 0.5, "base", False, {"canary": 0.0, "base": 1.0}),
+        ({"127.0.0.1:16004", "127.0.0.1:16014", "127.0.0.1:16001"}, 0.5, None, False, {"canary": 0.0, "base": 0.0}),
+        # Half of canary healthy, spill below 0.8: canary keeps 0.5 / 0.8 = 0.625 of the draws.
+        ({"127.0.0.1:16004"}, 0.6, "canary", False, {"canary": 0.5, "base": 1.0}),
+        ({"127.0.0.1:16004"}, 0.65, "base", True, {"canary": 0.5, "base": 1.0}),
+    ],
+    ids=["canary-ejected-falls-back", "nothing-healthy", "spill-draw-stays", "spill-draw-leaves"],
+)
+def test_with_endpoints_ejected_the_answer_shows_each_chain_lanes_health_and_the_lane_the_draw_picks(
+        ejected, random_value, lane_used, spilled, fractions):
+    bodies = seed_bodies()
+    bodies["canary"]["metadata"]["annotations"] = {"laneproxy.dev/spill-below": "0.8"}
+    bodies["endpoints"]["services"]["default/mocka"]["lanes"]["canary"].append("127.0.0.1:16014")
+    addresses = {Endpoint("127.0.0.1", int(address.rsplit(":", 1)[1])) for address in ejected}
+    answer = explain_route(build(bodies), listener="gateway", host="shop", path="/mock", headers={TAG: "canary"},
+                           ejected=frozenset(addresses), random_value=random_value)
+    health = answer["health"]
+    assert (health["lane_used"], health["spilled"], health["random"]) == (lane_used, spilled, random_value)
+    assert {lane: entry["healthy_fraction"] for lane, entry in health["lanes"].items()} == fractions
+    assert health["lanes"]["canary"]["spill_below"] == 0.8
+    assert answer["route"]["fallback_chain"] == ["base"]
+
+
+def test_without_ejections_the_answer_has_no_health_section():
+    answer = explain_route(build(seed_bodies()), listener="outbound", host="mockb", path="/", headers={TAG: "canary"})
+    assert "health" not in answer
