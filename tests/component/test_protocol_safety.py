@@ -42,9 +42,10 @@ def upstream():
 
 @pytest.fixture(scope="module")
 def proxy(tmp_path_factory: pytest.TempPathFactory, upstream):
+    """An outbound listener (Host mockb) and a gateway (/mock goes to mocka), both in front of `upstream`."""
     endpoints = endpoints_file(tmp_path_factory.mktemp("protocol") / "endpoints.yaml",
-                               {"default/mockb": {"base": [upstream.port]}})
-    process = ProxyProcess(SWIMLANES, endpoints, outbound=True).start()
+                               {"default/mockb": {"base": [upstream.port]}, "default/mocka": {"base": [upstream.port]}})
+    process = ProxyProcess(SWIMLANES, endpoints, outbound=True, gateway=True).start()
     yield process
     process.stop()
 
@@ -184,6 +185,87 @@ async def test_chunked_trailer_fields_never_become_request_headers_upstream(prox
         names = [name.lower() for name, _ in request.headers()]
         assert names.count(b"host") == 1 and request.header(b"host") == b"mockb", request.head
         assert b"x-trailer-only" not in names, request.head
+
+
+# -- Connection cannot remove framing or Host -----------------------------------------------------
+
+# The issue's reproducer, byte for byte: with its Content-Length dropped as "hop-by-hop", the upstream
+# read the body as a second request that no rule, lane or access log had seen.
+SMUGGLING_REPRODUCER = (b'POST /mock HTTP/1.1\r\nHost: a\r\nConnection: content-length\r\nContent-Length: 39\r\n\r\n'
+                        b'GET /smuggled HTTP/1.1\r\nHost: mockb\r\n\r\n')
+
+
+async def test_the_issues_connection_content_length_reproducer_reaches_the_upstream_as_one_framed_post(proxy, upstream):
+    assert len(FOLLOWER) == 39  # the reproducer's body is exactly the follower request
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.gateway_port)
+    writer.write(SMUGGLING_REPRODUCER)
+    async with asyncio.timeout(5):
+        status, _, body = await read_response(reader)
+    await asyncio.sleep(0.2)  # a smuggled request would have reached the upstream by now
+    writer.close()
+    assert (status, body) == (200, b"POST /mock HTTP/1.1")
+    assert [(r.request_line, r.header(b"content-length"), r.body) for r in upstream.received] == [
+        (b"POST /mock HTTP/1.1", b"39", FOLLOWER)]
+
+
+CONNECTION_NAMING_FRAMING = {
+    "content-length": (b"Connection: content-length", b"Content-Length: 39"),
+    "keep-alive-then-content-length": (b"Connection: keep-alive, Content-Length", b"Content-Length: 39"),
+    "uppercase": (b"Connection: CONTENT-LENGTH", b"Content-Length: 39"),
+    "second-connection-line": (b"Connection: keep-alive\r\nConnection: content-length", b"Content-Length: 39"),
+    "content-length-before-connection": (b"Content-Length: 39", b"Connection: content-length"),
+    "transfer-encoding": (b"Connection: transfer-encoding", b"Transfer-Encoding: chunked"),
+}
+
+
+@pytest.mark.parametrize(("first", "second"), CONNECTION_NAMING_FRAMING.values(), ids=CONNECTION_NAMING_FRAMING.keys())
+async def test_a_framing_header_named_in_connection_is_ignored_and_the_body_stays_a_body(proxy, upstream, first, second):
+    body = b"27\r\n" + FOLLOWER + b"\r\n0\r\n\r\n" if second.startswith(b"Transfer") else FOLLOWER
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.outbound_port)
+    writer.write(post(first, second, body=body) + b"GET /next HTTP/1.1\r\nHost: mockb\r\n\r\n")
+    async with asyncio.timeout(5):
+        answers = [await read_response(reader), await read_response(reader)]
+    await asyncio.sleep(0.2)
+    writer.close()
+    assert [(status, body) for status, _, body in answers] == [(200, b"POST /upload HTTP/1.1"), (200, b"GET /next HTTP/1.1")]
+    assert [(r.request_line, r.body) for r in upstream.received] == [(b"POST /upload HTTP/1.1", FOLLOWER),
+                                                                     (b"GET /next HTTP/1.1", b"")]
+    framing = upstream.received[0].header(b"content-length") or upstream.received[0].header(b"transfer-encoding")
+    assert framing in (b"39", b"chunked")
+
+
+async def test_host_named_in_connection_is_kept_while_other_named_headers_are_removed(proxy, upstream):
+    raw = get(b"Host: mockb", b"Connection: host, x-hop", b"X-Hop: 1", b"X-End: 2", request_line=b"GET /h HTTP/1.1")
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.outbound_port)
+    writer.write(raw)
+    async with asyncio.timeout(5):
+        status, _, _ = await read_response(reader)
+    writer.close()
+    assert status == 200
+    (received,) = upstream.received
+    names = [name.lower() for name, _ in received.headers()]
+    assert (received.header(b"host"), names.count(b"host")) == (b"mockb", 1)
+    assert b"x-hop" not in names and received.header(b"x-end") == b"2"
+
+
+@pytest.mark.parametrize("connection", [b"content-length", b"keep-alive, Content-Length"])
+async def test_an_upstream_response_naming_content_length_in_connection_stays_framed_on_a_kept_alive_connection(
+        proxy, upstream, connection):
+    def respond(request):
+        if request.request_line.startswith(b"GET /named "):
+            return b"HTTP/1.1 200 OK\r\nconnection: " + connection + b"\r\ncontent-length: 5\r\n\r\nhello"
+        return default_response(request)
+
+    upstream.respond = respond
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.outbound_port)
+    writer.write(b"GET /named HTTP/1.1\r\nHost: mockb\r\n\r\n")
+    async with asyncio.timeout(5):
+        first = await read_response(reader)
+        writer.write(b"GET /after HTTP/1.1\r\nHost: mockb\r\n\r\n")
+        second = await read_response(reader)
+    writer.close()
+    assert (first[0], first[1].get(b"content-length"), first[2]) == (200, b"5", b"hello")
+    assert (second[0], second[2]) == (200, b"GET /after HTTP/1.1")
 
 
 # -- limits --------------------------------------------------------------------------------------
