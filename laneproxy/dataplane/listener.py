@@ -290,6 +290,7 @@ class Listener:
         self.max_header_bytes = settings.max_request_headers_kb * 1024
         self.max_header_count = settings.max_request_headers_count
         self.max_pipelined = settings.max_pipelined_requests
+        self.buffer_limit = settings.per_connection_buffer_limit_bytes
         self.connections: set[DownstreamConnection] = set()
         self.server: asyncio.AbstractServer | None = None
         self.sweeper: asyncio.Task | None = None

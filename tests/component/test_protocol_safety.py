@@ -10,6 +10,7 @@ Never through an HTTP client: clients normalise exactly the bytes under test.
 from __future__ import annotations
 
 import asyncio
+import select
 import socket
 import threading
 import time
@@ -21,6 +22,7 @@ import pytest
 from proxyrig import (
     SWIMLANES,
     ProxyProcess,
+    RssWatch,
     UpstreamThread,
     default_response,
     endpoints_file,
@@ -132,6 +134,8 @@ REJECTED = {
     # Host
     "duplicate-host-different": get(b"Host: mockb", b"Host: mockc"),
     "duplicate-host-same": get(b"Host: mockb", b"Host: mockb"),
+    # an upgrade stops the parser at the head: a body would be announced upstream and never sent
+    "upgrade-with-a-body": post(b"Connection: upgrade", b"Upgrade: websocket", b"Content-Length: 5", body=b"hello"),
 }
 
 
@@ -268,6 +272,31 @@ async def test_an_upstream_response_naming_content_length_in_connection_stays_fr
     assert (second[0], second[2]) == (200, b"GET /after HTTP/1.1")
 
 
+# -- upgrades (no tunnels yet) ---------------------------------------------------------------------
+
+UPGRADES = {
+    "websocket": get(b"Host: mockb", b"Connection: Upgrade", b"Upgrade: websocket", b"Sec-WebSocket-Version: 13",
+                     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", request_line=b"GET /ws HTTP/1.1"),
+    "h2c": get(b"Host: mockb", b"Connection: Upgrade, HTTP2-Settings", b"Upgrade: h2c",
+               b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA", request_line=b"GET /ws HTTP/1.1"),
+}
+
+
+@pytest.mark.parametrize("raw", UPGRADES.values(), ids=UPGRADES.keys())
+async def test_an_upgrade_request_is_answered_exactly_once_without_the_upgrade_and_the_connection_closes(
+        proxy, upstream, raw):
+    # What a client sends after asking to upgrade (a frame, then a request) is dropped, never parsed.
+    response, closed = await exchange_until_close(proxy.outbound_port, raw + b"\x81\x85frame" + FOLLOWER, timeout=5)
+    await asyncio.sleep(0.1)
+    assert status_lines(response) == [b"HTTP/1.1 200 OK"], response
+    assert response.endswith(b"GET /ws HTTP/1.1") and closed
+    assert b"\r\nconnection: close\r\n" in response.lower()
+    (received,) = upstream.received
+    names = {name.lower() for name, _ in received.headers()}
+    assert received.request_line == b"GET /ws HTTP/1.1"
+    assert not names & {b"upgrade", b"connection", b"http2-settings"}, received.head
+
+
 # -- limits --------------------------------------------------------------------------------------
 
 
@@ -301,6 +330,69 @@ async def test_request_heads_are_limited_to_60_kib_and_100_headers_by_default(pr
         assert (upstream.received, upstream.connections) == ([], 0)
     else:
         assert len(upstream.received) == 1
+
+
+ENDLESS = {
+    # (what is sent first, the byte repeated after it, the status): the head never ends
+    "header-value": (b"GET / HTTP/1.1\r\nHost: mockb\r\nX-Long: ", b"v", 431),
+    "header-name": (b"GET / HTTP/1.1\r\nHost: mockb\r\nX-", b"n", 431),
+    "request-target": (b"GET /", b"t", 400),
+}
+HEAD_LIMIT = 60 * 1024
+# The stated bound: an incomplete head is cut off once the bytes received for it pass the limit, counted
+# per read; a head that begins after another request in the same read counts from the next read, so
+# the proxy holds at most the limit plus two reads of 256 KiB. What the client manages to send before
+# the answer also includes what the kernel buffers: allowed for below, far under what was offered.
+OFFERED = 8 << 20
+
+
+def send_endless_head(port: int, prefix: bytes, filler: bytes) -> tuple[int, bytes]:
+    """Send an endless head in 16 KiB pieces until the proxy answers; (bytes sent, what came back)."""
+    piece = filler * 16384
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.settimeout(5)
+        sock.sendall(prefix)
+        sent = len(prefix)
+        while sent < OFFERED and not select.select([sock], [], [], 0.01)[0]:
+            try:
+                sent += sock.send(piece)
+            except (BlockingIOError, TimeoutError):
+                continue
+            except ConnectionError:
+                break
+        answer = b""
+        try:
+            while data := sock.recv(65536):
+                answer += data
+        except (ConnectionError, TimeoutError):
+            pass
+    return sent, answer
+
+
+@pytest.mark.parametrize(("prefix", "filler", "status"), ENDLESS.values(), ids=ENDLESS.keys())
+def test_a_head_that_never_ends_is_refused_soon_after_the_limit_and_reaches_no_upstream(proxy, upstream, prefix,
+                                                                                          filler, status):
+    sent, answer = send_endless_head(proxy.outbound_port, prefix, filler)
+    assert answer.startswith(b"HTTP/1.1 %d " % status), (sent, answer[:200])
+    assert sent < HEAD_LIMIT + (2 << 20), f"the proxy took {sent} bytes of one head before refusing it"
+    assert (upstream.received, upstream.connections) == ([], 0)
+
+
+def test_endless_header_values_on_eight_connections_leave_the_proxys_memory_bounded(proxy, upstream):
+    """On the unbounded parser, 8 MiB each (what this test offers) cost over 64 MiB and quadratic CPU."""
+    watch = RssWatch(proxy.process.pid)
+    baseline = watch.peak
+    results: list[tuple[int, bytes]] = []
+    senders = [threading.Thread(target=lambda: results.append(send_endless_head(
+        proxy.outbound_port, ENDLESS["header-value"][0], b"v"))) for _ in range(8)]
+    for sender in senders:
+        sender.start()
+    for sender in senders:
+        sender.join(timeout=60)
+    growth = watch.stop() - baseline
+    assert [answer[:12] for _, answer in results] == [b"HTTP/1.1 431"] * 8
+    # Stated bound: 8 x (limit + two reads) is under 5 MiB; allocator slack and buffers make it 24 MiB.
+    assert growth < 24 << 20, f"RSS grew by {growth >> 20} MiB"
 
 
 async def test_header_limits_are_configurable(tmp_path: Path, upstream):
@@ -398,6 +490,82 @@ def test_pipelined_requests_are_read_only_as_far_as_the_bounded_queue_allows(pro
         assert time.monotonic() < deadline
     sender.join(timeout=10)
     sock.close()
+
+
+def read_in_order(sock: socket.socket, count: int, body_of, deadline: float) -> None:
+    """Read `count` Content-Length responses from a blocking socket; each must be 200 with body_of(index)."""
+    buffer = b""
+    for index in range(count):
+        while b"\r\n\r\n" not in buffer:
+            assert time.monotonic() < deadline, f"only {index} of {count} responses arrived"
+            data = sock.recv(1 << 20)
+            assert data, f"the proxy closed after {index} of {count} responses"
+            buffer += data
+        head, buffer = buffer.split(b"\r\n\r\n", 1)
+        length = int(next(line for line in head.lower().split(b"\r\n") if line.startswith(b"content-length:")).split(b":")[1])
+        while len(buffer) < length:
+            buffer += sock.recv(1 << 20)
+        body, buffer = buffer[:length], buffer[length:]
+        assert (head[:12], body) == (b"HTTP/1.1 200", body_of(index))
+
+
+def test_twenty_thousand_pipelined_requests_in_one_send_never_exceed_the_pipelining_limit(proxy, upstream):
+    """httptools parses a whole read before pausing takes effect: 20,000 requests once made 3,396 exchanges."""
+    upstream.delay = lambda request: 1.5 if request.request_line.startswith(b"GET /0 ") else 0
+    count = 20_000
+    payload = b"".join(b"GET /%d HTTP/1.1\r\nHost: mockb\r\n\r\n" % i for i in range(count))
+    sock = socket.create_connection(("127.0.0.1", proxy.outbound_port))
+    sender = threading.Thread(target=sock.sendall, args=(payload,), daemon=True)
+    sender.start()
+    active = []
+    sampling_until = time.monotonic() + 1.2  # while /0 is held, the queue fills to its bound and stays there
+    while time.monotonic() < sampling_until:
+        active.append(proxy.stat("http.outbound.downstream_rq_active"))
+        time.sleep(0.02)
+    # Stated bound: the request in flight, the 16 queued (--max-pipelined-requests) and one more, when the
+    # terminator of a head straddles two reads.
+    assert max(active) <= 1 + 16 + 1, f"up to {max(active)} requests in flight on one connection"
+    assert max(active) >= 16  # the queue did fill: the bound was exercised
+    sock.settimeout(30)
+    read_in_order(sock, count, lambda index: b"GET /%d HTTP/1.1" % index, time.monotonic() + 120)
+    sender.join(timeout=10)
+    sock.close()
+    assert len(upstream.received) == count
+
+
+def test_a_body_pipelined_behind_a_slow_request_is_buffered_only_to_the_connection_buffer_limit(proxy, upstream):
+    """Once, a 256 MiB POST behind a slow GET raised the proxy's RSS from 51 to 307 MiB."""
+    upstream.delay = lambda request: 2.0 if request.request_line.startswith(b"GET /slow ") else 0
+    size = 64 << 20
+    body = bytes(range(256)) * (size // 256)
+    head = (b"GET /slow HTTP/1.1\r\nHost: mockb\r\n\r\n"
+            b"POST /big HTTP/1.1\r\nHost: mockb\r\nContent-Length: %d\r\n\r\n" % size)
+    watch = RssWatch(proxy.process.pid)
+    baseline = watch.peak
+    sock = socket.create_connection(("127.0.0.1", proxy.outbound_port))
+    sent = [0]
+
+    def send_all() -> None:
+        view = memoryview(head + body)
+        while sent[0] < len(view):
+            sent[0] += sock.send(view[sent[0]:sent[0] + 65536])
+
+    sender = threading.Thread(target=send_all, daemon=True)
+    sender.start()
+    time.sleep(1.5)
+    held, growth = sent[0], watch.peak - baseline
+    # Stated bound: 1 MiB (--per-connection-buffer-limit-bytes) plus one read in the proxy; the rest of what
+    # the client could send sits in the kernel's socket buffers (several MiB on loopback).
+    assert held < 24 << 20, f"the proxy took {held >> 20} MiB of a body it could not forward yet"
+    assert growth < 16 << 20, f"RSS grew by {growth >> 20} MiB while the body waited"
+    sock.settimeout(30)
+    read_in_order(sock, 2, lambda index: [b"GET /slow HTTP/1.1", b"POST /big HTTP/1.1"][index], time.monotonic() + 60)
+    sender.join(timeout=10)
+    sock.close()
+    watch.stop()
+    assert [(r.request_line, len(r.body)) for r in upstream.received] == [(b"GET /slow HTTP/1.1", 0),
+                                                                          (b"POST /big HTTP/1.1", size)]
+    assert upstream.received[1].body == body
 
 
 # -- untrusted upstream responses ----------------------------------------------------------------

@@ -21,6 +21,7 @@ import pytest
 from proxyrig import (
     SWIMLANES,
     ProxyProcess,
+    RssWatch,
     ThreadedOrigin,
     UpstreamThread,
     endpoints_file,
@@ -160,25 +161,6 @@ class StreamingOrigin(ThreadedOrigin):
 
     def close(self) -> None:
         self.sock.close()
-
-
-class RssWatch:
-    """Samples a process's RSS every 50 ms on a thread; `peak` is the largest seen."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid, self.peak, self.running = pid, rss_bytes(pid), True
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while self.running:
-            self.peak = max(self.peak, rss_bytes(self.pid))
-            time.sleep(0.05)
-
-    def stop(self) -> int:
-        self.running = False
-        self.thread.join()
-        return self.peak
 
 
 @pytest.fixture
