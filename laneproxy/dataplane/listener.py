@@ -307,8 +307,10 @@ class Listener:
     def protocol(self) -> DownstreamConnection:
         return DownstreamConnection(self)
 
-    async def start(self, host: str, port: int) -> int:
-        self.server = await self.loop.create_server(self.protocol, host, port, reuse_address=True, backlog=1024)
+    async def start(self, host: str, port: int, *, reuse_port: bool = False) -> int:
+        """Bind and serve, and start the timeout sweeper: the only way a listener starts (workers pass reuse_port)."""
+        self.server = await self.loop.create_server(self.protocol, host, port, reuse_address=True,
+                                                    reuse_port=reuse_port or None, backlog=1024)
         self.sweeper = self.loop.create_task(self._sweep(), name=f"{self.name}-timeouts")
         return self.server.sockets[0].getsockname()[1]
 

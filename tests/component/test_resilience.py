@@ -117,6 +117,21 @@ async def test_a_thousand_slowloris_connections_are_closed_by_the_header_timeout
 # -- 1 GiB each way with bounded memory -------------------------------------------------------
 
 
+
+async def test_a_half_sent_head_gets_408_under_several_workers(tmp_path):
+    """Workers once bound their listeners without the timeout sweeper: no per-connection timeout ever fired."""
+    with UpstreamThread() as upstream:
+        proxy = proxy_for(tmp_path, {"default/mockb": {"base": [upstream.port]}}, "--workers", "2",
+                          "--request-headers-timeout", "1")
+        try:
+            # Several connections, so that the kernel's SO_REUSEPORT spread puts some on each worker.
+            answers = await asyncio.gather(*(exchange(proxy.outbound_port, b"GET /half HTTP/1.1\r\nHost: mockb\r\n",
+                                                      read_timeout=10) for _ in range(8)))
+        finally:
+            proxy.stop()
+    assert [status_of(answer) for answer in answers] == [408] * 8
+    assert upstream.received == []
+
 class StreamingOrigin(ThreadedOrigin):
     """A blocking-socket origin on a thread: PUT discards the body and answers its size and CRC32;
     GET /download sends 1 GiB (a 1 MiB block repeated) with a Content-Length."""
