@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 _HEAD_END = b"\r\n\r\n"  # the strict parser ends every head here (bare LF is rejected)
+_REQUEST_LINE_SLACK = 256  # method, version and separators: an incomplete head never counts more than a complete one
 
 
 class _RejectRequestError(Exception):
@@ -141,15 +142,16 @@ class DownstreamConnection(asyncio.Protocol):
             self._reject(DownstreamProtocolError(str(exc)))
             return False
         if self.head_pending >= 0:
-            # httptools keeps an unfinished header value, name or target in memory: count it per read. A head
+            # httptools keeps an unfinished header value or name in memory: count the head per read. A head
             # that began after another message in the same data is counted from the next read on, so an
             # incomplete head holds at most the limit plus two reads (uvloop reads up to 256 KiB at once).
+            # The target has its own limit (on_url) and is not counted here, like in a complete head.
             started = self.heads_begun - begun
             if started == 0:
                 self.head_pending += len(data)
             elif started == 1 and between:
                 self.head_pending = len(data)
-            if self.head_pending > self.listener.max_header_bytes:
+            if self.head_pending - len(self.url) > self.listener.max_header_bytes + _REQUEST_LINE_SLACK:
                 self._reject(HeadersTooLargeError())
                 return False
         if upgraded:

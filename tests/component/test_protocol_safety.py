@@ -378,6 +378,25 @@ def test_a_head_that_never_ends_is_refused_soon_after_the_limit_and_reaches_no_u
     assert (upstream.received, upstream.connections) == ([], 0)
 
 
+async def test_a_head_just_under_the_limits_sent_in_small_pieces_is_accepted(proxy, upstream):
+    """Counting a head while it arrives must not refuse what the complete-head limits accept."""
+    # 54 KiB of headers and an 8,000-byte target: over 60 KiB on the wire, each part within its limit (and the
+    # whole within what the recording upstream reads in one head).
+    raw = head_with(10, 54 * 1024).replace(b"GET / ", b"GET /" + b"t" * 8_000 + b" ", 1)
+    assert len(raw) > 61 * 1024
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.outbound_port)
+    writer.transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for offset in range(0, len(raw), 1024):
+        writer.write(raw[offset:offset + 1024])
+        await writer.drain()
+        await asyncio.sleep(0.002)  # separate reads on the proxy's side
+    async with asyncio.timeout(5):
+        status, _, _ = await read_response(reader)
+    writer.close()
+    assert status == 200
+    assert len(upstream.received) == 1
+
+
 def test_endless_header_values_on_eight_connections_leave_the_proxys_memory_bounded(proxy, upstream):
     """On the unbounded parser, 8 MiB each (what this test offers) cost over 64 MiB and quadratic CPU."""
     watch = RssWatch(proxy.process.pid)
