@@ -587,6 +587,46 @@ def test_a_body_pipelined_behind_a_slow_request_is_buffered_only_to_the_connecti
     assert upstream.received[1].body == body
 
 
+def test_a_body_waiting_for_an_upstream_connection_is_buffered_only_to_the_connection_buffer_limit(tmp_path: Path):
+    """The active request's body waits in the proxy while its upstream connection is being opened."""
+    # An endpoint whose accept queue is full: the kernel drops further SYNs, so connecting hangs.
+    blackhole = socket.socket()
+    blackhole.bind(("127.0.0.1", 0))
+    blackhole.listen(0)
+    fillers = [socket.create_connection(blackhole.getsockname(), timeout=1)]  # backlog 0 holds one
+    endpoints = endpoints_file(tmp_path / "endpoints.yaml", {"default/mockb": {"base": [blackhole.getsockname()[1]]}})
+    proxy = ProxyProcess(SWIMLANES, endpoints, outbound=True, extra=("--connect-timeout", "4")).start()
+    size = 64 << 20
+    sock = socket.create_connection(("127.0.0.1", proxy.outbound_port))
+    sent = [0]
+
+    def send_all() -> None:
+        view = memoryview(b"POST /big HTTP/1.1\r\nHost: mockb\r\nContent-Length: %d\r\n\r\n" % size + b"b" * size)
+        try:
+            while sent[0] < len(view):
+                sent[0] += sock.send(view[sent[0]:sent[0] + 65536])
+        except OSError:
+            pass  # the proxy answered and closed
+
+    try:
+        watch = RssWatch(proxy.process.pid)
+        baseline = watch.peak
+        threading.Thread(target=send_all, daemon=True).start()
+        time.sleep(1.5)
+        held, growth = sent[0], watch.stop() - baseline
+        sock.settimeout(10)
+        answer = sock.recv(65536)
+    finally:
+        sock.close()
+        proxy.stop()
+        for filler in fillers:
+            filler.close()
+        blackhole.close()
+    assert held < 24 << 20, f"the proxy took {held >> 20} MiB of a body with no upstream connection yet"
+    assert growth < 16 << 20, f"RSS grew by {growth >> 20} MiB while the body waited"
+    assert answer.startswith(b"HTTP/1.1 503 ")  # the connect timeout, then the client is told
+
+
 # -- untrusted upstream responses ----------------------------------------------------------------
 
 BAD_RESPONSES = {
