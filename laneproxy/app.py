@@ -110,12 +110,7 @@ class ProxyApp:
             if self.tracing is not None:
                 listener.attach_tracer(self.tracing.for_listener(name))
             try:
-                if self.reuse_port:
-                    listener.server = await loop.create_server(listener.protocol, address.host, address.port,
-                                                               reuse_address=True, reuse_port=True, backlog=1024)
-                    self.bound[name] = listener.server.sockets[0].getsockname()[1]
-                else:
-                    self.bound[name] = await listener.start(address.host, address.port)
+                self.bound[name] = await listener.start(address.host, address.port, reuse_port=self.reuse_port)
             except OSError as exc:
                 raise StartupError(f"{name} listener on {address}: {exc.strerror or exc}") from exc
             self.listeners.append(listener)

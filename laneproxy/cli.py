@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--max-request-headers-kb", type=int, default=60, help="request head size limit (431 beyond)")
     limits.add_argument("--max-request-headers", type=int, default=100, help="request header count limit (431 beyond)")
     limits.add_argument("--max-pipelined-requests", type=int, default=16, help="queued pipelined requests per connection")
+    limits.add_argument("--per-connection-buffer-limit-bytes", type=int, default=1 << 20, metavar="BYTES",
+                        help="request body bytes buffered per client connection before the proxy stops reading it")
     limits.add_argument("--max-retries", type=int, default=2,
                         help="retries of idempotent bodiless requests on connect failure, reset and 503")
     limits.add_argument("--max-connections", type=int, default=1024, help="circuit breaker: connections per endpoint")
@@ -217,6 +219,7 @@ def settings_from_args(args: argparse.Namespace) -> ProxySettings:
                                 max_ejection_percent=args.outlier_max_ejection_percent),
         max_request_headers_kb=args.max_request_headers_kb, max_request_headers_count=args.max_request_headers,
         max_pipelined_requests=args.max_pipelined_requests,
+        per_connection_buffer_limit_bytes=args.per_connection_buffer_limit_bytes,
         drain_seconds=args.drain_seconds,
         observability=ObservabilitySettings(access_log=args.access_log or None,
                                             access_log_format=args.access_log_format, tracing=args.tracing),

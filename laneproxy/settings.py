@@ -101,5 +101,9 @@ class ProxySettings:
     max_request_headers_kb: int = 60
     max_request_headers_count: int = 100
     max_pipelined_requests: int = 16
+    # Request body bytes a client connection may have buffered for requests that cannot be forwarded yet
+    # (pipelined behind a slow one, or waiting for an upstream connection): Envoy's
+    # per_connection_buffer_limit_bytes. Beyond it the proxy stops reading that client until it drains.
+    per_connection_buffer_limit_bytes: int = 1 << 20
     drain_seconds: float = 5.0
     server_name: str = "envoy"

@@ -36,6 +36,11 @@ X_ENVOY_RETRY_ON = b"x-envoy-retry-on"
 # Hop-by-hop headers (RFC 9110 section 7.6.1), never forwarded; names listed in Connection are added per message.
 HOP_BY_HOP = frozenset({CONNECTION, KEEP_ALIVE, PROXY_CONNECTION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE})
 
+# Never made hop-by-hop by naming them in Connection (`Connection: keep-alive, Content-Length`): the token
+# is ignored and the message keeps its framing and Host, as Envoy does. Removing them would leave a body
+# the next hop reads as a second, unseen request (smuggling), or an HTTP/1.1 request without Host.
+CONNECTION_CANNOT_REMOVE = frozenset({CONTENT_LENGTH, TRANSFER_ENCODING, HOST})
+
 DEFAULT_ROUTE_HEADER = "x-asm-prefer-tag"
 DEFAULT_TRACE_HEADER = "my-request-id"
 TRAFFIC_TAG_LABEL = "ASM_TRAFFIC_TAG"

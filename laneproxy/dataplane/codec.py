@@ -24,8 +24,13 @@ def reason_phrase(status: int) -> bytes:
 
 
 def connection_tokens(value: bytes) -> set[bytes]:
-    """Header names listed in a Connection header value (hop-by-hop for this message only)."""
-    return {token.strip().lower() for token in value.split(b",") if token.strip()}
+    """Header names listed in a Connection header value (hop-by-hop for this message only).
+
+    Framing headers and Host are left out whatever the value says (headers.CONNECTION_CANNOT_REMOVE).
+    """
+    tokens = {token.strip().lower() for token in value.split(b",")}
+    tokens.discard(b"")
+    return tokens - h.CONNECTION_CANNOT_REMOVE
 
 
 def write_headers(

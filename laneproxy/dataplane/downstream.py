@@ -4,6 +4,13 @@ Owns the downstream side of the wire: strict parsing with httptools (llhttp reje
 framing, bad chunk sizes, obs-fold and whitespace before colons), header limits, Host checks,
 pipelined requests answered in order with a bounded queue, keep-alive and closing, and the
 backpressure between this socket and the exchange's upstream socket.
+
+Memory a client controls is bounded here: an incomplete head is cut off with 431 once it passes the
+head limit (counted per read, since httptools keeps a header value it has not finished in memory);
+request bodies buffered for requests that cannot be forwarded yet stop the reading past the
+per-connection buffer limit; and a read holding many pipelined requests is fed to the parser one
+head at a time (httptools cannot stop part-way through a buffer), so the queue bound holds to one
+request. Reading stops for any of these reasons and resumes only when none is left.
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ if TYPE_CHECKING:
 
 
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
+_HEAD_END = b"\r\n\r\n"  # the strict parser ends every head here (bare LF is rejected)
+_REQUEST_LINE_SLACK = 256  # method, version and separators: an incomplete head never counts more than a complete one
 
 
 class _RejectRequestError(Exception):
@@ -41,7 +50,8 @@ class DownstreamConnection(asyncio.Protocol):
         "listener", "transport", "parser", "url", "headers", "header_bytes", "host", "host_count", "chunked",
         "content_length", "parsing", "active", "queue", "closed", "draining", "reading_paused", "writing_paused",
         "connection_tokens", "expect_continue", "max_retries", "retry_on", "head_since", "last_activity",
-        "transfer_codings", "in_trailers", "to_begin", "deferred_reply",
+        "transfer_codings", "in_trailers", "to_begin", "deferred_reply", "head_pending", "heads_begun",
+        "buffered", "upstream_full", "input_done", "unparsed", "unparsed_from", "feed_scheduled",
     )
 
     def __init__(self, listener: Listener) -> None:
@@ -72,6 +82,14 @@ class DownstreamConnection(asyncio.Protocol):
         self.in_trailers = False  # header callbacks after the head are chunked trailers: dropped, as Envoy does
         self.to_begin: Exchange | None = None  # routed once the whole buffer has parsed cleanly
         self.deferred_reply: bytes | None = None  # a 400 waiting for the response in flight to finish
+        self.head_pending = -1  # bytes received for the head still arriving; -1 between heads
+        self.heads_begun = 0
+        self.buffered = 0  # request body bytes held by exchanges that cannot forward them yet
+        self.upstream_full = False  # the active exchange's upstream socket is not taking more
+        self.input_done = False  # an upgrade or a rejected request: whatever else the client sends is dropped
+        self.unparsed: bytes | None = None  # the rest of a read, kept while reading is paused
+        self.unparsed_from = 0
+        self.feed_scheduled = False
 
     # asyncio.Protocol -------------------------------------------------------------------------
 
@@ -81,24 +99,81 @@ class DownstreamConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_activity = self.listener.now
+        self._feed(data, 0, whole_if_room=True)
+
+    def _feed(self, data: bytes, start: int, *, whole_if_room: bool) -> None:
+        """Parse data[start:]; keep what is left when reading must stop (the queue or the buffer is full)."""
+        if self.input_done:
+            return
+        end = len(data)
+        room = self.listener.max_pipelined - len(self.queue)
+        if whole_if_room and data.count(_HEAD_END, start) + 1 < room:
+            # The common case, one request or a few per read: no slicing. (+1: a head whose end
+            # straddles the previous read completes in this one without a whole terminator in it.)
+            self._parse(data if start == 0 else memoryview(data)[start:])
+            return
+        # A burst of pipelined requests: one head per feed, so that parsing stops where the queue fills.
+        view = memoryview(data)
+        while start < end:
+            if not self._may_read():
+                self.unparsed, self.unparsed_from = data, start  # bounded: no more is read until this is parsed
+                self.pause_reading()
+                return
+            stop = data.find(_HEAD_END, start)
+            stop = end if stop < 0 else stop + len(_HEAD_END)
+            if not self._parse(view[start:stop]):
+                return
+            start = stop
+
+    def _parse(self, data: bytes | memoryview) -> bool:
+        """Feed the parser, enforce the head limit on a head still arriving; False if parsing must stop."""
+        begun, between = self.heads_begun, self.parsing is None and self.head_pending < 0
+        upgraded = False
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__ or exc.__cause__
             error = cause.error if isinstance(cause, _RejectRequestError) else DownstreamProtocolError(str(exc))
             self._reject(error)
-            return
+            return False
         except httptools.HttpParserUpgrade:
-            self._reject(DownstreamProtocolError("protocol upgrade is not supported"))
-            return
+            upgraded = True
         except httptools.HttpParserError as exc:
             self._reject(DownstreamProtocolError(str(exc)))
-            return
+            return False
+        if self.head_pending >= 0:
+            # httptools keeps an unfinished header value or name in memory: count the head per read. A head
+            # that began after another message in the same data is counted from the next read on, so an
+            # incomplete head holds at most the limit plus two reads (uvloop reads up to 256 KiB at once).
+            # The target has its own limit (on_url) and is not counted here, like in a complete head.
+            started = self.heads_begun - begun
+            if started == 0:
+                self.head_pending += len(data)
+            elif started == 1 and between:
+                self.head_pending = len(data)
+            if self.head_pending - len(self.url) > self.listener.max_header_bytes + _REQUEST_LINE_SLACK:
+                self._reject(HeadersTooLargeError())
+                return False
+        if upgraded:
+            # Forwarded without the upgrade (no tunnels yet), answered once, then the connection closes;
+            # the exchange was told not to keep it alive. Whatever follows the head is dropped.
+            self.input_done = True
+            self.pause_reading()
         # Nothing goes upstream before the bytes that arrived with the head have parsed: a broken chunk
         # right behind a good head must not leave a half-forwarded request behind.
         exchange, self.to_begin = self.to_begin, None
         if exchange is not None and not exchange.finished:
             exchange.begin()
+        return not upgraded
+
+    def _feed_unparsed(self) -> None:
+        self.feed_scheduled = False
+        data, self.unparsed = self.unparsed, None
+        if data is None or self.closed:
+            return
+        self._feed(data, self.unparsed_from, whole_if_room=False)
+        if self.unparsed is None:
+            self.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -119,10 +194,13 @@ class DownstreamConnection(asyncio.Protocol):
         active = self.active
         if active is not None and active.upstream is not None and active.upstream.transport is not None:
             active.upstream.transport.resume_reading()
+        self.resume_reading()
 
     # httptools callbacks ----------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        self.head_pending = 0
+        self.heads_begun += 1
         self.url = b""
         self.headers = []
         self.header_bytes = 0
@@ -173,6 +251,7 @@ class DownstreamConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.in_trailers = True
+        self.head_pending = -1
         parser = self.parser
         method = parser.get_method()
         version = parser.get_http_version()
@@ -190,6 +269,10 @@ class DownstreamConnection(asyncio.Protocol):
             raise _RejectRequestError(DownstreamProtocolError("HTTP/1.1 request without a Host header"))
         if method == b"CONNECT":
             raise _RejectRequestError(DownstreamProtocolError("CONNECT is not supported"))
+        upgrade = parser.should_upgrade()  # llhttp sets it before this callback; the exception comes after
+        if upgrade and (self.chunked or self.content_length):
+            # llhttp stops at the head of an upgrade: a body would never be read, yet announced upstream.
+            raise _RejectRequestError(DownstreamProtocolError("upgrade request with a body"))
         self.head_since = None
         listener = self.listener
         retry = listener.retry_policy
@@ -197,7 +280,7 @@ class DownstreamConnection(asyncio.Protocol):
             retry = retry.with_overrides(self.max_retries, self.retry_on)
         exchange = Exchange(
             self, method, self.url, minor, self.headers, self.host,
-            minor == 1 and parser.should_keep_alive() and not self.draining,
+            minor == 1 and parser.should_keep_alive() and not self.draining and not upgrade,
             self.chunked, self.chunked or self.content_length, self.connection_tokens,
             self.expect_continue and minor == 1, retry,
         )
@@ -233,6 +316,7 @@ class DownstreamConnection(asyncio.Protocol):
         if exchange is not self.active:
             return
         self.active = None
+        self.upstream_full = False  # that was the active exchange's upstream socket
         if self.deferred_reply is not None:
             self.write(self.deferred_reply)
             self.close()
@@ -240,12 +324,36 @@ class DownstreamConnection(asyncio.Protocol):
         if not exchange.keep_alive:
             self.close()
             return
-        if self.reading_paused and not self.writing_paused:
-            self.resume_reading()
         if self.queue:
             following = self.queue.popleft()
             self.active = following
             following.begin()
+        self.resume_reading()
+
+    def hold(self, size: int) -> None:
+        """An exchange keeps `size` body bytes it cannot forward yet: past the buffer limit, stop reading."""
+        self.buffered += size
+        if self.buffered > self.listener.buffer_limit:
+            self.pause_reading()
+
+    def release(self, size: int) -> None:
+        """Held body bytes went upstream or were dropped."""
+        self.buffered -= size
+        if self.reading_paused and self.buffered <= self.listener.buffer_limit:
+            self.resume_reading()
+
+    def upstream_backpressure(self, full: bool) -> None:
+        """The active exchange's upstream socket stopped (or started again) taking request bytes."""
+        self.upstream_full = full
+        if full:
+            self.pause_reading()
+        else:
+            self.resume_reading()
+
+    def _may_read(self) -> bool:
+        listener = self.listener
+        return not (self.closed or self.input_done or self.upstream_full or self.writing_paused
+                    or self.buffered > listener.buffer_limit or len(self.queue) >= listener.max_pipelined)
 
     def pause_reading(self) -> None:
         if not self.reading_paused and self.transport is not None and not self.closed:
@@ -253,9 +361,16 @@ class DownstreamConnection(asyncio.Protocol):
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
-        if self.reading_paused and self.transport is not None and not self.closed:
-            self.reading_paused = False
-            self.transport.resume_reading()
+        """Read again, once no reason to stop is left; bytes kept from an earlier read are parsed first."""
+        if not self.reading_paused or self.transport is None or not self._may_read():
+            return
+        if self.unparsed is not None:
+            if not self.feed_scheduled:  # not from inside a callback of the parser that will be fed
+                self.feed_scheduled = True
+                self.listener.loop.call_soon(self._feed_unparsed)
+            return
+        self.reading_paused = False
+        self.transport.resume_reading()
 
     def close(self) -> None:
         if not self.closed and self.transport is not None:
@@ -300,7 +415,8 @@ class DownstreamConnection(asyncio.Protocol):
     def _reject(self, error: LocalReplyError) -> None:
         """A request we cannot parse or accept: answer it (after any response in flight) and close."""
         self.listener.stats.cx_protocol_error += 1
-        self.parser = httptools.HttpRequestParser(self)  # never feed the broken stream again
+        self.parser = httptools.HttpRequestParser(self)
+        self.input_done, self.unparsed = True, None  # never feed the broken stream again
         broken, self.parsing = self.parsing, None
         waiting, self.to_begin = self.to_begin, None
         reply = codec.local_reply(error.status, error.body.encode(), date=self.listener.dates.value(),

@@ -75,6 +75,7 @@ class Exchange:
         "response_started", "response_chunked", "response_keep_alive", "response_status", "finished",
         "deadline", "start", "connection_tokens", "error", "expect_continue", "retry", "attempts",
         "discarding", "last_activity", "counted_active", "request_bytes", "response_bytes", "pending_head",
+        "pending_bytes",
     )
 
     def __init__(self, downstream: DownstreamConnection, method: bytes, target: bytes, http_minor: int,
@@ -96,6 +97,7 @@ class Exchange:
         self.retry = retry
         self.request_complete = False
         self.pending_body: list[bytes] | None = None
+        self.pending_bytes = 0  # counted against the client connection's buffer limit until sent or dropped
         self.upstream: UpstreamConnection | None = None
         self.routed: Target | None = None
         self.response_started = False
@@ -139,6 +141,8 @@ class Exchange:
             if self.pending_body is None:
                 self.pending_body = []
             self.pending_body.append(data)
+            self.pending_bytes += len(data)
+            self.downstream.hold(len(data))
             return
         if self.request_chunked:
             upstream.transport.writelines(codec.chunk(data))
@@ -224,7 +228,13 @@ class Exchange:
         if self.request_complete and self.request_chunked:
             parts.append(codec.LAST_CHUNK)
         transport.write(b"".join(parts))
+        if self.pending_bytes:
+            self._release_pending()
         self._arm_timer()
+
+    def _release_pending(self) -> None:
+        held, self.pending_bytes = self.pending_bytes, 0
+        self.downstream.release(held)
 
     def _arm_timer(self) -> None:
         if not self.deadline and self.request_complete and self.upstream is not None and not self.finished:
@@ -308,10 +318,10 @@ class Exchange:
         self.reply_locally(error)
 
     def pause_upstream_writes(self) -> None:
-        self.downstream.pause_reading()
+        self.downstream.upstream_backpressure(True)
 
     def resume_upstream_writes(self) -> None:
-        self.downstream.resume_reading()
+        self.downstream.upstream_backpressure(False)
 
     # response side ---------------------------------------------------------------------------
 
@@ -422,6 +432,9 @@ class Exchange:
     def _finish(self) -> None:
         self.finished = True
         self.deadline = 0.0
+        self.pending_body = None
+        if self.pending_bytes:
+            self._release_pending()
         routed = self.routed
         if routed is not None and self.counted_active:
             stats = routed.cluster_stats

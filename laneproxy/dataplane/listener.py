@@ -296,6 +296,7 @@ class Listener:
         self.max_header_bytes = settings.max_request_headers_kb * 1024
         self.max_header_count = settings.max_request_headers_count
         self.max_pipelined = settings.max_pipelined_requests
+        self.buffer_limit = settings.per_connection_buffer_limit_bytes
         self.connections: set[DownstreamConnection] = set()
         self.server: asyncio.AbstractServer | None = None
         self.sweeper: asyncio.Task | None = None
@@ -313,8 +314,10 @@ class Listener:
     def protocol(self) -> DownstreamConnection:
         return DownstreamConnection(self)
 
-    async def start(self, host: str, port: int) -> int:
-        self.server = await self.loop.create_server(self.protocol, host, port, reuse_address=True, backlog=1024)
+    async def start(self, host: str, port: int, *, reuse_port: bool = False) -> int:
+        """Bind and serve, and start the timeout sweeper: the only way a listener starts (workers pass reuse_port)."""
+        self.server = await self.loop.create_server(self.protocol, host, port, reuse_address=True,
+                                                    reuse_port=reuse_port or None, backlog=1024)
         self.sweeper = self.loop.create_task(self._sweep(), name=f"{self.name}-timeouts")
         return self.server.sockets[0].getsockname()[1]
 

@@ -3,8 +3,9 @@
 Owns the equivalent configuration of both, their processes and the echo upstream they share. Both
 proxies act as a sidecar's outbound listener (stat prefix `outbound`) in front of the same upstreams:
 
-- `backend`: a live echo server (it answers with the request line and headers it received as JSON;
-  `/slow` answers after SLOW_SECONDS, longer than the route timeout);
+- `backend`: a live echo server (it answers with the path, headers and body it received as JSON;
+  `/slow` answers after SLOW_SECONDS, longer than the route timeout; `/named-content-length` answers
+  with `Connection: content-length`, a response that names its own framing as hop-by-hop);
 - `dead`: a port nothing listens on (connection refused);
 - `empty`: a service without endpoints;
 - any other Host: no route.
@@ -64,15 +65,32 @@ class _EchoHandler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         if self.path.startswith("/slow"):
             time.sleep(SLOW_SECONDS)
-        body = json.dumps({"path": self.path, "headers": [[k.lower(), v] for k, v in self.headers.items()]}).encode()
+        received = self._read_body()
+        body = json.dumps({"path": self.path, "headers": [[k.lower(), v] for k, v in self.headers.items()],
+                           "body": received.decode("latin-1")}).encode()
         try:
             self.send_response(200)
+            if self.path.startswith("/named-content-length"):
+                self.send_header("connection", "content-length")
             self.send_header("content-type", "application/json")
             self.send_header("content-length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the proxy gave up on /slow first
+
+    do_POST = do_GET  # noqa: N815
+
+    def _read_body(self) -> bytes:
+        if "chunked" not in (self.headers.get("transfer-encoding") or "").lower():
+            return self.rfile.read(int(self.headers.get("content-length") or 0))
+        body = b""
+        while size := int(self.rfile.readline().split(b";")[0], 16):
+            body += self.rfile.read(size)
+            self.rfile.readline()
+        while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+            pass  # trailer fields
+        return body
 
     def log_message(self, *args) -> None:
         pass

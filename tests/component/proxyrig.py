@@ -345,6 +345,28 @@ def rss_bytes(pid: int) -> int:
     raise KeyError("VmRSS")
 
 
+class RssWatch:
+    """Samples a process's RSS every 50 ms on a thread; `peak` is the largest seen."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.peak, self.running = pid, rss_bytes(pid), True
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while self.running:
+            try:
+                self.peak = max(self.peak, rss_bytes(self.pid))
+            except FileNotFoundError:  # the process ended (a failed test stopped it first)
+                return
+            time.sleep(0.05)
+
+    def stop(self) -> int:
+        self.running = False
+        self.thread.join()
+        return self.peak
+
+
 def status_lines(data: bytes) -> list[bytes]:
     """The status lines ("HTTP/1.1 200 OK") in a raw byte stream; test-sized bodies only (not parsed, only searched)."""
     import re

@@ -383,3 +383,124 @@ def test_clusters_json_has_envoys_shape(proxies):
                 stats["rq_total"], stats["rq_success"], stats.get("rq_error"))
 
     same(both(proxies, shape))
+
+
+# the same raw bytes: framing named in Connection, upgrades, an oversized head -----------------------
+
+FOLLOWER = b"GET /smuggled HTTP/1.1\r\nHost: mockb\r\n\r\n"
+# Issue 11's reproducer with a Host both proxies route (the body is the request it once smuggled).
+RAW_CASES = {
+    "connection-content-length": b"POST /mock HTTP/1.1\r\nHost: backend\r\nConnection: content-length\r\n"
+                                 b"Content-Length: 39\r\n\r\n" + FOLLOWER,
+    "connection-keep-alive-content-length": b"POST /mock HTTP/1.1\r\nHost: backend\r\n"
+                                            b"Connection: keep-alive, Content-Length\r\nContent-Length: 39\r\n\r\n"
+                                            + FOLLOWER,
+    "connection-transfer-encoding": b"POST /t HTTP/1.1\r\nHost: backend\r\nConnection: transfer-encoding\r\n"
+                                    b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    "connection-host": b"GET /h HTTP/1.1\r\nHost: backend\r\nConnection: host, x-hop\r\nX-Hop: 1\r\n\r\n",
+    "response-names-content-length": b"GET /named-content-length HTTP/1.1\r\nHost: backend\r\n\r\n"
+                                     b"GET /after HTTP/1.1\r\nHost: backend\r\n\r\n",
+    "upgrade-websocket": b"GET /ws HTTP/1.1\r\nHost: backend\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+                         b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    "upgrade-h2c": b"GET /ws HTTP/1.1\r\nHost: backend\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+                   b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n",
+    "upgrade-with-a-body": b"POST /ws HTTP/1.1\r\nHost: backend\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+                           b"Content-Length: 5\r\n\r\nhello",
+    "header-value-over-60-kib": b"GET / HTTP/1.1\r\nHost: backend\r\nX-Long: " + b"v" * 70_000 + b"\r\n\r\n",
+}
+
+# Where the two answer the same bytes differently, on purpose: (envoy's view, laneproxy's view, why).
+# A view is (the responses as (status, path the upstream saw, body it saw, its framing header), and
+# whether the proxy closed the connection); see raw_view.
+_SMUGGLE_ONCE = (200, "/mock", FOLLOWER.decode(), "transfer-encoding: chunked")
+EXPECTED_DIFFERENCES = {
+    "connection-content-length": (
+        ((_SMUGGLE_ONCE,), False), (((200, "/mock", FOLLOWER.decode(), "content-length: 39"),), False),
+        "Both forward one request whose body stays a body. Envoy drops the named Content-Length and re-frames "
+        "the body chunked; laneproxy ignores the token (headers.CONNECTION_CANNOT_REMOVE) and keeps the length."),
+    "connection-keep-alive-content-length": (
+        ((_SMUGGLE_ONCE,), False), (((200, "/mock", FOLLOWER.decode(), "content-length: 39"),), False),
+        "As above, with the token second in the list."),
+    "connection-host": (
+        (((400, None, None, None),), True), (((200, "/h", "", None),), False),
+        "Envoy removes the named Host and then refuses an HTTP/1.1 request without one; laneproxy ignores "
+        "the token and forwards the request with its Host (X-Hop, also named, is still removed)."),
+    "upgrade-websocket": (
+        (((403, None, None, None),), True), (((200, "/ws", "", None),), True),
+        "Envoy without upgrade_configs refuses a WebSocket upgrade (403); until laneproxy tunnels WebSocket "
+        "it forwards the request without the upgrade, answers once and closes the connection."),
+    "upgrade-h2c": (
+        (((200, "/ws", "", None),), False), (((200, "/ws", "", None),), True),
+        "Both forward without the h2c upgrade; llhttp stops at an upgrade request's head, so laneproxy "
+        "closes the connection after the answer instead of reading further requests on it."),
+    "upgrade-with-a-body": (
+        (((403, None, None, None),), True), (((400, None, None, None),), True),
+        "Envoy refuses the upgrade (403); laneproxy refuses an upgrade request with a body (400), whose body "
+        "llhttp would never read."),
+}
+
+
+def raw_view(port: int, raw: bytes, responses: int) -> tuple[tuple, bool]:
+    """Send raw bytes on one connection; (what each response says the upstream saw, whether the proxy closed).
+
+    Closed: the proxy ended the connection, or its last answer said `connection: close` (Envoy closes a
+    moment later, after its delayed-close timeout).
+    """
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.settimeout(5)
+        sock.sendall(raw)
+        data, closed, seen = b"", False, []
+        while len(seen) < responses and not closed:
+            head, sep, rest = data.partition(b"\r\n\r\n")
+            length = next((int(line.split(b":")[1]) for line in head.lower().split(b"\r\n")
+                           if line.startswith(b"content-length:")), None) if sep else None
+            if length is not None and len(rest) >= length:
+                seen.append(_upstream_saw(int(head.split()[1]), rest[:length]))
+                data = rest[length:]
+                closed = b"\r\nconnection: close" in head.lower()
+                continue
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                chunk = b""
+            closed = not chunk
+            data += chunk
+        if not closed:
+            sock.settimeout(0.5)  # did the proxy keep the connection open after its last answer?
+            try:
+                closed = sock.recv(1) == b""
+            except TimeoutError:
+                closed = False
+            except ConnectionResetError:
+                closed = True
+    return tuple(seen), closed
+
+
+def _upstream_saw(status: int, body: bytes) -> tuple:
+    if status != 200:
+        return status, None, None, None
+    echo = json.loads(body)
+    headers = dict(echo["headers"])
+    framing = next((f"{name}: {headers[name]}" for name in ("content-length", "transfer-encoding") if name in headers), None)
+    return status, echo["path"].split("?")[0], echo["body"], framing
+
+
+@pytest.mark.parametrize("case", RAW_CASES)
+def test_the_same_raw_bytes_get_the_same_answer_or_a_recorded_difference(proxies, case):
+    responses = 2 if case == "response-names-content-length" else 1
+    views = both(proxies, lambda proxy: raw_view(proxy.listener_port, RAW_CASES[case], responses))
+    if case not in EXPECTED_DIFFERENCES:
+        same(views)
+        return
+    envoy_view, lane_view, why = EXPECTED_DIFFERENCES[case]
+    assert views == {"envoy": envoy_view, "laneproxy": lane_view}, why
+
+
+def test_envoy_itself_keeps_named_framing_from_unframing_a_message_and_refuses_a_70_kb_head(proxies):
+    """The shared answers, spelled out: a named framing header never un-frames a message on either side."""
+    envoy, _ = proxies
+    assert raw_view(envoy.listener_port, RAW_CASES["connection-transfer-encoding"], 1) == (
+        ((200, "/t", "hello", "transfer-encoding: chunked"),), False)
+    assert raw_view(envoy.listener_port, RAW_CASES["response-names-content-length"], 2) == (
+        ((200, "/named-content-length", "", None), (200, "/after", "", None)), False)
+    assert raw_view(envoy.listener_port, RAW_CASES["header-value-over-60-kib"], 1) == (((431, None, None, None),), True)

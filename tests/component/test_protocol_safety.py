@@ -10,6 +10,7 @@ Never through an HTTP client: clients normalise exactly the bytes under test.
 from __future__ import annotations
 
 import asyncio
+import select
 import socket
 import threading
 import time
@@ -21,6 +22,7 @@ import pytest
 from proxyrig import (
     SWIMLANES,
     ProxyProcess,
+    RssWatch,
     UpstreamThread,
     default_response,
     endpoints_file,
@@ -42,9 +44,10 @@ def upstream():
 
 @pytest.fixture(scope="module")
 def proxy(tmp_path_factory: pytest.TempPathFactory, upstream):
+    """An outbound listener (Host mockb) and a gateway (/mock goes to mocka), both in front of `upstream`."""
     endpoints = endpoints_file(tmp_path_factory.mktemp("protocol") / "endpoints.yaml",
-                               {"default/mockb": {"base": [upstream.port]}})
-    process = ProxyProcess(SWIMLANES, endpoints, outbound=True).start()
+                               {"default/mockb": {"base": [upstream.port]}, "default/mocka": {"base": [upstream.port]}})
+    process = ProxyProcess(SWIMLANES, endpoints, outbound=True, gateway=True).start()
     yield process
     process.stop()
 
@@ -131,6 +134,8 @@ REJECTED = {
     # Host
     "duplicate-host-different": get(b"Host: mockb", b"Host: mockc"),
     "duplicate-host-same": get(b"Host: mockb", b"Host: mockb"),
+    # an upgrade stops the parser at the head: a body would be announced upstream and never sent
+    "upgrade-with-a-body": post(b"Connection: upgrade", b"Upgrade: websocket", b"Content-Length: 5", body=b"hello"),
 }
 
 
@@ -186,6 +191,112 @@ async def test_chunked_trailer_fields_never_become_request_headers_upstream(prox
         assert b"x-trailer-only" not in names, request.head
 
 
+# -- Connection cannot remove framing or Host -----------------------------------------------------
+
+# The issue's reproducer, byte for byte: with its Content-Length dropped as "hop-by-hop", the upstream
+# read the body as a second request that no rule, lane or access log had seen.
+SMUGGLING_REPRODUCER = (b'POST /mock HTTP/1.1\r\nHost: a\r\nConnection: content-length\r\nContent-Length: 39\r\n\r\n'
+                        b'GET /smuggled HTTP/1.1\r\nHost: mockb\r\n\r\n')
+
+
+async def test_the_issues_connection_content_length_reproducer_reaches_the_upstream_as_one_framed_post(proxy, upstream):
+    assert len(FOLLOWER) == 39  # the reproducer's body is exactly the follower request
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.gateway_port)
+    writer.write(SMUGGLING_REPRODUCER)
+    async with asyncio.timeout(5):
+        status, _, body = await read_response(reader)
+    await asyncio.sleep(0.2)  # a smuggled request would have reached the upstream by now
+    writer.close()
+    assert (status, body) == (200, b"POST /mock HTTP/1.1")
+    assert [(r.request_line, r.header(b"content-length"), r.body) for r in upstream.received] == [
+        (b"POST /mock HTTP/1.1", b"39", FOLLOWER)]
+
+
+CONNECTION_NAMING_FRAMING = {
+    "content-length": (b"Connection: content-length", b"Content-Length: 39"),
+    "keep-alive-then-content-length": (b"Connection: keep-alive, Content-Length", b"Content-Length: 39"),
+    "uppercase": (b"Connection: CONTENT-LENGTH", b"Content-Length: 39"),
+    "second-connection-line": (b"Connection: keep-alive\r\nConnection: content-length", b"Content-Length: 39"),
+    "content-length-before-connection": (b"Content-Length: 39", b"Connection: content-length"),
+    "transfer-encoding": (b"Connection: transfer-encoding", b"Transfer-Encoding: chunked"),
+}
+
+
+@pytest.mark.parametrize(("first", "second"), CONNECTION_NAMING_FRAMING.values(), ids=CONNECTION_NAMING_FRAMING.keys())
+async def test_a_framing_header_named_in_connection_is_ignored_and_the_body_stays_a_body(proxy, upstream, first, second):
+    body = b"27\r\n" + FOLLOWER + b"\r\n0\r\n\r\n" if second.startswith(b"Transfer") else FOLLOWER
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.outbound_port)
+    writer.write(post(first, second, body=body) + b"GET /next HTTP/1.1\r\nHost: mockb\r\n\r\n")
+    async with asyncio.timeout(5):
+        answers = [await read_response(reader), await read_response(reader)]
+    await asyncio.sleep(0.2)
+    writer.close()
+    assert [(status, body) for status, _, body in answers] == [(200, b"POST /upload HTTP/1.1"), (200, b"GET /next HTTP/1.1")]
+    assert [(r.request_line, r.body) for r in upstream.received] == [(b"POST /upload HTTP/1.1", FOLLOWER),
+                                                                     (b"GET /next HTTP/1.1", b"")]
+    framing = upstream.received[0].header(b"content-length") or upstream.received[0].header(b"transfer-encoding")
+    assert framing in (b"39", b"chunked")
+
+
+async def test_host_named_in_connection_is_kept_while_other_named_headers_are_removed(proxy, upstream):
+    raw = get(b"Host: mockb", b"Connection: host, x-hop", b"X-Hop: 1", b"X-End: 2", request_line=b"GET /h HTTP/1.1")
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.outbound_port)
+    writer.write(raw)
+    async with asyncio.timeout(5):
+        status, _, _ = await read_response(reader)
+    writer.close()
+    assert status == 200
+    (received,) = upstream.received
+    names = [name.lower() for name, _ in received.headers()]
+    assert (received.header(b"host"), names.count(b"host")) == (b"mockb", 1)
+    assert b"x-hop" not in names and received.header(b"x-end") == b"2"
+
+
+@pytest.mark.parametrize("connection", [b"content-length", b"keep-alive, Content-Length"])
+async def test_an_upstream_response_naming_content_length_in_connection_stays_framed_on_a_kept_alive_connection(
+        proxy, upstream, connection):
+    def respond(request):
+        if request.request_line.startswith(b"GET /named "):
+            return b"HTTP/1.1 200 OK\r\nconnection: " + connection + b"\r\ncontent-length: 5\r\n\r\nhello"
+        return default_response(request)
+
+    upstream.respond = respond
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.outbound_port)
+    writer.write(b"GET /named HTTP/1.1\r\nHost: mockb\r\n\r\n")
+    async with asyncio.timeout(5):
+        first = await read_response(reader)
+        writer.write(b"GET /after HTTP/1.1\r\nHost: mockb\r\n\r\n")
+        second = await read_response(reader)
+    writer.close()
+    assert (first[0], first[1].get(b"content-length"), first[2]) == (200, b"5", b"hello")
+    assert (second[0], second[2]) == (200, b"GET /after HTTP/1.1")
+
+
+# -- upgrades (no tunnels yet) ---------------------------------------------------------------------
+
+UPGRADES = {
+    "websocket": get(b"Host: mockb", b"Connection: Upgrade", b"Upgrade: websocket", b"Sec-WebSocket-Version: 13",
+                     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", request_line=b"GET /ws HTTP/1.1"),
+    "h2c": get(b"Host: mockb", b"Connection: Upgrade, HTTP2-Settings", b"Upgrade: h2c",
+               b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA", request_line=b"GET /ws HTTP/1.1"),
+}
+
+
+@pytest.mark.parametrize("raw", UPGRADES.values(), ids=UPGRADES.keys())
+async def test_an_upgrade_request_is_answered_exactly_once_without_the_upgrade_and_the_connection_closes(
+        proxy, upstream, raw):
+    # What a client sends after asking to upgrade (a frame, then a request) is dropped, never parsed.
+    response, closed = await exchange_until_close(proxy.outbound_port, raw + b"\x81\x85frame" + FOLLOWER, timeout=5)
+    await asyncio.sleep(0.1)
+    assert status_lines(response) == [b"HTTP/1.1 200 OK"], response
+    assert response.endswith(b"GET /ws HTTP/1.1") and closed
+    assert b"\r\nconnection: close\r\n" in response.lower()
+    (received,) = upstream.received
+    names = {name.lower() for name, _ in received.headers()}
+    assert received.request_line == b"GET /ws HTTP/1.1"
+    assert not names & {b"upgrade", b"connection", b"http2-settings"}, received.head
+
+
 # -- limits --------------------------------------------------------------------------------------
 
 
@@ -219,6 +330,88 @@ async def test_request_heads_are_limited_to_60_kib_and_100_headers_by_default(pr
         assert (upstream.received, upstream.connections) == ([], 0)
     else:
         assert len(upstream.received) == 1
+
+
+ENDLESS = {
+    # (what is sent first, the byte repeated after it, the status): the head never ends
+    "header-value": (b"GET / HTTP/1.1\r\nHost: mockb\r\nX-Long: ", b"v", 431),
+    "header-name": (b"GET / HTTP/1.1\r\nHost: mockb\r\nX-", b"n", 431),
+    "request-target": (b"GET /", b"t", 400),
+}
+HEAD_LIMIT = 60 * 1024
+# The stated bound: an incomplete head is cut off once the bytes received for it pass the limit, counted
+# per read; a head that begins after another request in the same read counts from the next read, so
+# the proxy holds at most the limit plus two reads of 256 KiB. What the client manages to send before
+# the answer also includes what the kernel buffers: allowed for below, far under what was offered.
+OFFERED = 8 << 20
+
+
+def send_endless_head(port: int, prefix: bytes, filler: bytes) -> tuple[int, bytes]:
+    """Send an endless head in 16 KiB pieces until the proxy answers; (bytes sent, what came back)."""
+    piece = filler * 16384
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.settimeout(5)
+        sock.sendall(prefix)
+        sent = len(prefix)
+        while sent < OFFERED and not select.select([sock], [], [], 0.01)[0]:
+            try:
+                sent += sock.send(piece)
+            except (BlockingIOError, TimeoutError):
+                continue
+            except ConnectionError:
+                break
+        answer = b""
+        try:
+            while data := sock.recv(65536):
+                answer += data
+        except (ConnectionError, TimeoutError):
+            pass
+    return sent, answer
+
+
+@pytest.mark.parametrize(("prefix", "filler", "status"), ENDLESS.values(), ids=ENDLESS.keys())
+def test_a_head_that_never_ends_is_refused_soon_after_the_limit_and_reaches_no_upstream(proxy, upstream, prefix,
+                                                                                          filler, status):
+    sent, answer = send_endless_head(proxy.outbound_port, prefix, filler)
+    assert answer.startswith(b"HTTP/1.1 %d " % status), (sent, answer[:200])
+    assert sent < HEAD_LIMIT + (2 << 20), f"the proxy took {sent} bytes of one head before refusing it"
+    assert (upstream.received, upstream.connections) == ([], 0)
+
+
+async def test_a_head_just_under_the_limits_sent_in_small_pieces_is_accepted(proxy, upstream):
+    """Counting a head while it arrives must not refuse what the complete-head limits accept."""
+    # 54 KiB of headers and an 8,000-byte target: over 60 KiB on the wire, each part within its limit (and the
+    # whole within what the recording upstream reads in one head).
+    raw = head_with(10, 54 * 1024).replace(b"GET / ", b"GET /" + b"t" * 8_000 + b" ", 1)
+    assert len(raw) > 61 * 1024
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.outbound_port)
+    writer.transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for offset in range(0, len(raw), 1024):
+        writer.write(raw[offset:offset + 1024])
+        await writer.drain()
+        await asyncio.sleep(0.002)  # separate reads on the proxy's side
+    async with asyncio.timeout(5):
+        status, _, _ = await read_response(reader)
+    writer.close()
+    assert status == 200
+    assert len(upstream.received) == 1
+
+
+def test_endless_header_values_on_eight_connections_leave_the_proxys_memory_bounded(proxy, upstream):
+    """On the unbounded parser, 8 MiB each (what this test offers) cost over 64 MiB and quadratic CPU."""
+    watch = RssWatch(proxy.process.pid)
+    baseline = watch.peak
+    results: list[tuple[int, bytes]] = []
+    senders = [threading.Thread(target=lambda: results.append(send_endless_head(
+        proxy.outbound_port, ENDLESS["header-value"][0], b"v"))) for _ in range(8)]
+    for sender in senders:
+        sender.start()
+    for sender in senders:
+        sender.join(timeout=60)
+    growth = watch.stop() - baseline
+    assert [answer[:12] for _, answer in results] == [b"HTTP/1.1 431"] * 8
+    # Stated bound: 8 x (limit + two reads) is under 5 MiB; allocator slack and buffers make it 24 MiB.
+    assert growth < 24 << 20, f"RSS grew by {growth >> 20} MiB"
 
 
 async def test_header_limits_are_configurable(tmp_path: Path, upstream):
@@ -316,6 +509,122 @@ def test_pipelined_requests_are_read_only_as_far_as_the_bounded_queue_allows(pro
         assert time.monotonic() < deadline
     sender.join(timeout=10)
     sock.close()
+
+
+def read_in_order(sock: socket.socket, count: int, body_of, deadline: float) -> None:
+    """Read `count` Content-Length responses from a blocking socket; each must be 200 with body_of(index)."""
+    buffer = b""
+    for index in range(count):
+        while b"\r\n\r\n" not in buffer:
+            assert time.monotonic() < deadline, f"only {index} of {count} responses arrived"
+            data = sock.recv(1 << 20)
+            assert data, f"the proxy closed after {index} of {count} responses"
+            buffer += data
+        head, buffer = buffer.split(b"\r\n\r\n", 1)
+        length = int(next(line for line in head.lower().split(b"\r\n") if line.startswith(b"content-length:")).split(b":")[1])
+        while len(buffer) < length:
+            buffer += sock.recv(1 << 20)
+        body, buffer = buffer[:length], buffer[length:]
+        assert (head[:12], body) == (b"HTTP/1.1 200", body_of(index))
+
+
+def test_twenty_thousand_pipelined_requests_in_one_send_never_exceed_the_pipelining_limit(proxy, upstream):
+    """httptools parses a whole read before pausing takes effect: 20,000 requests once made 3,396 exchanges."""
+    upstream.delay = lambda request: 1.5 if request.request_line.startswith(b"GET /0 ") else 0
+    count = 20_000
+    payload = b"".join(b"GET /%d HTTP/1.1\r\nHost: mockb\r\n\r\n" % i for i in range(count))
+    sock = socket.create_connection(("127.0.0.1", proxy.outbound_port))
+    sender = threading.Thread(target=sock.sendall, args=(payload,), daemon=True)
+    sender.start()
+    active = []
+    sampling_until = time.monotonic() + 1.2  # while /0 is held, the queue fills to its bound and stays there
+    while time.monotonic() < sampling_until:
+        active.append(proxy.stat("http.outbound.downstream_rq_active"))
+        time.sleep(0.02)
+    # Stated bound: the request in flight, the 16 queued (--max-pipelined-requests) and one more, when the
+    # terminator of a head straddles two reads.
+    assert max(active) <= 1 + 16 + 1, f"up to {max(active)} requests in flight on one connection"
+    assert max(active) >= 16  # the queue did fill: the bound was exercised
+    sock.settimeout(30)
+    read_in_order(sock, count, lambda index: b"GET /%d HTTP/1.1" % index, time.monotonic() + 120)
+    sender.join(timeout=10)
+    sock.close()
+    assert len(upstream.received) == count
+
+
+def test_a_body_pipelined_behind_a_slow_request_is_buffered_only_to_the_connection_buffer_limit(proxy, upstream):
+    """Once, a 256 MiB POST behind a slow GET raised the proxy's RSS from 51 to 307 MiB."""
+    upstream.delay = lambda request: 2.0 if request.request_line.startswith(b"GET /slow ") else 0
+    size = 64 << 20
+    body = bytes(range(256)) * (size // 256)
+    head = (b"GET /slow HTTP/1.1\r\nHost: mockb\r\n\r\n"
+            b"POST /big HTTP/1.1\r\nHost: mockb\r\nContent-Length: %d\r\n\r\n" % size)
+    watch = RssWatch(proxy.process.pid)
+    baseline = watch.peak
+    sock = socket.create_connection(("127.0.0.1", proxy.outbound_port))
+    sent = [0]
+
+    def send_all() -> None:
+        view = memoryview(head + body)
+        while sent[0] < len(view):
+            sent[0] += sock.send(view[sent[0]:sent[0] + 65536])
+
+    sender = threading.Thread(target=send_all, daemon=True)
+    sender.start()
+    time.sleep(1.5)
+    held, growth = sent[0], watch.peak - baseline
+    # Stated bound: 1 MiB (--per-connection-buffer-limit-bytes) plus one read in the proxy; the rest of what
+    # the client could send sits in the kernel's socket buffers (several MiB on loopback).
+    assert held < 24 << 20, f"the proxy took {held >> 20} MiB of a body it could not forward yet"
+    assert growth < 16 << 20, f"RSS grew by {growth >> 20} MiB while the body waited"
+    sock.settimeout(30)
+    read_in_order(sock, 2, lambda index: [b"GET /slow HTTP/1.1", b"POST /big HTTP/1.1"][index], time.monotonic() + 60)
+    sender.join(timeout=10)
+    sock.close()
+    watch.stop()
+    assert [(r.request_line, len(r.body)) for r in upstream.received] == [(b"GET /slow HTTP/1.1", 0),
+                                                                          (b"POST /big HTTP/1.1", size)]
+    assert upstream.received[1].body == body
+
+
+def test_a_body_waiting_for_an_upstream_connection_is_buffered_only_to_the_connection_buffer_limit(tmp_path: Path):
+    """The active request's body waits in the proxy while its upstream connection is being opened."""
+    # An endpoint whose accept queue is full: the kernel drops further SYNs, so connecting hangs.
+    blackhole = socket.socket()
+    blackhole.bind(("127.0.0.1", 0))
+    blackhole.listen(0)
+    fillers = [socket.create_connection(blackhole.getsockname(), timeout=1)]  # backlog 0 holds one
+    endpoints = endpoints_file(tmp_path / "endpoints.yaml", {"default/mockb": {"base": [blackhole.getsockname()[1]]}})
+    proxy = ProxyProcess(SWIMLANES, endpoints, outbound=True, extra=("--connect-timeout", "4")).start()
+    size = 64 << 20
+    sock = socket.create_connection(("127.0.0.1", proxy.outbound_port))
+    sent = [0]
+
+    def send_all() -> None:
+        view = memoryview(b"POST /big HTTP/1.1\r\nHost: mockb\r\nContent-Length: %d\r\n\r\n" % size + b"b" * size)
+        try:
+            while sent[0] < len(view):
+                sent[0] += sock.send(view[sent[0]:sent[0] + 65536])
+        except OSError:
+            pass  # the proxy answered and closed
+
+    try:
+        watch = RssWatch(proxy.process.pid)
+        baseline = watch.peak
+        threading.Thread(target=send_all, daemon=True).start()
+        time.sleep(1.5)
+        held, growth = sent[0], watch.stop() - baseline
+        sock.settimeout(10)
+        answer = sock.recv(65536)
+    finally:
+        sock.close()
+        proxy.stop()
+        for filler in fillers:
+            filler.close()
+        blackhole.close()
+    assert held < 24 << 20, f"the proxy took {held >> 20} MiB of a body with no upstream connection yet"
+    assert growth < 16 << 20, f"RSS grew by {growth >> 20} MiB while the body waited"
+    assert answer.startswith(b"HTTP/1.1 503 ")  # the connect timeout, then the client is told
 
 
 # -- untrusted upstream responses ----------------------------------------------------------------

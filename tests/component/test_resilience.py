@@ -21,6 +21,7 @@ import pytest
 from proxyrig import (
     SWIMLANES,
     ProxyProcess,
+    RssWatch,
     ThreadedOrigin,
     UpstreamThread,
     endpoints_file,
@@ -116,6 +117,21 @@ async def test_a_thousand_slowloris_connections_are_closed_by_the_header_timeout
 # -- 1 GiB each way with bounded memory -------------------------------------------------------
 
 
+
+async def test_a_half_sent_head_gets_408_under_several_workers(tmp_path):
+    """Workers once bound their listeners without the timeout sweeper: no per-connection timeout ever fired."""
+    with UpstreamThread() as upstream:
+        proxy = proxy_for(tmp_path, {"default/mockb": {"base": [upstream.port]}}, "--workers", "2",
+                          "--request-headers-timeout", "1")
+        try:
+            # Several connections, so that the kernel's SO_REUSEPORT spread puts some on each worker.
+            answers = await asyncio.gather(*(exchange(proxy.outbound_port, b"GET /half HTTP/1.1\r\nHost: mockb\r\n",
+                                                      read_timeout=10) for _ in range(8)))
+        finally:
+            proxy.stop()
+    assert [status_of(answer) for answer in answers] == [408] * 8
+    assert upstream.received == []
+
 class StreamingOrigin(ThreadedOrigin):
     """A blocking-socket origin on a thread: PUT discards the body and answers its size and CRC32;
     GET /download sends 1 GiB (a 1 MiB block repeated) with a Content-Length."""
@@ -160,25 +176,6 @@ class StreamingOrigin(ThreadedOrigin):
 
     def close(self) -> None:
         self.sock.close()
-
-
-class RssWatch:
-    """Samples a process's RSS every 50 ms on a thread; `peak` is the largest seen."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid, self.peak, self.running = pid, rss_bytes(pid), True
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while self.running:
-            self.peak = max(self.peak, rss_bytes(self.pid))
-            time.sleep(0.05)
-
-    def stop(self) -> int:
-        self.running = False
-        self.thread.join()
-        return self.peak
 
 
 @pytest.fixture
