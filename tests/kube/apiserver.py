@@ -503,6 +503,21 @@ class KubeApiServer:
 
         self._wait_until(proc, ready, "kube-apiserver /readyz")
 
+        def default_namespace() -> bool:
+            # /readyz answers before the bootstrap controller has created `default`; tests put objects there.
+            request = urllib.request.Request(
+                f"{self.url}/api/v1/namespaces/default", headers={"Authorization": f"Bearer {self.token}"}
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=5, context=context) as resp:
+                    return resp.status == 200
+            except urllib.error.HTTPError as exc:
+                if exc.code == 404:
+                    return False
+                raise
+
+        self._wait_until(proc, default_namespace, "the default namespace")
+
     def _wait_until(self, proc: _Process, probe: Callable[[], bool], what: str) -> None:
         deadline = time.monotonic() + self.startup_timeout
         last_error = "no answer yet"
