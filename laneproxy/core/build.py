@@ -553,6 +553,7 @@ def build(documents: Iterable[ConfigDocument], *, version: str, namespace: str =
     unknown: list[ConfigProblem] = []
     notices: list[ConfigProblem] = []
     read_kinds: dict[str, set[str]] = {source: set() for source in sources}
+    ignored: dict[str, list[tuple[str, str]]] = {}
     groups: list[_GroupDecl] = []
     lanes: list[_LaneDecl] = []
     services: dict[str, _ServiceDecl] = {}
@@ -592,12 +593,15 @@ def build(documents: Iterable[ConfigDocument], *, version: str, namespace: str =
             # Gateway, VirtualService, Deployment, Rollout... may share a file with ours; they are not ours to read.
             metadata = doc.body.get("metadata")
             name = metadata.get("name") if isinstance(metadata, dict) else None
-            notices.append(ConfigProblem(doc.source, f"{kind}({name})" if name else str(kind),
-                                         f"ignored: laneproxy does not read {api} {kind}"))
-    for source, kinds in read_kinds.items():
-        if not kinds & set(_SWIMLANE_KINDS):
+            ignored.setdefault(doc.source, []).append((f"{kind}({name})" if name else str(kind), f"{api} {kind}"))
+    for source in {**read_kinds, **ignored}:
+        if source in read_kinds and not read_kinds[source] & set(_SWIMLANE_KINDS):
+            listed = "; ignored: " + ", ".join(what for what, _ in ignored.get(source, ())) if source in ignored else ""
             notices.append(ConfigProblem(source, "file", "no swimlane objects (ASMSwimLaneGroup, ASMSwimLane, "
-                                                         "LaneEndpoints): nothing in it defines lanes"))
+                                                         f"LaneEndpoints){listed}"))
+            continue
+        for what, kind_name in ignored.get(source, ()):
+            notices.append(ConfigProblem(source, what, f"ignored: laneproxy does not read {kind_name}"))
     _attach_pods(services, pods)
     table = _assemble(groups, lanes, services, problems, version=version, namespace=namespace)
     errors = problems.items if lenient else unknown + problems.items
