@@ -129,3 +129,12 @@ def test_validate_prints_errors_or_with_lenient_warnings_and_says_ok(tmp_path, c
                        "gateway.yaml: file: no swimlane objects (ASMSwimLaneGroup, ASMSwimLane, LaneEndpoints); "
                        "ignored: Gateway(ingressgateway)"]
     assert out[2].startswith("ok with 1 warning(s): 1 group(s), 2 lane(s), 3 service(s)")
+
+
+def test_laneproxy_crds_writes_what_make_crds_commits(tmp_path, capsys):
+    assert main(["crds", "--write", str(tmp_path)]) == 0
+    assert {path.name: path.read_text(encoding="utf-8") for path in tmp_path.iterdir()} == crd_files()
+    capsys.readouterr()
+    assert main(["crds"]) == 0
+    kinds = [doc["spec"]["names"]["kind"] for doc in yaml.safe_load_all(capsys.readouterr().out)]
+    assert kinds == ["ASMSwimLaneGroup", "ASMSwimLane"]
