@@ -1,5 +1,6 @@
 # laneproxy: one image for every role. The entrypoint is `laneproxy`; the arguments choose the role:
-#   run (gateway or sidecar), capture --apply (the init container), webhook, mock, inject, validate.
+#   run (gateway or sidecar), capture --apply (the init container), webhook, mock, inject, validate, crds,
+#   demo (the local full chain; --network=host, and a tmpfs on /tmp for its endpoints file with --read-only).
 #
 # The build needs no network: it installs from build/wheelhouse, a directory of wheels (laneproxy's own and
 # every dependency, pinned to the versions of the development environment) that tests/image/build_image.sh

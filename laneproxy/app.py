@@ -67,11 +67,12 @@ class ProxyApp:
                 from laneproxy.control.kubernetes import KubernetesSource  # optional dependency
             except ImportError as exc:
                 raise StartupError(f"--source kubernetes needs: pip install 'laneproxy[kubernetes]' ({exc})") from exc
-            return KubernetesSource(self.store, namespace=settings.namespace, kubeconfig=settings.kubeconfig)
+            return KubernetesSource(self.store, namespace=settings.namespace, kubeconfig=settings.kubeconfig,
+                                    lenient=settings.lenient)
         if not settings.config_files:
             raise StartupError("no configuration: give --config FILE (or --source kubernetes)")
         return FileSource(settings.config_files, self.store, namespace=settings.namespace,
-                          interval=settings.reload_interval)
+                          interval=settings.reload_interval, lenient=settings.lenient)
 
     async def start(self) -> None:
         settings = self.settings

@@ -1,5 +1,5 @@
-"""argv and the environment -> settings -> the chosen command (run, validate, mock, demo, inject, webhook, capture,
-probe).
+"""argv and the environment -> settings -> the chosen command (run, validate, crds, mock, demo, inject, webhook,
+capture, probe).
 
 Owns option names, their environment variables and help texts. Installs uvloop here, at run time,
 never at import.
@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                      metavar="[HOST:]PORT|none", help="admin listener (default 127.0.0.1:15000; env LANEPROXY_ADMIN)")
     run.add_argument("--lane", default=_env("LANE"), help="this sidecar's own lane, used in strict mode (env LANEPROXY_LANE)")
     run.add_argument("--namespace", default=_env("NAMESPACE", "default"), help="namespace short host names resolve in")
+    run.add_argument("--lenient", action="store_true", default=_env("LENIENT", "") not in ("", "0", "false"),
+                     help="unknown fields in the configuration are logged warnings instead of a rejected update "
+                          "(env LANEPROXY_LENIENT)")
     run.add_argument("--reload-interval", type=float, default=float(_env("RELOAD_INTERVAL", "1.0")),
                      help="seconds between checks of the config files for changes")
     run.add_argument("--connect-timeout", type=float, default=5.0, help="upstream connect timeout, seconds (Envoy: 5)")
@@ -127,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     validate = commands.add_parser("validate", help="check configuration files and print every problem")
     validate.add_argument("files", nargs="+", metavar="FILE")
     validate.add_argument("--namespace", default="default")
+    validate.add_argument("--lenient", action="store_true", help="unknown fields are warnings, not errors")
+
+    crds = commands.add_parser("crds", help="print the swimlane CustomResourceDefinitions (the schema validate uses)")
+    crds.add_argument("--write", metavar="DIR", help="write one file per CRD into DIR (deploy/crds) instead")
 
     mock = commands.add_parser("mock", help="run the mock service (the seed's go-http-sample stand-in)")
     mock.add_argument("--listen", type=_address, default=Address("127.0.0.1", 8000), metavar="[HOST:]PORT")
@@ -204,7 +211,7 @@ def settings_from_args(args: argparse.Namespace) -> ProxySettings:
     return ProxySettings(
         gateway=args.gateway, inbound=args.inbound, app=args.app, outbound=args.outbound, admin=args.admin,
         config_files=config, source=args.source, kubeconfig=args.kubeconfig, namespace=args.namespace,
-        own_lane=args.lane, reload_interval=args.reload_interval,
+        own_lane=args.lane, reload_interval=args.reload_interval, lenient=args.lenient,
         trace_table_capacity=args.trace_table_size, trace_table_ttl=args.trace_table_ttl,
         trace_table_bytes=args.trace_table_bytes, trust_client_trace_id=args.trust_client_trace_id,
         timeouts=TimeoutSettings(connect=args.connect_timeout, route=args.route_timeout,
@@ -259,13 +266,36 @@ def _validate(args: argparse.Namespace) -> int:
     from laneproxy.control.files import load_files
 
     try:
-        table = load_files(args.files, namespace=args.namespace)
+        built = load_files(args.files, namespace=args.namespace, lenient=args.lenient)
     except ConfigInvalidError as exc:
         for problem in exc.problems:
             print(problem)
         return 1
+    for warning in built.warnings:
+        print(f"{warning} (ignored: --lenient)")
+    for notice in built.notices:
+        print(notice)
+    table = built.table
     lanes = sum(len(group.lanes) for group in table.groups.values())
-    print(f"ok: {len(table.groups)} group(s), {lanes} lane(s), {len(table.services)} service(s), version {table.version}")
+    warned = f" with {len(built.warnings)} warning(s)" if built.warnings else ""
+    print(f"ok{warned}: {len(table.groups)} group(s), {lanes} lane(s), {len(table.services)} service(s), "
+          f"version {table.version}")
+    return 0
+
+
+def _crds(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from laneproxy.core.schema import crd_files
+
+    files = crd_files()
+    if args.write is None:
+        sys.stdout.write("---\n".join(files.values()))
+        return 0
+    for name, text in files.items():
+        path = Path(args.write) / name
+        path.write_text(text, encoding="utf-8")
+        print(f"wrote {path}")
     return 0
 
 
@@ -381,7 +411,7 @@ def _probe(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    handler = {"run": _run, "validate": _validate, "mock": _mock, "demo": _demo, "inject": _inject,
+    handler = {"run": _run, "validate": _validate, "crds": _crds, "mock": _mock, "demo": _demo, "inject": _inject,
                "webhook": _webhook, "capture": _capture, "probe": _probe}[args.command]
     return handler(args)
 

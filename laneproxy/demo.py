@@ -3,8 +3,9 @@
 Owns the demo topology: a gateway; mocka, mockb and mockc v1 in the base lane; mocka and mockc v2
 in the canary lane (the canary lane has no mockb); each app with its own sidecar (inbound and
 outbound listeners), the app's egress going through its sidecar by HTTP_PROXY. It writes the
-endpoints file for the ports it picked, uses the seed's swimlane manifests from `config/`, and
-stops every process it started. Tests use DemoCluster too, so the demo cannot rot.
+endpoints file for the ports it picked, uses the seed's swimlane manifests shipped in the package
+(`laneproxy/manifests/`, which `config/swimlanes.yaml` links to), and stops every process it
+started. Tests use DemoCluster too, so the demo cannot rot.
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 import yaml
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
+# Package data, not a path beside the sources: the demo must work from an installed wheel or the image.
+SEED_SWIMLANES = resources.files("laneproxy") / "manifests" / "swimlanes.yaml"
 
 # (app, version, lane tag, upstream app)
 TOPOLOGY = (
@@ -66,7 +69,8 @@ class DemoCluster:
                  log_level: str = "warning", own_apps: frozenset[tuple[str, str]] = frozenset()) -> None:
         """`own_apps`: (app, version) pairs whose application the caller serves itself on the pod's
         `app_port` (a test's app that holds a request); the demo starts only their sidecars."""
-        self.swimlanes = swimlanes or CONFIG_DIR / "swimlanes.yaml"
+        self._resources = contextlib.ExitStack()
+        self.swimlanes = swimlanes or self._resources.enter_context(resources.as_file(SEED_SWIMLANES))
         if not self.swimlanes.exists():
             raise FileNotFoundError(f"swimlane manifests not found at {self.swimlanes}")
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="laneproxy-demo-")
@@ -198,6 +202,7 @@ class DemoCluster:
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
+        self._resources.close()
 
     def __enter__(self) -> DemoCluster:
         self.start()

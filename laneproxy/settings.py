@@ -87,6 +87,7 @@ class ProxySettings:
     namespace: str = "default"  # short host names resolve here
     own_lane: str | None = None  # this sidecar's lane, used in strict (non-permissive) mode
     reload_interval: float = 1.0
+    lenient: bool = False  # unknown fields in the configuration are warnings instead of a rejected table
     trace_table_capacity: int = 100_000
     trace_table_ttl: float = 300.0
     trace_table_bytes: int = 32 * 1024 * 1024  # what the trace table may hold, as its byte budget counts it

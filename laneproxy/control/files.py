@@ -13,16 +13,18 @@ import os
 from pathlib import Path
 
 from laneproxy.control.building import build_off_loop, settle_heap
-from laneproxy.core.build import ConfigDocument, build_table, content_version, parse_yaml
+from laneproxy.core.build import Built, ConfigDocument, build, content_version, parse_yaml
 from laneproxy.core.errors import ConfigInvalidError, ConfigProblem
-from laneproxy.core.model import RouteTable
 from laneproxy.core.store import RouteTableStore
 
 log = logging.getLogger("laneproxy.config")
 
 
-def load_files(paths: list[str] | tuple[str, ...], *, namespace: str) -> RouteTable:
-    """Read, parse and build in one go; raises ConfigInvalidError naming every problem in every file."""
+def load_files(paths: list[str] | tuple[str, ...], *, namespace: str, lenient: bool = False) -> Built:
+    """Read, parse and build in one go; raises ConfigInvalidError naming every problem in every file.
+
+    Unknown fields are problems unless `lenient`, which makes them warnings of the result.
+    """
     texts: list[str] = []
     documents: list[ConfigDocument] = []
     problems: list[ConfigProblem] = []
@@ -39,7 +41,7 @@ def load_files(paths: list[str] | tuple[str, ...], *, namespace: str) -> RouteTa
             problems.extend(exc.problems)
     if problems:
         raise ConfigInvalidError(problems)
-    return build_table(documents, version=content_version(texts), namespace=namespace)
+    return build(documents, version=content_version(texts), namespace=namespace, lenient=lenient, sources=paths)
 
 
 def _fingerprint(paths: tuple[str, ...]) -> tuple:
@@ -56,10 +58,12 @@ def _fingerprint(paths: tuple[str, ...]) -> tuple:
 class FileSource:
     """Publishes a table built from `paths` now and whenever one of them changes."""
 
-    def __init__(self, paths: tuple[str, ...], store: RouteTableStore, *, namespace: str, interval: float) -> None:
+    def __init__(self, paths: tuple[str, ...], store: RouteTableStore, *, namespace: str, interval: float,
+                 lenient: bool = False) -> None:
         self.paths = paths
         self.store = store
         self.namespace = namespace
+        self.lenient = lenient
         self.interval = interval
         self._seen: tuple | None = None
         self._task: asyncio.Task | None = None
@@ -68,13 +72,18 @@ class FileSource:
         """Build from the files as they are now; True if a new table was published."""
         self._seen = await asyncio.to_thread(_fingerprint, self.paths)
         try:
-            table = await build_off_loop(lambda: load_files(self.paths, namespace=self.namespace))
+            built = await build_off_loop(lambda: load_files(self.paths, namespace=self.namespace, lenient=self.lenient))
         except ConfigInvalidError as exc:
             self.store.reject(exc)
             log.error("configuration rejected, keeping version %r:\n%s", self.store.current.version or "none", exc)
             return False
+        table = built.table
         if table.version == self.store.current.version:
             return False
+        for warning in built.warnings:
+            log.warning("%s (ignored: --lenient)", warning)
+        for notice in built.notices:
+            log.info("%s", notice)
         self.store.publish(table)
         settle_heap()
         log.info("configuration version %s published (%d services, %d groups)", table.version,

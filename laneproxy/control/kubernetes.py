@@ -35,7 +35,7 @@ from kubernetes_asyncio import config as kube_config
 from kubernetes_asyncio.config import ConfigException
 
 from laneproxy.control.building import build_off_loop, settle_heap
-from laneproxy.core.build import DEFAULT_NAMESPACE, SWIMLANE_API, ConfigDocument, build_table, content_version
+from laneproxy.core.build import DEFAULT_NAMESPACE, SWIMLANE_API, ConfigDocument, build, content_version
 from laneproxy.core.errors import ConfigInvalidError, LaneProxyError
 from laneproxy.core.store import RouteTableStore
 
@@ -448,8 +448,10 @@ class KubernetesSource:
         request_timeout: float = 60.0,
         connect_timeout: float = 5.0,
         rng: random.Random | None = None,
+        lenient: bool = False,
     ) -> None:
         self.store = store
+        self.lenient = lenient  # unknown fields in the objects are warnings, not a rejected update
         self.namespace = namespace  # where the proxy runs: short host names resolve here
         self.kubeconfig, self.context = kubeconfig, context
         self.debounce, self.max_delay = debounce, max_delay
@@ -468,6 +470,7 @@ class KubernetesSource:
         self._rebuilder: asyncio.Task | None = None
         self._attempted: str | None = None
         self._logged_problems: str | None = None
+        self._logged_warnings: tuple = ()
         self._started_at = 0.0
         self._reloading: asyncio.Lock | None = None
 
@@ -612,7 +615,8 @@ class KubernetesSource:
         self.rebuilds += 1
         try:
             # Off the event loop: a large namespace must not stall the sidecar's hot path.
-            table = await build_off_loop(lambda: build_table(documents, version=version, namespace=self.namespace))
+            built = await build_off_loop(lambda: build(documents, version=version, namespace=self.namespace,
+                                                       lenient=self.lenient))
         except ConfigInvalidError as exc:
             self.store.reject(exc)
             problems = str(exc)
@@ -621,6 +625,11 @@ class KubernetesSource:
                 log.error("configuration from Kubernetes rejected, keeping version %r:\n%s",
                           self.store.current.version or "none", exc)
             return False
+        table = built.table
+        if built.warnings != self._logged_warnings:  # pod churn must not repeat the same report either
+            self._logged_warnings = built.warnings
+            for warning in built.warnings:
+                log.warning("%s (ignored: --lenient)", warning)
         first = not self.store.ready
         self._logged_problems = None
         self.store.publish(table)

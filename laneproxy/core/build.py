@@ -4,11 +4,15 @@ Owns the meaning of every input field: the ASM swimlane resources (`ASMSwimLaneG
 `istio.alibabacloud.com/v1`), Kubernetes `Service` and `Pod` objects, and laneproxy's own
 `LaneEndpoints` file for local runs. Every problem is collected and reported as
 `source: path.to.field: reason`; nothing past this module sees an untyped dict.
+A field the schema (core/schema.py, also the source of the CRDs) does not know is an error, or a
+warning when the caller is lenient, never silently dropped; a file or document laneproxy does not
+read gets a notice.
 It never reads files or sockets: callers hand it text or parsed objects.
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import re
 from dataclasses import dataclass
@@ -19,6 +23,7 @@ import yaml
 
 from laneproxy.core.errors import ConfigInvalidError, ConfigProblem
 from laneproxy.core.headers import TRAFFIC_TAG_LABEL
+from laneproxy.core.schema import DOCUMENT_SCHEMAS
 from laneproxy.core.model import (
     Endpoint,
     IngressRule,
@@ -95,6 +100,49 @@ class _Problems:
 
     def add(self, source: str, path: str, reason: str) -> None:
         self.items.append(ConfigProblem(source, path, reason))
+
+
+@dataclass(frozen=True, slots=True)
+class Built:
+    """A table and what was said about its input without rejecting it."""
+
+    table: RouteTable
+    # Unknown fields, when the build was lenient: the field is ignored, and the user must hear about it.
+    warnings: tuple[ConfigProblem, ...]
+    # Inputs that change nothing: a file with no swimlane objects, a kind laneproxy does not read.
+    notices: tuple[ConfigProblem, ...]
+
+
+def _suggestion(key: str, known: Iterable[str]) -> str:
+    known = sorted(known)
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    if not close:  # a change of case only scores low for difflib
+        close = [name for name in known if name.lower() == key.lower()]
+    if close:
+        return f"unknown field (did you mean {close[0]}?)"
+    return f"unknown field (known: {', '.join(known)})"
+
+
+def _unknown_fields(schema: Mapping[str, Any], value: Any, source: str, path: str, found: list[ConfigProblem]) -> None:
+    """Walk a document along its schema; record every field the schema does not have. Types are build's to check."""
+    if schema.get("x-kubernetes-preserve-unknown-fields"):
+        return
+    if isinstance(value, dict):
+        properties = schema.get("properties")
+        values = schema.get("additionalProperties")
+        for key, item in value.items():
+            where = f"{path}.{key}"
+            if properties is not None:
+                if key in properties:
+                    _unknown_fields(properties[key], item, source, where, found)
+                else:
+                    found.append(ConfigProblem(source, where, _suggestion(str(key), properties)))
+            elif isinstance(values, dict):
+                _unknown_fields(values, item, source, where, found)
+            # neither: an open object (metadata), checked by the API server, not here
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for index, item in enumerate(value):
+            _unknown_fields(schema["items"], item, source, f"{path}[{index}]", found)
 
 
 class _Fields:
@@ -229,13 +277,10 @@ def _name_of(fields: _Fields) -> str | None:
 
 
 def _string_match(fields: _Fields) -> StringMatch | None:
+    # Other keys (`suffix`) are unknown fields, reported with the schema's; the match is still incomplete.
     present = [(kind, fields.body[kind.value]) for kind in MatchKind if fields.body.get(kind.value) not in (None, "")]
-    unknown = sorted(set(fields.body) - {kind.value for kind in MatchKind})
-    for key in unknown:
-        fields.fail(key, "unknown match type (use exact, prefix or regex)")
     if len(present) != 1:
-        if not unknown:
-            fields.fail("", "exactly one of exact, prefix or regex is required")
+        fields.fail("", "exactly one of exact, prefix or regex is required")
         return None
     kind, value = present[0]
     if not isinstance(value, str):
@@ -547,18 +592,42 @@ def _host_names(service: Service, local_namespace: str) -> list[bytes]:
     return [name.encode() for name in with_ports]
 
 
-def build_table(documents: Iterable[ConfigDocument], *, version: str, namespace: str = DEFAULT_NAMESPACE) -> RouteTable:
+def build_table(documents: Iterable[ConfigDocument], *, version: str, namespace: str = DEFAULT_NAMESPACE,
+                lenient: bool = False) -> RouteTable:
     """Validate every document and build the complete table, or raise ConfigInvalidError with all problems.
 
     `namespace` is the namespace the proxy runs in: short host names (`mockb`) resolve there.
     """
+    return build(documents, version=version, namespace=namespace, lenient=lenient).table
+
+
+_SWIMLANE_KINDS = ("ASMSwimLaneGroup", "ASMSwimLane", "LaneEndpoints")
+
+
+def build(documents: Iterable[ConfigDocument], *, version: str, namespace: str = DEFAULT_NAMESPACE,
+          lenient: bool = False, sources: Iterable[str] = ()) -> Built:
+    """build_table, also returning the warnings and notices; raises ConfigInvalidError with every problem.
+
+    Unknown fields are problems, or warnings when `lenient`. `sources` names every input file, so a file
+    holding no documents at all gets its notice too.
+    """
     problems = _Problems()
+    unknown: list[ConfigProblem] = []
+    notices: list[ConfigProblem] = []
+    read_kinds: dict[str, set[str]] = {source: set() for source in sources}
+    ignored: dict[str, list[tuple[str, str]]] = {}
     groups: list[_GroupDecl] = []
     lanes: list[_LaneDecl] = []
     services: dict[str, _ServiceDecl] = {}
     pods: list[_PodDecl] = []
     for doc in documents:
         api, kind = doc.body.get("apiVersion"), doc.body.get("kind")
+        schema = DOCUMENT_SCHEMAS.get(kind) if isinstance(kind, str) else None
+        if schema is not None:
+            read_kinds.get(doc.source, set()).add(kind)
+            name = (doc.body.get("metadata") or {}).get("name") if isinstance(doc.body.get("metadata"), dict) else None
+            prefix = f"{kind}({name})" if isinstance(name, str) and kind != "LaneEndpoints" else kind
+            _unknown_fields(schema, doc.body, doc.source, prefix, unknown)
         if kind in ("ASMSwimLaneGroup", "ASMSwimLane") and api != SWIMLANE_API:
             problems.add(doc.source, f"{kind}.apiVersion", f"expected {SWIMLANE_API}, got {api!r}")
         elif kind == "ASMSwimLaneGroup":
@@ -582,12 +651,25 @@ def build_table(documents: Iterable[ConfigDocument], *, version: str, namespace:
             pod = _pod_decl(doc, problems)
             if pod is not None:
                 pods.append(pod)
-        # Other kinds (Gateway, Deployment, Rollout...) may share a file with ours; they are not ours to read.
+        else:
+            # Gateway, VirtualService, Deployment, Rollout... may share a file with ours; they are not ours to read.
+            metadata = doc.body.get("metadata")
+            name = metadata.get("name") if isinstance(metadata, dict) else None
+            ignored.setdefault(doc.source, []).append((f"{kind}({name})" if name else str(kind), f"{api} {kind}"))
+    for source in {**read_kinds, **ignored}:
+        if source in read_kinds and not read_kinds[source] & set(_SWIMLANE_KINDS):
+            listed = "; ignored: " + ", ".join(what for what, _ in ignored.get(source, ())) if source in ignored else ""
+            notices.append(ConfigProblem(source, "file", "no swimlane objects (ASMSwimLaneGroup, ASMSwimLane, "
+                                                         f"LaneEndpoints){listed}"))
+            continue
+        for what, kind_name in ignored.get(source, ()):
+            notices.append(ConfigProblem(source, what, f"ignored: laneproxy does not read {kind_name}"))
     _attach_pods(services, pods)
     table = _assemble(groups, lanes, services, problems, version=version, namespace=namespace)
-    if problems.items:
-        raise ConfigInvalidError(problems.items)
-    return table
+    errors = problems.items if lenient else unknown + problems.items
+    if errors:
+        raise ConfigInvalidError(errors)
+    return Built(table, tuple(unknown) if lenient else (), tuple(notices))
 
 
 def _merge_service(services: dict[str, _ServiceDecl], decl: _ServiceDecl) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -56,8 +57,9 @@ def test_removing_a_canary_endpoint_sends_its_hop_to_base_and_adding_it_back_ret
 
 @pytest.mark.parametrize(
     "broken",
-    ["services: [unclosed", "apiVersion: laneproxy.dev/v1\nkind: LaneEndpoints\nservices:\n  default/mockc:\n    lanes: {canary: [nowhere]}\n"],
-    ids=["malformed-yaml", "bad-address"],
+    ["services: [unclosed", "apiVersion: laneproxy.dev/v1\nkind: LaneEndpoints\nservices:\n  default/mockc:\n    lanes: {canary: [nowhere]}\n",
+     "apiVersion: laneproxy.dev/v1\nkind: LaneEndpoints\nservices:\n  default/mockc:\n    lane: {canary: [127.0.0.1:1]}\n"],
+    ids=["malformed-yaml", "bad-address", "misspelled-field"],
 )
 def test_an_invalid_change_keeps_the_running_table_and_is_counted(cluster, broken):
     gateway_admin = cluster.gateway_admin_port
@@ -113,3 +115,30 @@ def test_run_refuses_to_start_on_invalid_configuration(tmp_path: Path):
                              "--admin", "none"], capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert "fallbackTarget: unknown lane 'stable'" in result.stderr
+
+
+def test_run_refuses_a_misspelled_field_and_with_lenient_starts_and_logs_it(tmp_path: Path):
+    config = tmp_path / "swimlanes.yaml"
+    config.write_text(SWIMLANES.read_text().replace("isPermissive", "isPermisive"))
+    line = f"{config}: ASMSwimLaneGroup(rollout).spec.isPermisive: unknown field (did you mean isPermissive?)"
+    command = [sys.executable, "-m", "laneproxy", "run", "--config", str(config), "--outbound", "0"]
+    refused = subprocess.run([*command, "--admin", "none"], capture_output=True, text=True, timeout=30)
+    assert refused.returncode == 2 and line in refused.stderr
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        admin = probe.getsockname()[1]
+    lenient = subprocess.Popen([*command, "--admin", f"127.0.0.1:{admin}", "--lenient"], stderr=subprocess.PIPE,
+                               text=True)
+    try:
+        def ready() -> bool:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{admin}/ready", timeout=1) as response:
+                    return response.status == 200
+            except OSError:
+                return lenient.poll() is not None  # exited: stop waiting, the assertion below says why
+        assert wait_for(ready) and lenient.poll() is None
+    finally:
+        lenient.terminate()
+        _, stderr = lenient.communicate(timeout=30)
+    assert f"{line} (ignored: --lenient)" in stderr

@@ -122,7 +122,7 @@ def test_the_image_runs_laneproxy_as_uid_1337_and_is_small(image):
     ids = podman("run", "--rm", *PODMAN_RUN_FLAGS, *READ_ONLY, "--network=none", "--entrypoint", "id", image).stdout
     assert ids.startswith("uid=1337(laneproxy) gid=1337(laneproxy)")
     help_text = podman("run", "--rm", *PODMAN_RUN_FLAGS, *READ_ONLY, "--network=none", image).stdout
-    for role in ("run", "mock", "webhook", "capture", "inject", "probe"):
+    for role in ("run", "mock", "webhook", "capture", "inject", "probe", "demo", "validate", "crds"):
         assert role in help_text
 
 
@@ -159,6 +159,28 @@ def test_the_mock_and_sidecar_roles_answer_with_a_read_only_root(containers, tmp
     assert podman("exec", sidecar, "laneproxy", "probe", f"http://127.0.0.1:{free_port()}/ready",
                   check=False).returncode == 1
     assert "Read-only file system" in podman("exec", sidecar, "touch", "/opt/laneproxy/x", check=False).stderr
+
+
+def test_the_demo_role_answers_the_seeds_three_chains_from_the_installed_package(containers):
+    """`laneproxy demo` in the image finds the seed's manifests in the installed package, not in a checkout.
+    It writes its endpoints file to a temporary directory: the one tmpfs it gets, the root staying read-only."""
+    demo = containers.run("demo", "demo", "--gateway-port", "0", options=("--tmpfs", "/tmp"))
+    deadline = time.monotonic() + 60
+    gateway = None
+    while gateway is None:
+        logs = podman("logs", demo, check=False)
+        gateway = next((line.split(": ", 1)[1] for line in logs.stdout.splitlines() if line.startswith("gateway: ")),
+                       None)
+        state = podman("inspect", "--format", "{{.State.Status}}", demo, check=False).stdout.strip()
+        if gateway is None and (state not in ("running", "created", "configured") or time.monotonic() > deadline):
+            raise AssertionError(f"the demo ({state}) printed no gateway address:\n{logs.stdout}\n{logs.stderr}")
+        time.sleep(0.2)
+    chain = "mocka(version: {}, ip: 127.0.0.1)-> mockb(version: {}, ip: 127.0.0.1)-> mockc(version: {}, ip: 127.0.0.1)"
+    assert get(f"{gateway}/mock", {"x-asm-prefer-tag": "base", "my-request-id": "10001"}) == \
+        (200, chain.format("v1", "v1", "v1"))
+    assert get(f"{gateway}/mock", {"x-asm-prefer-tag": "canary", "my-request-id": "10002"}) == \
+        (200, chain.format("v2", "v1", "v2"))
+    assert get(f"{gateway}/mock", {"my-request-id": "10003"}) == (200, chain.format("v1", "v1", "v1"))
 
 
 def test_the_injected_sidecar_starts_from_its_injected_spec_and_follows_the_real_api_server(
