@@ -27,7 +27,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -85,63 +84,6 @@ def _child_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
     environment = {k: v for k, v in os.environ.items() if k.lower() not in ("http_proxy", "https_proxy", "no_proxy")}
     environment.update(extra or {})
     return environment
-
-
-def _ready(admin_port: int, app_port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/ready", timeout=1) as response:
-            if response.status != 200:
-                return False
-        with socket.create_connection(("127.0.0.1", app_port), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
-class ExtraPod:
-    """One more app + sidecar pair beside a running DemoCluster, started and stopped by this runner.
-
-    Same command lines as the demo's own pods (the public `laneproxy run` / `laneproxy mock` CLI), reading
-    the cluster's swimlane and endpoints files, so it follows membership changes like every other proxy.
-    """
-
-    def __init__(self, cluster: DemoCluster, pod: Pod) -> None:
-        self.cluster = cluster
-        self.pod = pod
-        self.processes: list[subprocess.Popen] = []
-
-    def start(self, timeout: float = 30.0) -> ExtraPod:
-        pod, cluster = self.pod, self.cluster
-        laneproxy = [sys.executable, "-m", "laneproxy", "--log-level", cluster.log_level]
-        config = ["--config", str(cluster.swimlanes), "--config", str(cluster.endpoints_file)]
-        self.processes.append(subprocess.Popen(
-            [*laneproxy, "run", "--inbound", f"127.0.0.1:{pod.inbound_port}", "--app", f"127.0.0.1:{pod.app_port}",
-             "--outbound", f"127.0.0.1:{pod.outbound_port}", "--admin", f"127.0.0.1:{pod.admin_port}",
-             "--lane", pod.lane, *config], env=_child_environment(), stdin=subprocess.DEVNULL))
-        upstream = f"http://{pod.upstream}:8000/" if pod.upstream else ""
-        self.processes.append(subprocess.Popen(
-            [*laneproxy, "mock", "--listen", f"127.0.0.1:{pod.app_port}"], stdin=subprocess.DEVNULL,
-            env=_child_environment({"app": pod.app, "version": pod.version, "upstream_url": upstream,
-                                    "HTTP_PROXY": f"http://127.0.0.1:{pod.outbound_port}"})))
-        deadline = time.monotonic() + timeout
-        while not _ready(pod.admin_port, pod.app_port):
-            if any(p.poll() is not None for p in self.processes) or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"extra pod {pod.app} {pod.version} did not become ready")
-            time.sleep(0.05)
-        return self
-
-    def stop(self) -> None:
-        for process in self.processes:
-            if process.poll() is None:
-                process.terminate()
-        for process in self.processes:
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        self.processes.clear()
 
 
 def admin_urls(cluster: DemoCluster, extra: Sequence[Pod] = ()) -> list[str]:
@@ -291,10 +233,9 @@ def run_demo(settings: LoadSettings) -> LocustRun:
     with DemoCluster(log_level="warning") as cluster:
         extra_pods: list[Pod] = []
         steps: list[Step] = []
-        extra = None
         if settings.scenario == "membership":
             extra_pods = [Pod("mockb", "v2", "canary", "mockc")]
-            extra = ExtraPod(cluster, extra_pods[0]).start()
+            cluster.start_pod(extra_pods[0])  # started, not yet published: the first step publishes it
             address = f"127.0.0.1:{extra_pods[0].inbound_port}"
             steps = [
                 Step(settings.run_time / 3, f"add canary mockb v2 {address} to the endpoints file",
@@ -310,11 +251,11 @@ def run_demo(settings: LoadSettings) -> LocustRun:
                              expectations=expectations, out_dir=out_dir, users=settings.users,
                              run_time=settings.run_time, mix=settings.mix, max_wait=settings.max_wait, steps=steps,
                              quiet=settings.quiet)
-            if extra is not None and run.summary:
+            if extra_pods and run.summary:
                 run.problems += canary_followed_both(run.summary, expectations, extra_pods[0])
         finally:
-            if extra is not None:
-                extra.stop()
+            for pod in extra_pods:
+                cluster.stop_pod(pod)
     return run
 
 
