@@ -18,6 +18,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import h11
 import yaml
 
 from laneproxy.demo import free_port  # noqa: F401  (re-exported for the tests)
@@ -437,3 +438,28 @@ class ScriptedOrigin(ThreadedOrigin):
 
     def close(self) -> None:
         self.sock.close()
+
+
+def responses(data: bytes) -> tuple[list[tuple[int, dict[bytes, bytes], bytes]], bytes]:
+    """Every complete response h11 finds in what a client received (then EOF), and the bytes it could not use."""
+    client = h11.Connection(h11.CLIENT)
+    found: list[tuple[int, dict[bytes, bytes], bytes]] = []
+    client.send(h11.Request(method="GET", target="/", headers=[("host", "mockb")]))
+    client.send(h11.EndOfMessage())
+    client.receive_data(data)
+    client.receive_data(b"")
+    status, headers, body = 0, {}, b""
+    try:
+        while True:
+            event = client.next_event()
+            if isinstance(event, h11.Response):
+                status, headers, body = event.status_code, dict(event.headers), b""
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                found.append((status, headers, body))
+                return found, client.trailing_data[0]
+            elif event is h11.NEED_DATA or event is h11.PAUSED or isinstance(event, h11.ConnectionClosed):
+                return found, client.trailing_data[0]
+    except h11.RemoteProtocolError:
+        return found, data
