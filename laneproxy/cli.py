@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--idle-timeout", type=float, default=3600.0, help="seconds an idle client connection is kept")
     limits.add_argument("--max-request-headers-kb", type=int, default=60, help="request head size limit (431 beyond)")
     limits.add_argument("--max-request-headers", type=int, default=100, help="request header count limit (431 beyond)")
-    limits.add_argument("--max-response-headers-kb", type=int, default=60,
+    limits.add_argument("--max-response-headers-kb", type=int, default=80,
                         help="upstream response head size limit (502 UPE beyond)")
     limits.add_argument("--max-response-headers", type=int, default=100,
                         help="upstream response header count limit (502 UPE beyond)")

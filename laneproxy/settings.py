@@ -96,7 +96,7 @@ class ProxySettings:
     observability: ObservabilitySettings = field(default_factory=ObservabilitySettings)
     max_request_headers_kb: int = 60
     max_request_headers_count: int = 100
-    max_response_headers_kb: int = 60  # Envoy's limits on upstream response heads too (502 UPE beyond)
+    max_response_headers_kb: int = 80  # Envoy's HTTP/1 defaults for upstream response heads (502 UPE beyond)
     max_response_headers_count: int = 100
     max_pipelined_requests: int = 16
     drain_seconds: float = 5.0

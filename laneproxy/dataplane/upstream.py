@@ -18,8 +18,9 @@ many clients' requests in turn and a byte out of place becomes another client's 
   HTTP/1.1 proxy can catch is an upstream that sends its stray bytes in the same instant as the
   next request is written, before they reach this host: HTTP/1.1 has no request ids, so those
   bytes are indistinguishable from the start of the next response. Envoy has the same window.
-- A response head is limited like a request head (60 KiB and 100 headers by default), counted
-  while it is still arriving, so an unterminated header costs at most the limit plus one read.
+- A response head is limited as Envoy limits it (80 KiB and 100 headers by default: Envoy's HTTP/1
+  codec default for upstream responses, larger than its 60 KiB for requests), counted while it is
+  still arriving, so an unterminated header costs at most the limit plus one read.
   Beyond it, and on any parse error or a `101` nobody asked for, the exchange gets 502 (UPE)
   without a retry and the connection is closed. A head that trickles in under the limit is cut
   by the route timeout, which the listener's sweeper enforces.
@@ -264,7 +265,7 @@ class UpstreamPool:
                  "max_head_bytes", "max_headers")
 
     def __init__(self, host: str, port: int, loop: asyncio.AbstractEventLoop, *, connect_timeout: float,
-                 max_idle: int = 128, max_head_bytes: int = 60 * 1024, max_headers: int = 100) -> None:
+                 max_idle: int = 128, max_head_bytes: int = 80 * 1024, max_headers: int = 100) -> None:
         self.host, self.port = host, port
         self.idle: list[UpstreamConnection] = []
         self.max_idle = max_idle
@@ -326,7 +327,7 @@ class UpstreamPools:
 
     __slots__ = ("_pools", "_loop", "_connect_timeout", "_max_head_bytes", "_max_headers")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, *, connect_timeout: float, max_response_head_bytes: int = 60 * 1024,
+    def __init__(self, loop: asyncio.AbstractEventLoop, *, connect_timeout: float, max_response_head_bytes: int = 80 * 1024,
                  max_response_headers: int = 100) -> None:
         self._pools: dict[tuple[str, int], UpstreamPool] = {}
         self._loop = loop

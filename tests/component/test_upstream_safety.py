@@ -161,16 +161,16 @@ def response_with(count: int, total_bytes: int) -> bytes:
 @pytest.mark.parametrize(
     ("response", "status"),
     [
-        (response_with(10, 59 * 1024), 200),
-        (response_with(10, 61 * 1024), 502),
-        (response_with(2, 59 * 1024), 200),
-        (response_with(2, 61 * 1024), 502),
+        (response_with(10, 79 * 1024), 200),
+        (response_with(10, 81 * 1024), 502),
+        (response_with(2, 79 * 1024), 200),
+        (response_with(2, 81 * 1024), 502),
         (response_with(100, 4000), 200),
         (response_with(101, 4000), 502),
     ],
-    ids=["59KiB-in-10", "61KiB-in-10", "59KiB-in-one", "61KiB-in-one", "100-headers", "101-headers"],
+    ids=["79KiB-in-10", "81KiB-in-10", "79KiB-in-one", "81KiB-in-one", "100-headers", "101-headers"],
 )
-async def test_response_heads_are_limited_to_60_kib_and_100_headers_by_default(proxy, origin, access_log, response, status):
+async def test_response_heads_are_limited_to_80_kib_and_100_headers_by_default_as_in_envoy(proxy, origin, access_log, response, status):
     target, after = unique("limit"), unique("after")
     origin.script = lambda head, connection: response if head.startswith(b"GET " + target + b" ") \
         else own_response(head, connection)
