@@ -17,10 +17,12 @@ many clients' requests in turn and a byte out of place becomes another client's 
   or EOF) is waiting on it: that catches what arrived since the event loop last looked. What no
   HTTP/1.1 proxy can catch is an upstream that sends its stray bytes in the same instant as the
   next request is written, before they reach this host: HTTP/1.1 has no request ids, so those
-  bytes are indistinguishable from the start of the next response. Envoy has the same window.
+  bytes are indistinguishable from the start of the next response.
 - A response head is limited as Envoy limits it (80 KiB and 100 headers by default: Envoy's HTTP/1
   codec default for upstream responses, larger than its 60 KiB for requests), counted while it is
-  still arriving, so an unterminated header costs at most the limit plus one read.
+  still arriving, so an unterminated header costs at most the limit plus one read. (httptools
+  joins an unfinished value with `bytes +=` on every read: without this count an endless header
+  cost quadratic copying, 190 MiB in 16 s here, and those copies delayed the route timeout.)
   Beyond it, and on any parse error or a `101` nobody asked for, the exchange gets 502 (UPE)
   without a retry and the connection is closed. A head that trickles in under the limit is cut
   by the route timeout, which the listener's sweeper enforces.
@@ -66,7 +68,7 @@ class ResponseSink(Protocol):
 
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = ("pool", "transport", "parser", "sink", "headers", "reason", "received_any", "closed", "reused",
-                 "until_close", "framed", "feeding", "returning", "head_open", "head_bytes", "head_raw", "poller")
+                 "until_close", "framed", "chunked", "feeding", "returning", "head_open", "head_bytes", "head_raw", "poller")
 
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
@@ -79,7 +81,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = False
         self.reused = False
         self.until_close = False  # the response body ends when the connection does
-        self.framed = False  # the response has Content-Length or a Transfer-Encoding ending in chunked
+        self.framed = False  # the response has Content-Length
+        self.chunked = False  # the response's last Transfer-Encoding line ends in chunked
         self.feeding = False  # inside parser.feed_data
         self.returning = False  # given back reusable during the read being parsed; pooled once it parsed cleanly
         self.head_open = False  # a response head is expected or arriving
@@ -168,6 +171,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.reason = b""
         self.until_close = False
         self.framed = False
+        self.chunked = False
         self.head_open = True
         self.head_bytes = _STATUS_LINE_BYTES
 
@@ -182,8 +186,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.head_bytes += len(name) + len(value) + 4
         if self.head_bytes > self.pool.max_head_bytes or len(self.headers) >= self.pool.max_headers:
             raise UpstreamProtocolError("response head larger than the limit")
-        if name == h.CONTENT_LENGTH or (name == h.TRANSFER_ENCODING and _chunked_last(value)):
+        if name == h.CONTENT_LENGTH:
             self.framed = True
+        elif name == h.TRANSFER_ENCODING:
+            self.chunked = _chunked_last(value)
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -191,7 +197,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.head_raw = 0  # a final response may follow a 1xx
         status = self.parser.get_status_code()
         if status >= 200 and status not in (204, 304):
-            self.until_close = not self.framed
+            self.until_close = not (self.framed or self.chunked)
         if self.sink is not None:
             self.sink.on_response_head(status, self.reason, self.headers, self.parser.should_keep_alive())
 
@@ -225,9 +231,11 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _pool(self) -> None:
         self.reused = True
-        if self.transport is not None:
-            # Reading may be paused for the last client's backpressure; idle bytes and EOF must be seen.
-            self.transport.resume_reading()
+        transport = self.transport
+        if transport is not None and not transport.is_reading():
+            # Paused for the last client's backpressure, maybe in the very read that ended the response:
+            # idle bytes and EOF must be seen, and the next request's response read.
+            transport.resume_reading()
         self.pool.keep(self)
 
     def has_pending_input(self) -> bool:

@@ -30,6 +30,9 @@ class StandInTransport:
     def resume_reading(self) -> None:
         self.paused = False
 
+    def is_reading(self) -> bool:
+        return not self.paused
+
     def close(self) -> None:
         self.closed = True
 
