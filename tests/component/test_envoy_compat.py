@@ -514,7 +514,7 @@ def test_envoy_itself_keeps_named_framing_from_unframing_a_message_and_refuses_a
 # written down with the reason.
 
 KIB = 1024
-RAW_CASES = {
+UPSTREAM_RESPONSE_CASES = {
     # Bytes after a complete response: both give the client its response and never reuse the connection.
     "extra-response-after-the-body": (
         b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfirstHTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nEVIL", False,
@@ -585,9 +585,9 @@ def raw_get(port: int, target: bytes) -> bytes:
         return data
 
 
-@pytest.mark.parametrize("case", RAW_CASES, ids=RAW_CASES)
+@pytest.mark.parametrize("case", UPSTREAM_RESPONSE_CASES, ids=UPSTREAM_RESPONSE_CASES)
 def test_untrusted_upstream_responses_against_envoy(raw_proxies, raw_origin, case):
-    response, then_close, envoy_outcome, lane_outcome = RAW_CASES[case]
+    response, then_close, envoy_outcome, lane_outcome = UPSTREAM_RESPONSE_CASES[case]
 
     def send_then_close(sock: socket.socket) -> bool:
         sock.sendall(response)
