@@ -8,14 +8,17 @@ source reports them the same way.
 
 from __future__ import annotations
 
-from typing import Callable
+from types import MappingProxyType
+from typing import Callable, Mapping
 
-from laneproxy.core.errors import ConfigInvalidError
+from laneproxy.core.errors import ConfigInvalidError, ConfigProblem
 from laneproxy.core.model import EMPTY_TABLE, RouteTable
+
+NO_SKIPS: Mapping[str, tuple[ConfigProblem, ...]] = MappingProxyType({})
 
 
 class RouteTableStore:
-    __slots__ = ("current", "accepted", "rejected", "last_error", "_listeners", "ready")
+    __slots__ = ("current", "accepted", "rejected", "last_error", "_listeners", "ready", "skipped", "objects_rejected")
 
     def __init__(self) -> None:
         self.current: RouteTable = EMPTY_TABLE
@@ -23,9 +26,15 @@ class RouteTableStore:
         self.rejected = 0
         self.last_error: ConfigInvalidError | None = None
         self.ready = False  # true once a first complete table was published
+        # Inputs the current table was built without (a bad object, a bad file), with why; and a counter
+        # of every input newly left out (or left out for a new reason), so a dashboard sees each one once.
+        self.skipped: Mapping[str, tuple[ConfigProblem, ...]] = NO_SKIPS
+        self.objects_rejected = 0
         self._listeners: list[Callable[[RouteTable], None]] = []
 
-    def publish(self, table: RouteTable) -> None:
+    def publish(self, table: RouteTable, skipped: Mapping[str, tuple[ConfigProblem, ...]] = NO_SKIPS) -> None:
+        self.objects_rejected += sum(1 for source, problems in skipped.items() if self.skipped.get(source) != problems)
+        self.skipped = skipped
         self.current = table
         self.accepted += 1
         self.last_error = None  # the running table is good again

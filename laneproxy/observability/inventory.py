@@ -43,7 +43,7 @@ def cluster_members(table: RouteTable, static_routes: Iterable[Route] = ()) -> d
     clusters: dict[str, tuple[Endpoint, ...]] = {}
     for route in static_routes:
         clusters.setdefault(route.cluster, route.endpoints)
-    for routes in table.routes.values():
+    for routes in (*table.routes.values(), *table.other_ports):
         for route in (routes.default, *routes.by_lane.values()):
             clusters.setdefault(route.cluster, route.endpoints)
     return clusters
