@@ -748,14 +748,15 @@ def build(documents: Iterable[ConfigDocument], *, version: str, namespace: str =
 
 def build_skipping(documents: Iterable[ConfigDocument], *, version: str, namespace: str = DEFAULT_NAMESPACE,
                    lenient: bool = False, sources: Iterable[str] = (),
-                   last_good: Mapping[str, tuple[ConfigDocument, ...]] | None = None) -> Built:
+                   last_good: Mapping[str, tuple[ConfigDocument, ...]] | None = None, drop: bool = True) -> Built:
     """build, leaving out every input with a problem instead of rejecting the whole update.
 
     One bad object must not freeze every other update: an input (a document's `source`) with a problem is
     replaced by its entry in `last_good` when there is one (the file source's last good version of a file),
-    else left out; then the rest is built again, so an input that only failed because of it (a lane whose
-    group was left out) is left out in turn, saying why. Raises ConfigInvalidError only for a problem that
-    belongs to no input, or when a last good version fails too. `Built.skipped` says what was left out.
+    else left out (unless not `drop`); then the rest is built again, so an input that only failed because
+    of it (a lane whose group was left out) is left out in turn, saying why. Raises ConfigInvalidError for
+    a problem that belongs to no input, for an input with no last good version when not `drop`, and when
+    a last good version fails too. `Built.skipped` says what was replaced or left out.
     """
     kept = list(documents)
     substitutes = dict(last_good or {})
@@ -771,8 +772,8 @@ def build_skipping(documents: Iterable[ConfigDocument], *, version: str, namespa
             replaced: list[ConfigDocument] = []
             for source in sorted(culprits):
                 substitute = substitutes.pop(source, None)
-                if source in skipped and substitute is None:
-                    raise  # its last good version fails as well: nothing sound is left to serve
+                if substitute is None and (source in skipped or not drop):
+                    raise  # nothing sound is left to serve for it
                 skipped.setdefault(source, []).extend(p for p in exc.problems if p.source == source)
                 replaced.extend(substitute or ())
             kept = [doc for doc in kept if doc.source not in culprits] + replaced

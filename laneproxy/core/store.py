@@ -8,6 +8,7 @@ source reports them the same way.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Callable, Mapping
 
@@ -17,8 +18,21 @@ from laneproxy.core.model import EMPTY_TABLE, RouteTable
 NO_SKIPS: Mapping[str, tuple[ConfigProblem, ...]] = MappingProxyType({})
 
 
+@dataclass(frozen=True, slots=True)
+class SourceHealth:
+    """What a source says about how current the served table is, for stats."""
+
+    table_age_seconds: float | None  # how far behind its source the table may be; None before the first table
+    stale: bool  # older than the source's threshold
+    resources: tuple[tuple[str, str], ...] = ()  # (collection, sync state), e.g. ("Pod in default", "watching")
+
+
+UNKNOWN_HEALTH = SourceHealth(None, False)
+
+
 class RouteTableStore:
-    __slots__ = ("current", "accepted", "rejected", "last_error", "_listeners", "ready", "skipped", "objects_rejected")
+    __slots__ = ("current", "accepted", "rejected", "last_error", "_listeners", "ready", "skipped", "objects_rejected",
+                 "health")
 
     def __init__(self) -> None:
         self.current: RouteTable = EMPTY_TABLE
@@ -30,6 +44,8 @@ class RouteTableStore:
         # of every input newly left out (or left out for a new reason), so a dashboard sees each one once.
         self.skipped: Mapping[str, tuple[ConfigProblem, ...]] = NO_SKIPS
         self.objects_rejected = 0
+        # The publishing source's view of how current the table is, asked by stats (a source sets it).
+        self.health: Callable[[], SourceHealth] = lambda: UNKNOWN_HEALTH
         self._listeners: list[Callable[[RouteTable], None]] = []
 
     def publish(self, table: RouteTable, skipped: Mapping[str, tuple[ConfigProblem, ...]] = NO_SKIPS) -> None:
