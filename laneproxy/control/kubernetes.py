@@ -130,12 +130,10 @@ SWIMLANE_GROUPS = ResourceKind("ASMSwimLaneGroup", SWIMLANE_API, "asmswimlanegro
 SWIMLANES = ResourceKind("ASMSwimLane", SWIMLANE_API, "asmswimlanes", namespaced=False)
 SERVICES = ResourceKind("Service", "v1", "services", namespaced=True)
 PODS = ResourceKind("Pod", "v1", "pods", namespaced=True)
-# Served as discovery.k8s.io/v1 from Kubernetes 1.21, v1beta1 before: the source asks which at start.
-ENDPOINT_SLICE_VERSIONS = ("discovery.k8s.io/v1", "discovery.k8s.io/v1beta1")
-
-
-def endpoint_slices(api_version: str) -> ResourceKind:
-    return ResourceKind("EndpointSlice", api_version, "endpointslices", namespaced=True)
+# Served as discovery.k8s.io/v1 from Kubernetes 1.21, v1beta1 on 1.17-1.20: a 404 moves to the older one.
+ENDPOINT_SLICES = ResourceKind("EndpointSlice", "discovery.k8s.io/v1", "endpointslices", namespaced=True)
+OLDER_VERSIONS = {ENDPOINT_SLICES: ResourceKind("EndpointSlice", "discovery.k8s.io/v1beta1", "endpointslices",
+                                                namespaced=True)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -463,6 +461,18 @@ class Reflector:
                 if expired_in_a_row > 1:  # a relist that expires again must not spin
                     delay = self._next_delay()
             except KubernetesSourceError as exc:
+                if isinstance(exc, ApiStatusError) and exc.status == 404 and self.kind.kind == "EndpointSlice":
+                    older = OLDER_VERSIONS.get(self.kind)
+                    if older is not None:
+                        log.info("%s: %s is not served; reading %s", self.name, self.kind.api_version, older.api_version)
+                        self.kind, self.path = older, older.path(self.namespace)
+                        continue
+                    if not self.forbidden:
+                        log.info("%s: no EndpointSlice API served: endpoints come from the ready pods each Service "
+                                 "selects", self.name)
+                    self._forbid(exc, quiet=True)
+                    await asyncio.sleep(self.backoff.cap)
+                    continue
                 self.failures += 1
                 self.last_error = exc
                 delay = self._next_delay()
@@ -485,9 +495,9 @@ class Reflector:
             if delay:
                 await asyncio.sleep(delay)
 
-    def _forbid(self, exc: ApiStatusError) -> None:
+    def _forbid(self, exc: ApiStatusError, *, quiet: bool = False) -> None:
         """A namespace the sidecar may not read: empty, so that it holds back no other update; asked again later."""
-        if not self.forbidden:
+        if not self.forbidden and not quiet:
             log.error("%s: %s: counted as empty until the sidecar may read it (check the RoleBindings of that "
                       "namespace or deploy/rbac); every other namespace keeps updating", self.name, exc.message)
         had_objects = bool(self.objects) or not self.synced
@@ -594,7 +604,6 @@ class KubernetesSource:
         self.clock = clock
         self.write_status = write_status  # tell a swimlane object left out of the table why, in its status
         self.stale_after = stale_after  # table older than this: laneproxy.config.table_stale turns 1
-        self.endpoint_slices: ResourceKind | None = None  # the served EndpointSlice version, asked at start
         self.status_writes = 0
         self.status_write_failures = 0
         self._status_forbidden_logged = False
@@ -629,7 +638,6 @@ class KubernetesSource:
                                        connect_timeout=self.connect_timeout)
         self._reloading = asyncio.Lock()
         self.store.health = self.health
-        self.endpoint_slices = await self._served_endpoint_slices()
         log.info("watching %s and %s on %s", SWIMLANE_GROUPS.plural, SWIMLANES.plural, configuration.host)
         self._rebuilder = asyncio.get_running_loop().create_task(self._rebuild_loop(), name="kubernetes-rebuild")
         self._follow(SWIMLANE_GROUPS, None)
@@ -664,25 +672,6 @@ class KubernetesSource:
             age = max(0.0, now - oldest)
         resources = tuple(sorted((reflector.stat_name, reflector.state) for reflector in self.reflectors.values()))
         return SourceHealth(age, age is not None and age > self.stale_after, resources)
-
-    async def _served_endpoint_slices(self) -> ResourceKind | None:
-        """The EndpointSlice version this API server serves (v1 from 1.21, v1beta1 on 1.17-1.20), if any."""
-        assert self._transport is not None
-        for version in ENDPOINT_SLICE_VERSIONS:
-            try:
-                found = await self._transport.get_json(f"/apis/{version}", {})
-            except ApiStatusError as exc:
-                if exc.status in (403, 404):
-                    continue
-                raise
-            except KubernetesSourceError as exc:
-                log.warning("cannot ask which EndpointSlice version is served (%s); reading Pods only", exc)
-                return None
-            if any(resource.get("name") == "endpointslices" for resource in found.get("resources") or ()
-                   if isinstance(resource, dict)):
-                return endpoint_slices(version)
-        log.info("no EndpointSlice API served: endpoints come from the ready Pods each Service selects")
-        return None
 
     @property
     def namespaces(self) -> list[str]:
@@ -756,7 +745,7 @@ class KubernetesSource:
         """Watch Services, Pods and EndpointSlices exactly in the namespaces the swimlane objects name."""
         wanted = namespaces_named(self._bodies(SWIMLANE_GROUPS)) | namespaces_named(self._bodies(SWIMLANES))
         current = set(self.namespaces)
-        kinds = (SERVICES, PODS, *([self.endpoint_slices] if self.endpoint_slices else []))
+        kinds = (SERVICES, PODS, ENDPOINT_SLICES)
         for namespace in sorted(wanted - current):
             log.info("following %s in namespace %s", ", ".join(kind.plural for kind in kinds), namespace)
             for kind in kinds:

@@ -347,6 +347,10 @@ async def test_the_deploy_rbac_token_can_do_what_the_watcher_needs_and_nothing_e
     assert granted == {
         "asmswimlanegroups.istio.alibabacloud.com": "[get list watch]",
         "asmswimlanes.istio.alibabacloud.com": "[get list watch]",
+        # The one write: why an object was left out of the route table, in its status.
+        "asmswimlanegroups.istio.alibabacloud.com/status": "[get patch]",
+        "asmswimlanes.istio.alibabacloud.com/status": "[get patch]",
+        "endpointslices.discovery.k8s.io": "[get list watch]",
         "pods": "[get list watch]",
         "services": "[get list watch]",
         # Every authenticated user gets these from the built-in system:basic-user role.
