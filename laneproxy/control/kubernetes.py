@@ -588,7 +588,9 @@ class KubernetesSource:
         rng: random.Random | None = None,
         lenient: bool = False,
         write_status: bool = True,
+        status_jitter: float = 2.0,
         stale_after: float = 180.0,
+        sync_grace: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
@@ -603,6 +605,13 @@ class KubernetesSource:
         self.rng = rng or random.Random()
         self.clock = clock
         self.write_status = write_status  # tell a swimlane object left out of the table why, in its status
+        # Each sidecar waits a random part of this before writing a status, then writes only if no other
+        # sidecar's write has arrived meanwhile: a thousand sidecars agreeing write it a few times, not a thousand.
+        self.status_jitter = status_jitter
+        # After the first table: a collection that has not listed within this long (a new namespace whose
+        # list keeps failing) counts as empty rather than holding back every other update.
+        self.sync_grace = sync_grace
+        self._status_task: asyncio.Task | None = None
         self.stale_after = stale_after  # table older than this: laneproxy.config.table_stale turns 1
         self.status_writes = 0
         self.status_write_failures = 0
@@ -644,7 +653,8 @@ class KubernetesSource:
         self._follow(SWIMLANES, None)
 
     async def stop(self) -> None:
-        tasks = [*self._tasks.values(), *self._retiring, *([self._rebuilder] if self._rebuilder else [])]
+        tasks = [*self._tasks.values(), *self._retiring, *([self._rebuilder] if self._rebuilder else []),
+                 *([self._status_task] if self._status_task else [])]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -656,8 +666,14 @@ class KubernetesSource:
 
     @property
     def synced(self) -> bool:
-        """Every collection the current swimlane objects call for has been listed at least once."""
-        return bool(self.reflectors) and all(r.synced for r in self.reflectors.values())
+        """Every collection the current swimlane objects call for has been listed at least once.
+
+        Once a first table is served, a collection still not listed after `sync_grace` counts as empty.
+        """
+        if not self.reflectors:
+            return False
+        overdue = self.clock() - self.sync_grace
+        return all(r.synced or (self.store.ready and r.started_at < overdue) for r in self.reflectors.values())
 
     def health(self) -> SourceHealth:
         """How far behind the API server the served table may be, and each collection's state."""
@@ -725,7 +741,10 @@ class KubernetesSource:
             on_unauthorized=self._reload_credentials, rng=self.rng, clock=self.clock,
         )
         self.reflectors[key] = reflector
-        self._tasks[key] = asyncio.get_running_loop().create_task(reflector.run(), name=f"watch {reflector.name}")
+        loop = asyncio.get_running_loop()
+        self._tasks[key] = loop.create_task(reflector.run(), name=f"watch {reflector.name}")
+        if self.store.ready:  # rebuild once its grace is over, even if it never lists
+            loop.call_later(self.sync_grace + 0.1, self._dirty.set)
 
     def _unfollow(self, kind: ResourceKind, namespace: str) -> None:
         key = (kind.kind, namespace)
@@ -803,8 +822,10 @@ class KubernetesSource:
         self.store.publish(table, built.skipped)
         self._published_at = self.clock()
         settle_heap()
-        if self.write_status:
-            await self._write_statuses(built.skipped)
+        if self.write_status and (self._status_task is None or self._status_task.done()):
+            # One pending writer at a time; it reads what is left out when it runs, so churn cannot starve it.
+            self._status_task = asyncio.get_running_loop().create_task(self._write_statuses(),
+                                                                       name="kubernetes-status")
         if first:
             self.synced_after = time.monotonic() - self._started_at
             log.info("first complete sync after %.2fs", self.synced_after)
@@ -822,11 +843,21 @@ class KubernetesSource:
             log.info("%s is back in the route table", source)
         self._logged_skips = dict(skipped)
 
-    async def _write_statuses(self, skipped: Mapping[str, tuple[ConfigProblem, ...]]) -> None:
+    async def _write_statuses(self) -> None:
         """Say on each swimlane object whether it is in the table, as ASM does (`status.error`, `validationMessage`).
 
         Written only where the status differs, so many sidecars computing the same answer write it about once.
         """
+        assert self._transport is not None
+        await asyncio.sleep(self.rng.uniform(0, self.status_jitter))
+        written_for = None
+        while written_for is not self.store.skipped:  # again if a rebuild changed it while writing
+            written_for = self.store.skipped
+            if not await self._write_statuses_for(written_for):
+                return
+
+    async def _write_statuses_for(self, skipped: Mapping[str, tuple[ConfigProblem, ...]]) -> bool:
+        """False if the token may not write statuses at all."""
         assert self._transport is not None
         for kind in (SWIMLANE_GROUPS, SWIMLANES):
             reflector = self.reflectors.get((kind.kind, None))
@@ -847,8 +878,9 @@ class KubernetesSource:
                             log.warning("may not write the status of %s (%s): problems are in the log and the "
                                         "laneproxy.config.skipped_objects stat only; deploy/rbac grants it",
                                         kind.plural, exc.message)
-                        return
+                        return False
                     log.warning("writing the status of %s %s: %s", kind.kind, name, exc)
+        return True
 
     async def _rebuild_loop(self) -> None:
         """Coalesce bursts: rebuild once the events stop for `debounce`, or `max_delay` after the first."""
