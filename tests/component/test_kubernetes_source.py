@@ -737,6 +737,24 @@ async def test_a_killed_watch_stream_resumes_from_its_resource_version(cluster: 
         assert {key: r.lists for key, r in source.reflectors.items()} == lists  # resumed, not relisted
 
 
+async def test_the_table_turns_stale_while_the_api_server_is_away_and_current_once_it_is_back(
+        cluster: Cluster, relay: TcpRelay, tmp_path: Path) -> None:
+    await start_seed(cluster, BASE)
+    kubeconfig = await cluster.service_account_kubeconfig(tmp_path / "relay.json", relay.url)
+    async with running_source(kubeconfig, stale_after=2.0) as (store, source):
+        await eventually(lambda: store.ready, what="first complete sync")
+        await eventually(lambda: all(state == "watching" for _, state in source.health().resources), what="all watching")
+        health = source.health()
+        assert not health.stale and health.table_age_seconds == 0
+        await relay.close()  # every watch is cut and every reconnect refused
+        await eventually(lambda: source.health().stale, what="the stale gauge red while the API is away")
+        assert all(state == "retrying" for _, state in source.health().resources)
+        assert store.ready  # still serving, and still ready: see README, "Table age"
+        await relay.open()
+        await eventually(lambda: not source.health().stale and source.health().table_age_seconds == 0,
+                         what="current again")
+
+
 async def test_a_watch_gone_silent_without_a_fin_is_noticed_and_resumed_with_no_update_lost(
         cluster: Cluster, relay: TcpRelay, tmp_path: Path) -> None:
     """Before: the read timeout was the watch timeout + 30 s, so a half-open watch went unnoticed for 330 s."""
