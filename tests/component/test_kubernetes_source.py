@@ -496,6 +496,29 @@ async def test_a_broken_lane_created_mid_stream_is_left_out_told_why_and_counted
         await eventually(lambda: _no_error(cluster, "orphan"), what="status cleared")
 
 
+async def test_a_bad_edit_of_a_lane_in_use_keeps_its_last_good_version_and_says_so(
+        cluster: Cluster, kubeconfig: Path) -> None:
+    await start_seed(cluster, BASE)
+    await cluster.create_pod("mocka-canary", app="mocka", tag="canary", ip="10.1.0.11", ready=True)
+    async with running_source(kubeconfig) as (store, source):
+        await takes_effect(store, "canary lane in use", {("mocka", "canary"): ("canary", ["10.1.0.11:8000"])})
+        canary = next(doc for doc in yaml_documents(SWIMLANES) if doc["metadata"]["name"] == "canary")
+        edited = json.loads(json.dumps(canary))
+        edited["spec"]["ingressRules"][0]["match"]["uri"] = {"regex": "/mock("}
+        await cluster.apply(edited)
+        await eventually(lambda: "kubernetes:ASMSwimLane/canary" in store.skipped, what="the bad edit noticed")
+
+        async def told() -> bool:
+            return "keeps its last good version" in (await swimlane_status(cluster, "ASMSwimLane", "canary")).get(
+                "error", "")
+        await eventually(told, what="status.error on the canary lane")
+        assert route(store.current, "mocka", "canary") == ("canary", ["10.1.0.11:8000"])  # the lane still serves
+        (rule,) = store.current.lane("canary").ingress_rules
+        assert rule.match.uri.value == "/mock"  # as it was before the edit
+        await cluster.create_pod("mockb-canary", app="mockb", tag="canary", ip="10.1.0.12", ready=True)
+        await takes_effect(store, "another change beside the kept lane", {("mockb", "canary"): ("canary", ["10.1.0.12:8000"])})
+
+
 async def _no_error(cluster: Cluster, name: str) -> bool:
     return "error" not in await swimlane_status(cluster, "ASMSwimLane", name)
 
