@@ -1,7 +1,9 @@
 """The mock service: a stand-in for the seed's go-http-sample image, for demos and tests.
 
 Owns one behaviour: answer `<app>(version: <version>, ip: <ip>)`, followed by `-> ` and the body of
-a call to `upstream_url` when one is set. Like a typical application it forwards only the trace
+a call to `upstream_url` when one is set. For canary analysis it can be told to fail a share of its
+requests (`fail_share`, env `fail_share`, `--fail-share 0.1`): exactly that share, spread evenly (the
+10th, 20th, ... request with 0.1), answered 500 without calling upstream, so tests count exact numbers. Like a typical application it forwards only the trace
 header it is told to (default `my-request-id`), never the lane header: restoring the lane is the
 sidecar's job. Outbound calls go through HTTP_PROXY when it is set, as with any HTTP client.
 """
@@ -31,6 +33,11 @@ class MockSettings:
     trace_header: str = "my-request-id"
     proxy: str | None = None
     timeout: float = 10.0
+    fail_share: float = 0.0  # 0..1: the share of requests answered 500
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.fail_share <= 1.0:
+            raise ValueError(f"fail_share must be from 0 to 1, got {self.fail_share}")
 
     @classmethod
     def from_environment(cls, **overrides) -> MockSettings:
@@ -40,6 +47,7 @@ class MockSettings:
             "version": os.environ.get("version", "v1"),
             "upstream_url": os.environ.get("upstream_url") or None,
             "proxy": os.environ.get("HTTP_PROXY") or os.environ.get("http_proxy") or None,
+            "fail_share": float(os.environ.get("fail_share") or 0.0),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
@@ -54,10 +62,20 @@ def build_mock_app(settings: MockSettings) -> web.Application:
     async def on_cleanup(app: web.Application) -> None:
         await app["session"].close()
 
+    served = [0]
+
+    def failing() -> bool:
+        """Request n fails when floor(n * share) steps up: exactly the share, evenly spread."""
+        served[0] += 1
+        n, share = served[0], settings.fail_share
+        return share > 0 and int(n * share + 1e-9) > int((n - 1) * share + 1e-9)
+
     async def handle(request: web.Request) -> web.Response:
         sockname = request.transport.get_extra_info("sockname") if request.transport else None
         ip = sockname[0] if sockname else settings.host
         me = f"{settings.app}(version: {settings.version}, ip: {ip})"
+        if failing():
+            return web.Response(status=500, text=f"{me} failed on purpose (fail_share {settings.fail_share:g})")
         if not settings.upstream_url:
             return web.Response(text=me)
         forwarded = {}

@@ -233,9 +233,10 @@ class PrometheusFormat(TextFormat):
 
     charset = "UTF-8"
 
-    def __init__(self) -> None:
+    def __init__(self, tag_style: str = "envoy") -> None:
         super().__init__()
         self.types: dict[str, str] = {}
+        self.istio_tags = tag_style == "istio"
 
     @staticmethod
     def escape(name: str) -> str:
@@ -243,6 +244,8 @@ class PrometheusFormat(TextFormat):
 
     def pieces(self, records: list[StatRecord]) -> Pieces:
         grouped: dict[str, list[str]] = {}
+        if self.istio_tags:
+            records = [prometheus.with_istio_tags(record) for record in records]
         for record in records:
             family = record.family
             lines = grouped.get(family)

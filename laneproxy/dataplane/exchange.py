@@ -75,7 +75,7 @@ class Exchange:
         "response_started", "response_chunked", "response_keep_alive", "response_status", "finished",
         "deadline", "start", "connection_tokens", "error", "expect_continue", "retry", "attempts",
         "discarding", "last_activity", "counted_active", "request_bytes", "response_bytes", "pending_head",
-        "pending_bytes",
+        "pending_bytes", "peer", "trail", "trail_key",
     )
 
     def __init__(self, downstream: DownstreamConnection, method: bytes, target: bytes, http_minor: int,
@@ -115,6 +115,9 @@ class Exchange:
         self.counted_active = False
         self.request_bytes = 0  # body bytes as decoded, for the access log
         self.response_bytes = 0
+        self.peer: bytes | None = None  # the upstream's peer header (who answered), for Istio's metrics
+        self.trail: list[str] | None = None  # the hops so far, when the request asked where it went
+        self.trail_key: bytes | None = None  # the trace the trail is kept under (inbound: answered and closed)
 
     # request side, driven by the downstream parser ---------------------------------------------
 
@@ -212,7 +215,7 @@ class Exchange:
         routed.cluster_stats.rq_total += 1  # an upstream request exists once it has a connection
         self.last_activity = self.listener.now
         parts = [self.method, b" ", routed.path, b" HTTP/1.1\r\n"]
-        skip = h.HOP_BY_HOP if self.connection_tokens is None else h.HOP_BY_HOP | self.connection_tokens
+        skip = h.NOT_FORWARDED if self.connection_tokens is None else h.NOT_FORWARDED | self.connection_tokens
         if self.expect_continue:
             skip = skip | {h.EXPECT}
         codec.write_headers(parts, self.headers, skip, routed.overrides)
@@ -342,6 +345,8 @@ class Exchange:
         self.response_status = status
         self.response_keep_alive = keep_alive
         self.response_started = True
+        if self.listener.reads_peer or self.trail is not None:
+            self._read_mesh_headers(headers)
         overrides = self.listener.response_overrides(self)
         parts = [b"HTTP/1.1 %d " % status, reason or codec.reason_phrase(status), codec.CRLF]
         has_length = codec.write_response_headers(parts, headers, overrides)
@@ -361,6 +366,14 @@ class Exchange:
             # httptools cannot be told a response to HEAD has no body: finish here, never reuse.
             self.response_keep_alive = False
             self.on_response_complete()
+
+    def _read_mesh_headers(self, headers: list[tuple[bytes, bytes]]) -> None:
+        """The headers the next proxy answered with for this one: who it is, and where the request went next."""
+        for name, value in headers:
+            if name == h.X_LANEPROXY_PEER:
+                self.peer = value
+            elif name == h.X_LANEPROXY_ROUTE and value and self.trail is not None and len(self.trail) < 32:
+                self.trail.append(value.decode("latin-1"))
 
     def on_response_body(self, data: bytes) -> None:
         if self.finished or self.discarding:

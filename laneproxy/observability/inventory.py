@@ -16,6 +16,7 @@ from laneproxy.observability.stats import StatKind, StatRecord, cluster_records
 if TYPE_CHECKING:
     from laneproxy.core.model import Endpoint, Route, RouteTable
     from laneproxy.core.propagation import TraceTableCounters
+    from laneproxy.observability.istio import IstioMetrics
     from laneproxy.observability.stats import ProxyStats
 
 # Envoy's ServerInfo.State numbers, as its `server.state` gauge reports them.
@@ -36,6 +37,7 @@ class ProcessView:
     trace_table_bytes: int = 0
     config_accepted: int = 0
     config_rejected: int = 0
+    istio: IstioMetrics | None = None
 
 
 def cluster_members(table: RouteTable, static_routes: Iterable[Route] = ()) -> dict[str, tuple[Endpoint, ...]]:
@@ -121,7 +123,22 @@ def other_records(view: ProcessView, *, active_clusters: int) -> Iterator[StatRe
     for listener in stats.listeners.values():
         yield from listener.records()
     yield from stats.lanes.records()
+    yield from lane_info_records(view.table)
+    if view.istio is not None:
+        yield from view.istio.records()
     yield from _process_records(view, active_clusters=active_clusters)
+
+
+def lane_info_records(table: RouteTable) -> Iterator[StatRecord]:
+    """One info gauge per lane of the running table, with its group and fallback target.
+
+    What `laneproxy verdict` asks Prometheus for to find a lane's baseline; bounded by the configuration.
+    """
+    for group in sorted(table.groups.values(), key=lambda g: g.name):
+        for lane in sorted(group.lanes):
+            target = group.fallback_target or ""
+            yield StatRecord(f"laneproxy.lane_info.{group.name}.{lane}", StatKind.GAUGE, 1, True, "laneproxy_lane_info",
+                             (("group", group.name), ("lane", lane), ("fallback_target", target)))
 
 
 def _process_records(view: ProcessView, *, active_clusters: int) -> Iterator[StatRecord]:

@@ -53,25 +53,26 @@ class StatRecord:
 
 
 class Histogram:
-    """Latencies in Envoy's default buckets (milliseconds): a count per bucket, a sum and a count."""
+    """Values in fixed buckets (Envoy's default bounds in milliseconds unless given): counts, a sum and a count."""
 
-    __slots__ = ("counts", "sum", "count", "low", "high")
+    __slots__ = ("counts", "sum", "count", "low", "high", "bounds")
 
-    def __init__(self) -> None:
-        self.counts = [0] * (len(HISTOGRAM_BOUNDS) + 1)  # the last one is +Inf
+    def __init__(self, bounds: tuple[float, ...] = HISTOGRAM_BOUNDS) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
         self.sum = 0.0
         self.count = 0
         self.low = float("inf")  # the smallest and largest values seen bound the quantile estimates
         self.high = 0.0
 
-    def record(self, milliseconds: float) -> None:
-        self.counts[bisect_left(HISTOGRAM_BOUNDS, milliseconds)] += 1
-        self.sum += milliseconds
+    def record(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
         self.count += 1
-        if milliseconds < self.low:
-            self.low = milliseconds
-        if milliseconds > self.high:
-            self.high = milliseconds
+        if value < self.low:
+            self.low = value
+        if value > self.high:
+            self.high = value
 
     def cumulative(self) -> list[int]:
         """Counts of values <= each bound, then the total (the +Inf bucket)."""
@@ -85,12 +86,13 @@ class Histogram:
         """An estimate from the buckets (linear inside a bucket, within the values seen); None when empty."""
         if self.count == 0:
             return None
+        bounds = self.bounds
         rank = self.count * percent / 100.0
         running = 0
         for index, count in enumerate(self.counts):
             if count and running + count >= rank:
-                low = max(HISTOGRAM_BOUNDS[index - 1] if index > 0 else 0.0, self.low)
-                high = min(HISTOGRAM_BOUNDS[index] if index < len(HISTOGRAM_BOUNDS) else self.high, self.high)
+                low = max(bounds[index - 1] if index > 0 else 0.0, self.low)
+                high = min(bounds[index] if index < len(bounds) else self.high, self.high)
                 return low + (high - low) * max(0.0, rank - running) / count
             running += count
         return self.high
