@@ -9,6 +9,12 @@ Istio's standard metrics as laneproxy labels them (`lane_used`, `lane_asked`), a
 - p99 latency, from `istio_request_duration_milliseconds` at the destination;
 - fallback share: of the hops that asked for the lane (`reporter="source"`), the share another lane served.
 
+Counts over the window are the difference between now and the window's start, per series, plus the
+whole value of series born inside the window: Prometheus' increase() cannot see a counter's first
+increments (a series appears already counted), and a canary's series are young by nature. A proxy
+restart inside the window (a counter reset) counts that series from its restart only. Every query of
+one verdict is evaluated at the same instant, so their numbers agree with each other.
+
 Too little traffic is its own answer, inconclusive, never a pass. Exit codes: 0 pass, 1 fail,
 3 inconclusive; 2 is a usage error or a Prometheus that cannot be asked (cli.py). Thresholds are
 parameters; nothing here reads the environment. Queries go through Prometheus' HTTP API with the
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -98,13 +105,15 @@ def _label(value: str) -> str:
 class PrometheusClient:
     """Instant queries against Prometheus' HTTP API (never through a proxy from the environment)."""
 
-    def __init__(self, base_url: str, timeout: float) -> None:
+    def __init__(self, base_url: str, timeout: float, at: float | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
+        # One evaluation time for every query of a verdict, so two queries over the same series agree.
+        self.at = time.time() if at is None else at
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
     def query(self, promql: str) -> list[dict]:
-        url = f"{self.base_url}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
+        url = f"{self.base_url}/api/v1/query?" + urllib.parse.urlencode({"query": promql, "time": f"{self.at:.3f}"})
         try:
             with self._opener.open(url, timeout=self.timeout) as response:
                 document = json.loads(response.read())
@@ -129,6 +138,14 @@ class PrometheusClient:
         return None if math.isnan(value) else value
 
 
+def window_increase(series: str, window: str, by: str = "") -> str:
+    """PromQL for how much `series` grew over `window`, summed (by `by`), counting series born inside it."""
+    grouping = f" by ({by})" if by else ""
+    existing = f"sum{grouping} (clamp_min({series} - ({series} offset {window}), 0))"
+    born = f"sum{grouping} ({series} unless ({series} offset {window}))"
+    return f"(({existing} + {born}) or {existing} or {born})"
+
+
 def baseline_of(client: PrometheusClient, group: str, lane: str) -> str:
     """The group's fallback target for the lane, as the proxies report it."""
     result = client.query(f'max by (fallback_target) (laneproxy_lane_info{{group="{_label(group)}",'
@@ -146,21 +163,21 @@ def lane_numbers(client: PrometheusClient, lane: str, namespace: str | None, win
     selector = f'reporter="destination",lane_used="{_label(lane)}"'
     if namespace:
         selector += f',destination_workload_namespace="{_label(namespace)}"'
-    requests = client.scalar(f"sum(increase(istio_requests_total{{{selector}}}[{window}]))") or 0.0
-    good = client.scalar(f'sum(increase(istio_requests_total{{{selector},response_code!~"5.*"}}[{window}]))') or 0.0
-    p99 = client.scalar(f"histogram_quantile(0.99, sum(rate(istio_request_duration_milliseconds_bucket"
-                        f"{{{selector}}}[{window}])) by (le))")
+    requests = client.scalar(window_increase(f"istio_requests_total{{{selector}}}", window)) or 0.0
+    good = client.scalar(window_increase(f'istio_requests_total{{{selector},response_code!~"5.*"}}', window)) or 0.0
+    p99 = client.scalar("histogram_quantile(0.99, " + window_increase(
+        f"istio_request_duration_milliseconds_bucket{{{selector}}}", window, by="le") + ")")
     success = 100.0 * good / requests if requests > 0 else None
     return LaneNumbers(lane, requests, success, p99 if requests > 0 else None)
 
 
 def fallback_share(client: PrometheusClient, lane: str, window: str) -> float | None:
     asked = f'reporter="source",lane_asked="{_label(lane)}"'
-    total = client.scalar(f"sum(increase(istio_requests_total{{{asked}}}[{window}]))") or 0.0
+    total = client.scalar(window_increase(f"istio_requests_total{{{asked}}}", window)) or 0.0
     if total <= 0:
         return None
-    elsewhere = client.scalar(
-        f'sum(increase(istio_requests_total{{{asked},lane_used!="{_label(lane)}"}}[{window}]))') or 0.0
+    elsewhere = client.scalar(window_increase(
+        f'istio_requests_total{{{asked},lane_used!="{_label(lane)}"}}', window)) or 0.0
     return 100.0 * elsewhere / total
 
 
