@@ -1,11 +1,15 @@
 """The mock service: a stand-in for the seed's go-http-sample image, for demos and tests.
 
 Owns one behaviour: answer `<app>(version: <version>, ip: <ip>)`, followed by `-> ` and the body of
-a call to `upstream_url` when one is set. For canary analysis it can be told to fail a share of its
-requests (`fail_share`, env `fail_share`, `--fail-share 0.1`): exactly that share, spread evenly (the
-10th, 20th, ... request with 0.1), answered 500 without calling upstream, so tests count exact numbers. Like a typical application it forwards only the trace
+a call to `upstream_url` when one is set. `<ip>` is the pod's address when `POD_IP` is set (the downward
+API's `status.podIP`, as the seed's app shows it; behind a sidecar the socket's own address is 127.0.0.1),
+else the address the request arrived on. Like a typical application it forwards only the trace
 header it is told to (default `my-request-id`), never the lane header: restoring the lane is the
 sidecar's job. Outbound calls go through HTTP_PROXY when it is set, as with any HTTP client.
+
+For canary analysis it can be told to fail a share of its requests (`--fail-share 0.1`, env
+`fail_share`): exactly that share, spread evenly (the 10th, 20th, ... request with 0.1), answered 500
+without calling upstream, so tests count exact numbers.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ class MockSettings:
     trace_header: str = "my-request-id"
     proxy: str | None = None
     timeout: float = 10.0
+    pod_ip: str | None = None
     fail_share: float = 0.0  # 0..1: the share of requests answered 500
 
     def __post_init__(self) -> None:
@@ -41,12 +46,13 @@ class MockSettings:
 
     @classmethod
     def from_environment(cls, **overrides) -> MockSettings:
-        """Defaults from the seed Deployment's variables: `app`, `version`, `upstream_url`, `HTTP_PROXY`."""
+        """Defaults from the seed Deployment's variables: `app`, `version`, `upstream_url`, `HTTP_PROXY`, `POD_IP`."""
         values = {
             "app": os.environ.get("app", "mock"),
             "version": os.environ.get("version", "v1"),
             "upstream_url": os.environ.get("upstream_url") or None,
             "proxy": os.environ.get("HTTP_PROXY") or os.environ.get("http_proxy") or None,
+            "pod_ip": os.environ.get("POD_IP") or None,
             "fail_share": float(os.environ.get("fail_share") or 0.0),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
@@ -72,7 +78,7 @@ def build_mock_app(settings: MockSettings) -> web.Application:
 
     async def handle(request: web.Request) -> web.Response:
         sockname = request.transport.get_extra_info("sockname") if request.transport else None
-        ip = sockname[0] if sockname else settings.host
+        ip = settings.pod_ip or (sockname[0] if sockname else settings.host)
         me = f"{settings.app}(version: {settings.version}, ip: {ip})"
         if failing():
             return web.Response(status=500, text=f"{me} failed on purpose (fail_share {settings.fail_share:g})")
