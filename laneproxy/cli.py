@@ -98,6 +98,26 @@ def _optional_address(text: str) -> Address | None:
     return None if text.lower() in ("", "none", "off") else _address(text)
 
 
+def _checked_env(name: str, default: str | None, check) -> str | None:
+    """LANEPROXY_<name>, validated now, whatever the command: a bad value is an error of the whole environment.
+
+    `check` is the option's argparse type, or its list of choices. The text is returned unconverted:
+    argparse converts a string default through the option's type itself.
+    """
+    text = _env(name, default)
+    if text is None:
+        return None
+    if isinstance(check, (list, tuple)):
+        if text not in check:
+            raise EnvironmentValueError(f"LANEPROXY_{name}: expected one of {', '.join(check)}, got {text!r}")
+        return text
+    try:
+        check(text)
+    except argparse.ArgumentTypeError as exc:
+        raise EnvironmentValueError(f"LANEPROXY_{name}: {exc}") from None
+    return text
+
+
 def _version_text() -> str:
     from importlib import metadata
 
@@ -117,8 +137,8 @@ def _logging_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
 
     After the command they default to SUPPRESS, so a value given before the command is not overwritten.
     """
-    level_default = _env("LOG_LEVEL", "info") if top else argparse.SUPPRESS
-    format_default = _env("LOG_FORMAT", "text") if top else argparse.SUPPRESS
+    level_default = _checked_env("LOG_LEVEL", "info", LOG_LEVELS) if top else argparse.SUPPRESS
+    format_default = _checked_env("LOG_FORMAT", "text", LOG_FORMATS) if top else argparse.SUPPRESS
     parser.add_argument("--log-level", default=level_default, type=str.lower, choices=LOG_LEVELS,
                         help="log threshold (env LANEPROXY_LOG_LEVEL)")
     parser.add_argument("--log-format", default=format_default, type=str.lower, choices=LOG_FORMATS,
@@ -142,26 +162,26 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run the proxy (gateway and/or sidecar listeners)")
     run.add_argument("--config", action="append", default=None, metavar="FILE",
                      help="swimlane manifests or endpoints file; repeatable (env LANEPROXY_CONFIG, comma-separated)")
-    run.add_argument("--source", choices=["files", "kubernetes"], default=_env("SOURCE", "files"),
+    run.add_argument("--source", choices=["files", "kubernetes"], default=_checked_env("SOURCE", "files", ["files", "kubernetes"]),
                      help="where lane membership comes from (env LANEPROXY_SOURCE)")
     run.add_argument("--kubeconfig", default=_env("KUBECONFIG") or os.environ.get("KUBECONFIG"),
                      help="kubeconfig for --source kubernetes; in-cluster credentials when absent")
-    run.add_argument("--gateway", type=_optional_address, default=_env("GATEWAY", "none"),
+    run.add_argument("--gateway", type=_optional_address, default=_checked_env("GATEWAY", "none", _optional_address),
                      metavar="[HOST:]PORT", help="ingress gateway listener (env LANEPROXY_GATEWAY)")
-    run.add_argument("--inbound", type=_optional_address, default=_env("INBOUND", "none"),
+    run.add_argument("--inbound", type=_optional_address, default=_checked_env("INBOUND", "none", _optional_address),
                      metavar="[HOST:]PORT", help="inbound listener in front of the app (env LANEPROXY_INBOUND)")
-    run.add_argument("--app", type=_optional_address, default=_env("APP", "none"),
+    run.add_argument("--app", type=_optional_address, default=_checked_env("APP", "none", _optional_address),
                      metavar="[HOST:]PORT", help="the local app the inbound listener forwards to (env LANEPROXY_APP)")
-    run.add_argument("--outbound", type=_optional_address, default=_env("OUTBOUND", "none"),
+    run.add_argument("--outbound", type=_optional_address, default=_checked_env("OUTBOUND", "none", _optional_address),
                      metavar="[HOST:]PORT", help="the app's egress listener, usable as HTTP_PROXY (env LANEPROXY_OUTBOUND)")
-    run.add_argument("--admin", type=_optional_address, default=_env("ADMIN", "127.0.0.1:15000"),
+    run.add_argument("--admin", type=_optional_address, default=_checked_env("ADMIN", "127.0.0.1:15000", _optional_address),
                      metavar="[HOST:]PORT|none", help="admin listener (default 127.0.0.1:15000; env LANEPROXY_ADMIN)")
     run.add_argument("--lane", default=_env("LANE"), help="this sidecar's own lane, used in strict mode (env LANEPROXY_LANE)")
     run.add_argument("--namespace", default=_env("NAMESPACE", "default"), help="namespace short host names resolve in")
     run.add_argument("--lenient", action="store_true", default=_flag(_env("LENIENT", ""), "LENIENT"),
                      help="unknown fields in the configuration are logged warnings instead of a rejected update "
                           "(env LANEPROXY_LENIENT)")
-    run.add_argument("--reload-interval", type=_positive_seconds, default=_env("RELOAD_INTERVAL", "1.0"),
+    run.add_argument("--reload-interval", type=_positive_seconds, default=_checked_env("RELOAD_INTERVAL", "1.0", _positive_seconds),
                      help="seconds between checks of the config files for changes (env LANEPROXY_RELOAD_INTERVAL)")
     run.add_argument("--connect-timeout", type=_seconds, default=5.0, help="upstream connect timeout, seconds (Envoy: 5)")
     run.add_argument("--route-timeout", type=_seconds, default=15.0, help="upstream response timeout, seconds; 0 disables")
@@ -169,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="trace-id -> lane entries kept (LRU)")
     run.add_argument("--trace-table-ttl", type=_positive_seconds, default=300.0,
                      help="seconds a trace-id -> lane entry lives")
-    run.add_argument("--trace-table-bytes", type=_positive_int, default=_env("TRACE_TABLE_BYTES", str(32 * 1024 * 1024)),
+    run.add_argument("--trace-table-bytes", type=_positive_int, default=_checked_env("TRACE_TABLE_BYTES", str(32 * 1024 * 1024), _positive_int),
                      metavar="BYTES", help="byte budget of the trace-id -> lane table, LRU beyond it (default 32 MiB; "
                                            "env LANEPROXY_TRACE_TABLE_BYTES)")
     run.add_argument("--trust-client-trace-id", action=argparse.BooleanOptionalAction,
@@ -177,10 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="gateway: keep the swimlane trace id a client sends instead of giving each request a fresh "
                           "one (off by default; env LANEPROXY_TRUST_CLIENT_TRACE_ID). Anyone who knows a live trace "
                           "id can then move that trace between lanes: turn it on only behind a trusted edge")
-    run.add_argument("--workers", type=_positive_int, default=_env("WORKERS", "1"), metavar="N",
+    run.add_argument("--workers", type=_positive_int, default=_checked_env("WORKERS", "1", _positive_int), metavar="N",
                      help="N processes sharing the listening ports (SO_REUSEPORT); the admin adds their stats up "
                           "(env LANEPROXY_WORKERS)")
-    run.add_argument("--drain-seconds", type=_seconds, default=_env("DRAIN_SECONDS", "5"),
+    run.add_argument("--drain-seconds", type=_seconds, default=_checked_env("DRAIN_SECONDS", "5", _seconds),
                      help="on SIGTERM keep serving this long with Connection: close, then exit")
     limits = run.add_argument_group("limits and timeouts (Envoy's defaults unless noted; 0 turns a timeout off)")
     limits.add_argument("--request-headers-timeout", type=_seconds, default=10.0,
@@ -204,15 +224,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="share of an endpoint set that may be ejected (at least one endpoint always may)")
     run.add_argument("--access-log", default=_env("ACCESS_LOG"), metavar="stdout|stderr|FILE",
                      help="write an access log line per request (off by default; env LANEPROXY_ACCESS_LOG)")
-    run.add_argument("--access-log-format", choices=["text", "json"], default=_env("ACCESS_LOG_FORMAT", "text"),
+    run.add_argument("--access-log-format", choices=["text", "json"], default=_checked_env("ACCESS_LOG_FORMAT", "text", ["text", "json"]),
                      help="text: Envoy's default format plus lane asked and lane used; json: one object per line")
     run.add_argument("--tracing", default=_env("TRACING", "none"), metavar="none|console|otlp|file:PATH",
                      help="OpenTelemetry span exporter (default none; env LANEPROXY_TRACING)")
     mesh = run.add_argument_group("metrics for Prometheus and canary analysis")
-    mesh.add_argument("--metrics", type=_optional_address, default=_env("METRICS", "none"), metavar="[HOST:]PORT|none",
+    mesh.add_argument("--metrics", type=_optional_address, default=_checked_env("METRICS", "none", _optional_address), metavar="[HOST:]PORT|none",
                       help="read-only listener serving /stats/prometheus (and /metrics) for a scraper, apart from the "
                            "admin API; Istio uses 15020 (default none; env LANEPROXY_METRICS)")
-    mesh.add_argument("--stats-tags", choices=["envoy", "istio"], default=_env("STATS_TAGS", "envoy"),
+    mesh.add_argument("--stats-tags", choices=["envoy", "istio"], default=_checked_env("STATS_TAGS", "envoy", ["envoy", "istio"]),
                       help="Prometheus tag names of Envoy's stats: envoy (envoy_cluster_name, envoy_response_code) "
                            "or istio (cluster_name, response_code) (env LANEPROXY_STATS_TAGS)")
     mesh.add_argument("--istio-metrics", action=argparse.BooleanOptionalAction,
@@ -282,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     _sidecar_options(inject)
 
     webhook = commands.add_parser("webhook", help="the mutating admission webhook that injects the sidecar (HTTPS)")
-    webhook.add_argument("--listen", type=_address, default=_address(_env("WEBHOOK_LISTEN", "127.0.0.1:9443")),
+    webhook.add_argument("--listen", type=_address, default=_checked_env("WEBHOOK_LISTEN", "127.0.0.1:9443", _address),
                          metavar="[HOST:]PORT", help="HTTPS listener (env LANEPROXY_WEBHOOK_LISTEN)")
     webhook.add_argument("--cert", default=_env("WEBHOOK_CERT"), required=_env("WEBHOOK_CERT") is None,
                          help="serving certificate, PEM; reloaded when it changes (env LANEPROXY_WEBHOOK_CERT)")
@@ -336,9 +356,9 @@ def _sidecar_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--image", default=_env("SIDECAR_IMAGE"),
                          help="the image of the injected containers (default laneproxy:VERSION; "
                               "env LANEPROXY_SIDECAR_IMAGE)")
-    command.add_argument("--image-pull-policy", default=_env("SIDECAR_IMAGE_PULL_POLICY", "IfNotPresent"),
+    command.add_argument("--image-pull-policy", default=_checked_env("SIDECAR_IMAGE_PULL_POLICY", "IfNotPresent", ["Always", "IfNotPresent", "Never"]),
                          choices=["Always", "IfNotPresent", "Never"])
-    command.add_argument("--capture", default=_env("SIDECAR_CAPTURE", "iptables"), choices=["iptables", "http-proxy"],
+    command.add_argument("--capture", default=_checked_env("SIDECAR_CAPTURE", "iptables", ["iptables", "http-proxy"]), choices=["iptables", "http-proxy"],
                          help="iptables: an init container redirects the pod's traffic; http-proxy: no init container, "
                               "the apps get HTTP_PROXY (env LANEPROXY_SIDECAR_CAPTURE; pods override it with the "
                               "laneproxy.dev/capture annotation)")
