@@ -49,8 +49,9 @@ TRAFFIC_TAG_LABEL = "ASM_TRAFFIC_TAG"
 # The workload a sidecar speaks for, sent upstream on requests and back on responses (Istio's
 # metadata exchange, as one plain header): each side's metrics can then name the other.
 X_LANEPROXY_PEER = b"x-laneproxy-peer"
-# Hop-by-hop headers and the peer header: what a proxy never forwards as it received it.
-NOT_FORWARDED = HOP_BY_HOP | {X_LANEPROXY_PEER}
 # The opt-in "where did this request go" header: on a request, asks for the hops (the gateway accepts
 # it only with the configured token); on a response, lists them as `service:lane-asked>lane-used`.
 X_LANEPROXY_ROUTE = b"x-laneproxy-route"
+# Hop-by-hop headers and laneproxy's per-hop ones: what a proxy never forwards as it received it (it
+# writes its own value of a per-hop header where it has one, so a client cannot forge either).
+NOT_FORWARDED = HOP_BY_HOP | {X_LANEPROXY_PEER, X_LANEPROXY_ROUTE}
