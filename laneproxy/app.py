@@ -151,10 +151,13 @@ class ProxyApp:
             recorder = IstioRecorder(self.istio, "destination" if inbound else "source", self.workload,
                                      self.settings.own_lane, self.store)
             listener.exchange_observers.append(recorder.record)
+            # A proxy that does not know its workload has nothing to tell its peers: it sends no header,
+            # so the next proxy sees exactly what an Envoy without Istio's metadata exchange would send.
+            known = self.workload.name != "unknown"
             if inbound:
-                listener.response_peer = self.workload.header
+                listener.response_peer = self.workload.header if known else None
             else:
-                role.peer_header = self.workload.header
+                role.peer_header = self.workload.header if known else None
                 listener.reads_peer = True
         if wanted.route_debug_token:
             role.trails = trails

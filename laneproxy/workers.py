@@ -70,7 +70,7 @@ def _number(text: str) -> int | float | None:
 # state) are not added up: N workers do not make N times the endpoints. Matched on the name with '_' read
 # as '.', so the same rule covers `cluster.x.membership_total` and Prometheus' `envoy_cluster_membership_total`.
 _SAME_IN_EVERY_WORKER = (".membership.", "cluster.manager.", "laneproxy.config.", "trace.table.size", "server.uptime",
-                         "server.state", "server.version", "server.hot.restart")
+                         "server.state", "server.version", "server.hot.restart", "laneproxy.lane.info")
 _ALL_WORKERS_MUST = ("server.live",)  # 1 only if every worker says 1
 
 

@@ -24,7 +24,8 @@ from aiohttp import web
 
 from laneproxy.admin.endpoint import flag
 from laneproxy.observability import prometheus
-from laneproxy.observability.inventory import ClusterCatalog, ProcessView, names_are_prefix_free, other_records
+from laneproxy.observability.inventory import (ClusterCatalog, ProcessView, names_are_prefix_free, other_records,
+                                               transport_numbers)
 from laneproxy.observability.stats import QUANTILES, Histogram, StatKind, StatRecord, cluster_records
 
 if TYPE_CHECKING:
@@ -318,7 +319,7 @@ def cluster_order(catalog: ClusterCatalog, busy: Iterable[str]) -> list[str] | t
 
 
 async def _plan(fmt: TextFormat, selection: Selection, catalog: ClusterCatalog, names: Iterable[str],
-                busy: dict[str, ClusterStats], pacer: Pacer) -> _Walk:
+                busy: dict[str, ClusterStats], pacer: Pacer, view: ProcessView) -> _Walk:
     members = catalog.members
     walk = _Walk([], [], {})
     templates = walk.templates
@@ -328,7 +329,8 @@ async def _plan(fmt: TextFormat, selection: Selection, catalog: ClusterCatalog, 
         stats = busy.get(name)
         if stats is not None:
             entry: Pieces | tuple = fmt.pieces(selection.choose(
-                cluster_records(name, stats, membership_total=size, membership_healthy=size)))
+                cluster_records(name, stats, membership_total=size, membership_healthy=size,
+                                transport=transport_numbers(view, endpoints))))
         else:
             entry = (size, selection.name_mask(name))
             if entry not in templates:
@@ -346,7 +348,7 @@ async def write_stats(fmt: TextFormat, selection: Selection, view: ProcessView, 
                       pacer: Pacer) -> None:
     """Every chosen stat of the process in `fmt`, written through `pacer` a slice at a time."""
     busy = dict(view.stats.clusters)  # the clusters of this scrape; counters are read live as Envoy's are
-    walk = await _plan(fmt, selection, catalog, cluster_order(catalog, busy), busy, pacer)
+    walk = await _plan(fmt, selection, catalog, cluster_order(catalog, busy), busy, pacer, view)
     others = fmt.pieces(selection.choose(other_records(view, active_clusters=len(catalog.members))))
     escape = fmt.escape
     templates = walk.templates

@@ -18,7 +18,7 @@ from laneproxy.admin.endpoint import AdminEndpoint, context, envoy_headers, text
 from laneproxy.admin.exposition import (JsonFormat, PrometheusFormat, Selection, StatsQueryError, TextFormat,
                                         histogram_summary, stream)
 from laneproxy.core.propagation import TraceTableCounters
-from laneproxy.observability.inventory import ClusterCatalog, ProcessView, all_records
+from laneproxy.observability.inventory import ClusterCatalog, ProcessView, all_records, process_memory
 from laneproxy.observability.prometheus import metric_families, render, with_istio_tags
 from laneproxy.observability.stats import QUANTILES, Histogram, StatKind, StatRecord
 
@@ -40,6 +40,9 @@ def process_view(proxy: ProxyApp) -> ProcessView:
         trace_table_bytes=proxy.traces.size_bytes,
         config_accepted=proxy.store.accepted, config_rejected=proxy.store.rejected,
         istio=proxy.istio if proxy.settings.observability.istio_metrics else None,
+        pools=getattr(proxy, "pools", None), outliers=getattr(proxy, "outliers", None),
+        listener_addresses=tuple((listener.name, listener.address_tag) for listener in proxy.listeners),
+        memory=process_memory(),
     )
 
 
@@ -130,6 +133,10 @@ async def reset_counters(request: web.Request) -> web.Response:
     proxy = context(request).proxy
     proxy.stats.reset_counters()
     proxy.istio.reset_counters()
+    if getattr(proxy, "pools", None) is not None:
+        proxy.pools.reset_counters()
+    if getattr(proxy, "outliers", None) is not None:
+        proxy.outliers.ejections_by_endpoint.clear()
     proxy.traces.counters = TraceTableCounters()
     proxy.store.accepted = proxy.store.rejected = 0
     return text("OK\n")

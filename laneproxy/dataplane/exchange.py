@@ -148,8 +148,11 @@ class Exchange:
             self.downstream.hold(len(data))
             return
         if self.request_chunked:
-            upstream.transport.writelines(codec.chunk(data))
+            parts = codec.chunk(data)
+            upstream.pool.tx_bytes += sum(map(len, parts))
+            upstream.transport.writelines(parts)
         else:
+            upstream.pool.tx_bytes += len(data)
             upstream.transport.write(data)
 
     def on_request_complete(self) -> None:
@@ -158,6 +161,7 @@ class Exchange:
             return
         upstream = self.upstream
         if upstream is not None and upstream.transport is not None and self.request_chunked:
+            upstream.pool.tx_bytes += len(codec.LAST_CHUNK)
             upstream.transport.write(codec.LAST_CHUNK)
         self._arm_timer()
 
@@ -230,7 +234,9 @@ class Exchange:
                 parts += codec.chunk(data) if self.request_chunked else (data,)
         if self.request_complete and self.request_chunked:
             parts.append(codec.LAST_CHUNK)
-        transport.write(b"".join(parts))
+        payload = b"".join(parts)
+        connection.pool.tx_bytes += len(payload)
+        transport.write(payload)
         if self.pending_bytes:
             self._release_pending()
         self._arm_timer()

@@ -354,6 +354,7 @@ class Listener:
         # x-envoy-* headers steer retries and timeouts only when they come from inside the mesh.
         self.trust_envoy_headers = role.name != "gateway"
         self.draining = False
+        self.address_tag = ""  # `0.0.0.0_8080` once bound
         self.exchange_observers: list[Callable[[Exchange], None]] = []  # access log, tracing, Istio's metrics
         self.reads_peer = False  # an upstream's peer header is read from responses (Istio's source reporter)
         self.response_peer: bytes | None = None  # inbound: this workload, answered to the caller
@@ -367,6 +368,7 @@ class Listener:
         """Bind and serve, and start the timeout sweeper: the only way a listener starts (workers pass reuse_port)."""
         self.server = await self.loop.create_server(self.protocol, host, port, reuse_address=True,
                                                     reuse_port=reuse_port or None, backlog=1024)
+        self.address_tag = f"{host}_{self.server.sockets[0].getsockname()[1]}"  # Envoy's listener_address tag
         self.sweeper = self.loop.create_task(self._sweep(), name=f"{self.name}-timeouts")
         return self.server.sockets[0].getsockname()[1]
 

@@ -1,0 +1,64 @@
+"""The Envoy stats dashboards expect, on a real process: connection-level cluster stats, outlier ejections,
+listener.* and server.memory_*, and Istio's tag names as an option."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxyrig import SWIMLANES, ProxyProcess, UpstreamThread, endpoints_file, exchange
+
+MOCKB = "outbound|8000|base|mockb.default.svc.cluster.local"
+
+
+def stats(process: ProxyProcess) -> dict[str, str]:
+    return dict(line.split(": ", 1) for line in process.admin("/stats").decode().splitlines() if ": " in line)
+
+
+def send(port: int, host: str) -> bytes:
+    raw = f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+    return asyncio.run(exchange(port, raw))
+
+
+@pytest.fixture(scope="module")
+def failing_upstream():
+    with UpstreamThread(respond=lambda request: b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 4\r\n\r\nboom") \
+            as upstream:
+        yield upstream
+
+
+@pytest.fixture(scope="module")
+def proxy(failing_upstream, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("dashboard")
+    endpoints = endpoints_file(workdir / "endpoints.yaml", {"default/mockb": {"base": [failing_upstream.port]}})
+    process = ProxyProcess(SWIMLANES, endpoints, outbound=True,
+                           extra=("--outlier-consecutive-5xx", "3", "--max-retries", "0", "--stats-tags", "istio")).start()
+    yield process
+    process.stop()
+
+
+def test_connection_bytes_destroys_and_ejections_are_counted_per_cluster(proxy):
+    for _ in range(3):
+        assert send(proxy.outbound_port, "mockb").startswith(b"HTTP/1.1 500")
+    numbers = stats(proxy)
+    assert int(numbers[f"cluster.{MOCKB}.upstream_cx_tx_bytes_total"]) > 3 * len(b"GET / HTTP/1.1\r\n")
+    assert int(numbers[f"cluster.{MOCKB}.upstream_cx_rx_bytes_total"]) >= 3 * len(b"HTTP/1.1 500 Internal Server Error")
+    assert int(numbers[f"cluster.{MOCKB}.upstream_cx_active"]) >= 0
+    assert numbers[f"cluster.{MOCKB}.upstream_rq_pending_active"] == "0"
+    # Three 5xx in a row eject the only endpoint (at least one endpoint may always be ejected).
+    assert numbers[f"cluster.{MOCKB}.outlier_detection.ejections_enforced_total"] == "1"
+    assert numbers[f"cluster.{MOCKB}.outlier_detection.ejections_active"] == "1"
+    listener = next(name for name in numbers if name.startswith("listener.") and name.endswith(".downstream_cx_total"))
+    assert int(numbers[listener]) >= 3
+    assert int(numbers["server.memory_heap_size"]) >= int(numbers["server.memory_allocated"]) > 1 << 20
+
+
+def test_istio_tag_names_are_an_option_of_the_prometheus_output(proxy):
+    body = proxy.admin("/stats/prometheus").decode()
+    samples = [sample for family in text_string_to_metric_families(body) for sample in family.samples
+               if family.name == "envoy_cluster_upstream_rq_xx"]
+    assert samples and all(set(s.labels) == {"response_code_class", "cluster_name"} for s in samples)
+    assert {s.labels["response_code_class"] for s in samples} == {"5xx"}
+    assert "envoy_cluster_name" not in body
