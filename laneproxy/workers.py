@@ -252,7 +252,9 @@ def worker_main(spec: WorkerSpec, channel: Connection) -> None:
 async def _worker_serve(spec: WorkerSpec, channel: Connection) -> None:
     from laneproxy.app import ProxyApp
 
-    settings = dataclasses.replace(spec.settings, admin=Address("127.0.0.1", 0))
+    # The supervisor serves the admin and metrics addresses with every worker's numbers added up.
+    settings = dataclasses.replace(spec.settings, admin=Address("127.0.0.1", 0),
+                                   observability=dataclasses.replace(spec.settings.observability, metrics=None))
     app = ProxyApp(settings, reuse_port=True)
     loop = asyncio.get_running_loop()
     siblings = [sibling_address(spec.supervisor_pid, i) for i in range(spec.count) if i != spec.index]
@@ -333,6 +335,7 @@ class Supervisor:
         self.stopping = False
         self.failure: str | None = None
         self.admin_runner = None
+        self.metrics_runner = None
         self.session = None
         self._done = asyncio.Event()
 
@@ -460,7 +463,8 @@ class Supervisor:
     async def _prometheus(self, request: web.Request) -> web.StreamResponse:
         from aiohttp import web
 
-        results = [(s, b) for s, b in await self._fetch_all(request.path, dict(request.query)) if s == 200]
+        # /metrics on the metrics listener is the workers' /stats/prometheus.
+        results = [(s, b) for s, b in await self._fetch_all("/stats/prometheus", dict(request.query)) if s == 200]
         if not results:
             return web.Response(status=503, text="no worker answered\n")
         return web.Response(text=sum_prometheus(body for _, body in results), content_type="text/plain")
@@ -504,6 +508,18 @@ class Supervisor:
         from aiohttp import web
 
         self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10), trust_env=False)
+        metrics = self.settings.observability.metrics
+        if metrics is not None:
+            # The read-only metrics listener: Prometheus text only, nothing that reaches a worker's admin otherwise.
+            metrics_app = web.Application()
+            for path in ("/stats/prometheus", "/metrics"):
+                metrics_app.router.add_get(path, self._prometheus)
+            self.metrics_runner = web.AppRunner(metrics_app, access_log=None)
+            await self.metrics_runner.setup()
+            metrics_site = web.TCPSite(self.metrics_runner, metrics.host, metrics.port, reuse_address=True)
+            await metrics_site.start()
+            log.info("metrics (sum of %d workers) on %s:%d", self.count, metrics.host,
+                     metrics_site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
         admin = self.settings.admin
         if admin is None:
             return
@@ -551,6 +567,8 @@ class Supervisor:
             watcher.cancel()
             if self.admin_runner is not None:
                 await self.admin_runner.cleanup()
+            if self.metrics_runner is not None:
+                await self.metrics_runner.cleanup()
             if self.session is not None:
                 await self.session.close()
 

@@ -62,3 +62,27 @@ def test_istio_tag_names_are_an_option_of_the_prometheus_output(proxy):
     assert samples and all(set(s.labels) == {"response_code_class", "cluster_name"} for s in samples)
     assert {s.labels["response_code_class"] for s in samples} == {"5xx"}
     assert "envoy_cluster_name" not in body
+
+
+def test_with_workers_the_metrics_listener_adds_every_workers_istio_metrics_up(tmp_path):
+    from laneproxy.demo import free_port
+
+    with UpstreamThread() as upstream:
+        endpoints = endpoints_file(tmp_path / "endpoints.yaml", {"default/mockb": {"base": [upstream.port]}})
+        metrics = free_port()
+        process = ProxyProcess(SWIMLANES, endpoints, outbound=True,
+                               extra=("--workers", "2", "--metrics", f"127.0.0.1:{metrics}", "--workload", "w")).start(
+            timeout=60)
+        try:
+            for _ in range(20):  # a connection each: SO_REUSEPORT spreads them over both workers
+                assert send(process.outbound_port, "mockb").startswith(b"HTTP/1.1 200")
+            import urllib.request
+
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=10) as response:
+                body = response.read().decode()
+            families = {family.name: family for family in text_string_to_metric_families(body)}
+            assert sum(s.value for s in families["istio_requests"].samples) == 20
+            info = [s for s in families["laneproxy_lane_info"].samples]
+            assert {s.value for s in info} == {1.0}  # the same in every worker: not added up
+        finally:
+            process.stop()
