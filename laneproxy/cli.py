@@ -118,6 +118,12 @@ def _checked_env(name: str, default: str | None, check) -> str | None:
     return text
 
 
+def _http_url(text: str) -> str:
+    if not text.startswith("http://") or len(text) <= len("http://"):
+        raise argparse.ArgumentTypeError(f"expected an http:// URL, got {text!r}")
+    return text
+
+
 def _version_text() -> str:
     from importlib import metadata
 
@@ -236,6 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     mesh.add_argument("--metrics", type=_optional_address, default=_checked_env("METRICS", "none", _optional_address), metavar="[HOST:]PORT|none",
                       help="read-only listener serving /stats/prometheus (and /metrics) for a scraper, apart from the "
                            "admin API; Istio uses 15020 (default none; env LANEPROXY_METRICS)")
+    mesh.add_argument("--app-metrics", type=_http_url, default=_checked_env("APP_METRICS", None, _http_url), metavar="URL",
+                      help="the app's own Prometheus endpoint (http://127.0.0.1:PORT/PATH), appended to the metrics "
+                           "listener's answer; injection sets it from the pod's prometheus.io annotations "
+                           "(env LANEPROXY_APP_METRICS)")
     mesh.add_argument("--stats-tags", choices=["envoy", "istio"], default=_checked_env("STATS_TAGS", "envoy", ["envoy", "istio"]),
                       help="Prometheus tag names of Envoy's stats: envoy (envoy_cluster_name, envoy_response_code) "
                            "or istio (cluster_name, response_code) (env LANEPROXY_STATS_TAGS)")
@@ -394,7 +404,8 @@ def settings_from_args(args: argparse.Namespace) -> ProxySettings:
         observability=ObservabilitySettings(access_log=args.access_log or None,
                                             access_log_format=args.access_log_format, tracing=args.tracing,
                                             istio_metrics=args.istio_metrics, stats_tags=args.stats_tags,
-                                            metrics=args.metrics, route_debug_token=args.route_debug_token or None),
+                                            metrics=args.metrics, app_metrics=args.app_metrics or None,
+                                            route_debug_token=args.route_debug_token or None),
         workload=WorkloadSettings(name=args.workload or "unknown",
                                   namespace=args.workload_namespace or args.namespace,
                                   app=args.workload_app or "unknown", version=args.workload_version or "unknown",

@@ -376,6 +376,7 @@ def dump_manifests(documents: Iterable[dict]) -> str:
 # Istio's scrape annotations, read by annotation-based Prometheus discovery (and Istio's own sample config).
 PROMETHEUS_ANNOTATIONS = ("prometheus.io/scrape", "prometheus.io/port", "prometheus.io/path")
 METRICS_PATH = "/stats/prometheus"
+APP_METRICS_ANNOTATION = "laneproxy.dev/app-metrics"  # "PORT/PATH": the app's scrape target, merged by the sidecar
 VERSION_LABEL = "version"
 # Istio's canonical service labels, when the pod has them (empty otherwise: the proxy then uses app and version).
 CANONICAL_NAME_LABEL = "service.istio.io/canonical-name"
@@ -409,7 +410,7 @@ def add_telemetry(sidecar: dict, annotations: dict, settings: SidecarSettings, w
     (with the API server's defaults filled in) changes nothing. A Kruise canary Deployment cloned from an
     injected template keeps the base's LANEPROXY_WORKLOAD; its pods still differ by their ASM_TRAFFIC_TAG
     label, which the metrics carry as `lane_used`. Scrape annotations the pod already has are the app's
-    own and are left as they are.
+    own: the pod is then scraped on 15020 and the sidecar appends the app's metrics to its own.
     """
     sidecar["env"].extend([
         {"name": "LANEPROXY_METRICS", "value": f"0.0.0.0:{settings.metrics_port}"},
@@ -423,9 +424,20 @@ def add_telemetry(sidecar: dict, annotations: dict, settings: SidecarSettings, w
         sidecar["env"].append({"name": "LANEPROXY_WORKLOAD", "value": workload})
     sidecar.setdefault("ports", []).append(
         {"name": METRICS_PORT_NAME, "containerPort": settings.metrics_port, "protocol": "TCP"})
-    if not any(name in annotations for name in PROMETHEUS_ANNOTATIONS):
-        annotations.update({"prometheus.io/scrape": "true", "prometheus.io/port": str(settings.metrics_port),
-                            "prometheus.io/path": METRICS_PATH})
+    if annotations.get("prometheus.io/scrape") == "false":
+        return  # the pod asked not to be scraped
+    app_metrics = annotations.get(APP_METRICS_ANNOTATION)
+    port = annotations.get("prometheus.io/port")
+    if app_metrics is None and port is not None and port != str(settings.metrics_port):
+        # The app's own scrape target: merged into the sidecar's answer, as Istio's metrics merging does;
+        # recorded in an annotation so that injecting again still knows it.
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            return  # not a target the sidecar can fetch (a named port?): the app's annotations stay as they are
+        app_metrics = annotations[APP_METRICS_ANNOTATION] = f"{port}{annotations.get('prometheus.io/path', '/metrics')}"
+    if app_metrics:
+        sidecar["env"].append({"name": "LANEPROXY_APP_METRICS", "value": f"http://127.0.0.1:{app_metrics}"})
+    annotations.update({"prometheus.io/scrape": "true", "prometheus.io/port": str(settings.metrics_port),
+                        "prometheus.io/path": METRICS_PATH})
 
 
 METRICS_PORT_NAME = "lp-metrics"

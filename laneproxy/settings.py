@@ -79,6 +79,8 @@ class ObservabilitySettings:
     stats_tags: str = "envoy"
     # A read-only listener serving /stats/prometheus for Prometheus in a cluster (Istio's 15020); None: off.
     metrics: Address | None = None
+    # The app's own Prometheus endpoint, merged into the metrics listener's answer (Istio's metrics merging).
+    app_metrics: str | None = None
     # The opt-in "where did this request go" response header: None is off; otherwise the gateway answers
     # with the hops when the request's debug header carries this token (trusted callers only).
     route_debug_token: str | None = None

@@ -469,6 +469,29 @@ class Supervisor:
             return web.Response(status=503, text="no worker answered\n")
         return web.Response(text=sum_prometheus(body for _, body in results), content_type="text/plain")
 
+    async def _metrics(self, request: web.Request) -> web.StreamResponse:
+        """The metrics listener: the workers' sum, then the app's own metrics when --app-metrics names them."""
+        from aiohttp import web
+
+        response = await self._prometheus(request)
+        app_url = self.settings.observability.app_metrics
+        if app_url is None or response.status != 200:
+            return response
+        import aiohttp
+
+        from laneproxy.admin.metrics import APP_METRICS_LIMIT, APP_METRICS_TIMEOUT
+
+        extra = b""
+        try:
+            async with self.session.get(app_url, timeout=aiohttp.ClientTimeout(total=APP_METRICS_TIMEOUT)) as answer:
+                if answer.status == 200:
+                    extra = await answer.content.read(APP_METRICS_LIMIT)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            log.debug("app metrics at %s: %s", app_url, exc)
+        if extra and not extra.endswith(b"\n"):
+            extra += b"\n"
+        return web.Response(body=response.body + extra, content_type="text/plain")
+
     async def _ready(self, request: web.Request) -> web.StreamResponse:
         from aiohttp import web
 
@@ -513,7 +536,7 @@ class Supervisor:
             # The read-only metrics listener: Prometheus text only, nothing that reaches a worker's admin otherwise.
             metrics_app = web.Application()
             for path in ("/stats/prometheus", "/metrics"):
-                metrics_app.router.add_get(path, self._prometheus)
+                metrics_app.router.add_get(path, self._metrics)
             self.metrics_runner = web.AppRunner(metrics_app, access_log=None)
             await self.metrics_runner.setup()
             metrics_site = web.TCPSite(self.metrics_runner, metrics.host, metrics.port, reuse_address=True)

@@ -18,7 +18,7 @@ import json
 import re
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Awaitable, Callable, Iterable, Mapping
 
 from aiohttp import web
 
@@ -384,14 +384,20 @@ def needs_reference_order(fmt: TextFormat, catalog: ClusterCatalog, names: Itera
 
 async def stream(request: web.Request, fmt: TextFormat, selection: Selection, view: ProcessView,
                  catalog: ClusterCatalog, headers: Mapping[str, str],
-                 reference: Callable[[], str]) -> web.StreamResponse:
-    """Answer with the stats streamed in slices; `reference` renders all at once where slicing can't keep order."""
+                 reference: Callable[[], str],
+                 trailer: Callable[[], Awaitable[bytes]] | None = None) -> web.StreamResponse:
+    """Answer with the stats streamed in slices; `reference` renders all at once where slicing can't keep order.
+
+    `trailer` adds bytes after the stats (the metrics listener's merged app metrics)."""
     if needs_reference_order(fmt, catalog, cluster_order(catalog, view.stats.clusters)):
-        return web.Response(text=reference(), content_type=fmt.content_type, charset=fmt.charset)
+        body = reference().encode() + (await trailer() if trailer is not None else b"")
+        return web.Response(body=body, content_type=fmt.content_type, charset=fmt.charset)
     response = web.StreamResponse(headers=headers)
     response.content_type = fmt.content_type
     response.charset = fmt.charset
     await response.prepare(request)
     await write_stats(fmt, selection, view, catalog, Pacer(response))
+    if trailer is not None:
+        await response.write(await trailer())
     await response.write_eof()
     return response

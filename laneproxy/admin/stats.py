@@ -102,7 +102,8 @@ async def _answer(request: web.Request, output: str) -> web.StreamResponse:
     return await answer_stats(request, admin.proxy, admin.catalogs, output)
 
 
-async def answer_stats(request: web.Request, proxy: ProxyApp, catalogs, output: str) -> web.StreamResponse:
+async def answer_stats(request: web.Request, proxy: ProxyApp, catalogs, output: str,
+                       trailer=None) -> web.StreamResponse:
     """/stats in one format, streamed; shared by the admin API and the read-only metrics listener."""
     try:
         selection = Selection.from_query(request.query)
@@ -114,7 +115,7 @@ async def answer_stats(request: web.Request, proxy: ProxyApp, catalogs, output: 
     fmt = (JsonFormat(view.table.version) if output == "json" else PrometheusFormat(tag_style)
            if output == "prometheus" else TextFormat())
     return await stream(request, fmt, selection, view, catalog, envoy_headers(proxy.settings.server_name),
-                        lambda: reference_body(output, selection, view, catalog, tag_style))
+                        lambda: reference_body(output, selection, view, catalog, tag_style), trailer)
 
 
 async def stats_handler(request: web.Request) -> web.StreamResponse:

@@ -86,3 +86,33 @@ def test_with_workers_the_metrics_listener_adds_every_workers_istio_metrics_up(t
             assert {s.value for s in info} == {1.0}  # the same in every worker: not added up
         finally:
             process.stop()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_metrics_listener_merges_the_apps_own_metrics_after_the_proxys(tmp_path, workers):
+    from laneproxy.demo import free_port
+
+    app_text = b"# TYPE shop_orders_total counter\nshop_orders_total{kind=\"book\"} 7\n"
+
+    def app_metrics(request):
+        return b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: %d\r\n\r\n%s" % (len(app_text), app_text)
+
+    with UpstreamThread(respond=app_metrics) as app, UpstreamThread() as upstream:
+        endpoints = endpoints_file(tmp_path / "endpoints.yaml", {"default/mockb": {"base": [upstream.port]}})
+        metrics = free_port()
+        process = ProxyProcess(SWIMLANES, endpoints, outbound=True, extra=(
+            "--workers", str(workers), "--metrics", f"127.0.0.1:{metrics}",
+            "--app-metrics", f"http://127.0.0.1:{app.port}/metrics")).start(timeout=60)
+        try:
+            import urllib.request
+
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/stats/prometheus", timeout=10) as response:
+                body = response.read().decode()
+            families = {family.name: family for family in text_string_to_metric_families(body)}
+            assert families["shop_orders"].samples[0].value == 7  # the app's, unchanged
+            assert "envoy_server_live" in families
+            assert [r.request_line for r in app.received] == [b"GET /metrics HTTP/1.1"]
+            # The admin API's answer is the proxy's own: merging belongs to the metrics listener.
+            assert "shop_orders_total" not in process.admin("/stats/prometheus").decode()
+        finally:
+            process.stop()

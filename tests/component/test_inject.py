@@ -238,11 +238,25 @@ def test_a_pods_workload_is_named_after_its_controller_as_istio_names_it(meta, e
     assert env_of(container(inject_pod(pod, SETTINGS), SIDECAR_NAME))["LANEPROXY_WORKLOAD"] == expected
 
 
-def test_scrape_annotations_the_app_already_has_are_left_as_they_are():
+def test_the_apps_own_scrape_target_is_merged_into_the_sidecars_and_injecting_again_keeps_it():
     pod = seed_pod_spec()
     pod["metadata"]["annotations"] = {"prometheus.io/scrape": "true", "prometheus.io/port": "9102"}
-    annotations = inject_pod(pod, SETTINGS)["metadata"]["annotations"]
-    assert annotations["prometheus.io/port"] == "9102" and "prometheus.io/path" not in annotations
+    once = inject_pod(pod, SETTINGS)
+    annotations = once["metadata"]["annotations"]
+    assert (annotations["prometheus.io/port"], annotations["prometheus.io/path"]) == ("15020", "/stats/prometheus")
+    assert annotations["laneproxy.dev/app-metrics"] == "9102/metrics"
+    assert env_of(container(once, SIDECAR_NAME))["LANEPROXY_APP_METRICS"] == "http://127.0.0.1:9102/metrics"
+    assert inject_pod(once, SETTINGS) == once
+
+
+@pytest.mark.parametrize("annotations", [{"prometheus.io/scrape": "false"},
+                                         {"prometheus.io/scrape": "true", "prometheus.io/port": "http-metrics"}])
+def test_a_pod_that_asks_not_to_be_scraped_or_names_its_port_keeps_its_annotations(annotations):
+    pod = seed_pod_spec()
+    pod["metadata"]["annotations"] = dict(annotations)
+    injected = inject_pod(pod, SETTINGS)
+    assert {k: v for k, v in injected["metadata"]["annotations"].items() if k != INJECTED_ANNOTATION} == annotations
+    assert "LANEPROXY_APP_METRICS" not in env_of(container(injected, SIDECAR_NAME))
 
 
 def test_the_seed_overlays_apps_render_and_inject_with_the_metrics_port_and_annotations():
