@@ -25,6 +25,7 @@ from laneproxy.core.errors import (
     UpstreamTimeoutError,
 )
 from laneproxy.dataplane import codec
+from laneproxy.dataplane.route_trail import TRAIL_HOPS
 
 if TYPE_CHECKING:
     from laneproxy.dataplane.downstream import DownstreamConnection
@@ -380,7 +381,7 @@ class Exchange:
         for name, value in headers:
             if name == h.X_LANEPROXY_PEER:
                 self.peer = value
-            elif name == h.X_LANEPROXY_ROUTE and value and self.trail is not None and len(self.trail) < 32:
+            elif name == h.X_LANEPROXY_ROUTE and value and self.trail is not None and len(self.trail) < TRAIL_HOPS:
                 self.trail.append(value.decode("latin-1"))
 
     def on_response_body(self, data: bytes) -> None:

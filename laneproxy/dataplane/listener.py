@@ -2,9 +2,11 @@
 
 Owns what differs between the three: how a request's lane is decided, which endpoint it goes to,
 and which headers change on the way (Envoy's policy, in header_policy, applied around routing by
-Role.prepare). It also counts what Envoy counts when an exchange ends (per listener and per host)
-and then hands the exchange to its observers (access log, tracing). Everything else (framing,
-pooling, timeouts) is the exchange's, shared by all roles. The route table is read once per request.
+Role.prepare), and the mesh's own per-hop headers (the peer identity Istio's metrics need, the
+opt-in route trail). It also counts what Envoy counts when an exchange ends (per listener and per
+host) and then hands the exchange to its observers (access log, tracing, Istio's metrics).
+Everything else (framing, pooling, timeouts) is the exchange's, shared by all roles. The route
+table is read once per request.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from laneproxy.dataplane.downstream import DownstreamConnection
 from laneproxy.dataplane.exchange import RetryPolicy
 from laneproxy.dataplane.header_policy import RequestHeaderPolicy, response_headers
 from laneproxy.dataplane.health import EndpointSelector
-from laneproxy.dataplane.route_trail import RouteTrails, hop
+from laneproxy.dataplane.route_trail import TRAIL_HOPS, RouteTrails, hop
 
 if TYPE_CHECKING:
     from laneproxy.core.store import RouteTableStore
@@ -136,7 +138,8 @@ class Role:
         key = self.trace_value(exchange, table)
         trail = trails.get(key) if key is not None else None
         if trail is not None:
-            trail.append(hop(target.route))
+            if len(trail) < TRAIL_HOPS:
+                trail.append(hop(target.route))
             exchange.trail = trail
             target.overrides[h.X_LANEPROXY_ROUTE] = b"1"
 

@@ -7,8 +7,8 @@ its outbound listener adds a hop for each call the app makes in that trace and t
 sidecar answers with; the inbound listener answers with the whole trail and forgets it. Applications
 forward only the trace header, so the trail follows the trace, as the lane does, inside one process.
 
-Bounded: at most TRAIL_LIMIT open trails per process (the oldest is dropped), and what a response
-header can carry is capped by the exchange. Never on unless configured; never keyed by anything but
+Bounded: at most TRAIL_LIMIT open trails per process (the oldest is dropped) and TRAIL_HOPS hops
+in one trail. Never on unless configured; never keyed by anything but
 the trace id the mesh already keeps.
 """
 
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from laneproxy.core.model import Route
 
 TRAIL_LIMIT = 1024
+TRAIL_HOPS = 32  # hops one trail keeps: what a response header can reasonably carry
 
 
 def hop(route: Route) -> str:
