@@ -118,6 +118,14 @@ def _checked_env(name: str, default: str | None, check) -> str | None:
     return text
 
 
+def _promql_duration(text: str) -> str:
+    import re
+
+    if not re.fullmatch(r"(\d+(ms|s|m|h|d|w|y))+", text):
+        raise argparse.ArgumentTypeError(f"expected a PromQL duration such as 5m or 90s, got {text!r}")
+    return text
+
+
 def _http_url(text: str) -> str:
     if not text.startswith("http://") or len(text) <= len("http://"):
         raise argparse.ArgumentTypeError(f"expected an http:// URL, got {text!r}")
@@ -340,12 +348,13 @@ def build_parser() -> argparse.ArgumentParser:
     verdict = commands.add_parser("verdict", help="ask Prometheus whether a lane is healthy against its baseline: "
                                                   "pass (exit 0), fail (1) or inconclusive (3)")
     verdict.add_argument("--prometheus", required=True, metavar="URL", help="Prometheus base URL (http://host:9090)")
-    verdict.add_argument("--group", required=True, help="the ASMSwimLaneGroup the lane belongs to")
-    verdict.add_argument("--lane", required=True, help="the lane under analysis (the canary)")
+    verdict.add_argument("--group", help="the ASMSwimLaneGroup the lane belongs to (required without --serve)")
+    verdict.add_argument("--lane", help="the lane under analysis, the canary (required without --serve)")
     verdict.add_argument("--baseline", help="the lane to compare with (default: the group's fallback target, "
                                             "as laneproxy_lane_info reports it)")
     verdict.add_argument("--namespace", help="only workloads in this namespace (destination_workload_namespace)")
-    verdict.add_argument("--window", default="5m", help="PromQL range of the analysis (default 5m)")
+    verdict.add_argument("--window", type=_promql_duration, default="5m",
+                         help="PromQL range of the analysis (default 5m)")
     verdict.add_argument("--min-requests", type=_positive_int, default=20,
                          help="fewer requests than this in the window is inconclusive, never a pass (default 20)")
     verdict.add_argument("--min-success-rate", type=_percent, default=99.0,
@@ -359,6 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "(default: reported, not judged)")
     verdict.add_argument("--timeout", type=_positive_seconds, default=10.0, help="seconds per Prometheus query")
     verdict.add_argument("--output", choices=["text", "json"], default="text")
+    verdict.add_argument("--serve", type=_address, metavar="[HOST:]PORT",
+                         help="answer GET /verdict?group=G&lane=L over HTTP as JSON instead (for an Argo Rollouts "
+                              "`web` metric); the other options are the defaults of each request")
 
     probe = commands.add_parser("probe", help="exit 0 if the URL (an admin /ready) answers 200: a readiness probe")
     probe.add_argument("url", nargs="?", default="http://127.0.0.1:15000/ready")
@@ -598,11 +610,23 @@ def _probe(args: argparse.Namespace) -> int:
 def _verdict(args: argparse.Namespace) -> int:
     from laneproxy.verdict import PrometheusQueryError, Thresholds, VerdictRequest, decide, render_text
 
-    request = VerdictRequest(prometheus=args.prometheus, group=args.group, lane=args.lane, baseline=args.baseline,
-                             namespace=args.namespace, window=args.window, timeout=args.timeout)
+    if args.serve is None and not (args.group and args.lane):
+        print("laneproxy verdict: --group and --lane are required (or --serve)", file=sys.stderr)
+        return 2
+    request = VerdictRequest(prometheus=args.prometheus, group=args.group or "", lane=args.lane or "",
+                             baseline=args.baseline, namespace=args.namespace, window=args.window,
+                             timeout=args.timeout)
     thresholds = Thresholds(min_requests=args.min_requests, min_success_rate=args.min_success_rate,
                             max_success_drop=args.max_success_drop, max_p99_ms=args.max_p99_ms,
                             max_fallback_share=args.max_fallback_share)
+    if args.serve is not None:
+        import uvloop
+
+        from laneproxy.standalone import serve_until_signalled
+        from laneproxy.verdict import build_verdict_app
+
+        uvloop.run(serve_until_signalled(build_verdict_app(request, thresholds), args.serve.host, args.serve.port))
+        return 0
     try:
         verdict = decide(request, thresholds)
     except PrometheusQueryError as exc:

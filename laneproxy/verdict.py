@@ -15,6 +15,9 @@ increments (a series appears already counted), and a canary's series are young b
 restart inside the window (a counter reset) counts that series from its restart only. Every query of
 one verdict is evaluated at the same instant, so their numbers agree with each other.
 
+`--serve [HOST:]PORT` answers the same verdict over HTTP (`GET /verdict?group=G&lane=L`), as JSON,
+for an Argo Rollouts `web` metric.
+
 Too little traffic is its own answer, inconclusive, never a pass. Exit codes: 0 pass, 1 fail,
 3 inconclusive; 2 is a usage error or a Prometheus that cannot be asked (cli.py). Thresholds are
 parameters; nothing here reads the environment. Queries go through Prometheus' HTTP API with the
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 import urllib.error
 import urllib.parse
@@ -34,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 from laneproxy.core.errors import LaneProxyError
 
 PASS, FAIL, INCONCLUSIVE = "pass", "fail", "inconclusive"
+_WINDOW = re.compile(r"(\d+(ms|s|m|h|d|w|y))+")  # a PromQL duration: the only window a query may carry
 EXIT_CODES = {PASS: 0, FAIL: 1, INCONCLUSIVE: 3}
 
 
@@ -238,3 +243,41 @@ def render_text(verdict: Verdict) -> str:
     for check in verdict.checks:
         lines.append(f"  [{'ok' if check.passed else 'FAIL'}] {check.name}: {check.detail}")
     return "\n".join(lines)
+
+
+# The verdict over HTTP, for an Argo Rollouts `web` metric ----------------------------------------------------
+
+
+def build_verdict_app(defaults: VerdictRequest, thresholds: Thresholds):
+    """GET /verdict?group=G&lane=L[&baseline=B&namespace=N&window=W]: the verdict as JSON.
+
+    Always 200 with the verdict when Prometheus answered (the caller reads `result`: an Argo `web`
+    metric's `successCondition: result == "pass"`), 400 for a request without group or lane, 502 when
+    Prometheus could not be asked. Queries run in a thread: the standard library's HTTP client blocks.
+    """
+    import asyncio
+    from dataclasses import replace
+
+    from aiohttp import web
+
+    async def verdict(request: web.Request) -> web.Response:
+        query = request.query
+        asked = replace(defaults, group=query.get("group", defaults.group), lane=query.get("lane", defaults.lane),
+                        baseline=query.get("baseline", defaults.baseline),
+                        namespace=query.get("namespace", defaults.namespace),
+                        window=query.get("window", defaults.window))
+        if not asked.group or not asked.lane:
+            return web.json_response({"error": "group and lane are required"}, status=400)
+        if not _WINDOW.fullmatch(asked.window):
+            return web.json_response({"error": f"window must be a PromQL duration, got {asked.window!r}"}, status=400)
+        try:
+            answer = await asyncio.to_thread(decide, asked, thresholds)
+        except PrometheusQueryError as exc:
+            return web.json_response({"error": str(exc)}, status=502)
+        return web.json_response(answer.as_dict())
+
+    app = web.Application()
+    app.router.add_get("/verdict", verdict)
+    return app
+
+

@@ -25,7 +25,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from laneproxy.demo import DemoCluster
+from laneproxy.demo import DemoCluster, free_port
 from laneproxy.observability.istio import ISTIO_LABELS, LANE_LABELS
 from tests.component.promrig import SCRAPE_INTERVAL, PrometheusServer, prometheus_binary
 
@@ -342,3 +342,25 @@ def test_verdict_is_inconclusive_without_traffic_and_passes_a_healthy_canary():
                                "--group", "rollout", "--lane", "canary", "--max-p99-ms", "5000"],
                               capture_output=True, text=True, timeout=60)
         assert text.returncode == 0 and text.stdout.startswith("PASS: lane canary of group rollout")
+        # The same verdict over HTTP, as an Argo Rollouts `web` metric asks for it.
+        port = free_port()
+        server = subprocess.Popen([sys.executable, "-m", "laneproxy", "verdict", "--prometheus", prometheus.url,
+                                   "--serve", f"127.0.0.1:{port}", "--max-p99-ms", "5000"])
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/verdict?group=rollout&lane=canary",
+                                                timeout=30) as response:
+                        served = json.loads(response.read())
+                    break
+                except urllib.error.URLError:
+                    assert time.monotonic() < deadline and server.poll() is None
+                    time.sleep(0.1)
+            assert (served["result"], served["lane"]["requests"]) == ("pass", 40)
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/verdict?group=rollout", timeout=30)
+            assert refused.value.code == 400
+        finally:
+            server.terminate()
+            server.wait(timeout=15)

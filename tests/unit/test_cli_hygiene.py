@@ -41,6 +41,9 @@ def test_version_prints_the_package_version():
     (["crds"], {"LANEPROXY_LOG_LEVEL": "loud"}, "LANEPROXY_LOG_LEVEL"),
     (["verdict", "--prometheus", "http://127.0.0.1:1", "--group", "g", "--lane", "l", "--min-success-rate", "101"],
      {}, "--min-success-rate"),
+    (["verdict", "--prometheus", "http://127.0.0.1:1", "--group", "g", "--lane", "l", "--window", "5m) or vector(1"],
+     {}, "--window"),
+    (["verdict", "--prometheus", "http://127.0.0.1:1", "--group", "g"], {}, "--lane"),
 ])
 def test_a_bad_flag_or_environment_value_is_a_message_and_exit_2_never_a_traceback(args, env, message):
     result = laneproxy(*args, env=env)
