@@ -204,6 +204,9 @@ def measured(failing_canary):
     send_direct(mockb.inbound_port, 2)
     warm = sum(total(scrape(p.metrics_port), "istio_requests_total", reporter="destination") for p in cluster.pods)
     prometheus.wait_for('sum(istio_requests_total{reporter="destination"})', warm)
+    # The window starts after every target's warm-up samples (so nothing of the warm-up is in it) and at
+    # least two scrapes before the measured phase (so every series has samples in it before that phase).
+    time.sleep(3 * SCRAPE_INTERVAL)
     start = time.time()
     prometheus.wait_scraped()
     before = scrape(mocka_v2.metrics_port)
@@ -216,7 +219,7 @@ def measured(failing_canary):
     # A window of 10 s or more keeps the extrapolation bound (2.2 scrape intervals in the window) tight.
     time.sleep(max(0.0, start + 10.5 - time.time()))
     end = time.time()
-    window = int(end - start)
+    window = math.ceil(end - start)  # starts at most a second before `start`: still after the warm-up
     assert base == [200] * 30
     assert canary.count(500) == 3 and canary.count(200) == 27  # requests 20, 30 and 40 of mocka v2
     return {"end": end, "window": window, "before": before, "after": after}
