@@ -125,6 +125,17 @@ class PeerCache:
         workload = self._known[value] = parse_peer(value) or UNKNOWN_WORKLOAD
         return workload
 
+    def labelled(self, app: str, version: str) -> Workload:
+        """An endpoint known only by its pod's app and version labels, interned like a peer."""
+        key = b"endpoint;" + f"{app};{version}".encode()
+        known = self._known.get(key)
+        if known is None:
+            if len(self._known) >= self.limit:
+                self.overflow += 1
+                return UNKNOWN_WORKLOAD
+            known = self._known[key] = Workload(UNKNOWN, UNKNOWN, app, version)
+        return known
+
 
 class RequestSeries:
     """The numbers of one label set: a count and Istio's three histograms."""
@@ -275,13 +286,4 @@ def _endpoint_workload(labels, peers: PeerCache) -> Workload:
     app = labels.get("app")
     if app is None:
         return UNKNOWN_WORKLOAD
-    version = labels.get("version", UNKNOWN)
-    key = b"endpoint;" + f"{app};{version}".encode()  # interned like a peer, so the series key stays small
-    known = peers._known.get(key)
-    if known is None:
-        if len(peers._known) >= peers.limit:
-            return UNKNOWN_WORKLOAD
-        known = peers._known[key] = Workload(UNKNOWN, UNKNOWN, app, version)
-    return known
-
-
+    return peers.labelled(app, labels.get("version", UNKNOWN))

@@ -177,3 +177,15 @@ def test_the_exposition_parses_with_prometheus_clients_parser_and_keeps_istios_b
 def test_istio_tag_names_replace_envoys_defaults_and_leave_other_tags(tags, renamed):
     record = StatRecord("cluster.x.upstream_rq_200", StatKind.COUNTER, 1, True, "envoy_cluster_upstream_rq", tags)
     assert with_istio_tags(record).tags == renamed
+
+
+def test_without_a_peer_header_the_destination_is_what_the_endpoints_pod_labels_say():
+    metrics = IstioMetrics()
+    labelled = Route("default/mockb", "canary", "canary", "outbound|8000|canary|mockb",
+                     (Endpoint("10.0.0.9", 8000, {"app": "mockb", "version": "v2", "ASM_TRAFFIC_TAG": "canary"}),))
+    IstioRecorder(metrics, "source", ME, None, store()).record(exchange(route=labelled))
+    (series,) = metrics.series.values()
+    labels = dict(series.labels)
+    assert (labels["destination_app"], labels["destination_version"], labels["destination_canonical_revision"]) == \
+        ("mockb", "v2", "v2")
+    assert labels["destination_workload"] == "unknown"
