@@ -94,9 +94,21 @@ class DemoCluster:
         self.proxy_args = proxy_args
         self.app_env = app_env or {}
         self.pods = [Pod(*spec) for spec in TOPOLOGY]
+        self._distinct_ports()
         self.log_level = log_level
         self.own_apps = own_apps
         self.processes: list[subprocess.Popen] = []
+
+    def _distinct_ports(self) -> None:
+        """Draw again any port picked twice: free_port releases each port, so two picks can coincide."""
+        seen = {self.gateway_port}
+        owners = [(self, "gateway_admin_port"), (self, "gateway_metrics_port")]
+        owners += [(pod, name) for pod in self.pods
+                   for name in ("app_port", "inbound_port", "outbound_port", "admin_port", "metrics_port")]
+        for owner, name in owners:
+            while getattr(owner, name) in seen:
+                setattr(owner, name, free_port())
+            seen.add(getattr(owner, name))
 
     @property
     def gateway_url(self) -> str:

@@ -7,8 +7,9 @@ with the window placed after the warm-up so every series has samples at both end
 
 What "the right numbers" means for a rate: Prometheus extrapolates a window's increase to its edges
 by at most ~1.1 scrape intervals on each side, so `rate * window` lies between the exact count and
-count * window / (window - 2.2 * interval). Ratios of series from one target (Flagger's queries) share
-one extrapolation factor and are exact. `laneproxy verdict` is then asked about a failing canary
+count * window / (window - 2.2 * interval) (Kiali's queries). Flagger's queries, on one workload's
+sidecar, run over a range that starts and ends on two of its scrapes, where nothing is extrapolated:
+their ratios and quantiles are exact. `laneproxy verdict` is then asked about a failing canary
 (fail), and, on a second chain, a canary before any traffic (inconclusive) and a healthy one (pass).
 """
 
@@ -27,6 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from laneproxy.demo import DemoCluster, free_port
 from laneproxy.observability.istio import ISTIO_LABELS, LANE_LABELS
+from tests.component.conftest import started_demo
 from tests.component.promrig import SCRAPE_INTERVAL, PrometheusServer, prometheus_binary
 
 pytestmark = pytest.mark.skipif(prometheus_binary() is None, reason="needs Debian's prometheus package")
@@ -188,7 +190,7 @@ def pod(cluster: DemoCluster, app: str, version: str):
 @pytest.fixture(scope="module")
 def failing_canary():
     """The demo chain whose canary mocka v2 answers 500 to every 10th request, scraped by Prometheus."""
-    with DemoCluster(metrics=True, app_env={("mocka", "v2"): {"fail_share": "0.1"}}) as cluster, \
+    with started_demo(metrics=True, app_env={("mocka", "v2"): {"fail_share": "0.1"}}) as cluster, \
             PrometheusServer(targets(cluster)) as prometheus:
         yield cluster, prometheus
 
@@ -210,6 +212,7 @@ def measured(failing_canary):
     start = time.time()
     prometheus.wait_scraped()
     before = scrape(mocka_v2.metrics_port)
+    phase = time.time()
     base, canary = send(cluster, "base", 30, "m"), send(cluster, "canary", 30, "m")
     send_direct(mockb.inbound_port, 5)
     after = scrape(mocka_v2.metrics_port)
@@ -222,7 +225,7 @@ def measured(failing_canary):
     window = math.ceil(end - start)  # starts at most a second before `start`: still after the warm-up
     assert base == [200] * 30
     assert canary.count(500) == 3 and canary.count(200) == 27  # requests 20, 30 and 40 of mocka v2
-    return {"end": end, "window": window, "before": before, "after": after}
+    return {"end": end, "window": window, "before": before, "after": after, "phase": phase}
 
 
 def test_istio_metrics_carry_istios_label_set_and_parse_with_prometheus_client(failing_canary, measured):
@@ -237,12 +240,25 @@ def test_istio_metrics_carry_istios_label_set_and_parse_with_prometheus_client(f
             assert families[name].type == "histogram"
 
 
+def aligned_window(prometheus: PrometheusServer, workload: str, measured: dict) -> tuple[float, str]:
+    """(evaluation time, range) that start and end exactly on two of the workload's sidecar's scrapes, one
+    before the measured phase and its last one: Prometheus then extrapolates nothing, and a rate over the
+    range is the phase's exact count divided by the range (its extrapolation differs per series otherwise,
+    by how close each one's start value is to zero)."""
+    series = prometheus.query(f'istio_requests_total{{reporter="destination",destination_workload="{workload}"}}'
+                              f"[{measured['window'] + 5}s]", at=measured["end"])
+    stamps = sorted({float(t) for s in series for t, _ in s["values"]})
+    first = max(t for t in stamps if t < measured["phase"] - 0.2)  # read before any request of the phase
+    last = stamps[-1]
+    return last, f"{round((last - first) * 1000)}ms"
+
+
 def test_flagger_request_success_rate_is_exact_for_base_and_canary(failing_canary, measured):
     _, prometheus = failing_canary
-    interval = f"{measured['window']}s"
     for target, expected in (("mocka-v2", 27 / 30 * 100), ("mocka-v1", 100.0)):
+        at, interval = aligned_window(prometheus, target, measured)
         query = render(FLAGGER_SUCCESS_RATE, namespace=NAMESPACE, target=target, interval=interval)
-        assert prometheus.value(query, at=measured["end"]) == pytest.approx(expected, abs=1e-9)
+        assert prometheus.value(query, at=at) == pytest.approx(expected, abs=1e-9)
 
 
 def test_flagger_request_duration_is_the_p99_of_the_canarys_own_histogram(failing_canary, measured):
@@ -250,8 +266,9 @@ def test_flagger_request_duration_is_the_p99_of_the_canarys_own_histogram(failin
     delta = {bound: count - buckets(measured["before"], reporter="destination").get(bound, 0.0)
              for bound, count in buckets(measured["after"], reporter="destination").items()}
     assert delta[math.inf] == 30
-    query = render(FLAGGER_DURATION, namespace=NAMESPACE, target="mocka-v2", interval=f"{measured['window']}s")
-    assert prometheus.value(query, at=measured["end"]) == pytest.approx(histogram_quantile(0.99, delta), rel=1e-9)
+    at, interval = aligned_window(prometheus, "mocka-v2", measured)
+    query = render(FLAGGER_DURATION, namespace=NAMESPACE, target="mocka-v2", interval=interval)
+    assert prometheus.value(query, at=at) == pytest.approx(histogram_quantile(0.99, delta), rel=1e-9)
 
 
 def test_argo_success_rate_is_what_the_gateways_last_two_samples_say(failing_canary, measured):
@@ -328,7 +345,7 @@ def test_verdict_fails_a_canary_answering_ten_percent_5xx(failing_canary, measur
 
 
 def test_verdict_is_inconclusive_without_traffic_and_passes_a_healthy_canary():
-    with DemoCluster(metrics=True) as cluster, PrometheusServer(targets(cluster)) as prometheus:
+    with started_demo(metrics=True) as cluster, PrometheusServer(targets(cluster)) as prometheus:
         prometheus.wait_for("count(laneproxy_lane_info)", 2 * (1 + len(cluster.pods)))
         code, answer = verdict(prometheus)
         assert (code, answer["result"]) == (3, "inconclusive")

@@ -8,14 +8,14 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from laneproxy.demo import DemoCluster
+from conftest import started_demo
 
 TOKEN = "let-me-see"
 
 
 @pytest.fixture(scope="module")
 def traced_cluster():
-    with DemoCluster(metrics=True, proxy_args=("--route-debug-token", TOKEN)) as cluster:
+    with started_demo(metrics=True, proxy_args=("--route-debug-token", TOKEN)) as cluster:
         yield cluster
 
 
