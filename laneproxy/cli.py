@@ -444,7 +444,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.workers > 1:
         from laneproxy.workers import supervise
 
-        return supervise(settings_from_args(args), args.workers, args.log_level)
+        return supervise(settings_from_args(args), args.workers, args.log_level, args.log_format)
 
     from laneproxy.app import StartupError, serve
 

@@ -222,14 +222,20 @@ class WorkerSpec:
     supervisor_pid: int
     settings: ProxySettings
     log_level: str
+    log_format: str = "text"  # text | json (--log-format)
 
 
 def worker_main(spec: WorkerSpec, channel: Connection) -> None:
     """The entry point of a spawned worker: run one ProxyApp with shared ports until told to stop."""
     import uvloop
 
-    logging.basicConfig(level=spec.log_level.upper(),
-                        format=f"%(asctime)s %(levelname)s %(name)s[w{spec.index}]: %(message)s")
+    if spec.log_format == "json":
+        from laneproxy.observability.logs import json_handler
+
+        logging.basicConfig(level=spec.log_level.upper(), handlers=[json_handler()])
+    else:
+        logging.basicConfig(level=spec.log_level.upper(),
+                            format=f"%(asctime)s %(levelname)s %(name)s[w{spec.index}]: %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the supervisor decides
     try:
         import resource
@@ -326,12 +332,13 @@ class Worker:
 
 
 class Supervisor:
-    def __init__(self, settings: ProxySettings, count: int, log_level: str) -> None:
+    def __init__(self, settings: ProxySettings, count: int, log_level: str, log_format: str = "text") -> None:
         self.settings = settings
         self.count = count
         self.log_level = log_level
         self.context = multiprocessing.get_context("spawn")
-        self.workers = [Worker(WorkerSpec(i, count, os.getpid(), settings, log_level)) for i in range(count)]
+        self.workers = [Worker(WorkerSpec(i, count, os.getpid(), settings, log_level, log_format))
+                        for i in range(count)]
         self.stopping = False
         self.failure: str | None = None
         self.admin_runner = None
@@ -609,7 +616,7 @@ class Supervisor:
             worker.process = None
 
 
-def supervise(settings: ProxySettings, count: int, log_level: str = "info") -> int:
+def supervise(settings: ProxySettings, count: int, log_level: str = "info", log_format: str = "text") -> int:
     """Run `count` workers until SIGTERM/SIGINT; the exit code of `laneproxy run --workers N`."""
     import uvloop
 
@@ -619,7 +626,7 @@ def supervise(settings: ProxySettings, count: int, log_level: str = "info") -> i
         print(f"laneproxy: {exc.strerror or exc}", file=sys.stderr)
         return 2
     try:
-        return uvloop.run(Supervisor(settings, count, log_level).run())
+        return uvloop.run(Supervisor(settings, count, log_level, log_format).run())
     finally:
         for sock in held:
             sock.close()

@@ -116,3 +116,17 @@ def test_the_metrics_listener_merges_the_apps_own_metrics_after_the_proxys(tmp_p
             assert "shop_orders_total" not in process.admin("/stats/prometheus").decode()
         finally:
             process.stop()
+
+
+def test_json_logs_come_from_the_supervisor_and_every_worker(tmp_path):
+    import json
+
+    with UpstreamThread() as upstream:
+        endpoints = endpoints_file(tmp_path / "endpoints.yaml", {"default/mockb": {"base": [upstream.port]}})
+        process = ProxyProcess(SWIMLANES, endpoints, outbound=True, extra=(
+            "--workers", "2", "--log-level", "info", "--log-format", "json")).start(timeout=60)
+        process.stop()
+    lines = [line for line in process.process.stderr.read().decode().splitlines() if line.strip()]
+    entries = [json.loads(line) for line in lines]  # every line is one JSON object
+    assert {"time", "level", "logger", "message"} <= set(entries[0])
+    assert sum("outbound listener on" in entry["message"] for entry in entries) == 2  # one per worker
