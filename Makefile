@@ -69,6 +69,13 @@ bench: bench-deps
 # The suite runs the benchmark's smoke variant (tests/component/test_bench_smoke.py): it needs the same tools.
 test: bench-deps
 
+# The canary-analysis tests run a real Prometheus (Debian's package), installed when missing.
+.PHONY: prometheus-deps
+prometheus-deps:
+	tests/component/install_prometheus.sh
+
+test: prometheus-deps
+
 # The container image (podman, or TOOL=docker), built without network inside the build: tests/image/build_image.sh.
 .PHONY: image
 image: $(STAMP)

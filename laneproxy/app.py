@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import signal
 import time
@@ -23,7 +24,9 @@ from laneproxy.core.balance import RandomPicker
 from laneproxy.dataplane.health import EndpointSelector, OutlierDetector
 from laneproxy.dataplane.listener import GatewayRole, InboundRole, Listener, OutboundRole
 from laneproxy.dataplane.upstream import UpstreamPools
+from laneproxy.dataplane.route_trail import RouteTrails
 from laneproxy.observability.access_log import AccessLog
+from laneproxy.observability.istio import IstioMetrics, IstioRecorder, Workload
 from laneproxy.observability.stats import ProxyStats
 from laneproxy.observability.tracing import Tracing, TracingSetupError
 from laneproxy.settings import ProxySettings
@@ -41,6 +44,8 @@ class ProxyApp:
         self.reuse_port = reuse_port  # a worker of `--workers N`: listeners share their ports (SO_REUSEPORT)
         self.store = RouteTableStore()
         self.stats = ProxyStats()
+        self.istio = IstioMetrics()
+        self.workload = Workload.from_settings(settings.workload)
         self.traces = TraceLaneTable(settings.trace_table_capacity, settings.trace_table_ttl, time.monotonic,
                                      max_bytes=settings.trace_table_bytes)
         self.listeners: list[Listener] = []
@@ -52,6 +57,7 @@ class ProxyApp:
         self.started_at = time.time()
         self.access_log: AccessLog | None = None
         self.tracing: Tracing | None = None
+        self.metrics_server = None
         self._stopped = asyncio.Event()
 
     @property
@@ -108,8 +114,10 @@ class ProxyApp:
             roles.append(("outbound", settings.outbound, OutboundRole(self.stats, selector, self.traces, settings.own_lane)))
         if not roles:
             raise StartupError("no listener: give at least one of --gateway, --inbound, --outbound")
+        trails = RouteTrails() if settings.observability.route_debug_token else None
         for name, address, role in roles:
             listener = Listener(name, role, store=self.store, pools=pools, stats=self.stats, settings=settings, loop=loop)
+            self._wire_mesh_observability(listener, trails)
             if self.access_log is not None:
                 listener.exchange_observers.append(self.access_log.record)
             if self.tracing is not None:
@@ -127,13 +135,45 @@ class ProxyApp:
             except OSError as exc:
                 raise StartupError(f"admin on {settings.admin}: {exc.strerror or exc}") from exc
             log.info("admin on %s:%d", settings.admin.host, self.bound["admin"])
+        metrics = settings.observability.metrics
+        if metrics is not None:
+            from laneproxy.admin.metrics import MetricsServer
+
+            self.metrics_server = MetricsServer(self)
+            try:
+                self.bound["metrics"] = await self.metrics_server.start(metrics.host, metrics.port)
+            except OSError as exc:
+                raise StartupError(f"metrics on {metrics}: {exc.strerror or exc}") from exc
+            log.info("metrics (Prometheus) on %s:%d", metrics.host, self.bound["metrics"])
+
+    def _wire_mesh_observability(self, listener: Listener, trails: RouteTrails | None) -> None:
+        """Istio's metrics and peer exchange, and the route trail, for one listener (as settings ask)."""
+        wanted = self.settings.observability
+        role = listener.role
+        inbound = role.name == "inbound"
+        if wanted.istio_metrics:
+            recorder = IstioRecorder(self.istio, "destination" if inbound else "source", self.workload,
+                                     self.settings.own_lane, self.store)
+            listener.exchange_observers.append(recorder.record)
+            # A proxy that does not know its workload has nothing to tell its peers: it sends no header,
+            # so the next proxy sees exactly what an Envoy without Istio's metadata exchange would send.
+            known = self.workload.name != "unknown"
+            if inbound:
+                listener.response_peer = self.workload.header if known else None
+            else:
+                role.peer_header = self.workload.header if known else None
+                listener.reads_peer = True
+        if wanted.route_debug_token:
+            role.trails = trails
+            if role.name == "gateway":
+                role.debug_token = wanted.route_debug_token.encode()  # type: ignore[attr-defined]
 
     def _start_observability(self, loop: asyncio.AbstractEventLoop) -> None:
         wanted = self.settings.observability
         try:
             if wanted.access_log:
                 self.access_log = AccessLog.open(wanted.access_log, loop, log_format=wanted.access_log_format)
-            self.tracing = Tracing.create(wanted.tracing, service_name="laneproxy",
+            self.tracing = Tracing.create(wanted.tracing, service_name=tracing_service_name(self.settings),
                                           context_capacity=self.settings.trace_table_capacity,
                                           context_ttl=self.settings.trace_table_ttl)
         except (OSError, ValueError, TracingSetupError) as exc:
@@ -174,12 +214,26 @@ class ProxyApp:
             await self.source.stop()
         if self.admin is not None:
             await self.admin.stop()
+        if self.metrics_server is not None:
+            await self.metrics_server.stop()
         if hasattr(self, "pools"):
             self.pools.close()
         if self.access_log is not None:
             self.access_log.close()
         if self.tracing is not None:
             self.tracing.shutdown()
+
+
+def tracing_service_name(settings: ProxySettings) -> str:
+    """OTEL_SERVICE_NAME when set; else the workload's canonical service and namespace, as Istio names spans."""
+    configured = os.environ.get("OTEL_SERVICE_NAME")
+    if configured:
+        return configured
+    workload = settings.workload
+    service = workload.canonical_service or (workload.app if workload.app != "unknown" else workload.name)
+    if service == "unknown":
+        return "laneproxy"
+    return f"{service}.{workload.namespace}" if workload.namespace != "unknown" else service
 
 
 async def serve(settings: ProxySettings) -> None:

@@ -1,8 +1,10 @@
 """argv and the environment -> settings -> the chosen command (run, validate, crds, mock, demo, inject, webhook,
-capture, probe).
+capture, probe, verdict).
 
-Owns option names, their environment variables and help texts. Installs uvloop here, at run time,
-never at import.
+Owns option names, their environment variables and help texts, and that a bad value (on the command
+line or in a LANEPROXY_* variable) is a one-line message and exit status 2, never a traceback: every
+number and address is converted by an argparse type, and a variable's value goes through the same
+type as the flag it stands for. Installs uvloop here, at run time, never at import.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from laneproxy.settings import (
     ProxySettings,
     RetrySettings,
     TimeoutSettings,
+    WorkloadSettings,
 )
 
 
@@ -28,19 +31,60 @@ def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(f"LANEPROXY_{name}", default)
 
 
-def _flag(text: str) -> bool:
+class EnvironmentValueError(ValueError):
+    """A LANEPROXY_* variable holds a value its option cannot take."""
+
+
+def _flag(text: str, name: str = "") -> bool:
     value = text.strip().lower()
     if value in ("1", "true", "yes", "on"):
         return True
     if value in ("", "0", "false", "no", "off"):
         return False
-    raise SystemExit(f"laneproxy: expected true or false in the environment, got {text!r}")
+    raise EnvironmentValueError(f"LANEPROXY_{name}: expected true or false, got {text!r}")
 
 
 def _positive_int(text: str) -> int:
+    text = text.strip()
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
     return int(text)
+
+
+def _count(text: str) -> int:
+    """A whole number, 0 or more."""
+    text = text.strip()
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number (0 or more), got {text!r}")
+    return int(text)
+
+
+def _seconds(text: str) -> float:
+    """A duration in seconds, 0 or more (0 turns a timeout off); nan and inf are not durations."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds (a number, 0 or more), got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected seconds (a number, 0 or more), got {text!r}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    value = _seconds(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected seconds greater than 0, got {text!r}")
+    return value
+
+
+def _percent(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a percentage from 0 to 100, got {text!r}") from None
+    if not 0 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"expected a percentage from 0 to 100, got {text!r}")
+    return value
 
 
 def _address(text: str) -> Address:
@@ -54,88 +98,197 @@ def _optional_address(text: str) -> Address | None:
     return None if text.lower() in ("", "none", "off") else _address(text)
 
 
+def _checked_env(name: str, default: str | None, check) -> str | None:
+    """LANEPROXY_<name>, validated now, whatever the command: a bad value is an error of the whole environment.
+
+    `check` is the option's argparse type, or its list of choices. The text is returned unconverted:
+    argparse converts a string default through the option's type itself.
+    """
+    text = _env(name, default)
+    if text is None:
+        return None
+    if isinstance(check, (list, tuple)):
+        if text not in check:
+            raise EnvironmentValueError(f"LANEPROXY_{name}: expected one of {', '.join(check)}, got {text!r}")
+        return text
+    try:
+        check(text)
+    except argparse.ArgumentTypeError as exc:
+        raise EnvironmentValueError(f"LANEPROXY_{name}: {exc}") from None
+    return text
+
+
+def _promql_duration(text: str) -> str:
+    import re
+
+    if not re.fullmatch(r"(\d+(ms|s|m|h|d|w|y))+", text):
+        raise argparse.ArgumentTypeError(f"expected a PromQL duration such as 5m or 90s, got {text!r}")
+    return text
+
+
+def _http_url(text: str) -> str:
+    if not text.startswith("http://") or len(text) <= len("http://"):
+        raise argparse.ArgumentTypeError(f"expected an http:// URL, got {text!r}")
+    return text
+
+
+def _version_text() -> str:
+    from importlib import metadata
+
+    try:
+        version = metadata.version("laneproxy")
+    except metadata.PackageNotFoundError:
+        from laneproxy import __version__ as version
+    return f"laneproxy {version}"
+
+
+LOG_LEVELS = ["debug", "info", "warning", "error"]
+LOG_FORMATS = ["text", "json"]
+
+
+def _logging_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """--log-level and --log-format, before or after the command (`laneproxy run --log-level debug`).
+
+    After the command they default to SUPPRESS, so a value given before the command is not overwritten.
+    """
+    level_default = _checked_env("LOG_LEVEL", "info", LOG_LEVELS) if top else argparse.SUPPRESS
+    format_default = _checked_env("LOG_FORMAT", "text", LOG_FORMATS) if top else argparse.SUPPRESS
+    parser.add_argument("--log-level", default=level_default, type=str.lower, choices=LOG_LEVELS,
+                        help="log threshold (env LANEPROXY_LOG_LEVEL)")
+    parser.add_argument("--log-format", default=format_default, type=str.lower, choices=LOG_FORMATS,
+                        help="text lines, or one JSON object per line (env LANEPROXY_LOG_FORMAT)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="laneproxy", description="A swimlane sidecar proxy for full-chain gray release.")
-    parser.add_argument("--log-level", default=_env("LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--version", action="version", version=_version_text())
+    _logging_options(parser, top=True)
     commands = parser.add_subparsers(dest="command", required=True)
+    add_parser = commands.add_parser
+
+    def command(name: str, **kwargs) -> argparse.ArgumentParser:
+        sub = add_parser(name, **kwargs)
+        _logging_options(sub, top=False)
+        return sub
+
+    commands.add_parser = command  # type: ignore[method-assign]
 
     run = commands.add_parser("run", help="run the proxy (gateway and/or sidecar listeners)")
     run.add_argument("--config", action="append", default=None, metavar="FILE",
                      help="swimlane manifests or endpoints file; repeatable (env LANEPROXY_CONFIG, comma-separated)")
-    run.add_argument("--source", choices=["files", "kubernetes"], default=_env("SOURCE", "files"),
+    run.add_argument("--source", choices=["files", "kubernetes"], default=_checked_env("SOURCE", "files", ["files", "kubernetes"]),
                      help="where lane membership comes from (env LANEPROXY_SOURCE)")
     run.add_argument("--kubeconfig", default=_env("KUBECONFIG") or os.environ.get("KUBECONFIG"),
                      help="kubeconfig for --source kubernetes; in-cluster credentials when absent")
-    run.add_argument("--gateway", type=_address, default=_optional_address(_env("GATEWAY", "none")),
+    run.add_argument("--gateway", type=_optional_address, default=_checked_env("GATEWAY", "none", _optional_address),
                      metavar="[HOST:]PORT", help="ingress gateway listener (env LANEPROXY_GATEWAY)")
-    run.add_argument("--inbound", type=_address, default=_optional_address(_env("INBOUND", "none")),
+    run.add_argument("--inbound", type=_optional_address, default=_checked_env("INBOUND", "none", _optional_address),
                      metavar="[HOST:]PORT", help="inbound listener in front of the app (env LANEPROXY_INBOUND)")
-    run.add_argument("--app", type=_address, default=_optional_address(_env("APP", "none")),
+    run.add_argument("--app", type=_optional_address, default=_checked_env("APP", "none", _optional_address),
                      metavar="[HOST:]PORT", help="the local app the inbound listener forwards to (env LANEPROXY_APP)")
-    run.add_argument("--outbound", type=_address, default=_optional_address(_env("OUTBOUND", "none")),
+    run.add_argument("--outbound", type=_optional_address, default=_checked_env("OUTBOUND", "none", _optional_address),
                      metavar="[HOST:]PORT", help="the app's egress listener, usable as HTTP_PROXY (env LANEPROXY_OUTBOUND)")
-    run.add_argument("--admin", type=_optional_address, default=_optional_address(_env("ADMIN", "127.0.0.1:15000")),
+    run.add_argument("--admin", type=_optional_address, default=_checked_env("ADMIN", "127.0.0.1:15000", _optional_address),
                      metavar="[HOST:]PORT|none", help="admin listener (default 127.0.0.1:15000; env LANEPROXY_ADMIN)")
     run.add_argument("--lane", default=_env("LANE"), help="this sidecar's own lane, used in strict mode (env LANEPROXY_LANE)")
     run.add_argument("--namespace", default=_env("NAMESPACE", "default"), help="namespace short host names resolve in")
-    run.add_argument("--lenient", action="store_true", default=_env("LENIENT", "") not in ("", "0", "false"),
+    run.add_argument("--lenient", action="store_true", default=_flag(_env("LENIENT", ""), "LENIENT"),
                      help="unknown fields in the configuration are logged warnings instead of a rejected update "
                           "(env LANEPROXY_LENIENT)")
-    run.add_argument("--reload-interval", type=float, default=float(_env("RELOAD_INTERVAL", "1.0")),
-                     help="seconds between checks of the config files for changes")
-    run.add_argument("--watch-read-timeout", type=float, default=float(_env("WATCH_READ_TIMEOUT", "60")),
+    run.add_argument("--reload-interval", type=_positive_seconds, default=_checked_env("RELOAD_INTERVAL", "1.0", _positive_seconds),
+                     help="seconds between checks of the config files for changes (env LANEPROXY_RELOAD_INTERVAL)")
+    run.add_argument("--watch-read-timeout", type=_positive_seconds,
+                     default=_checked_env("WATCH_READ_TIMEOUT", "60", _positive_seconds),
                      help="--source kubernetes: seconds a watch may stay silent before it is opened again, so a "
                           "connection dead without a FIN is noticed (env LANEPROXY_WATCH_READ_TIMEOUT)")
-    run.add_argument("--table-stale-after", type=float, default=float(_env("TABLE_STALE_AFTER", "180")),
+    run.add_argument("--table-stale-after", type=_positive_seconds,
+                     default=_checked_env("TABLE_STALE_AFTER", "180", _positive_seconds),
                      help="seconds the route table may be behind its source before laneproxy.config.table_stale "
                           "turns 1 (env LANEPROXY_TABLE_STALE_AFTER)")
-    run.add_argument("--connect-timeout", type=float, default=5.0, help="upstream connect timeout, seconds (Envoy: 5)")
-    run.add_argument("--route-timeout", type=float, default=15.0, help="upstream response timeout, seconds; 0 disables")
-    run.add_argument("--trace-table-size", type=int, default=100_000, help="trace-id -> lane entries kept (LRU)")
-    run.add_argument("--trace-table-ttl", type=float, default=300.0, help="seconds a trace-id -> lane entry lives")
-    run.add_argument("--trace-table-bytes", type=_positive_int, default=_env("TRACE_TABLE_BYTES", str(32 * 1024 * 1024)),
+    run.add_argument("--connect-timeout", type=_seconds, default=5.0, help="upstream connect timeout, seconds (Envoy: 5)")
+    run.add_argument("--route-timeout", type=_seconds, default=15.0, help="upstream response timeout, seconds; 0 disables")
+    run.add_argument("--trace-table-size", type=_positive_int, default=100_000,
+                     help="trace-id -> lane entries kept (LRU)")
+    run.add_argument("--trace-table-ttl", type=_positive_seconds, default=300.0,
+                     help="seconds a trace-id -> lane entry lives")
+    run.add_argument("--trace-table-bytes", type=_positive_int, default=_checked_env("TRACE_TABLE_BYTES", str(32 * 1024 * 1024), _positive_int),
                      metavar="BYTES", help="byte budget of the trace-id -> lane table, LRU beyond it (default 32 MiB; "
                                            "env LANEPROXY_TRACE_TABLE_BYTES)")
     run.add_argument("--trust-client-trace-id", action=argparse.BooleanOptionalAction,
-                     default=_flag(_env("TRUST_CLIENT_TRACE_ID", "false")),
+                     default=_flag(_env("TRUST_CLIENT_TRACE_ID", "false"), "TRUST_CLIENT_TRACE_ID"),
                      help="gateway: keep the swimlane trace id a client sends instead of giving each request a fresh "
                           "one (off by default; env LANEPROXY_TRUST_CLIENT_TRACE_ID). Anyone who knows a live trace "
                           "id can then move that trace between lanes: turn it on only behind a trusted edge")
-    run.add_argument("--workers", type=int, default=int(_env("WORKERS", "1")), metavar="N",
+    run.add_argument("--workers", type=_positive_int, default=_checked_env("WORKERS", "1", _positive_int), metavar="N",
                      help="N processes sharing the listening ports (SO_REUSEPORT); the admin adds their stats up "
                           "(env LANEPROXY_WORKERS)")
-    run.add_argument("--drain-seconds", type=float, default=float(_env("DRAIN_SECONDS", "5")),
+    run.add_argument("--drain-seconds", type=_seconds, default=_checked_env("DRAIN_SECONDS", "5", _seconds),
                      help="on SIGTERM keep serving this long with Connection: close, then exit")
     limits = run.add_argument_group("limits and timeouts (Envoy's defaults unless noted; 0 turns a timeout off)")
-    limits.add_argument("--request-headers-timeout", type=float, default=10.0,
+    limits.add_argument("--request-headers-timeout", type=_seconds, default=10.0,
                         help="seconds a client has to send a complete request head (slowloris guard; Envoy: off)")
-    limits.add_argument("--stream-idle-timeout", type=float, default=300.0, help="seconds a request may sit idle")
-    limits.add_argument("--idle-timeout", type=float, default=3600.0, help="seconds an idle client connection is kept")
-    limits.add_argument("--max-request-headers-kb", type=int, default=60, help="request head size limit (431 beyond)")
-    limits.add_argument("--max-request-headers", type=int, default=100, help="request header count limit (431 beyond)")
-    limits.add_argument("--max-response-headers-kb", type=int, default=80,
+    limits.add_argument("--stream-idle-timeout", type=_seconds, default=300.0, help="seconds a request may sit idle")
+    limits.add_argument("--idle-timeout", type=_seconds, default=3600.0, help="seconds an idle client connection is kept")
+    limits.add_argument("--max-request-headers-kb", type=_positive_int, default=60, help="request head size limit (431 beyond)")
+    limits.add_argument("--max-request-headers", type=_positive_int, default=100, help="request header count limit (431 beyond)")
+    limits.add_argument("--max-response-headers-kb", type=_positive_int, default=80,
                         help="upstream response head size limit (502 UPE beyond)")
-    limits.add_argument("--max-response-headers", type=int, default=100,
+    limits.add_argument("--max-response-headers", type=_positive_int, default=100,
                         help="upstream response header count limit (502 UPE beyond)")
-    limits.add_argument("--max-pipelined-requests", type=int, default=16, help="queued pipelined requests per connection")
-    limits.add_argument("--per-connection-buffer-limit-bytes", type=int, default=1 << 20, metavar="BYTES",
+    limits.add_argument("--max-pipelined-requests", type=_positive_int, default=16, help="queued pipelined requests per connection")
+    limits.add_argument("--per-connection-buffer-limit-bytes", type=_positive_int, default=1 << 20, metavar="BYTES",
                         help="request body bytes buffered per client connection before the proxy stops reading it")
-    limits.add_argument("--max-retries", type=int, default=2,
+    limits.add_argument("--max-retries", type=_count, default=2,
                         help="retries of idempotent bodiless requests on connect failure, reset and 503")
-    limits.add_argument("--max-connections", type=int, default=1024, help="circuit breaker: connections per endpoint")
-    limits.add_argument("--max-pending-requests", type=int, default=1024,
+    limits.add_argument("--max-connections", type=_positive_int, default=1024, help="circuit breaker: connections per endpoint")
+    limits.add_argument("--max-pending-requests", type=_positive_int, default=1024,
                         help="circuit breaker: requests waiting for a new connection per endpoint")
-    limits.add_argument("--max-requests", type=int, default=1024, help="circuit breaker: requests in flight per cluster")
-    limits.add_argument("--outlier-consecutive-5xx", type=int, default=5, help="5xx in a row that eject an endpoint")
-    limits.add_argument("--outlier-ejection-seconds", type=float, default=30.0, help="how long an ejection lasts")
-    limits.add_argument("--outlier-max-ejection-percent", type=int, default=10,
+    limits.add_argument("--max-requests", type=_positive_int, default=1024, help="circuit breaker: requests in flight per cluster")
+    limits.add_argument("--outlier-consecutive-5xx", type=_positive_int, default=5, help="5xx in a row that eject an endpoint")
+    limits.add_argument("--outlier-ejection-seconds", type=_seconds, default=30.0, help="how long an ejection lasts")
+    limits.add_argument("--outlier-max-ejection-percent", type=_percent, default=10,
                         help="share of an endpoint set that may be ejected (at least one endpoint always may)")
     run.add_argument("--access-log", default=_env("ACCESS_LOG"), metavar="stdout|stderr|FILE",
                      help="write an access log line per request (off by default; env LANEPROXY_ACCESS_LOG)")
-    run.add_argument("--access-log-format", choices=["text", "json"], default=_env("ACCESS_LOG_FORMAT", "text"),
+    run.add_argument("--access-log-format", choices=["text", "json"], default=_checked_env("ACCESS_LOG_FORMAT", "text", ["text", "json"]),
                      help="text: Envoy's default format plus lane asked and lane used; json: one object per line")
     run.add_argument("--tracing", default=_env("TRACING", "none"), metavar="none|console|otlp|file:PATH",
                      help="OpenTelemetry span exporter (default none; env LANEPROXY_TRACING)")
+    mesh = run.add_argument_group("metrics for Prometheus and canary analysis")
+    mesh.add_argument("--metrics", type=_optional_address, default=_checked_env("METRICS", "none", _optional_address), metavar="[HOST:]PORT|none",
+                      help="read-only listener serving /stats/prometheus (and /metrics) for a scraper, apart from the "
+                           "admin API; Istio uses 15020 (default none; env LANEPROXY_METRICS)")
+    mesh.add_argument("--app-metrics", type=_http_url, default=_checked_env("APP_METRICS", None, _http_url), metavar="URL",
+                      help="the app's own Prometheus endpoint (http://127.0.0.1:PORT/PATH), appended to the metrics "
+                           "listener's answer; injection sets it from the pod's prometheus.io annotations "
+                           "(env LANEPROXY_APP_METRICS)")
+    mesh.add_argument("--stats-tags", choices=["envoy", "istio"], default=_checked_env("STATS_TAGS", "envoy", ["envoy", "istio"]),
+                      help="Prometheus tag names of Envoy's stats: envoy (envoy_cluster_name, envoy_response_code) "
+                           "or istio (cluster_name, response_code) (env LANEPROXY_STATS_TAGS)")
+    mesh.add_argument("--istio-metrics", action=argparse.BooleanOptionalAction,
+                      default=_flag(_env("ISTIO_METRICS", "true"), "ISTIO_METRICS"),
+                      help="record Istio's standard metrics (istio_requests_total, ...) (on by default; "
+                           "env LANEPROXY_ISTIO_METRICS)")
+    mesh.add_argument("--workload", default=_env("WORKLOAD", "unknown"),
+                      help="this pod's workload (its Deployment's name), as the metrics label it (env LANEPROXY_WORKLOAD)")
+    mesh.add_argument("--workload-namespace", default=_env("WORKLOAD_NAMESPACE"),
+                      help="the workload's namespace (default: --namespace; env LANEPROXY_WORKLOAD_NAMESPACE)")
+    mesh.add_argument("--workload-app", default=_env("SERVICE", "unknown"),
+                      help="the pod's app label (env LANEPROXY_SERVICE)")
+    mesh.add_argument("--workload-version", default=_env("VERSION", "unknown"),
+                      help="the pod's version label (env LANEPROXY_VERSION)")
+    mesh.add_argument("--canonical-service", default=_env("CANONICAL_SERVICE"),
+                      help="Istio's canonical service (default: the app; env LANEPROXY_CANONICAL_SERVICE)")
+    mesh.add_argument("--canonical-revision", default=_env("CANONICAL_REVISION"),
+                      help="Istio's canonical revision (default: the version, else latest; "
+                           "env LANEPROXY_CANONICAL_REVISION)")
+    mesh.add_argument("--cluster-id", default=_env("CLUSTER_ID", "Kubernetes"),
+                      help="source_cluster/destination_cluster label (Istio's default: Kubernetes)")
+    mesh.add_argument("--route-debug-token", default=_env("ROUTE_DEBUG_TOKEN"), metavar="TOKEN",
+                      help="opt-in `x-laneproxy-route` trail: the gateway answers with each hop "
+                           "(service:lane-asked>lane-used) when a request sends this token in that header; set it on "
+                           "the sidecars too so they pass their hops on (off by default; "
+                           "env LANEPROXY_ROUTE_DEBUG_TOKEN)")
 
     validate = commands.add_parser("validate", help="check configuration files and print every problem")
     validate.add_argument("files", nargs="+", metavar="FILE")
@@ -151,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     mock.add_argument("--version", dest="app_version", help="version reported (env version)")
     mock.add_argument("--upstream-url", help="call this URL and append its body (env upstream_url)")
     mock.add_argument("--trace-header", default="my-request-id", help="the one header forwarded upstream")
+    mock.add_argument("--fail-share", type=float, default=None, metavar="SHARE",
+                      help="answer 500 to this share of requests, evenly spread (0 to 1; env fail_share)")
 
     demo = commands.add_parser("demo", help="run the full-chain demo on 127.0.0.1; from a second terminal, "
                                             "release, approve, undo and status drive its release lifecycle")
@@ -177,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     _sidecar_options(inject)
 
     webhook = commands.add_parser("webhook", help="the mutating admission webhook that injects the sidecar (HTTPS)")
-    webhook.add_argument("--listen", type=_address, default=_address(_env("WEBHOOK_LISTEN", "127.0.0.1:9443")),
+    webhook.add_argument("--listen", type=_address, default=_checked_env("WEBHOOK_LISTEN", "127.0.0.1:9443", _address),
                          metavar="[HOST:]PORT", help="HTTPS listener (env LANEPROXY_WEBHOOK_LISTEN)")
     webhook.add_argument("--cert", default=_env("WEBHOOK_CERT"), required=_env("WEBHOOK_CERT") is None,
                          help="serving certificate, PEM; reloaded when it changes (env LANEPROXY_WEBHOOK_CERT)")
@@ -198,6 +353,33 @@ def build_parser() -> argparse.ArgumentParser:
     capture.add_argument("--exclude-outbound-ports", default="", metavar="P,P", help="leave these alone (non-HTTP)")
     capture.add_argument("--exclude-outbound-cidrs", default="", metavar="CIDR,CIDR", help="leave these alone")
 
+    verdict = commands.add_parser("verdict", help="ask Prometheus whether a lane is healthy against its baseline: "
+                                                  "pass (exit 0), fail (1) or inconclusive (3)")
+    verdict.add_argument("--prometheus", required=True, metavar="URL", help="Prometheus base URL (http://host:9090)")
+    verdict.add_argument("--group", help="the ASMSwimLaneGroup the lane belongs to (required without --serve)")
+    verdict.add_argument("--lane", help="the lane under analysis, the canary (required without --serve)")
+    verdict.add_argument("--baseline", help="the lane to compare with (default: the group's fallback target, "
+                                            "as laneproxy_lane_info reports it)")
+    verdict.add_argument("--namespace", help="only workloads in this namespace (destination_workload_namespace)")
+    verdict.add_argument("--window", type=_promql_duration, default="5m",
+                         help="PromQL range of the analysis (default 5m)")
+    verdict.add_argument("--min-requests", type=_positive_int, default=20,
+                         help="fewer requests than this in the window is inconclusive, never a pass (default 20)")
+    verdict.add_argument("--min-success-rate", type=_percent, default=99.0,
+                         help="lowest acceptable share of non-5xx answers, percent (default 99)")
+    verdict.add_argument("--max-success-drop", type=_percent, default=1.0,
+                         help="how many points below the baseline's success rate the lane may be (default 1)")
+    verdict.add_argument("--max-p99-ms", type=_positive_seconds, default=500.0,
+                         help="highest acceptable p99 latency, milliseconds (default 500)")
+    verdict.add_argument("--max-fallback-share", type=_percent, default=None,
+                         help="highest acceptable share of the lane's hops served by another lane, percent "
+                              "(default: reported, not judged)")
+    verdict.add_argument("--timeout", type=_positive_seconds, default=10.0, help="seconds per Prometheus query")
+    verdict.add_argument("--output", choices=["text", "json"], default="text")
+    verdict.add_argument("--serve", type=_address, metavar="[HOST:]PORT",
+                         help="answer GET /verdict?group=G&lane=L over HTTP as JSON instead (for an Argo Rollouts "
+                              "`web` metric); the other options are the defaults of each request")
+
     probe = commands.add_parser("probe", help="exit 0 if the URL (an admin /ready) answers 200: a readiness probe")
     probe.add_argument("url", nargs="?", default="http://127.0.0.1:15000/ready")
     probe.add_argument("--timeout", type=float, default=2.0)
@@ -208,9 +390,9 @@ def _sidecar_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--image", default=_env("SIDECAR_IMAGE"),
                          help="the image of the injected containers (default laneproxy:VERSION; "
                               "env LANEPROXY_SIDECAR_IMAGE)")
-    command.add_argument("--image-pull-policy", default=_env("SIDECAR_IMAGE_PULL_POLICY", "IfNotPresent"),
+    command.add_argument("--image-pull-policy", default=_checked_env("SIDECAR_IMAGE_PULL_POLICY", "IfNotPresent", ["Always", "IfNotPresent", "Never"]),
                          choices=["Always", "IfNotPresent", "Never"])
-    command.add_argument("--capture", default=_env("SIDECAR_CAPTURE", "iptables"), choices=["iptables", "http-proxy"],
+    command.add_argument("--capture", default=_checked_env("SIDECAR_CAPTURE", "iptables", ["iptables", "http-proxy"]), choices=["iptables", "http-proxy"],
                          help="iptables: an init container redirects the pod's traffic; http-proxy: no init container, "
                               "the apps get HTTP_PROXY (env LANEPROXY_SIDECAR_CAPTURE; pods override it with the "
                               "laneproxy.dev/capture annotation)")
@@ -241,7 +423,16 @@ def settings_from_args(args: argparse.Namespace) -> ProxySettings:
         per_connection_buffer_limit_bytes=args.per_connection_buffer_limit_bytes,
         drain_seconds=args.drain_seconds,
         observability=ObservabilitySettings(access_log=args.access_log or None,
-                                            access_log_format=args.access_log_format, tracing=args.tracing),
+                                            access_log_format=args.access_log_format, tracing=args.tracing,
+                                            istio_metrics=args.istio_metrics, stats_tags=args.stats_tags,
+                                            metrics=args.metrics, app_metrics=args.app_metrics or None,
+                                            route_debug_token=args.route_debug_token or None),
+        workload=WorkloadSettings(name=args.workload or "unknown",
+                                  namespace=args.workload_namespace or args.namespace,
+                                  app=args.workload_app or "unknown", version=args.workload_version or "unknown",
+                                  canonical_service=args.canonical_service or None,
+                                  canonical_revision=args.canonical_revision or None,
+                                  cluster=args.cluster_id or "Kubernetes"),
     )
 
 
@@ -262,7 +453,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.workers > 1:
         from laneproxy.workers import supervise
 
-        return supervise(settings_from_args(args), args.workers, args.log_level)
+        return supervise(settings_from_args(args), args.workers, args.log_level, args.log_format)
 
     from laneproxy.app import StartupError, serve
 
@@ -318,8 +509,13 @@ def _mock(args: argparse.Namespace) -> int:
 
     from laneproxy.mock import MockSettings, serve_mock
 
-    settings = MockSettings.from_environment(app=args.app, version=args.app_version, upstream_url=args.upstream_url,
-                                             host=args.listen.host, port=args.listen.port, trace_header=args.trace_header)
+    try:
+        settings = MockSettings.from_environment(
+            app=args.app, version=args.app_version, upstream_url=args.upstream_url, host=args.listen.host,
+            port=args.listen.port, trace_header=args.trace_header, fail_share=args.fail_share)
+    except ValueError as exc:
+        print(f"laneproxy mock: {exc}", file=sys.stderr)
+        return 2
     uvloop.run(serve_mock(settings))
     return 0
 
@@ -420,11 +616,59 @@ def _probe(args: argparse.Namespace) -> int:
         return 1
 
 
+def _verdict(args: argparse.Namespace) -> int:
+    from laneproxy.verdict import PrometheusQueryError, Thresholds, VerdictRequest, decide, render_text
+
+    if args.serve is None and not (args.group and args.lane):
+        print("laneproxy verdict: --group and --lane are required (or --serve)", file=sys.stderr)
+        return 2
+    request = VerdictRequest(prometheus=args.prometheus, group=args.group or "", lane=args.lane or "",
+                             baseline=args.baseline, namespace=args.namespace, window=args.window,
+                             timeout=args.timeout)
+    thresholds = Thresholds(min_requests=args.min_requests, min_success_rate=args.min_success_rate,
+                            max_success_drop=args.max_success_drop, max_p99_ms=args.max_p99_ms,
+                            max_fallback_share=args.max_fallback_share)
+    if args.serve is not None:
+        import uvloop
+
+        from laneproxy.standalone import serve_until_signalled
+        from laneproxy.verdict import build_verdict_app
+
+        uvloop.run(serve_until_signalled(build_verdict_app(request, thresholds), args.serve.host, args.serve.port))
+        return 0
+    try:
+        verdict = decide(request, thresholds)
+    except PrometheusQueryError as exc:
+        print(f"laneproxy verdict: {exc}", file=sys.stderr)
+        return 2
+    if args.output == "json":
+        import json
+
+        print(json.dumps(verdict.as_dict(), indent=1))
+    else:
+        print(render_text(verdict))
+    return verdict.exit_code
+
+
+def _configure_logging(level: str, log_format: str) -> None:
+    if log_format == "json":
+        from laneproxy.observability.logs import json_handler
+
+        logging.basicConfig(level=level.upper(), handlers=[json_handler()])
+    else:
+        logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        parser = build_parser()
+    except EnvironmentValueError as exc:
+        print(f"laneproxy: {exc}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)  # a bad value exits 2 with argparse's one-line message
+    _configure_logging(args.log_level, args.log_format)
     handler = {"run": _run, "validate": _validate, "crds": _crds, "mock": _mock, "demo": _demo, "inject": _inject,
-               "webhook": _webhook, "capture": _capture, "probe": _probe}[args.command]
+               "webhook": _webhook, "capture": _capture, "probe": _probe, "verdict": _verdict}[args.command]
     return handler(args)
 
 

@@ -55,20 +55,31 @@ class Pod:
     inbound_port: int = field(default_factory=free_port)
     outbound_port: int = field(default_factory=free_port)
     admin_port: int = field(default_factory=free_port)
+    metrics_port: int = field(default_factory=free_port)  # used when the demo serves metrics
     processes: list[subprocess.Popen] = field(default_factory=list, compare=False, repr=False)  # sidecar, then app
 
     @property
     def service(self) -> str:
         return f"default/{self.app}"
 
+    @property
+    def workload(self) -> str:
+        """The Deployment this pod would belong to (the seed names them `<app>-<version>`)."""
+        return f"{self.app}-{self.version}"
+
 
 class DemoCluster:
     """Starts and stops the demo's processes; usable as a context manager."""
 
     def __init__(self, *, gateway_port: int = 0, swimlanes: Path | None = None, workdir: Path | None = None,
-                 log_level: str = "warning", own_apps: frozenset[tuple[str, str]] = frozenset()) -> None:
+                 log_level: str = "warning", own_apps: frozenset[tuple[str, str]] = frozenset(),
+                 metrics: bool = False, proxy_args: tuple[str, ...] = (),
+                 app_env: dict[tuple[str, str], dict[str, str]] | None = None) -> None:
         """`own_apps`: (app, version) pairs whose application the caller serves itself on the pod's
-        `app_port` (a test's app that holds a request); the demo starts only their sidecars."""
+        `app_port` (a test's app that holds a request); the demo starts only their sidecars.
+        `metrics`: every proxy also serves its read-only metrics listener (the pod's `metrics_port`, the
+        gateway's `gateway_metrics_port`). `proxy_args`: more `run` options for every proxy.
+        `app_env`: more environment for the mock app of an (app, version), e.g. {"fail_share": "0.1"}."""
         self._resources = contextlib.ExitStack()
         self.swimlanes = swimlanes or self._resources.enter_context(resources.as_file(SEED_SWIMLANES))
         if not self.swimlanes.exists():
@@ -78,10 +89,26 @@ class DemoCluster:
         self.endpoints_file = self.workdir / "endpoints.yaml"
         self.gateway_port = gateway_port or free_port()
         self.gateway_admin_port = free_port()
+        self.gateway_metrics_port = free_port()
+        self.metrics = metrics
+        self.proxy_args = proxy_args
+        self.app_env = app_env or {}
         self.pods = [Pod(*spec) for spec in TOPOLOGY]
+        self._distinct_ports()
         self.log_level = log_level
         self.own_apps = own_apps
         self.processes: list[subprocess.Popen] = []
+
+    def _distinct_ports(self) -> None:
+        """Draw again any port picked twice: free_port releases each port, so two picks can coincide."""
+        seen = {self.gateway_port}
+        owners = [(self, "gateway_admin_port"), (self, "gateway_metrics_port")]
+        owners += [(pod, name) for pod in self.pods
+                   for name in ("app_port", "inbound_port", "outbound_port", "admin_port", "metrics_port")]
+        for owner, name in owners:
+            while getattr(owner, name) in seen:
+                setattr(owner, name, free_port())
+            seen.add(getattr(owner, name))
 
     @property
     def gateway_url(self) -> str:
@@ -115,12 +142,18 @@ class DemoCluster:
 
     @property
     def _config_args(self) -> list[str]:
-        return ["--config", str(self.swimlanes), "--config", str(self.endpoints_file)]
+        return ["--config", str(self.swimlanes), "--config", str(self.endpoints_file), *self.proxy_args]
+
+    def _metrics_args(self, port: int) -> list[str]:
+        return ["--metrics", f"127.0.0.1:{port}"] if self.metrics else []
 
     def start(self, timeout: float = 30.0) -> None:
         self.write_endpoints()
+        # Named as Istio names its ingress gateway's workload, in a namespace of its own.
         self._spawn("run", "--gateway", f"127.0.0.1:{self.gateway_port}",
-                    "--admin", f"127.0.0.1:{self.gateway_admin_port}", *self._config_args)
+                    "--admin", f"127.0.0.1:{self.gateway_admin_port}", "--workload", "laneproxy-gateway",
+                    "--workload-namespace", "laneproxy-system", "--workload-app", "laneproxy-gateway",
+                    *self._metrics_args(self.gateway_metrics_port), *self._config_args)
         for pod in self.pods:
             self._spawn_pod(pod)
         try:
@@ -134,14 +167,15 @@ class DemoCluster:
         pod.processes.append(self._spawn(
             "run", "--inbound", f"127.0.0.1:{pod.inbound_port}", "--app", f"127.0.0.1:{pod.app_port}",
             "--outbound", f"127.0.0.1:{pod.outbound_port}", "--admin", f"127.0.0.1:{pod.admin_port}",
-            "--lane", pod.lane, "--drain-seconds", "2", *self._config_args))
+            "--lane", pod.lane, "--drain-seconds", "2", "--workload", pod.workload, "--workload-app", pod.app,
+            "--workload-version", pod.version, *self._metrics_args(pod.metrics_port), *self._config_args))
         if (pod.app, pod.version) in self.own_apps:
             return  # the caller serves this pod's application itself
         upstream = f"http://{pod.upstream}:{SERVICE_PORT}/" if pod.upstream else ""
         pod.processes.append(self._spawn(
             "mock", "--listen", f"127.0.0.1:{pod.app_port}",
             env={"app": pod.app, "version": pod.version, "upstream_url": upstream,
-                 "HTTP_PROXY": f"http://127.0.0.1:{pod.outbound_port}"}))
+                 "HTTP_PROXY": f"http://127.0.0.1:{pod.outbound_port}", **self.app_env.get((pod.app, pod.version), {})}))
 
     def start_pod(self, pod: Pod, timeout: float = 30.0) -> None:
         """Start one more pod (its sidecar and app) and wait until both are ready; it is not published yet."""

@@ -42,6 +42,7 @@ CAPTURE_INIT_NAME = "laneproxy-capture"
 LANE_LABEL = "ASM_TRAFFIC_TAG"  # the pod label that places a pod in a lane (what Kruise Rollout patches)
 SERVICE_LABEL = "app"
 ADMIN_PORT = 15000
+METRICS_PORT = 15020  # Istio's merged-metrics port
 CAPTURE_IPTABLES = "iptables"
 CAPTURE_HTTP_PROXY = "http-proxy"
 
@@ -85,6 +86,7 @@ class SidecarSettings:
     inbound_port: int = INBOUND_LISTENER_PORT
     outbound_port: int = OUTBOUND_LISTENER_PORT
     admin_port: int = ADMIN_PORT
+    metrics_port: int = METRICS_PORT
     cpu_request: str = "100m"
     memory_request: str = "128Mi"
     cpu_limit: str = "2"
@@ -106,8 +108,10 @@ def injection_refusal(pod: dict) -> str | None:
     return None
 
 
-def inject_pod(pod: dict, settings: SidecarSettings) -> dict:
+def inject_pod(pod: dict, settings: SidecarSettings, workload: str | None = None) -> dict:
     """The pod (or pod template: metadata and spec) with the sidecar; the input is not modified.
+
+    `workload` names the object holding a template (its pods' workload); a pod's comes from its owner.
 
     Containers and init containers laneproxy owns are found by name and updated in place, so injecting
     again with the same settings changes nothing and injecting with new settings updates them.
@@ -131,7 +135,9 @@ def inject_pod(pod: dict, settings: SidecarSettings) -> dict:
     if capture == CAPTURE_IPTABLES:
         _refuse_proxy_uid(spec, app_containers, settings.proxy_uid)
 
-    _put_named(spec, "containers", sidecar_container(settings, app_port))
+    sidecar = sidecar_container(settings, app_port)
+    add_telemetry(sidecar, annotations, settings, workload or workload_of_pod(pod))
+    _put_named(spec, "containers", sidecar)
     if capture == CAPTURE_IPTABLES:
         _put_named(spec, "initContainers", capture_init_container(settings, app_port, annotations))
     else:
@@ -335,7 +341,9 @@ def inject_document(document: dict, settings: SidecarSettings) -> tuple[dict, st
     refusal = injection_refusal(template)
     if refusal is not None:
         return document, refusal
-    injected = inject_pod(template, settings)
+    # A template has no name of its own: its pods' workload is the object holding it.
+    holder = None if document["kind"] == "Pod" else (document.get("metadata") or {}).get("name")
+    injected = inject_pod(template, settings, holder)
     path = POD_TEMPLATE_PATHS[document["kind"]]
     if not path:
         return injected, None
@@ -361,3 +369,75 @@ def inject_manifests(text: str, settings: SidecarSettings) -> Iterator[tuple[dic
 
 def dump_manifests(documents: Iterable[dict]) -> str:
     return yaml.safe_dump_all(list(documents), sort_keys=False, default_flow_style=False, explicit_start=False)
+
+
+# Telemetry: Istio's metrics identity and the scrape annotations ---------------------------------------------
+
+# Istio's scrape annotations, read by annotation-based Prometheus discovery (and Istio's own sample config).
+PROMETHEUS_ANNOTATIONS = ("prometheus.io/scrape", "prometheus.io/port", "prometheus.io/path")
+METRICS_PATH = "/stats/prometheus"
+APP_METRICS_ANNOTATION = "laneproxy.dev/app-metrics"  # "PORT/PATH": the app's scrape target, merged by the sidecar
+VERSION_LABEL = "version"
+# Istio's canonical service labels, when the pod has them (empty otherwise: the proxy then uses app and version).
+CANONICAL_NAME_LABEL = "service.istio.io/canonical-name"
+CANONICAL_REVISION_LABEL = "service.istio.io/canonical-revision"
+
+
+def workload_of_pod(pod: dict) -> str | None:
+    """The workload a pod belongs to, as Istio names it: a ReplicaSet owner without its hash is the Deployment.
+
+    The webhook sees pods with their owner references; a bare pod is its own workload. A template
+    (kube-inject) has neither: its workload is given by inject_document.
+    """
+    meta = pod.get("metadata") or {}
+    for owner in meta.get("ownerReferences") or []:
+        if owner.get("controller") and owner.get("name"):
+            name = owner["name"]
+            if owner.get("kind") == "ReplicaSet" and "-" in name:
+                return name.rsplit("-", 1)[0]  # <deployment>-<pod-template-hash>
+            if owner.get("kind") == "Job" and "-" in name and name.rsplit("-", 1)[1].isdigit():
+                return name.rsplit("-", 1)[0]  # <cronjob>-<scheduled time>
+            return name
+    if meta.get("generateName"):
+        return None  # a controller without an owner reference yet: name it by nothing rather than by a hash
+    return meta.get("name")
+
+
+def add_telemetry(sidecar: dict, annotations: dict, settings: SidecarSettings, workload: str | None) -> None:
+    """The metrics listener, the workload identity its metrics carry, and Prometheus' scrape annotations.
+
+    Applied to the sidecar container before it is merged into the pod, so re-injecting an injected pod
+    (with the API server's defaults filled in) changes nothing. A Kruise canary Deployment cloned from an
+    injected template keeps the base's LANEPROXY_WORKLOAD; its pods still differ by their ASM_TRAFFIC_TAG
+    label, which the metrics carry as `lane_used`. Scrape annotations the pod already has are the app's
+    own: the pod is then scraped on 15020 and the sidecar appends the app's metrics to its own.
+    """
+    sidecar["env"].extend([
+        {"name": "LANEPROXY_METRICS", "value": f"0.0.0.0:{settings.metrics_port}"},
+        {"name": "LANEPROXY_VERSION", "valueFrom": {"fieldRef": {"fieldPath": f"metadata.labels['{VERSION_LABEL}']"}}},
+        {"name": "LANEPROXY_CANONICAL_SERVICE",
+         "valueFrom": {"fieldRef": {"fieldPath": f"metadata.labels['{CANONICAL_NAME_LABEL}']"}}},
+        {"name": "LANEPROXY_CANONICAL_REVISION",
+         "valueFrom": {"fieldRef": {"fieldPath": f"metadata.labels['{CANONICAL_REVISION_LABEL}']"}}},
+    ])
+    if workload:
+        sidecar["env"].append({"name": "LANEPROXY_WORKLOAD", "value": workload})
+    sidecar.setdefault("ports", []).append(
+        {"name": METRICS_PORT_NAME, "containerPort": settings.metrics_port, "protocol": "TCP"})
+    if annotations.get("prometheus.io/scrape") == "false":
+        return  # the pod asked not to be scraped
+    app_metrics = annotations.get(APP_METRICS_ANNOTATION)
+    port = annotations.get("prometheus.io/port")
+    if app_metrics is None and port is not None and port != str(settings.metrics_port):
+        # The app's own scrape target: merged into the sidecar's answer, as Istio's metrics merging does;
+        # recorded in an annotation so that injecting again still knows it.
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            return  # not a target the sidecar can fetch (a named port?): the app's annotations stay as they are
+        app_metrics = annotations[APP_METRICS_ANNOTATION] = f"{port}{annotations.get('prometheus.io/path', '/metrics')}"
+    if app_metrics:
+        sidecar["env"].append({"name": "LANEPROXY_APP_METRICS", "value": f"http://127.0.0.1:{app_metrics}"})
+    annotations.update({"prometheus.io/scrape": "true", "prometheus.io/port": str(settings.metrics_port),
+                        "prometheus.io/path": METRICS_PATH})
+
+
+METRICS_PORT_NAME = "lp-metrics"

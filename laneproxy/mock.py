@@ -6,6 +6,10 @@ API's `status.podIP`, as the seed's app shows it; behind a sidecar the socket's 
 else the address the request arrived on. Like a typical application it forwards only the trace
 header it is told to (default `my-request-id`), never the lane header: restoring the lane is the
 sidecar's job. Outbound calls go through HTTP_PROXY when it is set, as with any HTTP client.
+
+For canary analysis it can be told to fail a share of its requests (`--fail-share 0.1`, env
+`fail_share`): exactly that share, spread evenly (the 10th, 20th, ... request with 0.1), answered 500
+without calling upstream, so tests count exact numbers.
 """
 
 from __future__ import annotations
@@ -34,6 +38,11 @@ class MockSettings:
     proxy: str | None = None
     timeout: float = 10.0
     pod_ip: str | None = None
+    fail_share: float = 0.0  # 0..1: the share of requests answered 500
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.fail_share <= 1.0:
+            raise ValueError(f"fail_share must be from 0 to 1, got {self.fail_share}")
 
     @classmethod
     def from_environment(cls, **overrides) -> MockSettings:
@@ -44,6 +53,7 @@ class MockSettings:
             "upstream_url": os.environ.get("upstream_url") or None,
             "proxy": os.environ.get("HTTP_PROXY") or os.environ.get("http_proxy") or None,
             "pod_ip": os.environ.get("POD_IP") or None,
+            "fail_share": float(os.environ.get("fail_share") or 0.0),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
@@ -58,10 +68,20 @@ def build_mock_app(settings: MockSettings) -> web.Application:
     async def on_cleanup(app: web.Application) -> None:
         await app["session"].close()
 
+    served = [0]
+
+    def failing() -> bool:
+        """Request n fails when floor(n * share) steps up: exactly the share, evenly spread."""
+        served[0] += 1
+        n, share = served[0], settings.fail_share
+        return share > 0 and int(n * share + 1e-9) > int((n - 1) * share + 1e-9)
+
     async def handle(request: web.Request) -> web.Response:
         sockname = request.transport.get_extra_info("sockname") if request.transport else None
         ip = settings.pod_ip or (sockname[0] if sockname else settings.host)
         me = f"{settings.app}(version: {settings.version}, ip: {ip})"
+        if failing():
+            return web.Response(status=500, text=f"{me} failed on purpose (fail_share {settings.fail_share:g})")
         if not settings.upstream_url:
             return web.Response(text=me)
         forwarded = {}

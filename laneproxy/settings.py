@@ -72,6 +72,36 @@ class ObservabilitySettings:
     access_log: str | None = None  # None: off; "stdout", "stderr" or a file path
     access_log_format: str = "text"  # text (Envoy's default format, plus the lanes) | json
     tracing: str = "none"  # none | console | otlp | file:PATH ({pid} in PATH becomes the process id)
+    # Istio's standard metrics (istio_requests_total, ...) recorded per exchange; on by default, as in Istio.
+    istio_metrics: bool = True
+    # The Prometheus tag names of Envoy's stats: "envoy" (envoy_cluster_name, envoy_response_code: Envoy's
+    # defaults) or "istio" (cluster_name, response_code: what Istio's bootstrap configures).
+    stats_tags: str = "envoy"
+    # A read-only listener serving /stats/prometheus for Prometheus in a cluster (Istio's 15020); None: off.
+    metrics: Address | None = None
+    # The app's own Prometheus endpoint, merged into the metrics listener's answer (Istio's metrics merging).
+    app_metrics: str | None = None
+    # The opt-in "where did this request go" response header: None is off; otherwise the gateway answers
+    # with the hops when the request's debug header carries this token (trusted callers only).
+    route_debug_token: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadSettings:
+    """Who this proxy speaks for, as Istio's metrics label it: the pod's workload, namespace, app, version.
+
+    In a cluster injection fills these from the downward API; locally they are flags. Unknown values
+    are "unknown", as in Istio. The canonical service and revision default to the app and the version
+    (Istio: `service.istio.io/canonical-name|revision` labels, then `app` and `version`, then `latest`).
+    """
+
+    name: str = "unknown"
+    namespace: str = "unknown"
+    app: str = "unknown"
+    version: str = "unknown"
+    canonical_service: str | None = None
+    canonical_revision: str | None = None
+    cluster: str = "Kubernetes"  # Istio's default cluster id
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +131,7 @@ class ProxySettings:
     retries: RetrySettings = field(default_factory=RetrySettings)
     outlier: OutlierSettings = field(default_factory=OutlierSettings)
     observability: ObservabilitySettings = field(default_factory=ObservabilitySettings)
+    workload: WorkloadSettings = field(default_factory=WorkloadSettings)
     max_request_headers_kb: int = 60
     max_request_headers_count: int = 100
     max_response_headers_kb: int = 80  # Envoy's HTTP/1 defaults for upstream response heads (502 UPE beyond)

@@ -70,7 +70,7 @@ def _number(text: str) -> int | float | None:
 # state) are not added up: N workers do not make N times the endpoints. Matched on the name with '_' read
 # as '.', so the same rule covers `cluster.x.membership_total` and Prometheus' `envoy_cluster_membership_total`.
 _SAME_IN_EVERY_WORKER = (".membership.", "cluster.manager.", "laneproxy.config.", "trace.table.size", "server.uptime",
-                         "server.state", "server.version", "server.hot.restart")
+                         "server.state", "server.version", "server.hot.restart", "laneproxy.lane.info")
 _ALL_WORKERS_MUST = ("server.live",)  # 1 only if every worker says 1
 
 
@@ -222,14 +222,20 @@ class WorkerSpec:
     supervisor_pid: int
     settings: ProxySettings
     log_level: str
+    log_format: str = "text"  # text | json (--log-format)
 
 
 def worker_main(spec: WorkerSpec, channel: Connection) -> None:
     """The entry point of a spawned worker: run one ProxyApp with shared ports until told to stop."""
     import uvloop
 
-    logging.basicConfig(level=spec.log_level.upper(),
-                        format=f"%(asctime)s %(levelname)s %(name)s[w{spec.index}]: %(message)s")
+    if spec.log_format == "json":
+        from laneproxy.observability.logs import json_handler
+
+        logging.basicConfig(level=spec.log_level.upper(), handlers=[json_handler()])
+    else:
+        logging.basicConfig(level=spec.log_level.upper(),
+                            format=f"%(asctime)s %(levelname)s %(name)s[w{spec.index}]: %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the supervisor decides
     try:
         import resource
@@ -252,7 +258,9 @@ def worker_main(spec: WorkerSpec, channel: Connection) -> None:
 async def _worker_serve(spec: WorkerSpec, channel: Connection) -> None:
     from laneproxy.app import ProxyApp
 
-    settings = dataclasses.replace(spec.settings, admin=Address("127.0.0.1", 0))
+    # The supervisor serves the admin and metrics addresses with every worker's numbers added up.
+    settings = dataclasses.replace(spec.settings, admin=Address("127.0.0.1", 0),
+                                   observability=dataclasses.replace(spec.settings.observability, metrics=None))
     app = ProxyApp(settings, reuse_port=True)
     loop = asyncio.get_running_loop()
     siblings = [sibling_address(spec.supervisor_pid, i) for i in range(spec.count) if i != spec.index]
@@ -324,15 +332,17 @@ class Worker:
 
 
 class Supervisor:
-    def __init__(self, settings: ProxySettings, count: int, log_level: str) -> None:
+    def __init__(self, settings: ProxySettings, count: int, log_level: str, log_format: str = "text") -> None:
         self.settings = settings
         self.count = count
         self.log_level = log_level
         self.context = multiprocessing.get_context("spawn")
-        self.workers = [Worker(WorkerSpec(i, count, os.getpid(), settings, log_level)) for i in range(count)]
+        self.workers = [Worker(WorkerSpec(i, count, os.getpid(), settings, log_level, log_format))
+                        for i in range(count)]
         self.stopping = False
         self.failure: str | None = None
         self.admin_runner = None
+        self.metrics_runner = None
         self.session = None
         self._done = asyncio.Event()
 
@@ -460,10 +470,34 @@ class Supervisor:
     async def _prometheus(self, request: web.Request) -> web.StreamResponse:
         from aiohttp import web
 
-        results = [(s, b) for s, b in await self._fetch_all(request.path, dict(request.query)) if s == 200]
+        # /metrics on the metrics listener is the workers' /stats/prometheus.
+        results = [(s, b) for s, b in await self._fetch_all("/stats/prometheus", dict(request.query)) if s == 200]
         if not results:
             return web.Response(status=503, text="no worker answered\n")
         return web.Response(text=sum_prometheus(body for _, body in results), content_type="text/plain")
+
+    async def _metrics(self, request: web.Request) -> web.StreamResponse:
+        """The metrics listener: the workers' sum, then the app's own metrics when --app-metrics names them."""
+        from aiohttp import web
+
+        response = await self._prometheus(request)
+        app_url = self.settings.observability.app_metrics
+        if app_url is None or response.status != 200:
+            return response
+        import aiohttp
+
+        from laneproxy.admin.metrics import APP_METRICS_LIMIT, APP_METRICS_TIMEOUT
+
+        extra = b""
+        try:
+            async with self.session.get(app_url, timeout=aiohttp.ClientTimeout(total=APP_METRICS_TIMEOUT)) as answer:
+                if answer.status == 200:
+                    extra = await answer.content.read(APP_METRICS_LIMIT)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            log.debug("app metrics at %s: %s", app_url, exc)
+        if extra and not extra.endswith(b"\n"):
+            extra += b"\n"
+        return web.Response(body=response.body + extra, content_type="text/plain")
 
     async def _ready(self, request: web.Request) -> web.StreamResponse:
         from aiohttp import web
@@ -504,6 +538,18 @@ class Supervisor:
         from aiohttp import web
 
         self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10), trust_env=False)
+        metrics = self.settings.observability.metrics
+        if metrics is not None:
+            # The read-only metrics listener: Prometheus text only, nothing that reaches a worker's admin otherwise.
+            metrics_app = web.Application()
+            for path in ("/stats/prometheus", "/metrics"):
+                metrics_app.router.add_get(path, self._metrics)
+            self.metrics_runner = web.AppRunner(metrics_app, access_log=None)
+            await self.metrics_runner.setup()
+            metrics_site = web.TCPSite(self.metrics_runner, metrics.host, metrics.port, reuse_address=True)
+            await metrics_site.start()
+            log.info("metrics (sum of %d workers) on %s:%d", self.count, metrics.host,
+                     metrics_site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
         admin = self.settings.admin
         if admin is None:
             return
@@ -551,6 +597,8 @@ class Supervisor:
             watcher.cancel()
             if self.admin_runner is not None:
                 await self.admin_runner.cleanup()
+            if self.metrics_runner is not None:
+                await self.metrics_runner.cleanup()
             if self.session is not None:
                 await self.session.close()
 
@@ -568,7 +616,7 @@ class Supervisor:
             worker.process = None
 
 
-def supervise(settings: ProxySettings, count: int, log_level: str = "info") -> int:
+def supervise(settings: ProxySettings, count: int, log_level: str = "info", log_format: str = "text") -> int:
     """Run `count` workers until SIGTERM/SIGINT; the exit code of `laneproxy run --workers N`."""
     import uvloop
 
@@ -578,7 +626,7 @@ def supervise(settings: ProxySettings, count: int, log_level: str = "info") -> i
         print(f"laneproxy: {exc.strerror or exc}", file=sys.stderr)
         return 2
     try:
-        return uvloop.run(Supervisor(settings, count, log_level).run())
+        return uvloop.run(Supervisor(settings, count, log_level, log_format).run())
     finally:
         for sock in held:
             sock.close()

@@ -18,13 +18,14 @@ import json
 import re
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Awaitable, Callable, Iterable, Mapping
 
 from aiohttp import web
 
 from laneproxy.admin.endpoint import flag
 from laneproxy.observability import prometheus
-from laneproxy.observability.inventory import ClusterCatalog, ProcessView, names_are_prefix_free, other_records
+from laneproxy.observability.inventory import (ClusterCatalog, ProcessView, names_are_prefix_free, other_records,
+                                               transport_numbers)
 from laneproxy.observability.stats import QUANTILES, Histogram, StatKind, StatRecord, cluster_records
 
 if TYPE_CHECKING:
@@ -233,9 +234,10 @@ class PrometheusFormat(TextFormat):
 
     charset = "UTF-8"
 
-    def __init__(self) -> None:
+    def __init__(self, tag_style: str = "envoy") -> None:
         super().__init__()
         self.types: dict[str, str] = {}
+        self.istio_tags = tag_style == "istio"
 
     @staticmethod
     def escape(name: str) -> str:
@@ -243,6 +245,8 @@ class PrometheusFormat(TextFormat):
 
     def pieces(self, records: list[StatRecord]) -> Pieces:
         grouped: dict[str, list[str]] = {}
+        if self.istio_tags:
+            records = [prometheus.with_istio_tags(record) for record in records]
         for record in records:
             family = record.family
             lines = grouped.get(family)
@@ -315,7 +319,7 @@ def cluster_order(catalog: ClusterCatalog, busy: Iterable[str]) -> list[str] | t
 
 
 async def _plan(fmt: TextFormat, selection: Selection, catalog: ClusterCatalog, names: Iterable[str],
-                busy: dict[str, ClusterStats], pacer: Pacer) -> _Walk:
+                busy: dict[str, ClusterStats], pacer: Pacer, view: ProcessView) -> _Walk:
     members = catalog.members
     walk = _Walk([], [], {})
     templates = walk.templates
@@ -325,7 +329,8 @@ async def _plan(fmt: TextFormat, selection: Selection, catalog: ClusterCatalog, 
         stats = busy.get(name)
         if stats is not None:
             entry: Pieces | tuple = fmt.pieces(selection.choose(
-                cluster_records(name, stats, membership_total=size, membership_healthy=size)))
+                cluster_records(name, stats, membership_total=size, membership_healthy=size,
+                                transport=transport_numbers(view, endpoints))))
         else:
             entry = (size, selection.name_mask(name))
             if entry not in templates:
@@ -343,7 +348,7 @@ async def write_stats(fmt: TextFormat, selection: Selection, view: ProcessView, 
                       pacer: Pacer) -> None:
     """Every chosen stat of the process in `fmt`, written through `pacer` a slice at a time."""
     busy = dict(view.stats.clusters)  # the clusters of this scrape; counters are read live as Envoy's are
-    walk = await _plan(fmt, selection, catalog, cluster_order(catalog, busy), busy, pacer)
+    walk = await _plan(fmt, selection, catalog, cluster_order(catalog, busy), busy, pacer, view)
     others = fmt.pieces(selection.choose(other_records(view, active_clusters=len(catalog.members))))
     escape = fmt.escape
     templates = walk.templates
@@ -379,14 +384,20 @@ def needs_reference_order(fmt: TextFormat, catalog: ClusterCatalog, names: Itera
 
 async def stream(request: web.Request, fmt: TextFormat, selection: Selection, view: ProcessView,
                  catalog: ClusterCatalog, headers: Mapping[str, str],
-                 reference: Callable[[], str]) -> web.StreamResponse:
-    """Answer with the stats streamed in slices; `reference` renders all at once where slicing can't keep order."""
+                 reference: Callable[[], str],
+                 trailer: Callable[[], Awaitable[bytes]] | None = None) -> web.StreamResponse:
+    """Answer with the stats streamed in slices; `reference` renders all at once where slicing can't keep order.
+
+    `trailer` adds bytes after the stats (the metrics listener's merged app metrics)."""
     if needs_reference_order(fmt, catalog, cluster_order(catalog, view.stats.clusters)):
-        return web.Response(text=reference(), content_type=fmt.content_type, charset=fmt.charset)
+        body = reference().encode() + (await trailer() if trailer is not None else b"")
+        return web.Response(body=body, content_type=fmt.content_type, charset=fmt.charset)
     response = web.StreamResponse(headers=headers)
     response.content_type = fmt.content_type
     response.charset = fmt.charset
     await response.prepare(request)
     await write_stats(fmt, selection, view, catalog, Pacer(response))
+    if trailer is not None:
+        await response.write(await trailer())
     await response.write_eof()
     return response

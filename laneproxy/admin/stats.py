@@ -18,8 +18,8 @@ from laneproxy.admin.endpoint import AdminEndpoint, context, envoy_headers, text
 from laneproxy.admin.exposition import (JsonFormat, PrometheusFormat, Selection, StatsQueryError, TextFormat,
                                         histogram_summary, stream)
 from laneproxy.core.propagation import TraceTableCounters
-from laneproxy.observability.inventory import ClusterCatalog, ProcessView, all_records
-from laneproxy.observability.prometheus import metric_families, render
+from laneproxy.observability.inventory import ClusterCatalog, ProcessView, all_records, process_memory
+from laneproxy.observability.prometheus import metric_families, render, with_istio_tags
 from laneproxy.observability.stats import QUANTILES, Histogram, StatKind, StatRecord
 
 if TYPE_CHECKING:
@@ -41,6 +41,10 @@ def process_view(proxy: ProxyApp) -> ProcessView:
         config_accepted=proxy.store.accepted, config_rejected=proxy.store.rejected,
         config_skipped=len(proxy.store.skipped), config_objects_rejected=proxy.store.objects_rejected,
         config_health=proxy.store.health(),
+        istio=proxy.istio if proxy.settings.observability.istio_metrics else None,
+        pools=getattr(proxy, "pools", None), outliers=getattr(proxy, "outliers", None),
+        listener_addresses=tuple((listener.name, listener.address_tag) for listener in proxy.listeners),
+        memory=process_memory(),
     )
 
 
@@ -80,7 +84,8 @@ def format_json(records: list[StatRecord]) -> dict:
     return {"stats": stats}
 
 
-def reference_body(output: str, selection: Selection, view: ProcessView, catalog: ClusterCatalog) -> str:
+def reference_body(output: str, selection: Selection, view: ProcessView, catalog: ClusterCatalog,
+                   tag_style: str = "envoy") -> str:
     """The whole answer rendered at once from StatRecords: the shape the streamed answer must equal."""
     records = selection.choose(all_records(view, catalog))
     if output == "json":
@@ -88,22 +93,31 @@ def reference_body(output: str, selection: Selection, view: ProcessView, catalog
         document["config_version"] = view.table.version  # laneproxy's; workers.py merges on it
         return json.dumps(document, indent=1)
     if output == "prometheus":
+        if tag_style == "istio":
+            records = [with_istio_tags(record) for record in records]
         return render(metric_families(records))
     return format_text(records)
 
 
 async def _answer(request: web.Request, output: str) -> web.StreamResponse:
     admin = context(request)
+    return await answer_stats(request, admin.proxy, admin.catalogs, output)
+
+
+async def answer_stats(request: web.Request, proxy: ProxyApp, catalogs, output: str,
+                       trailer=None) -> web.StreamResponse:
+    """/stats in one format, streamed; shared by the admin API and the read-only metrics listener."""
     try:
         selection = Selection.from_query(request.query)
     except StatsQueryError as exc:
         return text(str(exc), status=400)
-    view = process_view(admin.proxy)
-    catalog = admin.catalogs.catalog(view.table, view.static_routes)
-    fmt = (JsonFormat(view.table.version) if output == "json" else PrometheusFormat() if output == "prometheus"
-           else TextFormat())
-    return await stream(request, fmt, selection, view, catalog, envoy_headers(admin.proxy.settings.server_name),
-                        lambda: reference_body(output, selection, view, catalog))
+    view = process_view(proxy)
+    catalog = catalogs.catalog(view.table, view.static_routes)
+    tag_style = proxy.settings.observability.stats_tags
+    fmt = (JsonFormat(view.table.version) if output == "json" else PrometheusFormat(tag_style)
+           if output == "prometheus" else TextFormat())
+    return await stream(request, fmt, selection, view, catalog, envoy_headers(proxy.settings.server_name),
+                        lambda: reference_body(output, selection, view, catalog, tag_style), trailer)
 
 
 async def stats_handler(request: web.Request) -> web.StreamResponse:
@@ -121,6 +135,11 @@ async def reset_counters(request: web.Request) -> web.Response:
     """Envoy's semantics: every counter to zero; gauges and histograms keep their values."""
     proxy = context(request).proxy
     proxy.stats.reset_counters()
+    proxy.istio.reset_counters()
+    if getattr(proxy, "pools", None) is not None:
+        proxy.pools.reset_counters()
+    if getattr(proxy, "outliers", None) is not None:
+        proxy.outliers.ejections_by_endpoint.clear()
     proxy.traces.counters = TraceTableCounters()
     proxy.store.accepted = proxy.store.rejected = proxy.store.objects_rejected = 0
     return text("OK\n")

@@ -44,3 +44,14 @@ CONNECTION_CANNOT_REMOVE = frozenset({CONTENT_LENGTH, TRANSFER_ENCODING, HOST})
 DEFAULT_ROUTE_HEADER = "x-asm-prefer-tag"
 DEFAULT_TRACE_HEADER = "my-request-id"
 TRAFFIC_TAG_LABEL = "ASM_TRAFFIC_TAG"
+
+# laneproxy's own per-hop headers, consumed by the next proxy and never passed on by it.
+# The workload a sidecar speaks for, sent upstream on requests and back on responses (Istio's
+# metadata exchange, as one plain header): each side's metrics can then name the other.
+X_LANEPROXY_PEER = b"x-laneproxy-peer"
+# The opt-in "where did this request go" header: on a request, asks for the hops (the gateway accepts
+# it only with the configured token); on a response, lists them as `service:lane-asked>lane-used`.
+X_LANEPROXY_ROUTE = b"x-laneproxy-route"
+# Hop-by-hop headers and laneproxy's per-hop ones: what a proxy never forwards as it received it (it
+# writes its own value of a per-hop header where it has one, so a client cannot forge either).
+NOT_FORWARDED = HOP_BY_HOP | {X_LANEPROXY_PEER, X_LANEPROXY_ROUTE}

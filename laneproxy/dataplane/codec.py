@@ -58,7 +58,7 @@ def write_response_headers(parts: list[bytes], header_list: list[tuple[bytes, by
     start = len(parts)
     has_length = False
     named: set[bytes] | None = None
-    hop_by_hop = h.HOP_BY_HOP
+    hop_by_hop = h.NOT_FORWARDED
     for name, value in header_list:
         if name in hop_by_hop:
             if name == h.CONNECTION and value not in _PLAIN_CONNECTION:

@@ -25,6 +25,7 @@ from laneproxy.core.errors import (
     UpstreamTimeoutError,
 )
 from laneproxy.dataplane import codec
+from laneproxy.dataplane.route_trail import TRAIL_HOPS
 
 if TYPE_CHECKING:
     from laneproxy.dataplane.downstream import DownstreamConnection
@@ -76,7 +77,7 @@ class Exchange:
         "response_started", "response_chunked", "response_keep_alive", "response_status", "finished",
         "deadline", "start", "connection_tokens", "error", "expect_continue", "retry", "attempts",
         "discarding", "last_activity", "counted_active", "request_bytes", "response_bytes", "pending_head",
-        "pending_bytes",
+        "pending_bytes", "peer", "trail", "trail_key",
     )
 
     def __init__(self, downstream: DownstreamConnection, method: bytes, target: bytes, http_minor: int,
@@ -116,6 +117,9 @@ class Exchange:
         self.counted_active = False
         self.request_bytes = 0  # body bytes as decoded, for the access log
         self.response_bytes = 0
+        self.peer: bytes | None = None  # the upstream's peer header (who answered), for Istio's metrics
+        self.trail: list[str] | None = None  # the hops so far, when the request asked where it went
+        self.trail_key: bytes | None = None  # the trace the trail is kept under (inbound: answered and closed)
 
     # request side, driven by the downstream parser ---------------------------------------------
 
@@ -146,8 +150,11 @@ class Exchange:
             self.downstream.hold(len(data))
             return
         if self.request_chunked:
-            upstream.transport.writelines(codec.chunk(data))
+            parts = codec.chunk(data)
+            upstream.pool.tx_bytes += sum(map(len, parts))
+            upstream.transport.writelines(parts)
         else:
+            upstream.pool.tx_bytes += len(data)
             upstream.transport.write(data)
 
     def on_request_complete(self) -> None:
@@ -156,6 +163,7 @@ class Exchange:
             return
         upstream = self.upstream
         if upstream is not None and upstream.transport is not None and self.request_chunked:
+            upstream.pool.tx_bytes += len(codec.LAST_CHUNK)
             upstream.transport.write(codec.LAST_CHUNK)
         self._arm_timer()
 
@@ -213,7 +221,7 @@ class Exchange:
         routed.cluster_stats.rq_total += 1  # an upstream request exists once it has a connection
         self.last_activity = self.listener.now
         parts = [self.method, b" ", routed.path, b" HTTP/1.1\r\n"]
-        skip = h.HOP_BY_HOP if self.connection_tokens is None else h.HOP_BY_HOP | self.connection_tokens
+        skip = h.NOT_FORWARDED if self.connection_tokens is None else h.NOT_FORWARDED | self.connection_tokens
         if self.expect_continue:
             skip = skip | {h.EXPECT}
         codec.write_headers(parts, self.headers, skip, routed.overrides)
@@ -228,7 +236,9 @@ class Exchange:
                 parts += codec.chunk(data) if self.request_chunked else (data,)
         if self.request_complete and self.request_chunked:
             parts.append(codec.LAST_CHUNK)
-        transport.write(b"".join(parts))
+        payload = b"".join(parts)
+        connection.pool.tx_bytes += len(payload)
+        transport.write(payload)
         if self.pending_bytes:
             self._release_pending()
         self._arm_timer()
@@ -344,6 +354,8 @@ class Exchange:
         self.response_status = status
         self.response_keep_alive = keep_alive
         self.response_started = True
+        if self.listener.reads_peer or self.trail is not None:
+            self._read_mesh_headers(headers)
         overrides = self.listener.response_overrides(self)
         parts = [b"HTTP/1.1 %d " % status, reason or codec.reason_phrase(status), codec.CRLF]
         has_length = codec.write_response_headers(parts, headers, overrides)
@@ -363,6 +375,14 @@ class Exchange:
             # httptools cannot be told a response to HEAD has no body: finish here, never reuse.
             self.response_keep_alive = False
             self.on_response_complete()
+
+    def _read_mesh_headers(self, headers: list[tuple[bytes, bytes]]) -> None:
+        """The headers the next proxy answered with for this one: who it is, and where the request went next."""
+        for name, value in headers:
+            if name == h.X_LANEPROXY_PEER:
+                self.peer = value
+            elif name == h.X_LANEPROXY_ROUTE and value and self.trail is not None and len(self.trail) < TRAIL_HOPS:
+                self.trail.append(value.decode("latin-1"))
 
     def on_response_body(self, data: bytes) -> None:
         if self.finished or self.discarding:

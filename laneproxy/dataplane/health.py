@@ -20,7 +20,7 @@ from laneproxy.core.model import Endpoint, Route, ServiceRoutes
 
 class OutlierDetector:
     __slots__ = ("consecutive_5xx", "ejection_seconds", "max_ejection_percent", "_clock", "failures", "ejected",
-                 "ejections_total")
+                 "ejections_total", "ejections_by_endpoint")
 
     def __init__(self, *, consecutive_5xx: int = 5, ejection_seconds: float = 30.0, max_ejection_percent: int = 10,
                  clock: Callable[[], float]) -> None:
@@ -31,6 +31,7 @@ class OutlierDetector:
         self.failures: dict[Endpoint, int] = {}
         self.ejected: dict[Endpoint, float] = {}  # endpoint -> time its ejection ends
         self.ejections_total = 0
+        self.ejections_by_endpoint: dict[Endpoint, int] = {}  # for each cluster's outlier_detection.* stats
 
     def healthy(self, endpoints: tuple[Endpoint, ...]) -> tuple[Endpoint, ...]:
         if not self.ejected:
@@ -58,6 +59,7 @@ class OutlierDetector:
         if already < allowed:
             self.ejected[endpoint] = self._clock() + self.ejection_seconds
             self.ejections_total += 1
+            self.ejections_by_endpoint[endpoint] = self.ejections_by_endpoint.get(endpoint, 0) + 1
 
 
 class EndpointSelector:

@@ -2,9 +2,11 @@
 
 Owns what differs between the three: how a request's lane is decided, which endpoint it goes to,
 and which headers change on the way (Envoy's policy, in header_policy, applied around routing by
-Role.prepare). It also counts what Envoy counts when an exchange ends (per listener and per host)
-and then hands the exchange to its observers (access log, tracing). Everything else (framing,
-pooling, timeouts) is the exchange's, shared by all roles. The route table is read once per request.
+Role.prepare), and the mesh's own per-hop headers (the peer identity Istio's metrics need, the
+opt-in route trail). It also counts what Envoy counts when an exchange ends (per listener and per
+host) and then hands the exchange to its observers (access log, tracing, Istio's metrics).
+Everything else (framing, pooling, timeouts) is the exchange's, shared by all roles. The route
+table is read once per request.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from laneproxy.dataplane.downstream import DownstreamConnection
 from laneproxy.dataplane.exchange import RetryPolicy
 from laneproxy.dataplane.header_policy import RequestHeaderPolicy, response_headers
 from laneproxy.dataplane.health import EndpointSelector
+from laneproxy.dataplane.route_trail import TRAIL_HOPS, RouteTrails, hop
 
 if TYPE_CHECKING:
     from laneproxy.core.store import RouteTableStore
@@ -96,6 +99,18 @@ class Role:
         self.selector = selector
         self.header_policy = RequestHeaderPolicy(edge=self.edge)  # the listener installs its settings' policy
         self.tracer: ExchangeTracer | None = None
+        self.peer_header: bytes | None = None  # this workload, sent upstream for Istio's metrics (app wires it)
+        self.trails: RouteTrails | None = None  # "where did this request go", when configured
+
+    def trace_value(self, exchange: Exchange, table: RouteTable) -> bytes | None:
+        """The swimlane trace key of a request (the first group's trace header), for the route trail."""
+        for group in table.groups.values():
+            name = group.trace_header_key
+            if name is not None:
+                value = header_value(exchange.headers, name)
+                if value is not None:
+                    return trace_key(name, value)
+        return None
 
     def prepare(self, exchange: Exchange, table: RouteTable) -> Target:
         """The exchange's question: route the request, then apply the header policy and open its span."""
@@ -104,12 +119,29 @@ class Role:
         host_stats = target.host_stats = target.cluster_stats.host(target.endpoint)
         host_stats.rq_active += 1
         self.header_policy.apply(exchange, target, facts)
+        if self.peer_header is not None:
+            target.overrides[h.X_LANEPROXY_PEER] = self.peer_header
+        if self.trails is not None:
+            self.follow_trail(exchange, target, table)
         if self.tracer is not None:
             self.tracer.start(exchange, target, table)
         return target
 
     def choose(self, exchange: Exchange, table: RouteTable) -> Target:
         raise NotImplementedError
+
+    def follow_trail(self, exchange: Exchange, target: Target, table: RouteTable) -> None:
+        """Outbound: a call in a trace whose trail is open adds its hop and asks the next sidecar for its own."""
+        trails = self.trails
+        if not trails:
+            return
+        key = self.trace_value(exchange, table)
+        trail = trails.get(key) if key is not None else None
+        if trail is not None:
+            if len(trail) < TRAIL_HOPS:
+                trail.append(hop(target.route))
+            exchange.trail = trail
+            target.overrides[h.X_LANEPROXY_ROUTE] = b"1"
 
     def static_routes(self) -> tuple[Route, ...]:
         """Routes this role serves that are not in the route table (shown by /clusters and /stats)."""
@@ -147,6 +179,14 @@ class GatewayRole(Role):
     def __init__(self, stats: ProxyStats, selector: EndpointSelector, random_value: Callable[[], float]) -> None:
         super().__init__(stats, selector)
         self.random_value = random_value
+        self.debug_token: bytes | None = None  # the route trail token trusted callers send
+
+    def follow_trail(self, exchange: Exchange, target: Target, table: RouteTable) -> None:
+        """The edge starts a trail only for a caller that knows the token; anyone else's header goes nowhere."""
+        token = self.debug_token
+        if token is not None and header_value(exchange.headers, h.X_LANEPROXY_ROUTE) == token:
+            exchange.trail = [hop(target.route)]
+            target.overrides[h.X_LANEPROXY_ROUTE] = b"1"
 
     def choose(self, exchange: Exchange, table: RouteTable) -> Target:
         path, authority = split_target(exchange)
@@ -173,6 +213,16 @@ class InboundRole(Role):
 
     def static_routes(self) -> tuple[Route, ...]:
         return (self.app_route,)
+
+    def follow_trail(self, exchange: Exchange, target: Target, table: RouteTable) -> None:
+        """A request sent with `x-laneproxy-route: 1` opens this process's trail for its trace."""
+        trails = self.trails
+        if trails is None or header_value(exchange.headers, h.X_LANEPROXY_ROUTE) != b"1":
+            return
+        key = self.trace_value(exchange, table)
+        if key is not None:
+            exchange.trail = trails.open(key)
+            exchange.trail_key = key
 
     def choose(self, exchange: Exchange, table: RouteTable) -> Target:
         path, authority = split_target(exchange)
@@ -313,7 +363,10 @@ class Listener:
         # x-envoy-* headers steer retries and timeouts only when they come from inside the mesh.
         self.trust_envoy_headers = role.name != "gateway"
         self.draining = False
-        self.exchange_observers: list[Callable[[Exchange], None]] = []  # access log, tracing
+        self.address_tag = ""  # `0.0.0.0_8080` once bound
+        self.exchange_observers: list[Callable[[Exchange], None]] = []  # access log, tracing, Istio's metrics
+        self.reads_peer = False  # an upstream's peer header is read from responses (Istio's source reporter)
+        self.response_peer: bytes | None = None  # inbound: this workload, answered to the caller
         role.header_policy = RequestHeaderPolicy(edge=role.edge, route_timeout=settings.timeouts.route,
                                                  trust_client_trace_id=settings.trust_client_trace_id)
 
@@ -324,6 +377,7 @@ class Listener:
         """Bind and serve, and start the timeout sweeper: the only way a listener starts (workers pass reuse_port)."""
         self.server = await self.loop.create_server(self.protocol, host, port, reuse_address=True,
                                                     reuse_port=reuse_port or None, backlog=1024)
+        self.address_tag = f"{host}_{self.server.sockets[0].getsockname()[1]}"  # Envoy's listener_address tag
         self.sweeper = self.loop.create_task(self._sweep(), name=f"{self.name}-timeouts")
         return self.server.sockets[0].getsockname()[1]
 
@@ -354,7 +408,16 @@ class Listener:
         routed = exchange.routed
         if routed is not None:
             routed.service_time_ms = milliseconds
-        return response_headers(milliseconds, self.server_name)
+        overrides = response_headers(milliseconds, self.server_name)
+        if self.response_peer is not None:
+            overrides[h.X_LANEPROXY_PEER] = self.response_peer
+        trail = exchange.trail
+        if trail is not None:
+            if trail:
+                overrides[h.X_LANEPROXY_ROUTE] = ", ".join(trail).encode("latin-1")
+            if exchange.trail_key is not None and self.role.trails is not None:
+                self.role.trails.close(exchange.trail_key)
+        return overrides
 
     def on_exchange_done(self, exchange: Exchange) -> None:
         stats = self.stats

@@ -102,6 +102,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.poller.register(sock.fileno(), _PEEK_EVENTS)
 
     def data_received(self, data: bytes) -> None:
+        self.pool.rx_bytes += len(data)
         if self.sink is None:
             # An idle connection has nothing to say; whatever arrives makes it unusable.
             self.close()
@@ -142,8 +143,13 @@ class UpstreamConnection(asyncio.Protocol):
             sink.flush_head()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        pool = self.pool
+        if self.closed:
+            pool.destroyed_local += 1  # close() ran first: this proxy ended it
+        else:
+            pool.destroyed_remote += 1
         self.closed = True
-        self.pool.open_count -= 1
+        pool.open_count -= 1
         self.pool.forget(self)
         sink, self.sink = self.sink, None
         if sink is None:
@@ -270,7 +276,7 @@ class UpstreamPool:
     """Idle keep-alive connections to one endpoint (host, port), most recently used first."""
 
     __slots__ = ("host", "port", "idle", "max_idle", "_loop", "_connect_timeout", "open_count", "pending",
-                 "max_head_bytes", "max_headers")
+                 "max_head_bytes", "max_headers", "rx_bytes", "tx_bytes", "destroyed_local", "destroyed_remote")
 
     def __init__(self, host: str, port: int, loop: asyncio.AbstractEventLoop, *, connect_timeout: float,
                  max_idle: int = 128, max_head_bytes: int = 80 * 1024, max_headers: int = 100) -> None:
@@ -281,6 +287,8 @@ class UpstreamPool:
         self.max_headers = max_headers
         self.open_count = 0  # connections open now, idle or lent
         self.pending = 0  # connections being opened for requests waiting on them
+        # Envoy's upstream_cx_rx/tx_bytes_total and upstream_cx_destroy_local/remote, per endpoint.
+        self.rx_bytes = self.tx_bytes = self.destroyed_local = self.destroyed_remote = 0
         self._loop = loop
         self._connect_timeout = connect_timeout
 
@@ -308,8 +316,10 @@ class UpstreamPool:
             async with asyncio.timeout(self._connect_timeout):
                 _, connection = await self._loop.create_connection(lambda: UpstreamConnection(self), self.host, self.port)
         except TimeoutError as exc:
+            self.destroyed_local += 1  # as Envoy counts an attempt it gave up on
             error = UpstreamConnectError(f"connect timeout to {self.host}:{self.port}").with_cause(exc)
         except OSError as exc:
+            self.destroyed_remote += 1  # as Envoy counts a refused or reset attempt
             error = UpstreamConnectError(f"{self.host}:{self.port}: {exc.strerror or exc}").with_cause(exc)
         finally:
             self.pending -= 1
@@ -350,6 +360,14 @@ class UpstreamPools:
                 host, port, self._loop, connect_timeout=self._connect_timeout,
                 max_head_bytes=self._max_head_bytes, max_headers=self._max_headers)
         return pool
+
+    def reset_counters(self) -> None:
+        for pool in self._pools.values():
+            pool.rx_bytes = pool.tx_bytes = pool.destroyed_local = pool.destroyed_remote = 0
+
+    def find(self, host: str, port: int) -> UpstreamPool | None:
+        """The endpoint's pool if one was ever used (for the stats: never creates one)."""
+        return self._pools.get((host, port))
 
     def close(self) -> None:
         for pool in self._pools.values():

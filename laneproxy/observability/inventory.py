@@ -12,11 +12,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, Iterator
 
 from laneproxy.core.store import UNKNOWN_HEALTH, SourceHealth
-from laneproxy.observability.stats import StatKind, StatRecord, cluster_records
+from laneproxy.observability.stats import NO_TRANSPORT, StatKind, StatRecord, TransportNumbers, cluster_records
 
 if TYPE_CHECKING:
     from laneproxy.core.model import Endpoint, Route, RouteTable
     from laneproxy.core.propagation import TraceTableCounters
+    from laneproxy.observability.istio import IstioMetrics
     from laneproxy.observability.stats import ProxyStats
 
 # Envoy's ServerInfo.State numbers, as its `server.state` gauge reports them.
@@ -40,6 +41,11 @@ class ProcessView:
     config_skipped: int = 0  # inputs the current table was built without
     config_objects_rejected: int = 0  # inputs ever left out (each once per reason)
     config_health: SourceHealth = UNKNOWN_HEALTH
+    istio: IstioMetrics | None = None
+    pools: object | None = None  # the data plane's UpstreamPools (find(host, port) -> pool or None)
+    outliers: object | None = None  # the OutlierDetector (ejected, ejections_by_endpoint)
+    listener_addresses: tuple[tuple[str, str], ...] = ()  # (listener name, Envoy's address tag `0.0.0.0_8080`)
+    memory: tuple[int, int] | None = None  # (allocated, heap size) bytes, read at scrape time
 
 
 def cluster_members(table: RouteTable, static_routes: Iterable[Route] = ()) -> dict[str, tuple[Endpoint, ...]]:
@@ -106,6 +112,27 @@ class CatalogCache:
         self._catalog = None
 
 
+def transport_numbers(view: ProcessView, endpoints: Iterable[Endpoint]) -> TransportNumbers:
+    """The connection and outlier numbers of a cluster, summed over its endpoints' pools."""
+    pools, outliers = view.pools, view.outliers
+    if pools is None and outliers is None:
+        return NO_TRANSPORT
+    active = pending = rx = tx = local = remote = ejected = enforced = 0
+    for endpoint in endpoints:
+        pool = pools.find(endpoint.host, endpoint.port) if pools is not None else None  # type: ignore[attr-defined]
+        if pool is not None:
+            active += pool.open_count
+            pending += pool.pending
+            rx += pool.rx_bytes
+            tx += pool.tx_bytes
+            local += pool.destroyed_local
+            remote += pool.destroyed_remote
+        if outliers is not None:
+            ejected += endpoint in outliers.ejected  # type: ignore[attr-defined]
+            enforced += outliers.ejections_by_endpoint.get(endpoint, 0)  # type: ignore[attr-defined]
+    return TransportNumbers(active, pending, rx, tx, local, remote, ejected, enforced)
+
+
 def all_records(view: ProcessView, catalog: ClusterCatalog | None = None) -> Iterator[StatRecord]:
     stats = view.stats
     if catalog is None:
@@ -114,8 +141,9 @@ def all_records(view: ProcessView, catalog: ClusterCatalog | None = None) -> Ite
     for name in sorted(set(members) | set(stats.clusters)):
         endpoints = members.get(name, ())
         # Without active health checking every endpoint the table lists counts as healthy, as in Envoy.
-        yield from cluster_records(name, stats.clusters.get(name), membership_total=len(endpoints),
-                                   membership_healthy=len(endpoints))
+        busy = stats.clusters.get(name)
+        yield from cluster_records(name, busy, membership_total=len(endpoints), membership_healthy=len(endpoints),
+                                   transport=transport_numbers(view, endpoints) if busy is not None else NO_TRANSPORT)
     yield from other_records(view, active_clusters=len(members))
 
 
@@ -125,7 +153,37 @@ def other_records(view: ProcessView, *, active_clusters: int) -> Iterator[StatRe
     for listener in stats.listeners.values():
         yield from listener.records()
     yield from stats.lanes.records()
+    yield from lane_info_records(view.table)
+    if view.istio is not None:
+        yield from view.istio.records()
     yield from _process_records(view, active_clusters=active_clusters)
+
+
+def process_memory() -> tuple[int, int] | None:
+    """(allocated, heap size) in bytes, as Envoy's server.memory_* report tcmalloc's: here the process's
+    resident memory not shared with others, and all of its resident memory (Linux /proc); None elsewhere."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            fields = statm.read().split()
+    except OSError:
+        return None
+    import os
+
+    page = os.sysconf("SC_PAGE_SIZE")
+    resident, shared = int(fields[1]) * page, int(fields[2]) * page
+    return resident - shared, resident
+
+
+def lane_info_records(table: RouteTable) -> Iterator[StatRecord]:
+    """One info gauge per lane of the running table, with its group and fallback target.
+
+    What `laneproxy verdict` asks Prometheus for to find a lane's baseline; bounded by the configuration.
+    """
+    for group in sorted(table.groups.values(), key=lambda g: g.name):
+        for lane in sorted(group.lanes):
+            target = group.fallback_target or ""
+            yield StatRecord(f"laneproxy.lane_info.{group.name}.{lane}", StatKind.GAUGE, 1, True, "laneproxy_lane_info",
+                             (("group", group.name), ("lane", lane), ("fallback_target", target)))
 
 
 def _process_records(view: ProcessView, *, active_clusters: int) -> Iterator[StatRecord]:
@@ -135,6 +193,23 @@ def _process_records(view: ProcessView, *, active_clusters: int) -> Iterator[Sta
     def counter(name: str, value: int, family: str, tags: tuple[tuple[str, str], ...] = ()) -> StatRecord:
         return StatRecord(name, StatKind.COUNTER, value, value > 0, family, tags)
 
+    for name, address in view.listener_addresses:
+        listener = view.stats.listeners.get(name)
+        if listener is None:
+            continue
+        tag = (("envoy_listener_address", address),)
+        prefix = f"listener.{address}."
+        yield StatRecord(prefix + "downstream_cx_total", StatKind.COUNTER, listener.cx_total, listener.cx_total > 0,
+                         "envoy_listener_downstream_cx_total", tag)
+        closed = listener.cx_total - listener.cx_active
+        yield StatRecord(prefix + "downstream_cx_destroy", StatKind.COUNTER, closed, closed > 0,
+                         "envoy_listener_downstream_cx_destroy", tag)
+        yield StatRecord(prefix + "downstream_cx_active", StatKind.GAUGE, listener.cx_active, True,
+                         "envoy_listener_downstream_cx_active", tag)
+    if view.memory is not None:
+        allocated, heap = view.memory
+        yield gauge("server.memory_allocated", allocated, "envoy_server_memory_allocated")
+        yield gauge("server.memory_heap_size", heap, "envoy_server_memory_heap_size")
     yield gauge("server.live", 1 if view.state == "LIVE" else 0, "envoy_server_live")
     yield gauge("server.state", SERVER_STATE_NUMBERS.get(view.state, 2), "envoy_server_state")
     yield gauge("server.uptime", view.uptime_seconds, "envoy_server_uptime")

@@ -19,7 +19,14 @@ from prometheus_client.utils import floatToGoString
 from laneproxy.observability.stats import HISTOGRAM_BOUNDS, Histogram, StatKind, StatRecord
 
 _TYPE_ORDER = {"counter": 0, "gauge": 1, "histogram": 2}
-_BOUND_LABELS = [str(int(bound)) if bound == int(bound) else str(bound) for bound in HISTOGRAM_BOUNDS] + ["+Inf"]
+_ENVOY_BOUND_LABELS = [str(int(b)) if b == int(b) else str(b) for b in HISTOGRAM_BOUNDS] + ["+Inf"]
+
+
+def bound_labels(bounds: tuple[float, ...]) -> list[str]:
+    """The `le` values of a histogram's buckets (Envoy's default bounds are formatted once)."""
+    if bounds is HISTOGRAM_BOUNDS:
+        return _ENVOY_BOUND_LABELS
+    return [str(int(b)) if b == int(b) else str(b) for b in bounds] + ["+Inf"]
 
 
 def metric_families(records: Iterable[StatRecord]) -> list[Metric]:
@@ -38,7 +45,7 @@ def metric_families(records: Iterable[StatRecord]) -> list[Metric]:
         labels = dict(record.tags)
         if kind is StatKind.HISTOGRAM:
             assert isinstance(value, Histogram)
-            for bound, count in zip(_BOUND_LABELS, value.cumulative()):
+            for bound, count in zip(bound_labels(value.bounds), value.cumulative()):
                 family.add_sample(record.family + "_bucket", {**labels, "le": bound}, count)
             family.add_sample(record.family + "_sum", labels, value.sum)
             family.add_sample(record.family + "_count", labels, value.count)
@@ -106,12 +113,35 @@ def record_lines(record: StatRecord) -> str:
         assert isinstance(histogram, Histogram)
         family = record.family
         prefix = f"{family}_bucket{{{labels}," if labels else f"{family}_bucket{{"
-        lines = [f'{prefix}le="{bound}"}} {count}\n' for bound, count in zip(_BOUND_LABELS, histogram.cumulative())]
+        lines = [f'{prefix}le="{bound}"}} {count}\n'
+                 for bound, count in zip(bound_labels(histogram.bounds), histogram.cumulative())]
         lines.append(f"{family}_sum{{{labels}}} {_number(histogram.sum)}\n")
         lines.append(f"{family}_count{{{labels}}} {_number(histogram.count)}\n")
         return "".join(lines)
     value = 1 if kind is StatKind.TEXT else record.value
     return f"{record.family}{{{labels}}} {_number(value)}\n"  # type: ignore[arg-type]
+
+
+# Istio's bootstrap names Envoy's tags without the `envoy_` prefix (and a class keeps its `xx`):
+# `envoy_cluster_upstream_rq{cluster_name="...",response_code="200"}` where Envoy alone writes envoy_cluster_name.
+ISTIO_TAG_NAMES = {
+    "envoy_cluster_name": "cluster_name",
+    "envoy_response_code": "response_code",
+    "envoy_response_code_class": "response_code_class",
+    "envoy_http_conn_manager_prefix": "http_conn_manager_prefix",
+    "envoy_listener_address": "listener_address",
+}
+STATS_TAG_STYLES = ("envoy", "istio")
+
+
+def with_istio_tags(record: StatRecord) -> StatRecord:
+    """The record under Istio's tag names (records without Envoy tags are returned as they are)."""
+    tags = record.tags
+    if not tags or not any(name in ISTIO_TAG_NAMES for name, _ in tags):
+        return record
+    renamed = tuple((ISTIO_TAG_NAMES[name], value + "xx" if name == "envoy_response_code_class" else value)
+                    if name in ISTIO_TAG_NAMES else (name, value) for name, value in tags)
+    return StatRecord(record.name, record.kind, record.value, record.used, record.family, renamed)
 
 
 def escape_label(value: str) -> str:

@@ -53,25 +53,26 @@ class StatRecord:
 
 
 class Histogram:
-    """Latencies in Envoy's default buckets (milliseconds): a count per bucket, a sum and a count."""
+    """Values in fixed buckets (Envoy's default bounds in milliseconds unless given): counts, a sum and a count."""
 
-    __slots__ = ("counts", "sum", "count", "low", "high")
+    __slots__ = ("counts", "sum", "count", "low", "high", "bounds")
 
-    def __init__(self) -> None:
-        self.counts = [0] * (len(HISTOGRAM_BOUNDS) + 1)  # the last one is +Inf
+    def __init__(self, bounds: tuple[float, ...] = HISTOGRAM_BOUNDS) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
         self.sum = 0.0
         self.count = 0
         self.low = float("inf")  # the smallest and largest values seen bound the quantile estimates
         self.high = 0.0
 
-    def record(self, milliseconds: float) -> None:
-        self.counts[bisect_left(HISTOGRAM_BOUNDS, milliseconds)] += 1
-        self.sum += milliseconds
+    def record(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
         self.count += 1
-        if milliseconds < self.low:
-            self.low = milliseconds
-        if milliseconds > self.high:
-            self.high = milliseconds
+        if value < self.low:
+            self.low = value
+        if value > self.high:
+            self.high = value
 
     def cumulative(self) -> list[int]:
         """Counts of values <= each bound, then the total (the +Inf bucket)."""
@@ -85,12 +86,13 @@ class Histogram:
         """An estimate from the buckets (linear inside a bucket, within the values seen); None when empty."""
         if self.count == 0:
             return None
+        bounds = self.bounds
         rank = self.count * percent / 100.0
         running = 0
         for index, count in enumerate(self.counts):
             if count and running + count >= rank:
-                low = max(HISTOGRAM_BOUNDS[index - 1] if index > 0 else 0.0, self.low)
-                high = min(HISTOGRAM_BOUNDS[index] if index < len(HISTOGRAM_BOUNDS) else self.high, self.high)
+                low = max(bounds[index - 1] if index > 0 else 0.0, self.low)
+                high = min(bounds[index] if index < len(bounds) else self.high, self.high)
                 return low + (high - low) * max(0.0, rank - running) / count
             running += count
         return self.high
@@ -154,20 +156,54 @@ class ClusterStats:
                                    membership_healthy=membership_healthy)
 
 
+@dataclass(frozen=True, slots=True)
+class TransportNumbers:
+    """What a cluster's endpoints' connection pools and the outlier detector say, gathered at scrape time."""
+
+    cx_active: int = 0
+    rq_pending_active: int = 0
+    rx_bytes: int = 0
+    tx_bytes: int = 0
+    destroy_local: int = 0
+    destroy_remote: int = 0
+    ejections_active: int = 0
+    ejections_enforced: int = 0
+
+
+NO_TRANSPORT = TransportNumbers()
+
+
 def cluster_records(name: str, stats: ClusterStats | None, *, membership_total: int,
-                    membership_healthy: int) -> Iterator[StatRecord]:
+                    membership_healthy: int, transport: TransportNumbers = NO_TRANSPORT) -> Iterator[StatRecord]:
     """The stats of cluster `name`; `stats` None means the cluster is configured but saw no traffic."""
     prefix = f"cluster.{name}."
     cluster_tag = (("envoy_cluster_name", name),)
 
     def counter(stat: str, value: int) -> StatRecord:
-        return StatRecord(prefix + stat, StatKind.COUNTER, value, value > 0, "envoy_cluster_" + stat, cluster_tag)
+        return StatRecord(prefix + stat, StatKind.COUNTER, value, value > 0, "envoy_cluster_" + stat.replace(".", "_"),
+                          cluster_tag)
 
     def gauge(stat: str, value: int, used: bool) -> StatRecord:
-        return StatRecord(prefix + stat, StatKind.GAUGE, value, used, "envoy_cluster_" + stat, cluster_tag)
+        return StatRecord(prefix + stat, StatKind.GAUGE, value, used, "envoy_cluster_" + stat.replace(".", "_"),
+                          cluster_tag)
 
     yield gauge("membership_total", membership_total, True)
     yield gauge("membership_healthy", membership_healthy, True)
+    # Connection-level stats dashboards expect, from the endpoints' pools. Envoy sets these gauges when the
+    # cluster first opens a connection: one that only ever answered "no healthy upstream" has not.
+    connected = (stats is not None and stats.cx_total > 0) or transport.cx_active > 0
+    yield gauge("upstream_cx_active", transport.cx_active, connected)
+    yield gauge("upstream_rq_pending_active", transport.rq_pending_active, connected)
+    yield counter("upstream_cx_rx_bytes_total", transport.rx_bytes)
+    yield counter("upstream_cx_tx_bytes_total", transport.tx_bytes)
+    yield counter("upstream_cx_destroy", transport.destroy_local + transport.destroy_remote)
+    yield counter("upstream_cx_destroy_local", transport.destroy_local)
+    yield counter("upstream_cx_destroy_remote", transport.destroy_remote)
+    # Envoy sets this gauge at the first ejection, not before (usedonly hides it until then).
+    yield gauge("outlier_detection.ejections_active", transport.ejections_active,
+                transport.ejections_enforced > 0 or transport.ejections_active > 0)
+    yield counter("outlier_detection.ejections_enforced_total", transport.ejections_enforced)
+    yield counter("outlier_detection.ejections_enforced_consecutive_5xx", transport.ejections_enforced)
     if stats is None:
         for stat in ("upstream_rq_total", "upstream_rq_completed", "upstream_cx_total", "upstream_cx_connect_fail",
                      "upstream_cx_none_healthy", "upstream_rq_timeout", "upstream_rq_rx_reset", "upstream_rq_retry",

@@ -65,7 +65,8 @@ def _exporter(spec: str):
                 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter  # type: ignore[no-redef]
             except ImportError as exc:
                 raise TracingSetupError(
-                    "--tracing otlp needs opentelemetry-exporter-otlp-proto-http (or -grpc) installed") from exc
+                    "--tracing otlp needs opentelemetry-exporter-otlp-proto-http (or -grpc) installed: "
+                    "pip install 'laneproxy[otlp]'") from exc
         return OTLPSpanExporter(), True
     raise TracingSetupError(f"unknown tracing exporter {spec!r}; expected one of {', '.join(EXPORTERS)}")
 

@@ -43,7 +43,8 @@ def stand_in_crd(group: str, version: str, kind: str, plural: str) -> dict:
 
 
 STAND_IN_CRDS = [stand_in_crd("rollouts.kruise.io", "v1beta1", "Rollout", "rollouts"),
-                 stand_in_crd("networking.istio.io", "v1beta1", "Gateway", "gateways")]
+                 stand_in_crd("networking.istio.io", "v1beta1", "Gateway", "gateways"),
+                 stand_in_crd("monitoring.coreos.com", "v1", "PodMonitor", "podmonitors")]
 
 
 def render(directory: Path) -> list[dict]:

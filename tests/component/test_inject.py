@@ -124,7 +124,8 @@ def test_sidecar_learns_namespace_lane_and_service_from_the_downward_api_and_lis
     assert env["LANEPROXY_ADMIN"] == "127.0.0.1:15000"  # never beyond loopback: it can stop the proxy
     sidecar = container(pod, SIDECAR_NAME)
     assert sidecar["readinessProbe"]["exec"]["command"] == ["laneproxy", "probe", "http://127.0.0.1:15000/ready"]
-    assert sidecar["ports"] == [{"name": "lp-inbound", "containerPort": 15006, "protocol": "TCP"}]
+    assert sidecar["ports"] == [{"name": "lp-inbound", "containerPort": 15006, "protocol": "TCP"},
+                                {"name": "lp-metrics", "containerPort": 15020, "protocol": "TCP"}]
     assert set(sidecar["resources"]) == {"requests", "limits"}
 
 
@@ -205,6 +206,72 @@ def test_a_pod_that_cannot_be_injected_as_asked_is_an_error_naming_the_reason(ch
                                                                "metadata": {"name": "x", **pod["metadata"]},
                                                                "spec": pod["spec"]}))
     assert cli.returncode == 1 and message in cli.stderr
+
+
+def test_injection_adds_the_metrics_port_its_scrape_annotations_and_the_workload_identity():
+    deployment, _ = inject_document(workload("Deployment"), SETTINGS)
+    template = pod_template(deployment)
+    assert {k: v for k, v in template["metadata"]["annotations"].items() if k.startswith("prometheus.io/")} == {
+        "prometheus.io/scrape": "true", "prometheus.io/port": "15020", "prometheus.io/path": "/stats/prometheus"}
+    sidecar = container(template, SIDECAR_NAME)
+    env = env_of(sidecar)
+    assert env["LANEPROXY_METRICS"] == "0.0.0.0:15020"  # the read-only listener; the admin stays on loopback
+    assert env["LANEPROXY_ADMIN"] == "127.0.0.1:15000"
+    assert env["LANEPROXY_WORKLOAD"] == "mocka-deployment"  # the object holding the template
+    assert env["LANEPROXY_VERSION"] == {"fieldRef": {"fieldPath": "metadata.labels['version']"}}
+    assert {"name": "lp-metrics", "containerPort": 15020, "protocol": "TCP"} in sidecar["ports"]
+
+
+@pytest.mark.parametrize("meta, expected", [
+    ({"name": "x", "generateName": "mocka-v1-7d9f8b6c4-",
+      "ownerReferences": [{"kind": "ReplicaSet", "name": "mocka-v1-7d9f8b6c4", "controller": True}]}, "mocka-v1"),
+    # Kruise's canary Deployment has a name of its own: its pods are a workload of their own.
+    ({"generateName": "mocka-v1-canary-5c8d-",
+      "ownerReferences": [{"kind": "ReplicaSet", "name": "mocka-v1-canary-5c8d", "controller": True}]},
+     "mocka-v1-canary"),
+    ({"name": "web-0", "ownerReferences": [{"kind": "StatefulSet", "name": "web", "controller": True}]}, "web"),
+    ({"name": "lonely"}, "lonely"),
+])
+def test_a_pods_workload_is_named_after_its_controller_as_istio_names_it(meta, expected):
+    pod = seed_pod_spec()
+    pod["metadata"].update(meta)
+    assert env_of(container(inject_pod(pod, SETTINGS), SIDECAR_NAME))["LANEPROXY_WORKLOAD"] == expected
+
+
+def test_the_apps_own_scrape_target_is_merged_into_the_sidecars_and_injecting_again_keeps_it():
+    pod = seed_pod_spec()
+    pod["metadata"]["annotations"] = {"prometheus.io/scrape": "true", "prometheus.io/port": "9102"}
+    once = inject_pod(pod, SETTINGS)
+    annotations = once["metadata"]["annotations"]
+    assert (annotations["prometheus.io/port"], annotations["prometheus.io/path"]) == ("15020", "/stats/prometheus")
+    assert annotations["laneproxy.dev/app-metrics"] == "9102/metrics"
+    assert env_of(container(once, SIDECAR_NAME))["LANEPROXY_APP_METRICS"] == "http://127.0.0.1:9102/metrics"
+    assert inject_pod(once, SETTINGS) == once
+
+
+@pytest.mark.parametrize("annotations", [{"prometheus.io/scrape": "false"},
+                                         {"prometheus.io/scrape": "true", "prometheus.io/port": "http-metrics"}])
+def test_a_pod_that_asks_not_to_be_scraped_or_names_its_port_keeps_its_annotations(annotations):
+    pod = seed_pod_spec()
+    pod["metadata"]["annotations"] = dict(annotations)
+    injected = inject_pod(pod, SETTINGS)
+    assert {k: v for k, v in injected["metadata"]["annotations"].items() if k != INJECTED_ANNOTATION} == annotations
+    assert "LANEPROXY_APP_METRICS" not in env_of(container(injected, SIDECAR_NAME))
+
+
+def test_the_seed_overlays_apps_render_and_inject_with_the_metrics_port_and_annotations():
+    from tests.component.test_deploy import render
+
+    for overlay in ("seed", "seed-local"):
+        apps = [doc for doc in render(_REPO / "deploy" / "examples" / overlay)
+                if doc["kind"] == "Deployment" and doc["metadata"]["name"].startswith("mock")]
+        assert len(apps) == 3
+        for app in apps:
+            injected, refusal = inject_document(app, SETTINGS)
+            assert refusal is None
+            template = pod_template(injected)
+            assert template["metadata"]["annotations"]["prometheus.io/port"] == "15020"
+            assert env_of(container(template, SIDECAR_NAME))["LANEPROXY_WORKLOAD"] == app["metadata"]["name"]
 
 
 def test_input_is_never_modified():

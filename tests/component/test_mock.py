@@ -34,3 +34,27 @@ async def test_without_pod_ip_the_mock_reports_the_address_the_request_arrived_o
     monkeypatch.delenv("POD_IP", raising=False)
     monkeypatch.setenv("app", "mocka")
     assert await answer(MockSettings.from_environment()) == "mocka(version: v1, ip: 127.0.0.1)"
+
+
+async def test_the_mock_fails_exactly_its_share_of_requests_evenly_spread() -> None:
+    runner = web.AppRunner(build_mock_app(MockSettings(app="mocka", version="v2", upstream_url=None, fail_share=0.1)))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        async with aiohttp.ClientSession() as session:
+            statuses = []
+            for _ in range(30):
+                async with session.get(f"http://127.0.0.1:{port}/") as response:
+                    statuses.append(response.status)
+    finally:
+        await runner.cleanup()
+    assert [index + 1 for index, status in enumerate(statuses) if status == 500] == [10, 20, 30]
+    assert statuses.count(200) == 27
+
+
+@pytest.mark.parametrize("share", [-0.1, 1.5])
+def test_a_fail_share_outside_zero_to_one_is_refused(share: float) -> None:
+    with pytest.raises(ValueError, match="fail_share"):
+        MockSettings(app="a", version="v1", upstream_url=None, fail_share=share)

@@ -71,6 +71,10 @@ def test_the_installed_wheel_runs_the_demo_outside_the_source_tree(wheelhouse, t
     # Runtime dependencies only: nothing of the test extra came along.
     missing = subprocess.run([str(python), "-c", "import pytest"], cwd=elsewhere, env=env, capture_output=True)
     assert missing.returncode != 0
+    # The OTLP exporter is the `otlp` extra's, not the default install's.
+    otlp = subprocess.run([str(python), "-c", "import opentelemetry.exporter.otlp.proto.http"], cwd=elsewhere, env=env,
+                          capture_output=True)
+    assert otlp.returncode != 0
 
     demo = subprocess.Popen([str(venv / "bin" / "laneproxy"), "demo", "--gateway-port", "0"], cwd=elsewhere, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

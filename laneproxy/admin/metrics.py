@@ -1,0 +1,86 @@
+"""The read-only metrics listener: Prometheus text for a scraper in a cluster, apart from the admin API.
+
+Owns the listener Istio calls its merged-metrics port (15020): GET `/stats/prometheus` (and `/metrics`)
+answers every stat of the process (Envoy's, laneproxy's and Istio's standard metrics) exactly as the
+admin's /stats/prometheus does, with the same `filter`/`usedonly` query. Nothing else is served here:
+no POST, no health-check switch, no drain, so it may bind the pod's address while the admin API stays
+on loopback. Any other path or method answers 404/405 without touching the proxy.
+
+With `--app-metrics URL` (injection sets it when the pod's own `prometheus.io/*` annotations named
+a scrape target, and points those annotations here instead, as Istio's merged metrics do) the app's
+Prometheus text is fetched at each scrape and appended, so one scrape of the pod sees both. An app
+that does not answer within APP_METRICS_TIMEOUT costs that scrape its part, never the proxy's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+import aiohttp
+from aiohttp import web
+
+from laneproxy.admin.stats import answer_stats
+from laneproxy.observability.inventory import CatalogCache
+
+if TYPE_CHECKING:
+    from laneproxy.app import ProxyApp
+
+log = logging.getLogger("laneproxy.metrics")
+
+PATHS = ("/stats/prometheus", "/metrics")
+APP_METRICS_TIMEOUT = 2.0  # seconds: below Prometheus' default scrape timeout (10 s) with room for the proxy's part
+APP_METRICS_LIMIT = 16 << 20  # bytes of app metrics merged per scrape
+SESSION_KEY = web.AppKey("laneproxy_app_metrics_session", aiohttp.ClientSession)
+
+
+def build_metrics_app(proxy: ProxyApp) -> web.Application:
+    catalogs = CatalogCache()  # its own: the admin's is rebuilt on the admin's schedule
+    proxy.store.subscribe(catalogs.invalidate)
+    app_url = proxy.settings.observability.app_metrics
+
+    async def app_metrics() -> bytes:
+        session: aiohttp.ClientSession = app[SESSION_KEY]
+        try:
+            async with session.get(app_url) as response:  # type: ignore[arg-type]
+                if response.status != 200:
+                    log.debug("app metrics at %s answered %d", app_url, response.status)
+                    return b""
+                body = await response.content.read(APP_METRICS_LIMIT)
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            log.debug("app metrics at %s: %s", app_url, exc)
+            return b""
+        return body if body.endswith(b"\n") or not body else body + b"\n"
+
+    async def prometheus(request: web.Request) -> web.StreamResponse:
+        return await answer_stats(request, proxy, catalogs, "prometheus", app_metrics if app_url else None)
+
+    async def open_session(app: web.Application) -> None:
+        app[SESSION_KEY] = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=APP_METRICS_TIMEOUT),
+                                                 trust_env=False)
+
+    async def close_session(app: web.Application) -> None:
+        await app[SESSION_KEY].close()
+
+    app = web.Application()
+    if app_url:
+        app.on_startup.append(open_session)
+        app.on_cleanup.append(close_session)
+    for path in PATHS:
+        app.router.add_get(path, prometheus)  # GET (and HEAD); anything else is 405, unknown paths 404
+    return app
+
+
+class MetricsServer:
+    def __init__(self, proxy: ProxyApp) -> None:
+        self.runner = web.AppRunner(build_metrics_app(proxy), access_log=None)
+
+    async def start(self, host: str, port: int) -> int:
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, host, port, reuse_address=True)
+        await site.start()
+        return site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
