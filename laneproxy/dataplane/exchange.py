@@ -260,8 +260,15 @@ class Exchange:
         return (self.attempts <= self.retry.max_retries and not self.has_body and self.request_complete
                 and not self.response_started and self.method in _IDEMPOTENT and not self.finished)
 
+    def _unsent_retryable(self) -> bool:
+        # The connection never opened, so nothing reached the upstream and every body byte received so far
+        # is still held in pending_body (reading stops at the per-connection buffer limit): any method,
+        # POST included, may go again, even while its body is still arriving.
+        return self.attempts <= self.retry.max_retries and not self.response_started and not self.finished
+
     def _retry_if(self, kind: str) -> bool:
-        if not (self._retryable() and self.retry.on_failure(kind)):
+        retryable = self._unsent_retryable() if kind == "connect-failure" else self._retryable()
+        if not (retryable and self.retry.on_failure(kind)):
             return False
         self._retry()
         return True
