@@ -39,7 +39,16 @@ def process_view(proxy: ProxyApp) -> ProcessView:
         trace_counters=proxy.traces.counters, trace_table_size=len(proxy.traces),
         trace_table_bytes=proxy.traces.size_bytes,
         config_accepted=proxy.store.accepted, config_rejected=proxy.store.rejected,
+        **_outlier_counters(proxy),
     )
+
+
+def _outlier_counters(proxy: ProxyApp) -> dict[str, int]:
+    outliers = getattr(proxy, "outliers", None)  # absent until the proxy has started its listeners
+    if outliers is None:
+        return {}
+    return {"outlier_ejections": outliers.ejections_total, "outlier_ejections_refused": outliers.ejections_refused,
+            "outlier_failed_hop_responses": outliers.failed_hop_responses}
 
 
 def select(records: Iterable[StatRecord], query: Mapping[str, str]) -> list[StatRecord]:
@@ -121,6 +130,9 @@ async def reset_counters(request: web.Request) -> web.Response:
     proxy.stats.reset_counters()
     proxy.traces.counters = TraceTableCounters()
     proxy.store.accepted = proxy.store.rejected = 0
+    outliers = getattr(proxy, "outliers", None)
+    if outliers is not None:
+        outliers.ejections_total = outliers.ejections_refused = outliers.failed_hop_responses = 0
     return text("OK\n")
 
 
