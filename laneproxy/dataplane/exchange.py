@@ -371,7 +371,7 @@ class Exchange:
                 parts.append(_CHUNKED)
             else:
                 self.keep_alive = False  # HTTP/1.0 client: the end of the body is the end of the connection
-        if not self.keep_alive or self.downstream.draining:
+        if not self.keep_alive or self.downstream.closes_after_this_response():
             self.keep_alive = False
             parts.append(_CLOSE)
         parts.append(codec.CRLF)
@@ -432,7 +432,7 @@ class Exchange:
         if self.has_body and not self.request_complete:
             self.keep_alive = False  # an unread body would be taken for the next request
         listener = self.listener
-        close = not self.keep_alive or self.downstream.draining
+        close = not self.keep_alive or self.downstream.closes_after_this_response()
         # The outbound listener answers the app for the next hop: say so, for apps that pass headers on.
         extra = ((h.X_LANEPROXY_FAILED_HOP, error.flag.encode()),) if (
             error.status >= 500 and listener.marks_local_replies) else ()
