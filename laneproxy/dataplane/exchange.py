@@ -20,6 +20,7 @@ from laneproxy.core.errors import (
     StreamIdleTimeoutError,
     UpstreamConnectError,
     UpstreamOverflowError,
+    UpstreamProtocolError,
     UpstreamResetError,
     UpstreamTimeoutError,
 )
@@ -306,7 +307,8 @@ class Exchange:
         if self.routed is not None:
             self.routed.cluster_stats.rq_reset += 1
         self._report_failure()
-        if self._retry_if("reset"):
+        # A response the proxy cannot trust (UPE) is answered once: replaying the request would ask again.
+        if not isinstance(error, UpstreamProtocolError) and self._retry_if("reset"):
             return
         self._fail_upstream(error if isinstance(error, LocalReplyError) else UpstreamResetError(str(error)))
 
