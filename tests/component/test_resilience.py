@@ -326,7 +326,8 @@ async def test_sigterm_with_200_requests_in_flight_loses_none_and_exits_0_within
     assert all(r[1].get(b"connection") == b"close" for r in results), "responses during drain must say Connection: close"
     assert late[0] == 200 and late[1].get(b"connection") == b"close", "a new request during the drain period was not served"
     assert code == 0
-    assert exited < 5 + 1.5, f"exited {exited:.1f}s after SIGTERM with a 5 s drain period"
+    # It serves the whole 5 s minimum, then goes as nothing is in flight: well before its 25 s drain limit.
+    assert 5 <= exited < 12, f"exited {exited:.1f}s after SIGTERM with a 5 s minimum drain"
 
 
 # -- retries -----------------------------------------------------------------------------------
