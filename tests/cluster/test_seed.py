@@ -6,8 +6,8 @@ each request with its own trace id, every chain checked with the load test's lan
 (loadtests/expectations.py) against the gateway's /lanes over time.
 
 Lane leaks must be 0. Failed requests must be 0 too, and are not yet: pod replacement loses requests
-(the lifecycle issue, "Zero lost requests through pod churn"), so that assertion is an expected failure,
-strict, until that issue is fixed.
+(the lifecycle issue, "Zero lost requests through pod churn"), so when some are lost the test says so as an
+expected failure naming that issue (see test_the_seed_story_loses_no_request for why not a strict marker).
 """
 
 from __future__ import annotations
@@ -414,11 +414,11 @@ def test_the_seed_story_keeps_every_request_in_its_lane(story: dict) -> None:
 
 
 def test_the_seed_story_loses_no_request(story: dict) -> None:
-    """Expected to fail until the lifecycle issue is fixed, and strictly so: when no request is lost any more the
-    test fails and asks for this expectation to go. (Not an xfail marker, which would also swallow a broken
-    story: only the count of failed requests is expected to be wrong.)"""
+    """Lost requests are expected until the lifecycle issue is fixed: they are reported as an expected failure
+    naming it. Not a strict xfail marker: a run lost 3 of 14,106 requests, so some runs lose none, and a strict
+    expectation would then fail the tier at random (a marker would also swallow a broken story; here only the
+    count of failed requests is excused)."""
     if story["failures"]:
         pytest.xfail(f"{story['failures']} of {story['requests']} requests failed; pods are replaced without "
                      f"draining: issue '{LIFECYCLE_ISSUE}'. First: {story['failure_samples'][:3]}")
-    pytest.fail(f"no request was lost in {story['requests']}: the lifecycle issue's fix has landed; "
-                "assert story['failures'] == 0 here instead of expecting failures")
+    assert story["failures"] == 0
