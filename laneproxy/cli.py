@@ -223,7 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="N processes sharing the listening ports (SO_REUSEPORT); the admin adds their stats up "
                           "(env LANEPROXY_WORKERS)")
     run.add_argument("--drain-seconds", type=_seconds, default=_checked_env("DRAIN_SECONDS", "5", _seconds),
-                     help="on SIGTERM keep serving this long with Connection: close, then exit")
+                     help="on SIGTERM keep accepting and serving at least this long, answering with Connection: "
+                          "close (Istio's MINIMUM_DRAIN_DURATION; env LANEPROXY_DRAIN_SECONDS)")
+    run.add_argument("--drain-limit-seconds", type=_seconds, default=_checked_env("DRAIN_LIMIT_SECONDS", "25", _seconds),
+                     help="after the minimum, exit once no request is in flight, at the latest this long after "
+                          "SIGTERM (env LANEPROXY_DRAIN_LIMIT_SECONDS)")
     limits = run.add_argument_group("limits and timeouts (Envoy's defaults unless noted; 0 turns a timeout off)")
     limits.add_argument("--request-headers-timeout", type=_seconds, default=10.0,
                         help="seconds a client has to send a complete request head (slowloris guard; Envoy: off)")
@@ -239,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--per-connection-buffer-limit-bytes", type=_positive_int, default=1 << 20, metavar="BYTES",
                         help="request body bytes buffered per client connection before the proxy stops reading it")
     limits.add_argument("--max-retries", type=_count, default=2,
-                        help="retries of idempotent bodiless requests on connect failure, reset and 503")
+                        help="retries of any request whose connection failed before anything was sent, and of "
+                             "idempotent bodiless requests on reset and 503")
     limits.add_argument("--max-connections", type=_positive_int, default=1024, help="circuit breaker: connections per endpoint")
     limits.add_argument("--max-pending-requests", type=_positive_int, default=1024,
                         help="circuit breaker: requests waiting for a new connection per endpoint")
@@ -421,7 +426,7 @@ def settings_from_args(args: argparse.Namespace) -> ProxySettings:
         max_response_headers_kb=args.max_response_headers_kb, max_response_headers_count=args.max_response_headers,
         max_pipelined_requests=args.max_pipelined_requests,
         per_connection_buffer_limit_bytes=args.per_connection_buffer_limit_bytes,
-        drain_seconds=args.drain_seconds,
+        drain_seconds=args.drain_seconds, drain_limit_seconds=args.drain_limit_seconds,
         observability=ObservabilitySettings(access_log=args.access_log or None,
                                             access_log_format=args.access_log_format, tracing=args.tracing,
                                             istio_metrics=args.istio_metrics, stats_tags=args.stats_tags,

@@ -45,7 +45,16 @@ def process_view(proxy: ProxyApp) -> ProcessView:
         pools=getattr(proxy, "pools", None), outliers=getattr(proxy, "outliers", None),
         listener_addresses=tuple((listener.name, listener.address_tag) for listener in proxy.listeners),
         memory=process_memory(),
+        **_outlier_counters(proxy),
     )
+
+
+def _outlier_counters(proxy: ProxyApp) -> dict[str, int]:
+    outliers = getattr(proxy, "outliers", None)  # absent until the proxy has started its listeners
+    if outliers is None:
+        return {}
+    return {"outlier_ejections": outliers.ejections_total, "outlier_ejections_refused": outliers.ejections_refused,
+            "outlier_failed_hop_responses": outliers.failed_hop_responses}
 
 
 def select(records: Iterable[StatRecord], query: Mapping[str, str]) -> list[StatRecord]:
@@ -142,6 +151,9 @@ async def reset_counters(request: web.Request) -> web.Response:
         proxy.outliers.ejections_by_endpoint.clear()
     proxy.traces.counters = TraceTableCounters()
     proxy.store.accepted = proxy.store.rejected = proxy.store.objects_rejected = 0
+    outliers = getattr(proxy, "outliers", None)
+    if outliers is not None:
+        outliers.ejections_total = outliers.ejections_refused = outliers.failed_hop_responses = 0
     return text("OK\n")
 
 

@@ -4,7 +4,10 @@ Owns what differs between the three: how a request's lane is decided, which endp
 and which headers change on the way (Envoy's policy, in header_policy, applied around routing by
 Role.prepare), and the mesh's own per-hop headers (the peer identity Istio's metrics need, the
 opt-in route trail). It also counts what Envoy counts when an exchange ends (per listener and per
-host) and then hands the exchange to its observers (access log, tracing, Istio's metrics).
+host) and then hands the exchange to its observers (access log, tracing, Istio's metrics), and, for
+the pod's app, which of its calls failed further on (FailedHops: the outbound listener records, the
+inbound marks the app's 5xx). Draining is per listener: new connections still accepted until
+`stop_accepting`, every response saying `Connection: close`, idle connections closed on request.
 Everything else (framing, pooling, timeouts) is the exchange's, shared by all roles. The route
 table is read once per request.
 """
@@ -27,7 +30,7 @@ from laneproxy.dataplane.codec import DateCache
 from laneproxy.dataplane.downstream import DownstreamConnection
 from laneproxy.dataplane.exchange import RetryPolicy
 from laneproxy.dataplane.header_policy import RequestHeaderPolicy, response_headers
-from laneproxy.dataplane.health import EndpointSelector
+from laneproxy.dataplane.health import EndpointSelector, FailedHops
 from laneproxy.dataplane.route_trail import TRAIL_HOPS, RouteTrails, hop
 
 if TYPE_CHECKING:
@@ -236,10 +239,11 @@ class InboundRole(Role):
                     lane = value
                 elif name == trace_header:
                     trace = value
-            if lane and trace and table.is_lane(lane.decode("latin-1")):
-                key = trace_key(trace_header, trace)
-                if key is not None:
-                    self.traces.remember(key, lane)
+            key = trace_key(trace_header, trace) if trace else None
+            if key is not None and exchange.trace is None:
+                exchange.trace = key  # to recognise the app's 5xx for a call that failed further on
+            if lane and key is not None and table.is_lane(lane.decode("latin-1")):
+                self.traces.remember(key, lane)
         overrides = {h.HOST: authority} if authority is not None else {}
         return self._target(self.app_route, None, path, overrides, None)
 
@@ -283,8 +287,8 @@ class OutboundRole(Role):
         if group is None:
             return self._target(routes.default, routes, path, overrides, None)
         route_header = group.route_header_key
+        trace_header = group.trace_header_key
         if group.permissive:
-            trace_header = group.trace_header_key
             route_value = trace_value = baggage_value = None
             for name, value in exchange.headers:
                 if name == route_header:
@@ -297,6 +301,10 @@ class OutboundRole(Role):
                                         route_header=route_header, traces=self.traces)
         else:
             lane, source = self.own_lane, LaneSource.OWN_LANE
+            trace_value = header_value(exchange.headers, trace_header) if trace_header is not None else None
+        if trace_value and trace_header is not None:
+            # Before the endpoint is chosen: a `no healthy upstream` is remembered for this trace too (FailedHops).
+            exchange.trace = trace_key(trace_header, trace_value)
         route = routes.route_for(lane)
         self.stats.lanes.lane_sources[source.value] += 1
         if route.lane_asked is not None:
@@ -367,6 +375,9 @@ class Listener:
         self.exchange_observers: list[Callable[[Exchange], None]] = []  # access log, tracing, Istio's metrics
         self.reads_peer = False  # an upstream's peer header is read from responses (Istio's source reporter)
         self.response_peer: bytes | None = None  # inbound: this workload, answered to the caller
+        # The app's calls that failed further on (outbound records, inbound marks the app's 5xx): see FailedHops.
+        self.failed_hops: FailedHops | None = None
+        self.marks_local_replies = role.name == "outbound"  # its local replies are about a later hop
         role.header_policy = RequestHeaderPolicy(edge=role.edge, route_timeout=settings.timeouts.route,
                                                  trust_client_trace_id=settings.trust_client_trace_id)
 
@@ -417,6 +428,11 @@ class Listener:
                 overrides[h.X_LANEPROXY_ROUTE] = ", ".join(trail).encode("latin-1")
             if exchange.trail_key is not None and self.role.trails is not None:
                 self.role.trails.close(exchange.trail_key)
+        if exchange.response_status >= 500 and exchange.trace is not None and self.failed_hops is not None \
+                and self.role.name == "inbound":
+            flags = self.failed_hops.recall(exchange.trace)
+            if flags is not None:
+                overrides[h.X_LANEPROXY_FAILED_HOP] = flags  # the app answered 5xx because its own call failed
         return overrides
 
     def on_exchange_done(self, exchange: Exchange) -> None:
@@ -439,6 +455,9 @@ class Listener:
                 routed.cluster_stats.rq_time.record(elapsed_ms)
         elif error is not None and error.flag == "NR":
             stats.no_route += 1
+        if status >= 500 and exchange.trace is not None and self.failed_hops is not None and self.role.name == "outbound":
+            self.failed_hops.remember(exchange.trace, error.flag.encode() if error is not None
+                                      else exchange.failed_hop or b"-")
         for observer in self.exchange_observers:
             observer(exchange)
 
@@ -454,10 +473,26 @@ class Listener:
         """Undo `drain` for new connections (after /healthcheck/ok); drained connections still close."""
         self.draining = False
 
-    def drain(self) -> None:
+    def drain(self, *, close_idle: bool = True) -> None:
+        """Every response from now on says `Connection: close`; new connections are still accepted."""
         self.draining = True
         for connection in list(self.connections):
-            connection.drain()
+            connection.drain(close_idle=close_idle)
+
+    def stop_accepting(self) -> None:
+        """Close the listening socket: a new client is refused (a connect failure any caller may retry)
+        rather than accepted by a process about to exit."""
+        if self.server is not None:
+            self.server.close()
+
+    def close_idle(self) -> None:
+        for connection in list(self.connections):
+            if connection.idle:
+                connection.close()
+
+    def requests_in_flight(self) -> bool:
+        """Some client has a request here not yet fully answered, or has sent part of one."""
+        return any(not connection.idle for connection in self.connections)
 
     async def stop(self) -> None:
         if self.sweeper is not None:

@@ -46,6 +46,9 @@ class ProcessView:
     outliers: object | None = None  # the OutlierDetector (ejected, ejections_by_endpoint)
     listener_addresses: tuple[tuple[str, str], ...] = ()  # (listener name, Envoy's address tag `0.0.0.0_8080`)
     memory: tuple[int, int] | None = None  # (allocated, heap size) bytes, read at scrape time
+    outlier_ejections: int = 0
+    outlier_ejections_refused: int = 0  # due, but the endpoint was the last healthy way for its lane's requests
+    outlier_failed_hop_responses: int = 0  # 5xx marked x-laneproxy-failed-hop, counted against nobody
 
 
 def cluster_members(table: RouteTable, static_routes: Iterable[Route] = ()) -> dict[str, tuple[Endpoint, ...]]:
@@ -227,6 +230,11 @@ def _process_records(view: ProcessView, *, active_clusters: int) -> Iterator[Sta
                       "laneproxy_trace_table_rejected_long_ids")
         yield gauge("laneproxy.trace_table.size", view.trace_table_size, "laneproxy_trace_table_size")
         yield gauge("laneproxy.trace_table.bytes", view.trace_table_bytes, "laneproxy_trace_table_bytes")
+    yield counter("laneproxy.outlier.ejections", view.outlier_ejections, "laneproxy_outlier_ejections")
+    yield counter("laneproxy.outlier.ejections_refused", view.outlier_ejections_refused,
+                  "laneproxy_outlier_ejections_refused")
+    yield counter("laneproxy.outlier.failed_hop_responses", view.outlier_failed_hop_responses,
+                  "laneproxy_outlier_failed_hop_responses")
     yield counter("laneproxy.config.update_success", view.config_accepted, "laneproxy_config_update_success")
     yield counter("laneproxy.config.update_rejected", view.config_rejected, "laneproxy_config_update_rejected")
     yield gauge("laneproxy.config.skipped_objects", view.config_skipped, "laneproxy_config_skipped_objects")
