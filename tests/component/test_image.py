@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import ssl
@@ -196,13 +197,19 @@ def test_the_injected_sidecar_starts_from_its_injected_spec_and_follows_the_real
            "spec": {"containers": [{"name": "default", "ports": [{"containerPort": 8000}]}]}}
     sidecar = next(c for c in inject_pod(pod, SidecarSettings(image=image))["spec"]["containers"]
                    if c["name"] == SIDECAR_NAME)
-    downward = {"metadata.namespace": "default", "metadata.labels['ASM_TRAFFIC_TAG']": "canary",
-                "metadata.labels['app']": "mocka"}
-    env = {e["name"]: e["value"] if "value" in e else downward[e["valueFrom"]["fieldRef"]["fieldPath"]]
+    def downward(path: str) -> str:
+        # As the kubelet fills them in: a label the pod does not carry is an empty string.
+        if path == "metadata.namespace":
+            return pod["metadata"]["namespace"]
+        label = re.fullmatch(r"metadata\.labels\['(.+)'\]", path)
+        assert label is not None, f"a downward-API field this test does not fill in: {path}"
+        return pod["metadata"]["labels"].get(label.group(1), "")
+
+    env = {e["name"]: e["value"] if "value" in e else downward(e["valueFrom"]["fieldRef"]["fieldPath"])
            for e in sidecar["env"]}
-    inbound, outbound, admin = free_port(), free_port(), free_port()
+    inbound, outbound, admin, metrics = free_port(), free_port(), free_port(), free_port()
     env.update(LANEPROXY_INBOUND=f"127.0.0.1:{inbound}", LANEPROXY_OUTBOUND=f"127.0.0.1:{outbound}",
-               LANEPROXY_ADMIN=f"127.0.0.1:{admin}")
+               LANEPROXY_ADMIN=f"127.0.0.1:{admin}", LANEPROXY_METRICS=f"127.0.0.1:{metrics}")
     credentials = tmp_path / "kube"
     credentials.mkdir(mode=0o755)
     shutil.copy(kube.ca_path, credentials / "ca.crt")
