@@ -40,6 +40,11 @@ test: $(STAMP)
 unit: $(STAMP)
 	$(PY) -m pytest tests/unit
 
+# The cluster tier alone (tests/cluster: a real single-node Kubernetes; root; first run builds it, ~5 minutes).
+.PHONY: test-cluster
+test-cluster: $(STAMP)
+	$(PY) -m pytest tests/cluster -s
+
 clean:
 	rm -rf $(VENV) .pytest_cache
 

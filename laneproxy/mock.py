@@ -1,7 +1,9 @@
 """The mock service: a stand-in for the seed's go-http-sample image, for demos and tests.
 
 Owns one behaviour: answer `<app>(version: <version>, ip: <ip>)`, followed by `-> ` and the body of
-a call to `upstream_url` when one is set. Like a typical application it forwards only the trace
+a call to `upstream_url` when one is set. `<ip>` is the pod's address when `POD_IP` is set (the downward
+API's `status.podIP`, as the seed's app shows it; behind a sidecar the socket's own address is 127.0.0.1),
+else the address the request arrived on. Like a typical application it forwards only the trace
 header it is told to (default `my-request-id`), never the lane header: restoring the lane is the
 sidecar's job. Outbound calls go through HTTP_PROXY when it is set, as with any HTTP client.
 """
@@ -31,15 +33,17 @@ class MockSettings:
     trace_header: str = "my-request-id"
     proxy: str | None = None
     timeout: float = 10.0
+    pod_ip: str | None = None
 
     @classmethod
     def from_environment(cls, **overrides) -> MockSettings:
-        """Defaults from the seed Deployment's variables: `app`, `version`, `upstream_url`, `HTTP_PROXY`."""
+        """Defaults from the seed Deployment's variables: `app`, `version`, `upstream_url`, `HTTP_PROXY`, `POD_IP`."""
         values = {
             "app": os.environ.get("app", "mock"),
             "version": os.environ.get("version", "v1"),
             "upstream_url": os.environ.get("upstream_url") or None,
             "proxy": os.environ.get("HTTP_PROXY") or os.environ.get("http_proxy") or None,
+            "pod_ip": os.environ.get("POD_IP") or None,
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
@@ -56,7 +60,7 @@ def build_mock_app(settings: MockSettings) -> web.Application:
 
     async def handle(request: web.Request) -> web.Response:
         sockname = request.transport.get_extra_info("sockname") if request.transport else None
-        ip = sockname[0] if sockname else settings.host
+        ip = settings.pod_ip or (sockname[0] if sockname else settings.host)
         me = f"{settings.app}(version: {settings.version}, ip: {ip})"
         if not settings.upstream_url:
             return web.Response(text=me)

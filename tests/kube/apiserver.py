@@ -30,6 +30,7 @@ import atexit
 import contextlib
 import ctypes
 import fcntl
+import ipaddress
 import json
 import os
 import secrets
@@ -164,6 +165,10 @@ def _tail(path: Path, lines: int = 30) -> str:
         return "<no log>"
 
 
+def _first_address(cidr: str) -> str:
+    return str(ipaddress.ip_network(cidr)[1])
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((_LOOPBACK, 0))
@@ -224,7 +229,11 @@ class KubeApiServer:
             (a random token is generated, no groups) or :class:`TokenUser`.
             Defaults to a single ``watcher`` user without any permissions.
         startup_timeout: seconds to wait for etcd and for ``/readyz``.
-        extra_args: additional kube-apiserver flags.
+        extra_args: additional kube-apiserver flags (a flag given twice: the later wins).
+        address: where the API server listens and what it advertises (etcd stays on
+            127.0.0.1); the cluster tier uses its node's address, which pods can reach.
+        service_cluster_ip_range: the Service range; its first address is in the
+            serving certificate, as the ``kubernetes`` Service's ClusterIP.
     """
 
     binary: Path | None = None
@@ -232,6 +241,8 @@ class KubeApiServer:
     users: Sequence[str | TokenUser] = (WATCHER_USER,)
     startup_timeout: float = 120.0
     extra_args: Sequence[str] = ()
+    address: str = _LOOPBACK
+    service_cluster_ip_range: str = "10.0.0.0/24"
 
     port: int = field(init=False, default=0)
     etcd_url: str = field(init=False, default="")
@@ -247,7 +258,7 @@ class KubeApiServer:
     @property
     def url(self) -> str:
         """Base URL of the API server, e.g. ``https://127.0.0.1:41234``."""
-        return f"https://{_LOOPBACK}:{self.port}"
+        return f"https://{self.address}:{self.port}"
 
     @property
     def token(self) -> str:
@@ -395,7 +406,8 @@ class KubeApiServer:
             "basicConstraints=CA:FALSE\n"
             "keyUsage=critical,digitalSignature,keyEncipherment\n"
             "extendedKeyUsage=serverAuth\n"
-            "subjectAltName=IP:127.0.0.1,DNS:localhost,"
+            f"subjectAltName=IP:127.0.0.1,IP:{self.address},IP:{_first_address(self.service_cluster_ip_range)},"
+            "DNS:localhost,"
             "DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc\n"
         )
         _openssl(
@@ -471,8 +483,8 @@ class KubeApiServer:
             [
                 str(binary),
                 f"--etcd-servers={self.etcd_url}",
-                f"--bind-address={_LOOPBACK}",
-                f"--advertise-address={_LOOPBACK}",
+                f"--bind-address={self.address}",
+                f"--advertise-address={self.address}",
                 f"--secure-port={self.port}",
                 "--insecure-port=0",
                 f"--cert-dir={self.workdir / 'certs'}",
@@ -484,7 +496,7 @@ class KubeApiServer:
                 f"--service-account-key-file={pki.sa_key}",
                 f"--service-account-signing-key-file={pki.sa_key}",
                 "--service-account-issuer=https://kubernetes.default.svc",
-                "--service-cluster-ip-range=10.0.0.0/24",
+                f"--service-cluster-ip-range={self.service_cluster_ip_range}",
                 # No controller-manager/kubelets exist: keep the server quiet.
                 "--endpoint-reconciler-type=none",
                 "--profiling=false",
