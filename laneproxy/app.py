@@ -53,6 +53,8 @@ class ProxyApp:
         self.access_log: AccessLog | None = None
         self.tracing: Tracing | None = None
         self._stopped = asyncio.Event()
+        self.pod_hooks = None
+        self._pod_tasks: list[asyncio.Task] = []
 
     @property
     def state(self) -> str:
@@ -99,11 +101,14 @@ class ProxyApp:
             if settings.app is None:
                 raise StartupError("--inbound needs --app: the address of the local application")
             roles.append(("inbound", settings.inbound,
-                          InboundRole(self.stats, EndpointSelector(picker, None), Endpoint(settings.app.host, settings.app.port), self.traces)))
+                          InboundRole(self.stats, EndpointSelector(picker, None), Endpoint(settings.app.host, settings.app.port),
+                                      self.traces, settings.app_ports)))
         if settings.outbound:
             roles.append(("outbound", settings.outbound, OutboundRole(self.stats, selector, self.traces, settings.own_lane)))
         if not roles:
             raise StartupError("no listener: give at least one of --gateway, --inbound, --outbound")
+        # Before the listeners: a preStop hook sent while the proxy starts must find the port.
+        await self._start_lifecycle_port()
         for name, address, role in roles:
             listener = Listener(name, role, store=self.store, pools=pools, stats=self.stats, settings=settings, loop=loop)
             if self.access_log is not None:
@@ -123,6 +128,32 @@ class ProxyApp:
             except OSError as exc:
                 raise StartupError(f"admin on {settings.admin}: {exc.strerror or exc}") from exc
             log.info("admin on %s:%d", settings.admin.host, self.bound["admin"])
+        self._start_pod_hooks()
+
+    def _start_pod_hooks(self) -> None:
+        """The injected sidecar's side of its pod's lifecycle: the preStop waits, and a Job's exit with its app."""
+        pod = self.settings.pod
+        if pod.exit_with:
+            from laneproxy.control.kubernetes import KubernetesSource
+            from laneproxy.control.own_pod import exit_when_app_ends
+
+            if not isinstance(self.source, KubernetesSource) or not pod.pod_name:
+                raise StartupError("--exit-with needs --source kubernetes and --pod-name")
+            self._pod_tasks.append(asyncio.get_running_loop().create_task(exit_when_app_ends(
+                self.source.get_json, self.settings.namespace, pod.pod_name, pod.exit_with, self.quit)))
+
+    async def _start_lifecycle_port(self) -> None:
+        pod = self.settings.pod
+        if pod.lifecycle is None:
+            return
+        from laneproxy.admin.pod_hooks import PodHooksServer
+
+        self.pod_hooks = PodHooksServer(self)
+        try:
+            self.bound["lifecycle"] = await self.pod_hooks.start(pod.lifecycle.host, pod.lifecycle.port)
+        except OSError as exc:
+            raise StartupError(f"lifecycle port on {pod.lifecycle}: {exc.strerror or exc}") from exc
+        log.info("lifecycle port on %s:%d", pod.lifecycle.host, self.bound["lifecycle"])
 
     def _start_observability(self, loop: asyncio.AbstractEventLoop) -> None:
         wanted = self.settings.observability
@@ -164,6 +195,10 @@ class ProxyApp:
         await self._stopped.wait()
 
     async def stop(self) -> None:
+        for task in self._pod_tasks:
+            task.cancel()
+        if self.pod_hooks is not None:
+            await self.pod_hooks.stop()
         for listener in self.listeners:
             await listener.stop()
         if self.source is not None:

@@ -295,8 +295,8 @@ def test_pods_in_opted_in_namespaces_or_opting_in_themselves_come_back_from_the_
             if SIDECAR_NAME in containers(pod) or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
-        assert containers(pod) == ["default", SIDECAR_NAME, "laneproxy-capture"]
-        sidecar = pod["spec"]["containers"][1]
+        assert containers(pod) == [SIDECAR_NAME, "default", "laneproxy-capture"]
+        sidecar = pod["spec"]["containers"][0]
         assert sidecar["image"] == IMAGE and sidecar["securityContext"]["runAsUser"] == 1337
         assert pod["metadata"]["annotations"]["laneproxy.dev/injected"] == IMAGE
         # What the server stored is a fixed point: injecting it again patches nothing.
@@ -304,7 +304,7 @@ def test_pods_in_opted_in_namespaces_or_opting_in_themselves_come_back_from_the_
 
         assert containers(create("lp-webhook-enabled", "opted-out", "disabled")) == ["default"]
         assert containers(create("lp-webhook-silent", "silent", None)) == ["default"]
-        assert containers(create("lp-webhook-silent", "opted-in", "enabled")) == ["default", SIDECAR_NAME,
+        assert containers(create("lp-webhook-silent", "opted-in", "enabled")) == [SIDECAR_NAME, "default",
                                                                                   "laneproxy-capture"]
         assert containers(create("lp-webhook-disabled", "overruled", "enabled")) == ["default"]
         # Server-side dry run goes through the webhook too, and a pre-injected pod is left as it is.
