@@ -2,7 +2,8 @@
 
 Owns start-up order (sources first, then the first snapshot, then listeners and readiness), the
 shared objects of one process (store, stats, trace table, pools), and shutdown: on SIGTERM the
-proxy reports DRAINING, keeps serving with `Connection: close` for the drain period, then exits.
+proxy reports DRAINING, keeps accepting and serving with `Connection: close` for the minimum drain
+time, then exits as soon as no request is in flight (at the latest at the drain limit).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class ProxyApp:
         self._stopped = asyncio.Event()
         self.pod_hooks = None
         self._pod_tasks: list[asyncio.Task] = []
+        self._drain_task: asyncio.Task | None = None
 
     @property
     def state(self) -> str:
@@ -176,19 +178,40 @@ class ProxyApp:
             listener.drain()
 
     def begin_shutdown(self) -> None:
+        """SIGTERM: drain as Istio's sidecar does (MINIMUM_DRAIN_DURATION, terminationDrainDuration).
+
+        For the minimum drain time every listener keeps accepting and serving, each response saying
+        `Connection: close`: the pod's own app and every other proxy may still be sending here until
+        the endpoint's removal reaches them. Then new connections are refused, idle ones closed, and the
+        process exits once no request is in flight, or at the drain limit. A connection with a request
+        in flight is never closed under it: its response goes out first, then the connection closes.
+        """
         if self.draining:
             return
-        log.info("draining for up to %.1fs", self.settings.drain_seconds)
+        settings = self.settings
+        log.info("draining: serving with Connection: close for %.1fs, then until no request is in flight "
+                 "(at most %.1fs)", settings.drain_seconds, max(settings.drain_seconds, settings.drain_limit_seconds))
         self.draining = True
-        self.drain_listeners()
-        asyncio.get_running_loop().create_task(self._drain())
+        for listener in self.listeners:
+            listener.drain(close_idle=False)
+        self._drain_task = asyncio.get_running_loop().create_task(self._drain(), name="drain")
 
     async def _drain(self) -> None:
-        """Serve with Connection: close until the drain period ends or no client connection is left."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.drain_seconds
-        while loop.time() < deadline and any(listener.connections for listener in self.listeners):
+        settings = self.settings
+        limit = loop.time() + max(settings.drain_seconds, settings.drain_limit_seconds)
+        await asyncio.sleep(settings.drain_seconds)
+        for listener in self.listeners:
+            listener.stop_accepting()
+        while True:
+            for listener in self.listeners:
+                listener.close_idle()
+            in_flight = any(listener.requests_in_flight() for listener in self.listeners)
+            if not in_flight or loop.time() >= limit:
+                break
             await asyncio.sleep(0.05)
+        if in_flight:
+            log.warning("drain limit reached with requests in flight: exiting anyway")
         self._stopped.set()
 
     async def wait_stopped(self) -> None:

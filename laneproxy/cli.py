@@ -44,6 +44,16 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0.0 or value == float("inf"):  # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected a number of seconds (0 or more), got {text!r}")
+    return value
+
+
 def _address(text: str) -> Address:
     try:
         return Address.parse(text)
@@ -115,8 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     pod.add_argument("--exit-with", default=_env("EXIT_WITH", ""), metavar="CONTAINER,...",
                      help="a Job's sidecar: exit once these containers of the pod have ended (reads the pod "
                           "from the API; env LANEPROXY_EXIT_WITH)")
-    run.add_argument("--drain-seconds", type=float, default=float(_env("DRAIN_SECONDS", "5")),
-                     help="on SIGTERM keep serving this long with Connection: close, then exit")
+    run.add_argument("--drain-seconds", type=_non_negative_float, default=_env("DRAIN_SECONDS", "5"),
+                     help="on SIGTERM keep accepting and serving at least this long, answering with Connection: "
+                          "close (Istio's MINIMUM_DRAIN_DURATION; env LANEPROXY_DRAIN_SECONDS)")
+    run.add_argument("--drain-limit-seconds", type=_non_negative_float, default=_env("DRAIN_LIMIT_SECONDS", "25"),
+                     help="after the minimum, exit once no request is in flight, at the latest this long after "
+                          "SIGTERM (env LANEPROXY_DRAIN_LIMIT_SECONDS)")
     limits = run.add_argument_group("limits and timeouts (Envoy's defaults unless noted; 0 turns a timeout off)")
     limits.add_argument("--request-headers-timeout", type=float, default=10.0,
                         help="seconds a client has to send a complete request head (slowloris guard; Envoy: off)")
@@ -252,7 +266,7 @@ def settings_from_args(args: argparse.Namespace) -> ProxySettings:
         max_request_headers_kb=args.max_request_headers_kb, max_request_headers_count=args.max_request_headers,
         max_pipelined_requests=args.max_pipelined_requests,
         per_connection_buffer_limit_bytes=args.per_connection_buffer_limit_bytes,
-        drain_seconds=args.drain_seconds,
+        drain_seconds=args.drain_seconds, drain_limit_seconds=args.drain_limit_seconds,
         app_ports=_ports(args.app_ports),
         pod=PodSettings(lifecycle=args.lifecycle, pod_ip=args.pod_ip or None, pod_name=args.pod_name or None,
                         stop_margin=args.stop_margin, stop_max=args.stop_max,

@@ -121,6 +121,9 @@ class ProxySettings:
     # (pipelined behind a slow one, or waiting for an upstream connection): Envoy's
     # per_connection_buffer_limit_bytes. Beyond it the proxy stops reading that client until it drains.
     per_connection_buffer_limit_bytes: int = 1 << 20
+    # On SIGTERM: keep accepting and serving at least drain_seconds (Istio's MINIMUM_DRAIN_DURATION),
+    # then exit once no request is in flight, at the latest drain_limit_seconds after the signal.
     drain_seconds: float = 5.0
+    drain_limit_seconds: float = 25.0
     pod: PodSettings = field(default_factory=PodSettings)
     server_name: str = "envoy"

@@ -403,7 +403,8 @@ class Supervisor:
         if self.stopping:
             return
         self.stopping = True
-        log.info("stopping %d workers (each drains for up to %.1fs)", self.count, self.settings.drain_seconds)
+        log.info("stopping %d workers (each drains for at least %.1fs, at most %.1fs)", self.count,
+                 self.settings.drain_seconds, max(self.settings.drain_seconds, self.settings.drain_limit_seconds))
         alive = False
         for worker in self.workers:
             if worker.process is not None and worker.process.exitcode is None:
@@ -555,7 +556,7 @@ class Supervisor:
                 await self.session.close()
 
     async def _wait_workers(self) -> None:
-        deadline = time.monotonic() + self.settings.drain_seconds + 10
+        deadline = time.monotonic() + max(self.settings.drain_seconds, self.settings.drain_limit_seconds) + 10
         for worker in self.workers:
             process = worker.process
             if process is None:

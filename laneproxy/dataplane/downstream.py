@@ -389,10 +389,18 @@ class DownstreamConnection(asyncio.Protocol):
                     pass  # already gone; abort() below is all that is left to do
             self.transport.abort()
 
-    def drain(self) -> None:
-        """Stop keeping this connection alive: close now if idle, else after the response in flight."""
+    @property
+    def idle(self) -> bool:
+        """No request of this client is in flight: nothing received since its last response (not even part of a head)."""
+        return self.active is None and self.parsing is None and self.head_pending < 0 and self.unparsed is None
+
+    def drain(self, *, close_idle: bool = True) -> None:
+        """Stop keeping this connection alive: the next response says `Connection: close` and the connection
+        closes after it. With `close_idle`, a connection with no request in flight closes now; without it,
+        it stays open for the request its client may be sending this very moment (a SIGTERM drain closes
+        idle connections only once its minimum is over: callers pick pooled connections at any time)."""
         self.draining = True
-        if self.active is None and self.parsing is None:
+        if close_idle and self.idle:
             self.close()
 
     def check_timeouts(self, now: float, headers_timeout: float, idle_timeout: float, stream_idle: float) -> None:

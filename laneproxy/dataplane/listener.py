@@ -400,10 +400,26 @@ class Listener:
         """Undo `drain` for new connections (after /healthcheck/ok); drained connections still close."""
         self.draining = False
 
-    def drain(self) -> None:
+    def drain(self, *, close_idle: bool = True) -> None:
+        """Every response from now on says `Connection: close`; new connections are still accepted."""
         self.draining = True
         for connection in list(self.connections):
-            connection.drain()
+            connection.drain(close_idle=close_idle)
+
+    def stop_accepting(self) -> None:
+        """Close the listening socket: a new client is refused (a connect failure any caller may retry)
+        rather than accepted by a process about to exit."""
+        if self.server is not None:
+            self.server.close()
+
+    def close_idle(self) -> None:
+        for connection in list(self.connections):
+            if connection.idle:
+                connection.close()
+
+    def requests_in_flight(self) -> bool:
+        """Some client has a request here not yet fully answered, or has sent part of one."""
+        return any(not connection.idle for connection in self.connections)
 
     async def stop(self) -> None:
         if self.sweeper is not None:
