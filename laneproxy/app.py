@@ -72,11 +72,13 @@ class ProxyApp:
             except ImportError as exc:
                 raise StartupError(f"--source kubernetes needs: pip install 'laneproxy[kubernetes]' ({exc})") from exc
             return KubernetesSource(self.store, namespace=settings.namespace, kubeconfig=settings.kubeconfig,
-                                    lenient=settings.lenient)
+                                    lenient=settings.lenient, watch_read_timeout=settings.watch_read_timeout,
+                                    stale_after=settings.table_stale_after)
         if not settings.config_files:
             raise StartupError("no configuration: give --config FILE (or --source kubernetes)")
         return FileSource(settings.config_files, self.store, namespace=settings.namespace,
-                          interval=settings.reload_interval, lenient=settings.lenient)
+                          interval=settings.reload_interval, lenient=settings.lenient,
+                          stale_after=settings.table_stale_after)
 
     async def start(self) -> None:
         settings = self.settings

@@ -94,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "(env LANEPROXY_LENIENT)")
     run.add_argument("--reload-interval", type=float, default=float(_env("RELOAD_INTERVAL", "1.0")),
                      help="seconds between checks of the config files for changes")
+    run.add_argument("--watch-read-timeout", type=float, default=float(_env("WATCH_READ_TIMEOUT", "60")),
+                     help="--source kubernetes: seconds a watch may stay silent before it is opened again, so a "
+                          "connection dead without a FIN is noticed (env LANEPROXY_WATCH_READ_TIMEOUT)")
+    run.add_argument("--table-stale-after", type=float, default=float(_env("TABLE_STALE_AFTER", "180")),
+                     help="seconds the route table may be behind its source before laneproxy.config.table_stale "
+                          "turns 1 (env LANEPROXY_TABLE_STALE_AFTER)")
     run.add_argument("--connect-timeout", type=float, default=5.0, help="upstream connect timeout, seconds (Envoy: 5)")
     run.add_argument("--route-timeout", type=float, default=15.0, help="upstream response timeout, seconds; 0 disables")
     run.add_argument("--trace-table-size", type=int, default=100_000, help="trace-id -> lane entries kept (LRU)")
@@ -251,6 +257,7 @@ def settings_from_args(args: argparse.Namespace) -> ProxySettings:
         gateway=args.gateway, inbound=args.inbound, app=args.app, outbound=args.outbound, admin=args.admin,
         config_files=config, source=args.source, kubeconfig=args.kubeconfig, namespace=args.namespace,
         own_lane=args.lane, reload_interval=args.reload_interval, lenient=args.lenient,
+        watch_read_timeout=args.watch_read_timeout, table_stale_after=args.table_stale_after,
         trace_table_capacity=args.trace_table_size, trace_table_ttl=args.trace_table_ttl,
         trace_table_bytes=args.trace_table_bytes, trust_client_trace_id=args.trust_client_trace_id,
         timeouts=TimeoutSettings(connect=args.connect_timeout, route=args.route_timeout,

@@ -103,6 +103,8 @@ class ProxySettings:
     own_lane: str | None = None  # this sidecar's lane, used in strict (non-permissive) mode
     reload_interval: float = 1.0
     lenient: bool = False  # unknown fields in the configuration are warnings instead of a rejected table
+    watch_read_timeout: float = 60.0  # a Kubernetes watch silent this long is opened again (half-open connections)
+    table_stale_after: float = 180.0  # the table behind its source this long: laneproxy.config.table_stale = 1
     trace_table_capacity: int = 100_000
     trace_table_ttl: float = 300.0
     trace_table_bytes: int = 32 * 1024 * 1024  # what the trace table may hold, as its byte budget counts it

@@ -39,6 +39,8 @@ def process_view(proxy: ProxyApp) -> ProcessView:
         trace_counters=proxy.traces.counters, trace_table_size=len(proxy.traces),
         trace_table_bytes=proxy.traces.size_bytes,
         config_accepted=proxy.store.accepted, config_rejected=proxy.store.rejected,
+        config_skipped=len(proxy.store.skipped), config_objects_rejected=proxy.store.objects_rejected,
+        config_health=proxy.store.health(),
     )
 
 
@@ -120,7 +122,7 @@ async def reset_counters(request: web.Request) -> web.Response:
     proxy = context(request).proxy
     proxy.stats.reset_counters()
     proxy.traces.counters = TraceTableCounters()
-    proxy.store.accepted = proxy.store.rejected = 0
+    proxy.store.accepted = proxy.store.rejected = proxy.store.objects_rejected = 0
     return text("OK\n")
 
 

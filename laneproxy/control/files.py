@@ -1,21 +1,30 @@
 """The file source: swimlane manifests and endpoints files on disk -> RouteTables in the store.
 
 Owns reading the files (off the event loop), noticing changes (polling modification time, size
-and inode, which also sees Kubernetes ConfigMap symlink swaps), and publishing. A change that does
-not validate is logged with every problem, counted, and leaves the running table in place.
+and inode, which also sees Kubernetes ConfigMap symlink swaps), and publishing. A file whose change
+does not validate keeps its last good version while the other files still update: the problems are
+logged, the update is counted as rejected (`laneproxy.config.update_rejected`), the file as left out
+(`laneproxy.config.skipped_objects`). Where even that cannot be built (a file bad from the start,
+or a last good version the other files no longer agree with) the running table stays as it is.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
+import time
 from pathlib import Path
+from typing import Mapping
 
 from laneproxy.control.building import build_off_loop, settle_heap
-from laneproxy.core.build import Built, ConfigDocument, build, content_version, parse_yaml
+from laneproxy.core.build import Built, ConfigDocument, build, build_skipping, content_version, parse_yaml
 from laneproxy.core.errors import ConfigInvalidError, ConfigProblem
-from laneproxy.core.store import RouteTableStore
+from laneproxy.core.store import RouteTableStore, SourceHealth
+
+# A file's text and documents, as last built into a published table.
+FileVersion = tuple[str, tuple[ConfigDocument, ...]]
 
 log = logging.getLogger("laneproxy.config")
 
@@ -44,6 +53,44 @@ def load_files(paths: list[str] | tuple[str, ...], *, namespace: str, lenient: b
     return build(documents, version=content_version(texts), namespace=namespace, lenient=lenient, sources=paths)
 
 
+def load_files_keeping(paths: tuple[str, ...], *, namespace: str, lenient: bool,
+                       last_good: Mapping[str, FileVersion]) -> tuple[Built, dict[str, FileVersion]]:
+    """load_files, but a file that does not read, parse or validate is replaced by its last good version.
+
+    Returns the table and each file's version in it; `Built.skipped` names the files kept at their last
+    good version, with the problems of their new one. Raises ConfigInvalidError like load_files where a
+    bad file has no last good version, or the last good versions do not build either.
+    """
+    current: dict[str, FileVersion] = {}
+    kept: dict[str, list[ConfigProblem]] = {}
+    problems: list[ConfigProblem] = []
+    for path in paths:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+            current[path] = (text, tuple(parse_yaml(path, text)))
+            continue
+        except (OSError, UnicodeDecodeError) as exc:
+            found = [ConfigProblem(path, "file", f"cannot read: {getattr(exc, 'strerror', None) or exc}")]
+        except ConfigInvalidError as exc:
+            found = list(exc.problems)
+        if path in last_good:
+            current[path] = last_good[path]
+            kept[path] = found
+        else:
+            problems.extend(found)
+    if problems:
+        raise ConfigInvalidError(problems)
+    documents = [doc for path in paths for doc in current[path][1]]
+    built = build_skipping(documents, version="", namespace=namespace, lenient=lenient, sources=paths, drop=False,
+                           last_good={path: version[1] for path, version in last_good.items() if path not in kept})
+    for path, found in built.skipped.items():
+        current[path] = last_good[path]
+        kept[path] = found
+    version = content_version(current[path][0] for path in paths)
+    table = dataclasses.replace(built.table, version=version)
+    return dataclasses.replace(built, table=table, skipped={path: tuple(kept[path]) for path in sorted(kept)}), current
+
+
 def _fingerprint(paths: tuple[str, ...]) -> tuple:
     marks = []
     for path in paths:
@@ -59,39 +106,67 @@ class FileSource:
     """Publishes a table built from `paths` now and whenever one of them changes."""
 
     def __init__(self, paths: tuple[str, ...], store: RouteTableStore, *, namespace: str, interval: float,
-                 lenient: bool = False) -> None:
+                 lenient: bool = False, stale_after: float = 180.0) -> None:
         self.paths = paths
         self.store = store
         self.namespace = namespace
         self.lenient = lenient
         self.interval = interval
+        self.stale_after = stale_after  # a table behind its files this long: laneproxy.config.table_stale
         self._seen: tuple | None = None
         self._task: asyncio.Task | None = None
+        self._last_good: dict[str, FileVersion] = {}
+        self._matched_at: float | None = None  # when the table last matched every file as it is
+        self._behind = False  # a file is kept at its last good version, or the last update was rejected
+
+    def health(self) -> SourceHealth:
+        now = time.monotonic()
+        if self._matched_at is None:
+            return SourceHealth(None, False)
+        age = now - self._matched_at if self._behind else 0.0
+        return SourceHealth(age, age > self.stale_after, tuple(
+            (f"file.{os.path.basename(path)}", "behind" if path in self.store.skipped else "current")
+            for path in self.paths))
 
     async def load_once(self) -> bool:
         """Build from the files as they are now; True if a new table was published."""
         self._seen = await asyncio.to_thread(_fingerprint, self.paths)
         try:
-            built = await build_off_loop(lambda: load_files(self.paths, namespace=self.namespace, lenient=self.lenient))
+            built, used = await build_off_loop(lambda: load_files_keeping(
+                self.paths, namespace=self.namespace, lenient=self.lenient, last_good=self._last_good))
         except ConfigInvalidError as exc:
             self.store.reject(exc)
+            self._behind = True
             log.error("configuration rejected, keeping version %r:\n%s", self.store.current.version or "none", exc)
             return False
         table = built.table
-        if table.version == self.store.current.version:
-            return False
-        for warning in built.warnings:
-            log.warning("%s (ignored: --lenient)", warning)
-        for notice in built.notices:
-            log.info("%s", notice)
-        self.store.publish(table)
-        settle_heap()
-        log.info("configuration version %s published (%d services, %d groups)", table.version,
-                 len(table.services), len(table.groups))
-        return True
+        self._last_good = used
+        self._behind = bool(built.skipped)
+        if not self._behind:
+            self._matched_at = time.monotonic()
+        for path, problems in built.skipped.items():
+            log.error("%s rejected, keeping its last good version while the other files update:\n%s", path,
+                      "\n".join(str(problem) for problem in problems))
+        changed = table.version != self.store.current.version
+        if changed or dict(built.skipped) != dict(self.store.skipped):
+            for warning in built.warnings:
+                log.warning("%s (ignored: --lenient)", warning)
+            for notice in built.notices:
+                log.info("%s", notice)
+            self.store.publish(table, built.skipped)
+            settle_heap()
+            if changed:
+                log.info("configuration version %s published (%d services, %d groups)", table.version,
+                         len(table.services), len(table.groups))
+        if built.skipped:
+            self.store.reject(ConfigInvalidError([p for problems in built.skipped.values() for p in problems]))
+        return changed
 
     async def start(self) -> None:
+        self.store.health = self.health
         await self.load_once()
+        if self._matched_at is None and self.store.ready:
+            self._matched_at = time.monotonic()
         self._task = asyncio.get_running_loop().create_task(self._watch(), name="file-source")
 
     async def _watch(self) -> None:
@@ -100,6 +175,8 @@ class FileSource:
             fingerprint = await asyncio.to_thread(_fingerprint, self.paths)
             if fingerprint != self._seen:
                 await self.load_once()
+            elif not self._behind:
+                self._matched_at = time.monotonic()
 
     async def stop(self) -> None:
         if self._task is not None:

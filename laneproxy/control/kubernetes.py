@@ -1,20 +1,30 @@
 """The Kubernetes source: swimlane resources, Services and Pods on the API server -> RouteTables in the store.
 
-Owns talking to the API server and nothing else: list, then watch from the list's resourceVersion
-with bookmarks; relist on 410 Gone; reconnect with capped exponential backoff when a stream breaks
-or the server is away; a cache of the watched objects; coalescing bursts of events into one
-rebuild; publishing. Credentials and TLS come from kubernetes_asyncio (a kubeconfig, or the pod's
-service account), never from hand-written code.
+Owns talking to the API server and nothing else: list (from the watch cache, `resourceVersion=0`),
+then watch from the list's resourceVersion with bookmarks; relist on 410 Gone; reconnect with capped
+exponential backoff when a stream breaks or the server is away; a cache of the watched objects;
+coalescing bursts of events into one rebuild; publishing; and writing `status` on the swimlane
+objects it had to leave out. Credentials and TLS come from kubernetes_asyncio (a kubeconfig, or the
+pod's service account), never from hand-written code.
 
-What it watches: the cluster-scoped `ASMSwimLaneGroup` and `ASMSwimLane` objects, and Services and
-Pods only in the namespaces the swimlane objects name (one list+watch per namespace, started and
-stopped as groups change). It never reads a namespace no group names, so a deployment may grant
-Services and Pods per namespace, and a sidecar never holds every pod of the cluster in memory.
+What it watches: the cluster-scoped `ASMSwimLaneGroup` and `ASMSwimLane` objects, and Services, Pods and
+EndpointSlices only in the namespaces the swimlane objects name (one list+watch per namespace, started
+and stopped as groups change). It never reads a namespace no group names, so a deployment may grant
+them per namespace, and a sidecar never holds every pod of the cluster in memory. A namespace it may not
+read (403) counts as empty, is reported, and holds back no other update.
 
-It never validates: core.build does, on the plain dicts received. An update that does not validate
-is rejected, logged and counted, and the last good table keeps serving; so does an API outage. The
-store turns ready only with a table built from a complete first sync of every collection.
-Third-party exceptions (aiohttp, kubernetes_asyncio) are translated here, at the edge.
+Watch health: a watch is silent while nothing changes, and a connection can die without a FIN. TCP
+keepalive notices a peer that stopped answering, and a read timeout (`watch_read_timeout`) a stream that
+stays silent; either ends the watch, which resumes from its resourceVersion, so no update is lost. Watch
+timeouts are drawn from [watch_timeout, 2 x watch_timeout) as client-go does, so sidecars started
+together do not re-watch in lockstep.
+
+It never validates: core.build does, on the plain dicts received. An object with a problem is left out
+(with every object that only fails because of it), logged, counted and told so in its `status`; the
+rest of the update is published. An update whose problems belong to no object is rejected and the last
+good table keeps serving; so does an API outage. The store turns ready only with a table built from a
+complete first sync of every collection. Third-party exceptions (aiohttp, kubernetes_asyncio) are
+translated here, at the edge.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ import json
 import logging
 import os
 import random
+import socket
 import time
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -35,9 +46,9 @@ from kubernetes_asyncio import config as kube_config
 from kubernetes_asyncio.config import ConfigException
 
 from laneproxy.control.building import build_off_loop, settle_heap
-from laneproxy.core.build import DEFAULT_NAMESPACE, SWIMLANE_API, ConfigDocument, build, content_version
-from laneproxy.core.errors import ConfigInvalidError, LaneProxyError
-from laneproxy.core.store import RouteTableStore
+from laneproxy.core.build import DEFAULT_NAMESPACE, SWIMLANE_API, ConfigDocument, build_skipping, content_version
+from laneproxy.core.errors import ConfigInvalidError, ConfigProblem, LaneProxyError
+from laneproxy.core.store import RouteTableStore, SourceHealth
 
 log = logging.getLogger("laneproxy.kubernetes")
 
@@ -58,6 +69,10 @@ class KubernetesConfigError(KubernetesSourceError):
 
 class ApiUnreachableError(KubernetesSourceError):
     """The API server could not be reached, or a stream from it broke or went silent."""
+
+
+class WatchSilentError(ApiUnreachableError):
+    """A watch stream said nothing for the read timeout: the connection may be dead without a FIN."""
 
 
 class ApiProtocolError(KubernetesSourceError):
@@ -115,21 +130,32 @@ SWIMLANE_GROUPS = ResourceKind("ASMSwimLaneGroup", SWIMLANE_API, "asmswimlanegro
 SWIMLANES = ResourceKind("ASMSwimLane", SWIMLANE_API, "asmswimlanes", namespaced=False)
 SERVICES = ResourceKind("Service", "v1", "services", namespaced=True)
 PODS = ResourceKind("Pod", "v1", "pods", namespaced=True)
+# Served as discovery.k8s.io/v1 from Kubernetes 1.21, v1beta1 before: the source asks which at start.
+ENDPOINT_SLICE_VERSIONS = ("discovery.k8s.io/v1", "discovery.k8s.io/v1beta1")
+
+
+def endpoint_slices(api_version: str) -> ResourceKind:
+    return ResourceKind("EndpointSlice", api_version, "endpointslices", namespaced=True)
 
 
 # ---------------------------------------------------------------------------------------------
 # Transport: HTTP through kubernetes_asyncio's client, which owns credentials, TLS and token refresh.
 
 _NETWORK_ERRORS = (aiohttp.ClientError, OSError)  # TimeoutError is an OSError
+# A list answer larger than this is parsed in a worker thread: a namespace of a few thousand pods is
+# megabytes of JSON, and parsing it on the event loop would stall every request the sidecar is serving.
+PARSE_OFF_LOOP_BYTES = 256 * 1024
 
 
 class ApiTransport:
     """GET JSON and stream watch events, with every failure translated into this module's errors."""
 
-    def __init__(self, api: kube_client.ApiClient, *, request_timeout: float, connect_timeout: float) -> None:
+    def __init__(self, api: kube_client.ApiClient, *, request_timeout: float, connect_timeout: float,
+                 keepalive: tuple[int, int, int] = (15, 5, 6)) -> None:
         self.api = api
         self.request_timeout = request_timeout
         self.connect_timeout = connect_timeout
+        self.keepalive = keepalive  # idle seconds, probe interval, probes: a silent peer is dropped after ~45 s
 
     async def get_json(self, path: str, params: Mapping[str, str]) -> dict:
         timeout = aiohttp.ClientTimeout(total=self.request_timeout, sock_connect=self.connect_timeout)
@@ -141,21 +167,33 @@ class ApiTransport:
         finally:
             response.release()
         try:
-            body = json.loads(raw)
+            body = await asyncio.to_thread(json.loads, raw) if len(raw) > PARSE_OFF_LOOP_BYTES else json.loads(raw)
         except ValueError as exc:
             raise ApiProtocolError(f"GET {path}: answer is not JSON") from exc
         if not isinstance(body, dict):
             raise ApiProtocolError(f"GET {path}: answer is not a JSON object")
         return body
 
-    async def stream(self, path: str, params: Mapping[str, str], *, read_timeout: float) -> AsyncIterator[dict]:
-        """Watch events, one JSON object per line, until the server ends the stream."""
+    async def patch_json(self, path: str, patch: Mapping[str, Any]) -> None:
+        """A JSON merge patch (the status subresource's writes)."""
+        timeout = aiohttp.ClientTimeout(total=self.request_timeout, sock_connect=self.connect_timeout)
+        response = await self._open(path, {}, timeout, method="PATCH", body=patch,
+                                    content_type="application/merge-patch+json")
+        response.release()
+
+    async def stream(self, path: str, params: Mapping[str, str], *, read_timeout: float,
+                     opened: Callable[[], None] = lambda: None) -> AsyncIterator[dict]:
+        """Watch events, one JSON object per line, until the server ends the stream; `opened` once it answers."""
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout, sock_read=read_timeout)
         response = await self._open(path, params, timeout)
+        self._keep_alive(response)
+        opened()
         try:
             while True:
                 try:
                     line = await response.content.readline()
+                except aiohttp.ServerTimeoutError as exc:
+                    raise WatchSilentError(f"watch {path}: nothing for {read_timeout:.0f}s") from exc
                 except (*_NETWORK_ERRORS, ValueError) as exc:  # ValueError: a line longer than the read buffer
                     raise ApiUnreachableError(f"watch {path}: stream broken: {_describe(exc)}") from exc
                 if not line:
@@ -172,10 +210,27 @@ class ApiTransport:
         finally:
             response.close()  # never reuse a watch connection: its rest is unread
 
-    async def _open(self, path: str, params: Mapping[str, str], timeout: aiohttp.ClientTimeout) -> aiohttp.ClientResponse:
+    def _keep_alive(self, response: aiohttp.ClientResponse) -> None:
+        """TCP keepalive on a watch's connection: a peer gone without a FIN is noticed by the kernel."""
+        connection = response.connection
+        sock = connection.transport.get_extra_info("socket") if connection and connection.transport else None
+        if sock is None:
+            return
+        idle, interval, count = self.keepalive
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
+        except (OSError, AttributeError):  # not Linux: the read timeout still notices a dead stream
+            pass
+
+    async def _open(self, path: str, params: Mapping[str, str], timeout: aiohttp.ClientTimeout, *,
+                    method: str = "GET", body: Any = None, content_type: str | None = None) -> aiohttp.ClientResponse:
+        headers = {"Accept": "application/json", **({"Content-Type": content_type} if content_type else {})}
         try:
             response = await self.api.call_api(
-                path, "GET", query_params=list(params.items()), header_params={"Accept": "application/json"},
+                path, method, query_params=list(params.items()), header_params=headers, body=body,
                 auth_settings=["BearerToken"], _preload_content=False, _request_timeout=timeout,
             )
         except _NETWORK_ERRORS as exc:
@@ -189,7 +244,7 @@ class ApiTransport:
                 text = b""
             finally:
                 response.release()
-            raise _status_error(response.status, text, what=f"GET {path}")
+            raise _status_error(response.status, text, what=f"{method} {path}")
         return response
 
 
@@ -233,21 +288,31 @@ class Reflector:
         on_change: Callable[[Reflector], None],
         backoff: Backoff,
         watch_timeout: int = 300,
+        read_timeout: float = 60.0,
         page_size: int = 500,
         on_unauthorized: Callable[[], Awaitable[None]] | None = None,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.transport, self.kind, self.namespace = transport, kind, namespace
         self.on_change, self.backoff, self.on_unauthorized = on_change, backoff, on_unauthorized
-        self.watch_timeout, self.page_size = watch_timeout, page_size
+        self.watch_timeout, self.read_timeout, self.page_size = watch_timeout, read_timeout, page_size
+        self.rng, self.clock = rng or random.Random(), clock
         self.path = kind.path(namespace)
         self.objects: dict[str, Mapping[str, Any]] = {}
         self.resource_version: str | None = None
         self.synced = False  # true from the first complete list on, also while reconnecting
+        self.forbidden = False  # 403: counted as empty (a namespace the sidecar may not read) until allowed
         self.lists = 0
         self.relists_after_expiry = 0
         self.watches = 0
+        self.silent_watches = 0  # watches ended by the read timeout (and resumed)
         self.failures = 0
         self.last_error: KubernetesSourceError | None = None
+        self.state = "listing"  # listing (before the first list), watching, reconnecting, retrying, forbidden
+        self.started_at = clock()
+        self.confirmed_at: float | None = None  # the last moment the cache was known to match the server
+        self._consistent_list = False  # after 410: the next list reads etcd, not the watch cache
         self._progress = False
         self._streak = 0  # failures since the connection last worked
 
@@ -255,10 +320,25 @@ class Reflector:
     def name(self) -> str:
         return self.kind.describe(self.namespace)
 
+    @property
+    def stat_name(self) -> str:
+        """`Pod.default`, `ASMSwimLane`: the collection in a stat name."""
+        return f"{self.kind.kind}.{self.namespace}" if self.namespace else self.kind.kind
+
+    def fresh_at(self, now: float) -> float | None:
+        """Until when the cache is known current: now while a watch is open, else when it last was."""
+        return now if self.state == "watching" else self.confirmed_at
+
     async def list(self) -> None:
-        """Read the whole collection, page by page, and swap it in at once with the list's resourceVersion."""
+        """Read the whole collection, page by page, and swap it in at once with the list's resourceVersion.
+
+        `resourceVersion=0` lets the API server answer from its watch cache instead of etcd (as client-go's
+        reflector lists); after a 410 the list is a consistent read, so it cannot be older than what expired.
+        """
         objects: dict[str, Mapping[str, Any]] = {}
         params = {"limit": str(self.page_size)}
+        if not self._consistent_list:
+            params["resourceVersion"] = "0"
         while True:
             page = await self.transport.get_json(self.path, params)
             items = page.get("items") or []
@@ -270,6 +350,7 @@ class Reflector:
             meta = page.get("metadata") if isinstance(page.get("metadata"), dict) else {}
             if meta.get("continue"):
                 params["continue"] = str(meta["continue"])
+                params.pop("resourceVersion", None)  # the continue token carries it; both is an error
                 continue
             resource_version = meta.get("resourceVersion")
             if not resource_version:
@@ -279,10 +360,17 @@ class Reflector:
         self.objects = objects
         self.resource_version = str(resource_version)
         self.synced = True
+        self.forbidden = False
+        self._consistent_list = False
         self.lists += 1
+        self.confirmed_at = self.clock()
         self._progress = True
         self._recovered()
         self.on_change(self)
+
+    def watch_seconds(self) -> int:
+        """This watch's timeoutSeconds, drawn from [watch_timeout, 2 x watch_timeout) as client-go draws it."""
+        return int(self.watch_timeout * (1 + self.rng.random()))
 
     async def watch(self) -> int:
         """Watch from `resource_version` until the server ends the stream; returns the events applied."""
@@ -290,18 +378,27 @@ class Reflector:
             "watch": "true",
             "resourceVersion": self.resource_version or "",
             "allowWatchBookmarks": "true",
-            "timeoutSeconds": str(self.watch_timeout),
+            "timeoutSeconds": str(self.watch_seconds()),
         }
         self.watches += 1
         applied = 0
-        # The read timeout notices a silent, half-open connection; the server itself ends the watch
-        # after timeoutSeconds, so only a dead stream stays quiet much longer than that.
-        stream = self.transport.stream(self.path, params, read_timeout=self.watch_timeout + 30)
-        async with aclosing(stream) as events:
-            async for event in events:
-                self.apply(event)
-                applied += 1
+        # The read timeout notices a silent connection (half-open, or a relay that stopped passing bytes);
+        # a healthy but quiet watch ends by it too and resumes from its resourceVersion, losing nothing.
+        stream = self.transport.stream(self.path, params, read_timeout=self.read_timeout, opened=self._watching)
+        try:
+            async with aclosing(stream) as events:
+                async for event in events:
+                    self.apply(event)
+                    applied += 1
+        finally:
+            if self.state == "watching":
+                self.confirmed_at = self.clock()
+                self.state = "reconnecting"
         return applied
+
+    def _watching(self) -> None:
+        self.state = "watching"
+        self.confirmed_at = self.clock()
 
     def apply(self, event: Mapping[str, Any]) -> None:
         """One watch event into the cache. An ERROR event raises its typed error (410 -> ResourceExpiredError)."""
@@ -352,10 +449,15 @@ class Reflector:
                     delay = self._next_delay()
                 else:
                     self.backoff.reset()
+            except WatchSilentError as exc:
+                # Quiet namespaces end here routinely; a dead connection too. Either way: watch again.
+                self.silent_watches += 1
+                log.debug("%s: %s; watching again from resourceVersion %s", self.name, exc, self.resource_version)
             except ResourceExpiredError as exc:
                 log.info("%s: %s; relisting (the served table stays until the relist is built)", self.name,
                          exc.message or "410 Gone")
                 self.resource_version = None
+                self._consistent_list = True
                 self.relists_after_expiry += 1
                 expired_in_a_row += 1
                 if expired_in_a_row > 1:  # a relist that expires again must not spin
@@ -365,6 +467,9 @@ class Reflector:
                 self.last_error = exc
                 delay = self._next_delay()
                 self._streak += 1
+                self.state = "retrying"
+                if isinstance(exc, ApiStatusError) and exc.status == 403 and self.kind.namespaced:
+                    self._forbid(exc)
                 # The first failure of a streak, then every tenth: an outage must not flood the log.
                 level = logging.ERROR if isinstance(exc, (ApiStatusError, KubernetesConfigError)) else logging.WARNING
                 log.log(level if self._streak % 10 == 1 else logging.DEBUG,
@@ -379,6 +484,18 @@ class Reflector:
                 self.resource_version = None
             if delay:
                 await asyncio.sleep(delay)
+
+    def _forbid(self, exc: ApiStatusError) -> None:
+        """A namespace the sidecar may not read: empty, so that it holds back no other update; asked again later."""
+        if not self.forbidden:
+            log.error("%s: %s: counted as empty until the sidecar may read it (check the RoleBindings of that "
+                      "namespace or deploy/rbac); every other namespace keeps updating", self.name, exc.message)
+        had_objects = bool(self.objects) or not self.synced
+        self.forbidden, self.synced, self.state = True, True, "forbidden"
+        self.objects, self.resource_version = {}, None
+        self.confirmed_at = self.clock()
+        if had_objects:
+            self.on_change(self)
 
     def _next_delay(self) -> float:
         if self._progress:  # the connection worked since the last failure: start over from a short delay
@@ -416,6 +533,16 @@ def _hint(exc: KubernetesSourceError) -> str:
 # The source
 
 
+def status_for(problems: tuple[ConfigProblem, ...]) -> dict[str, Any]:
+    """A swimlane object's status: why it was left out of the table, or nothing (null removes the field)."""
+    if not problems:
+        return {"error": None, "validationMessage": None}
+    lines = [f"{problem.path}: {problem.reason}" for problem in problems]
+    more = f" (and {len(lines) - 1} more)" if len(lines) > 1 else ""
+    return {"error": f"left out of the route table by laneproxy: {lines[0]}{more}",
+            "validationMessage": "\n".join(lines)}
+
+
 def namespaces_named(bodies: Iterable[Mapping[str, Any]]) -> set[str]:
     """Namespaces of the services swimlane objects name in `spec.services`; tolerant, build.py validates."""
     namespaces: set[str] = set()
@@ -444,11 +571,15 @@ class KubernetesSource:
         backoff_initial: float = 0.2,
         backoff_cap: float = 10.0,
         watch_timeout: int = 300,
+        watch_read_timeout: float = 60.0,
         page_size: int = 500,
         request_timeout: float = 60.0,
         connect_timeout: float = 5.0,
         rng: random.Random | None = None,
         lenient: bool = False,
+        write_status: bool = True,
+        stale_after: float = 180.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
         self.lenient = lenient  # unknown fields in the objects are warnings, not a rejected update
@@ -457,8 +588,18 @@ class KubernetesSource:
         self.debounce, self.max_delay = debounce, max_delay
         self.backoff_initial, self.backoff_cap = backoff_initial, backoff_cap
         self.watch_timeout, self.page_size = watch_timeout, page_size
+        self.watch_read_timeout = watch_read_timeout
         self.request_timeout, self.connect_timeout = request_timeout, connect_timeout
         self.rng = rng or random.Random()
+        self.clock = clock
+        self.write_status = write_status  # tell a swimlane object left out of the table why, in its status
+        self.stale_after = stale_after  # table older than this: laneproxy.config.table_stale turns 1
+        self.endpoint_slices: ResourceKind | None = None  # the served EndpointSlice version, asked at start
+        self.status_writes = 0
+        self.status_write_failures = 0
+        self._status_forbidden_logged = False
+        self._logged_skips: Mapping[str, tuple[ConfigProblem, ...]] = {}
+        self._published_at: float | None = None
         self.reflectors: dict[tuple[str, str | None], Reflector] = {}
         self.rebuilds = 0
         self.synced_after: float | None = None  # seconds from start to the first published table
@@ -487,6 +628,8 @@ class KubernetesSource:
         self._transport = ApiTransport(self._api, request_timeout=self.request_timeout,
                                        connect_timeout=self.connect_timeout)
         self._reloading = asyncio.Lock()
+        self.store.health = self.health
+        self.endpoint_slices = await self._served_endpoint_slices()
         log.info("watching %s and %s on %s", SWIMLANE_GROUPS.plural, SWIMLANES.plural, configuration.host)
         self._rebuilder = asyncio.get_running_loop().create_task(self._rebuild_loop(), name="kubernetes-rebuild")
         self._follow(SWIMLANE_GROUPS, None)
@@ -507,6 +650,39 @@ class KubernetesSource:
     def synced(self) -> bool:
         """Every collection the current swimlane objects call for has been listed at least once."""
         return bool(self.reflectors) and all(r.synced for r in self.reflectors.values())
+
+    def health(self) -> SourceHealth:
+        """How far behind the API server the served table may be, and each collection's state."""
+        now = self.clock()
+        fresh = [reflector.fresh_at(now) for reflector in self.reflectors.values()]
+        age = None
+        if self.store.ready and self._published_at is not None:
+            known = [at for at in fresh if at is not None]
+            oldest = min(known) if len(known) == len(fresh) else self._published_at
+            if self.store.last_error is not None:  # the cache is newer than the table: it was rejected
+                oldest = min(oldest, self._published_at)
+            age = max(0.0, now - oldest)
+        resources = tuple(sorted((reflector.stat_name, reflector.state) for reflector in self.reflectors.values()))
+        return SourceHealth(age, age is not None and age > self.stale_after, resources)
+
+    async def _served_endpoint_slices(self) -> ResourceKind | None:
+        """The EndpointSlice version this API server serves (v1 from 1.21, v1beta1 on 1.17-1.20), if any."""
+        assert self._transport is not None
+        for version in ENDPOINT_SLICE_VERSIONS:
+            try:
+                found = await self._transport.get_json(f"/apis/{version}", {})
+            except ApiStatusError as exc:
+                if exc.status in (403, 404):
+                    continue
+                raise
+            except KubernetesSourceError as exc:
+                log.warning("cannot ask which EndpointSlice version is served (%s); reading Pods only", exc)
+                return None
+            if any(resource.get("name") == "endpointslices" for resource in found.get("resources") or ()
+                   if isinstance(resource, dict)):
+                return endpoint_slices(version)
+        log.info("no EndpointSlice API served: endpoints come from the ready Pods each Service selects")
+        return None
 
     @property
     def namespaces(self) -> list[str]:
@@ -562,7 +738,8 @@ class KubernetesSource:
         reflector = Reflector(
             self._transport, kind, namespace, on_change=self._changed,
             backoff=Backoff(self.backoff_initial, self.backoff_cap, self.rng),
-            watch_timeout=self.watch_timeout, page_size=self.page_size, on_unauthorized=self._reload_credentials,
+            watch_timeout=self.watch_timeout, read_timeout=self.watch_read_timeout, page_size=self.page_size,
+            on_unauthorized=self._reload_credentials, rng=self.rng, clock=self.clock,
         )
         self.reflectors[key] = reflector
         self._tasks[key] = asyncio.get_running_loop().create_task(reflector.run(), name=f"watch {reflector.name}")
@@ -582,17 +759,18 @@ class KubernetesSource:
         self._dirty.set()
 
     def _follow_namespaces(self) -> None:
-        """Watch Services and Pods exactly in the namespaces the swimlane objects name."""
+        """Watch Services, Pods and EndpointSlices exactly in the namespaces the swimlane objects name."""
         wanted = namespaces_named(self._bodies(SWIMLANE_GROUPS)) | namespaces_named(self._bodies(SWIMLANES))
         current = set(self.namespaces)
+        kinds = (SERVICES, PODS, *([self.endpoint_slices] if self.endpoint_slices else []))
         for namespace in sorted(wanted - current):
-            log.info("following Services and Pods in namespace %s", namespace)
-            self._follow(SERVICES, namespace)
-            self._follow(PODS, namespace)
+            log.info("following %s in namespace %s", ", ".join(kind.plural for kind in kinds), namespace)
+            for kind in kinds:
+                self._follow(kind, namespace)
         for namespace in sorted(current - wanted):
             log.info("no swimlane object names namespace %s any more: stop watching it", namespace)
-            self._unfollow(SERVICES, namespace)
-            self._unfollow(PODS, namespace)
+            for kind in kinds:
+                self._unfollow(kind, namespace)
 
     def _bodies(self, kind: ResourceKind) -> Iterable[Mapping[str, Any]]:
         reflector = self.reflectors.get((kind.kind, None))
@@ -621,8 +799,8 @@ class KubernetesSource:
         self.rebuilds += 1
         try:
             # Off the event loop: a large namespace must not stall the sidecar's hot path.
-            built = await build_off_loop(lambda: build(documents, version=version, namespace=self.namespace,
-                                                       lenient=self.lenient))
+            built = await build_off_loop(lambda: build_skipping(documents, version=version, namespace=self.namespace,
+                                                                lenient=self.lenient))
         except ConfigInvalidError as exc:
             self.store.reject(exc)
             problems = str(exc)
@@ -638,14 +816,56 @@ class KubernetesSource:
                 log.warning("%s (ignored: --lenient)", warning)
         first = not self.store.ready
         self._logged_problems = None
-        self.store.publish(table)
+        self._report_skipped(built.skipped)
+        self.store.publish(table, built.skipped)
+        self._published_at = self.clock()
         settle_heap()
+        if self.write_status:
+            await self._write_statuses(built.skipped)
         if first:
             self.synced_after = time.monotonic() - self._started_at
             log.info("first complete sync after %.2fs", self.synced_after)
         log.info("configuration version %s published (%d services, %d groups, namespaces %s)", table.version,
                  len(table.services), len(table.groups), ", ".join(self.namespaces) or "none")
         return True
+
+    def _report_skipped(self, skipped: Mapping[str, tuple[ConfigProblem, ...]]) -> None:
+        """Log each object newly left out (or left out for a new reason) once, and each one taken back."""
+        for source, problems in skipped.items():
+            if self._logged_skips.get(source) != problems:
+                log.error("%s left out of the route table, every other object still updates:\n%s", source,
+                          "\n".join(f"  {problem.path}: {problem.reason}" for problem in problems))
+        for source in self._logged_skips.keys() - skipped.keys():
+            log.info("%s is back in the route table", source)
+        self._logged_skips = dict(skipped)
+
+    async def _write_statuses(self, skipped: Mapping[str, tuple[ConfigProblem, ...]]) -> None:
+        """Say on each swimlane object whether it is in the table, as ASM does (`status.error`, `validationMessage`).
+
+        Written only where the status differs, so many sidecars computing the same answer write it about once.
+        """
+        assert self._transport is not None
+        for kind in (SWIMLANE_GROUPS, SWIMLANES):
+            reflector = self.reflectors.get((kind.kind, None))
+            for name, body in list(reflector.objects.items()) if reflector is not None else ():
+                problems = skipped.get(f"kubernetes:{kind.kind}/{name}", ())
+                wanted = status_for(problems)
+                status = body.get("status") if isinstance(body.get("status"), dict) else {}
+                if all(status.get(key) == value for key, value in wanted.items()):
+                    continue
+                try:
+                    await self._transport.patch_json(f"{kind.path(None)}/{name}/status", {"status": wanted})
+                    self.status_writes += 1
+                except KubernetesSourceError as exc:
+                    self.status_write_failures += 1
+                    if isinstance(exc, ApiStatusError) and exc.status == 403:
+                        if not self._status_forbidden_logged:
+                            self._status_forbidden_logged = True
+                            log.warning("may not write the status of %s (%s): problems are in the log and the "
+                                        "laneproxy.config.skipped_objects stat only; deploy/rbac grants it",
+                                        kind.plural, exc.message)
+                        return
+                    log.warning("writing the status of %s %s: %s", kind.kind, name, exc)
 
     async def _rebuild_loop(self) -> None:
         """Coalesce bursts: rebuild once the events stop for `debounce`, or `max_delay` after the first."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Iterable, Mapping
 
@@ -111,6 +111,8 @@ class Built:
     warnings: tuple[ConfigProblem, ...]
     # Inputs that change nothing: a file with no swimlane objects, a kind laneproxy does not read.
     notices: tuple[ConfigProblem, ...]
+    # Inputs left out of the table because of their problems (build_skipping only): source -> why.
+    skipped: Mapping[str, tuple[ConfigProblem, ...]] = field(default_factory=lambda: MappingProxyType({}))
 
 
 def _suggestion(key: str, known: Iterable[str]) -> str:
@@ -253,23 +255,50 @@ class _LaneDecl:
 
 
 @dataclass(slots=True)
+class _PortDecl:
+    name: str  # "" for a Service's only, unnamed port
+    port: int
+    target: int | str | None  # a number, or a container port name resolved per pod
+    endpoints: list[Endpoint]
+
+
+@dataclass(slots=True)
 class _ServiceDecl:
     source: str
     namespace: str
     name: str
-    port: int
-    target_port: int | str | None
+    ports: list[_PortDecl]  # the first is the service's primary port (a destination host names no port)
     selector: dict[str, str] | None
-    endpoints: list[Endpoint]
+    kube: bool = False  # declared by a Kubernetes Service object (not a LaneEndpoints file, not a group)
+    cluster_ip: str | None = None
+    external_name: str | None = None
 
 
 @dataclass(slots=True)
 class _PodDecl:
     namespace: str
+    name: str
     labels: dict[str, str]
     ip: str
     ready: bool
     ports: dict[str, int]
+
+
+@dataclass(slots=True)
+class _SliceEndpoint:
+    ip: str
+    ready: bool
+    serving: bool
+    terminating: bool
+    pod: str | None
+
+
+@dataclass(slots=True)
+class _SliceDecl:
+    namespace: str
+    service: str
+    ports: dict[str, int]  # service port name -> the endpoints' port number
+    endpoints: list[_SliceEndpoint]
 
 
 def _name_of(fields: _Fields) -> str | None:
@@ -512,27 +541,67 @@ def _endpoints_decls(doc: ConfigDocument, problems: _Problems) -> list[_ServiceD
                     continue
                 labels = MappingProxyType({TRAFFIC_TAG_LABEL: str(tag)})
                 endpoints.append(Endpoint(endpoint.host, endpoint.port, labels))
-        decls.append(_ServiceDecl(doc.source, namespace or DEFAULT_NAMESPACE, name, port, None, None, endpoints))
+        decls.append(_ServiceDecl(doc.source, namespace or DEFAULT_NAMESPACE, name,
+                                  [_PortDecl("", port, None, endpoints)], None))
     return decls
 
 
 def _kube_service_decl(doc: ConfigDocument, problems: _Problems) -> _ServiceDecl | None:
+    """Every port of a Service, as kube-proxy serves them; its ClusterIP; ExternalName's target host."""
     root = _Fields(problems, doc.source, "Service", doc.body)
     meta = root.sub("metadata")
     name = meta.string("name", required=True)
     spec = root.sub("spec")
-    ports = spec.items("ports")
+    external_name = spec.string("externalName") if spec.body.get("type") == "ExternalName" else None
+    ports: list[_PortDecl] = []
+    for path, element in spec.items("ports"):
+        fields = root.at(path, element)
+        if fields.body.get("protocol", "TCP") != "TCP":
+            continue  # UDP and SCTP never reach an HTTP proxy
+        port = fields.integer("port", DEFAULT_SERVICE_PORT, low=1, high=65535)
+        target = fields.body.get("targetPort", port)
+        number = isinstance(target, int) and not isinstance(target, bool) and 0 < target < 65536
+        if not (number or isinstance(target, str) and target):
+            fields.fail("targetPort", f"expected a port number from 1 to 65535 or a port name, got {target!r}")
+            target = port
+        ports.append(_PortDecl(fields.string("name", "") or "", port, target, []))
     if name is None or not ports:
         return None
-    first = root.at(*ports[0])
-    port = first.integer("port", DEFAULT_SERVICE_PORT, low=1, high=65535)
-    target = first.body.get("targetPort", port)
-    number = isinstance(target, int) and not isinstance(target, bool) and 0 < target < 65536
-    if not (number or isinstance(target, str) and target):
-        first.fail("targetPort", f"expected a port number from 1 to 65535 or a port name, got {target!r}")
-        target = port
     selector = spec.string_map("selector") or None
-    return _ServiceDecl(doc.source, meta.string("namespace", DEFAULT_NAMESPACE) or DEFAULT_NAMESPACE, name, port, target, selector, [])
+    cluster_ip = spec.string("clusterIP")
+    return _ServiceDecl(doc.source, meta.string("namespace", DEFAULT_NAMESPACE) or DEFAULT_NAMESPACE, name, ports,
+                        selector, kube=True, cluster_ip=cluster_ip if cluster_ip and cluster_ip != "None" else None,
+                        external_name=external_name)
+
+
+def _slice_decl(doc: ConfigDocument, problems: _Problems) -> _SliceDecl | None:
+    """An EndpointSlice (discovery.k8s.io v1 or v1beta1): the ports and conditions kube-proxy reads."""
+    root = _Fields(problems, doc.source, "EndpointSlice", doc.body)
+    meta = root.sub("metadata")
+    service = meta.string_map("labels").get("kubernetes.io/service-name")
+    if not service or root.body.get("addressType", "IPv4") not in ("IPv4", "IPv6"):
+        return None  # not a Service's slice (or FQDN endpoints, which kube-proxy does not read either)
+    ports = {}
+    for path, element in root.items("ports"):
+        fields = root.at(path, element)
+        number = fields.integer("port", 0, low=1, high=65535)
+        if number and fields.body.get("protocol", "TCP") == "TCP":
+            ports[fields.string("name", "") or ""] = number
+    endpoints = []
+    for path, element in root.items("endpoints"):
+        fields = root.at(path, element)
+        addresses = [address for _, address in fields.items("addresses") if isinstance(address, str) and address]
+        if not addresses:
+            continue
+        conditions = fields.sub("conditions")
+        # The API: a condition left out is unknown, and consumers read unknown readiness as ready.
+        ready = conditions.boolean("ready", True)
+        serving = conditions.boolean("serving", ready)
+        terminating = conditions.boolean("terminating", False)
+        target = fields.sub("targetRef")
+        pod = target.string("name") if target.body.get("kind", "Pod") == "Pod" else None
+        endpoints.append(_SliceEndpoint(addresses[0], ready, serving, terminating, pod))
+    return _SliceDecl(meta.string("namespace", DEFAULT_NAMESPACE) or DEFAULT_NAMESPACE, service, ports, endpoints)
 
 
 def _pod_decl(doc: ConfigDocument, problems: _Problems) -> _PodDecl | None:
@@ -552,9 +621,9 @@ def _pod_decl(doc: ConfigDocument, problems: _Problems) -> _PodDecl | None:
             port = root.at(port_path, port_element)
             name, number = port.string("name"), port.integer("containerPort", 0, low=1, high=65535)
             if name and number:
-                ports[name] = number
+                ports.setdefault(name, number)  # as Kubernetes resolves a named port: the first container's
     namespace = meta.string("namespace", DEFAULT_NAMESPACE) or DEFAULT_NAMESPACE
-    return _PodDecl(namespace, meta.string_map("labels"), ip, ready, ports)
+    return _PodDecl(namespace, meta.string("name", "") or "", meta.string_map("labels"), ip, ready, ports)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -585,11 +654,11 @@ def _cluster_name(service: Service, lane: str | None) -> str:
 
 
 def _host_names(service: Service, local_namespace: str) -> list[bytes]:
+    """The names a client calls the service by, without a port."""
     names = [service.fqdn, f"{service.name}.{service.namespace}.svc", f"{service.name}.{service.namespace}"]
     if service.namespace == local_namespace:
         names.append(service.name)
-    with_ports = names + [f"{name}:{service.port}" for name in names]
-    return [name.encode() for name in with_ports]
+    return [name.encode() for name in names]
 
 
 def build_table(documents: Iterable[ConfigDocument], *, version: str, namespace: str = DEFAULT_NAMESPACE,
@@ -620,6 +689,7 @@ def build(documents: Iterable[ConfigDocument], *, version: str, namespace: str =
     lanes: list[_LaneDecl] = []
     services: dict[str, _ServiceDecl] = {}
     pods: list[_PodDecl] = []
+    slices: list[_SliceDecl] = []
     for doc in documents:
         api, kind = doc.body.get("apiVersion"), doc.body.get("kind")
         schema = DOCUMENT_SCHEMAS.get(kind) if isinstance(kind, str) else None
@@ -651,6 +721,10 @@ def build(documents: Iterable[ConfigDocument], *, version: str, namespace: str =
             pod = _pod_decl(doc, problems)
             if pod is not None:
                 pods.append(pod)
+        elif kind == "EndpointSlice" and api in ("discovery.k8s.io/v1", "discovery.k8s.io/v1beta1"):
+            endpoint_slice = _slice_decl(doc, problems)
+            if endpoint_slice is not None:
+                slices.append(endpoint_slice)
         else:
             # Gateway, VirtualService, Deployment, Rollout... may share a file with ours; they are not ours to read.
             metadata = doc.body.get("metadata")
@@ -664,7 +738,7 @@ def build(documents: Iterable[ConfigDocument], *, version: str, namespace: str =
             continue
         for what, kind_name in ignored.get(source, ()):
             notices.append(ConfigProblem(source, what, f"ignored: laneproxy does not read {kind_name}"))
-    _attach_pods(services, pods)
+    _attach_endpoints(services, pods, slices)
     table = _assemble(groups, lanes, services, problems, version=version, namespace=namespace)
     errors = problems.items if lenient else unknown + problems.items
     if errors:
@@ -672,30 +746,92 @@ def build(documents: Iterable[ConfigDocument], *, version: str, namespace: str =
     return Built(table, tuple(unknown) if lenient else (), tuple(notices))
 
 
+def build_skipping(documents: Iterable[ConfigDocument], *, version: str, namespace: str = DEFAULT_NAMESPACE,
+                   lenient: bool = False, sources: Iterable[str] = (),
+                   last_good: Mapping[str, tuple[ConfigDocument, ...]] | None = None, drop: bool = True) -> Built:
+    """build, leaving out every input with a problem instead of rejecting the whole update.
+
+    One bad object must not freeze every other update: an input (a document's `source`) with a problem is
+    replaced by its entry in `last_good` when there is one (the file source's last good version of a file),
+    else left out (unless not `drop`); then the rest is built again, so an input that only failed because
+    of it (a lane whose group was left out) is left out in turn, saying why. Raises ConfigInvalidError for
+    a problem that belongs to no input, for an input with no last good version when not `drop`, and when
+    a last good version fails too. `Built.skipped` says what was replaced or left out.
+    """
+    kept = list(documents)
+    substitutes = dict(last_good or {})
+    skipped: dict[str, list[ConfigProblem]] = {}
+    while True:
+        try:
+            built = build(kept, version=version, namespace=namespace, lenient=lenient, sources=sources)
+        except ConfigInvalidError as exc:
+            present = {doc.source for doc in kept}
+            culprits = {problem.source for problem in exc.problems} & present
+            if not culprits or any(problem.source not in present for problem in exc.problems):
+                raise
+            replaced: list[ConfigDocument] = []
+            for source in sorted(culprits):
+                substitute = substitutes.pop(source, None)
+                if substitute is None and (source in skipped or not drop):
+                    raise  # nothing sound is left to serve for it
+                skipped.setdefault(source, []).extend(p for p in exc.problems if p.source == source)
+                replaced.extend(substitute or ())
+            kept = [doc for doc in kept if doc.source not in culprits] + replaced
+            continue
+        return Built(built.table, built.warnings, built.notices,
+                     MappingProxyType({source: tuple(problems) for source, problems in sorted(skipped.items())}))
+
+
 def _merge_service(services: dict[str, _ServiceDecl], decl: _ServiceDecl) -> None:
+    """A Kubernetes Service defines the ports; addresses a LaneEndpoints file lists join its first port."""
     key = f"{decl.namespace}/{decl.name}"
     existing = services.get(key)
     if existing is None:
         services[key] = decl
+    elif decl.kube:
+        decl.ports[0].endpoints.extend(existing.ports[0].endpoints)
+        services[key] = decl
     else:
-        existing.endpoints.extend(decl.endpoints)
-        if decl.selector is not None:
-            existing.selector, existing.port, existing.target_port = decl.selector, decl.port, decl.target_port
+        existing.ports[0].endpoints.extend(decl.ports[0].endpoints)
 
 
-def _attach_pods(services: dict[str, _ServiceDecl], pods: list[_PodDecl]) -> None:
-    for decl in services.values():
-        if not decl.selector:
-            continue
-        for pod in pods:
-            if not pod.ready or pod.namespace != decl.namespace:
-                continue
-            if not all(pod.labels.get(k) == v for k, v in decl.selector.items()):
-                continue
-            target = decl.target_port
-            port = pod.ports.get(target) if isinstance(target, str) else target
-            if port:
-                decl.endpoints.append(Endpoint(pod.ip, int(port), MappingProxyType(dict(pod.labels))))
+def _attach_endpoints(services: dict[str, _ServiceDecl], pods: list[_PodDecl], slices: list[_SliceDecl]) -> None:
+    """Each port's endpoints: from the Service's EndpointSlices where it has any, else from its pods.
+
+    EndpointSlices are what kube-proxy reads (ready endpoints; with none ready, the serving ones that are
+    terminating). A cluster without the EndpointSlice controller (or a file of Pods) has none: then the
+    ready pods the selector picks, a named target port resolved per pod.
+    """
+    labels_of = {(pod.namespace, pod.name): pod.labels for pod in pods}
+    slices_of: dict[str, list[_SliceDecl]] = {}
+    for endpoint_slice in slices:
+        slices_of.setdefault(f"{endpoint_slice.namespace}/{endpoint_slice.service}", []).append(endpoint_slice)
+    for key, decl in services.items():
+        if decl.external_name:
+            # No endpoints of its own: the name it stands for, as a client resolving it would reach it.
+            for port in decl.ports:
+                port.endpoints.append(Endpoint(decl.external_name, port.port))
+        elif key in slices_of:
+            for port in decl.ports:
+                candidates = [(endpoint, endpoint_slice.ports[port.name]) for endpoint_slice in slices_of[key]
+                              if port.name in endpoint_slice.ports for endpoint in endpoint_slice.endpoints]
+                chosen = [item for item in candidates if item[0].ready]
+                if not chosen:
+                    chosen = [item for item in candidates if item[0].serving and item[0].terminating]
+                for endpoint, number in chosen:
+                    labels = labels_of.get((decl.namespace, endpoint.pod or ""), {})
+                    port.endpoints.append(Endpoint(endpoint.ip, number, MappingProxyType(dict(labels))))
+        elif decl.selector:
+            for pod in pods:
+                if not pod.ready or pod.namespace != decl.namespace:
+                    continue
+                if not all(pod.labels.get(k) == v for k, v in decl.selector.items()):
+                    continue
+                for port in decl.ports:
+                    target = port.target
+                    number = pod.ports.get(target) if isinstance(target, str) else target
+                    if number:
+                        port.endpoints.append(Endpoint(pod.ip, int(number), MappingProxyType(dict(pod.labels))))
 
 
 def _assemble(
@@ -722,8 +858,12 @@ def _assemble(
         for key in group.services:
             if key not in service_decls:
                 ns, _, name = key.partition("/")
-                service_decls[key] = _ServiceDecl(group.source, ns, name, DEFAULT_SERVICE_PORT, None, None, [])
-    services = {key: Service(d.namespace, d.name, d.port, _unique(d.endpoints)) for key, d in sorted(service_decls.items())}
+                service_decls[key] = _ServiceDecl(group.source, ns, name, [_PortDecl("", DEFAULT_SERVICE_PORT, None, [])],
+                                                  None)
+    # One Service per port: each port has its own endpoints (its own target port) and its own clusters.
+    by_port = {key: [Service(d.namespace, d.name, p.port, _unique(p.endpoints)) for p in d.ports]
+               for key, d in sorted(service_decls.items())}
+    services = {key: ports[0] for key, ports in by_port.items()}
 
     groups: dict[str, SwimLaneGroup] = {}
     group_of_service: dict[str, str] = {}
@@ -801,12 +941,27 @@ def _assemble(
 
     routes: dict[str, ServiceRoutes] = {}
     hosts: dict[bytes, ServiceRoutes] = {}
-    for key, service in services.items():
+    other_ports: list[ServiceRoutes] = []
+    for key, ports in by_port.items():
+        decl = service_decls[key]
         group = groups.get(group_of_service.get(key, ""))
-        service_routes = _service_routes(service, group)
-        routes[key] = service_routes
-        for name in _host_names(service, namespace):
-            hosts.setdefault(name, service_routes)
+        # Only a group's services are taken over; any other Service answers as it does without laneproxy.
+        passthrough = group is None and decl.kube
+        per_port = [_service_routes(service, group, passthrough) for service in ports]
+        routes[key] = per_port[0]
+        other_ports.extend(per_port[1:])
+        # A name without a port is port 80 if the service has it, else its primary port.
+        bare = next((r for r in per_port if r.service.port == 80), per_port[0])
+        for name in _host_names(ports[0], namespace):
+            hosts.setdefault(name, bare)
+        for service_routes in per_port:
+            for name in _host_names(ports[0], namespace):
+                hosts.setdefault(b"%s:%d" % (name, service_routes.service.port), service_routes)
+            if decl.cluster_ip:
+                # A client that calls the ClusterIP (Host: ip:port, or the captured original destination).
+                hosts.setdefault(b"%s:%d" % (decl.cluster_ip.encode(), service_routes.service.port), service_routes)
+        if decl.cluster_ip:
+            hosts.setdefault(decl.cluster_ip.encode(), bare)
     return RouteTable(
         version=version,
         services=MappingProxyType(services),
@@ -814,6 +969,7 @@ def _assemble(
         routes=MappingProxyType(routes),
         hosts=MappingProxyType(hosts),
         ingress_rules=tuple(rules),
+        other_ports=tuple(other_ports),
     )
 
 
@@ -845,11 +1001,11 @@ def _names(names: Iterable[str]) -> str:
     return ", ".join(sorted(names)) or "none"
 
 
-def _service_routes(service: Service, group: SwimLaneGroup | None) -> ServiceRoutes:
+def _service_routes(service: Service, group: SwimLaneGroup | None, passthrough: bool = False) -> ServiceRoutes:
     """Precompute the route for every lane of the service's group, fallback included."""
     if group is None:
         default = Route(service.key, None, None, _cluster_name(service, None), service.endpoints)
-        return ServiceRoutes(service, None, MappingProxyType({}), default)
+        return ServiceRoutes(service, None, MappingProxyType({}), default, passthrough)
     members: dict[str, tuple[Endpoint, ...]] = {}
     for lane in group.lanes.values():
         selected = tuple(e for e in service.endpoints if e.has_labels(lane.label_selector))

@@ -190,6 +190,10 @@ class ServiceRoutes:
     group: SwimLaneGroup | None
     by_lane: Mapping[bytes, Route]
     default: Route
+    # A Kubernetes Service of no group: a connection captured on its way there goes on to where it was
+    # going (its ClusterIP, kube-proxy's to balance), exactly as without laneproxy. `default` serves the
+    # clients that name it without being captured (an explicit proxy).
+    passthrough: bool = False
 
     def route_for(self, lane: bytes | None) -> Route:
         if lane is None:
@@ -205,8 +209,12 @@ class RouteTable:
     services: Mapping[str, Service]
     groups: Mapping[str, SwimLaneGroup]
     routes: Mapping[str, ServiceRoutes]  # by service key, namespace/name
-    hosts: Mapping[bytes, ServiceRoutes]  # by lowercase Host value, with and without the port
+    # By lowercase Host value: every name with each port, without a port (port 80, else the primary port),
+    # and ClusterIP:port.
+    hosts: Mapping[bytes, ServiceRoutes]
     ingress_rules: tuple[IngressRule, ...]
+    # The routes of every port of a multi-port Service after its first (`routes` holds the first).
+    other_ports: tuple[ServiceRoutes, ...] = ()
 
     def lane(self, name: str) -> Lane | None:
         for group in self.groups.values():

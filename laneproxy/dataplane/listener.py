@@ -20,7 +20,7 @@ from laneproxy.core import headers as h
 from laneproxy.core.errors import DownstreamProtocolError, NoHealthyUpstreamError, NoRouteError
 from laneproxy.core.model import Endpoint, Route, RouteTable, ServiceRoutes
 from laneproxy.core.propagation import LaneSource, TraceLaneTable, resolve_lane, trace_key
-from laneproxy.core.routing import choose_ingress, service_routes_for_host
+from laneproxy.core.routing import choose_ingress
 from laneproxy.dataplane.codec import DateCache
 from laneproxy.dataplane.downstream import DownstreamConnection
 from laneproxy.dataplane.exchange import RetryPolicy
@@ -229,15 +229,21 @@ class OutboundRole(Role):
         if not host:
             raise NoRouteError("no host")
         overrides = {h.HOST: authority} if authority is not None else {}
-        try:
-            routes = service_routes_for_host(table, host)
-        except NoRouteError:
-            # A connection captured by iptables for a host no service names: on to where it was going.
+        routes = table.hosts.get(host) or table.hosts.get(host.lower())
+        if routes is None or routes.passthrough:
+            # Asked only here, so a request for a group's service never pays for the system call.
             original = original_destination(exchange.downstream.transport)
-            if original is None:
-                raise
-            route = passthrough_route(original)  # no outlier ejection: there is no other endpoint to try
-            return Target(original, path, overrides, self.stats.cluster(route.cluster), route, None, None)
+            if original is not None:
+                by_address = table.hosts.get(original.address.encode()) if routes is None else None
+                if by_address is not None and not by_address.passthrough:
+                    routes = by_address  # called by ClusterIP under another Host: the service, in its lane
+                else:
+                    # Captured by iptables on its way to a host no group takes over (no service at all, a
+                    # Service of no group, selector-less, ExternalName): on to where it was going.
+                    route = passthrough_route(original)  # no outlier ejection: there is no other endpoint to try
+                    return Target(original, path, overrides, self.stats.cluster(route.cluster), route, None, None)
+            elif routes is None:
+                raise NoRouteError(f"no service for host {host.decode('latin-1')!r}")
         group = routes.group
         if group is None:
             return self._target(routes.default, routes, path, overrides, None)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, Iterator
 
+from laneproxy.core.store import UNKNOWN_HEALTH, SourceHealth
 from laneproxy.observability.stats import StatKind, StatRecord, cluster_records
 
 if TYPE_CHECKING:
@@ -36,6 +37,9 @@ class ProcessView:
     trace_table_bytes: int = 0
     config_accepted: int = 0
     config_rejected: int = 0
+    config_skipped: int = 0  # inputs the current table was built without
+    config_objects_rejected: int = 0  # inputs ever left out (each once per reason)
+    config_health: SourceHealth = UNKNOWN_HEALTH
 
 
 def cluster_members(table: RouteTable, static_routes: Iterable[Route] = ()) -> dict[str, tuple[Endpoint, ...]]:
@@ -43,7 +47,7 @@ def cluster_members(table: RouteTable, static_routes: Iterable[Route] = ()) -> d
     clusters: dict[str, tuple[Endpoint, ...]] = {}
     for route in static_routes:
         clusters.setdefault(route.cluster, route.endpoints)
-    for routes in table.routes.values():
+    for routes in (*table.routes.values(), *table.other_ports):
         for route in (routes.default, *routes.by_lane.values()):
             clusters.setdefault(route.cluster, route.endpoints)
     return clusters
@@ -150,6 +154,17 @@ def _process_records(view: ProcessView, *, active_clusters: int) -> Iterator[Sta
         yield gauge("laneproxy.trace_table.bytes", view.trace_table_bytes, "laneproxy_trace_table_bytes")
     yield counter("laneproxy.config.update_success", view.config_accepted, "laneproxy_config_update_success")
     yield counter("laneproxy.config.update_rejected", view.config_rejected, "laneproxy_config_update_rejected")
+    yield gauge("laneproxy.config.skipped_objects", view.config_skipped, "laneproxy_config_skipped_objects")
+    yield counter("laneproxy.config.object_rejected", view.config_objects_rejected, "laneproxy_config_object_rejected")
+    health = view.config_health
+    if health.table_age_seconds is not None:
+        yield gauge("laneproxy.config.table_age_seconds", int(health.table_age_seconds),
+                    "laneproxy_config_table_age_seconds")
+    # The red light: the table is older than the source's threshold (not /ready: see README, "Table age").
+    yield gauge("laneproxy.config.table_stale", int(health.stale), "laneproxy_config_table_stale")
+    for resource, state in health.resources:
+        yield StatRecord(f"laneproxy.config.sync.{resource}", StatKind.TEXT, state, True, "laneproxy_config_sync_info",
+                         (("resource", resource), ("state", state)))
     version = view.table.version
     yield StatRecord("laneproxy.config.version", StatKind.TEXT, version, bool(version), "laneproxy_config_info",
                      (("version", version),))
