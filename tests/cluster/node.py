@@ -165,6 +165,24 @@ class Cluster:
             logs.update({name: self.api.workdir / f"{name}.log" for name in ("etcd", "kube-apiserver")})
         return logs
 
+    def diagnose(self, *namespaces: str) -> str:
+        """The pods of these namespaces, their recent events and the last log lines of every container (and of
+        its previous run), for a failure message: the cluster is gone by the time anyone reads it."""
+        parts = [self.kubectl("get", "pods", "-A", "-o", "wide", check=False).stdout]
+        for namespace in namespaces:
+            parts.append(self.kubectl("get", "events", "-n", namespace, "--sort-by=.lastTimestamp",
+                                      check=False).stdout[-3000:])
+            for pod in self.get_json("pods", "-n", namespace)["items"]:
+                spec = pod["spec"]
+                for container in spec.get("initContainers", []) + spec["containers"]:
+                    for previous in ("--previous=false", "--previous=true"):
+                        out = self.kubectl("logs", "-n", namespace, pod["metadata"]["name"], "-c",
+                                           container["name"], previous, "--tail=15", check=False)
+                        if out.stdout.strip():
+                            parts.append(f"--- {namespace}/{pod['metadata']['name']}/{container['name']} "
+                                         f"{previous}:\n{out.stdout}")
+        return "\n".join(parts)
+
     def rss_mib(self) -> float:
         """Resident memory of the node's processes (control plane, runtime, shims and pods), in MiB."""
         total = 0
@@ -244,9 +262,10 @@ class Cluster:
             users=(),
             address=NODE_IP,
             service_cluster_ip_range=SERVICE_CIDR,
+            full_cluster=True,
             extra_args=(
-                "--disable-admission-plugins=",
-                "--endpoint-reconciler-type=lease",
+                # The node's name is not in any DNS: reach kubelet (logs, exec) by its address.
+                "--kubelet-preferred-address-types=InternalIP",
                 "--allow-privileged=true",
                 "--service-node-port-range=30000-32767",
             ),

@@ -234,6 +234,9 @@ class KubeApiServer:
             127.0.0.1); the cluster tier uses its node's address, which pods can reach.
         service_cluster_ip_range: the Service range; its first address is in the
             serving certificate, as the ``kubernetes`` Service's ClusterIP.
+        full_cluster: a controller-manager and kubelets will run (tests/cluster):
+            keep the ServiceAccount admission plugin and the ``kubernetes``
+            Service's endpoints, which the bare server turns off.
     """
 
     binary: Path | None = None
@@ -243,6 +246,7 @@ class KubeApiServer:
     extra_args: Sequence[str] = ()
     address: str = _LOOPBACK
     service_cluster_ip_range: str = "10.0.0.0/24"
+    full_cluster: bool = False
 
     port: int = field(init=False, default=0)
     etcd_url: str = field(init=False, default="")
@@ -492,13 +496,13 @@ class KubeApiServer:
                 f"--tls-private-key-file={pki.serving_key}",
                 f"--token-auth-file={self.workdir / 'tokens.csv'}",
                 "--authorization-mode=RBAC",
-                "--disable-admission-plugins=ServiceAccount",
+                *(() if self.full_cluster else ("--disable-admission-plugins=ServiceAccount",)),
                 f"--service-account-key-file={pki.sa_key}",
                 f"--service-account-signing-key-file={pki.sa_key}",
                 "--service-account-issuer=https://kubernetes.default.svc",
                 f"--service-cluster-ip-range={self.service_cluster_ip_range}",
-                # No controller-manager/kubelets exist: keep the server quiet.
-                "--endpoint-reconciler-type=none",
+                # Without controller-manager and kubelets: keep the server quiet.
+                f"--endpoint-reconciler-type={'lease' if self.full_cluster else 'none'}",
                 "--profiling=false",
                 "--v=1",
                 *self.extra_args,
