@@ -274,12 +274,11 @@ def sidecar_container(settings: SidecarSettings, app_port: int | None, inbound_p
         "args": ["run"],
         "env": env,
         "ports": ports,
-        # The admin API stays on loopback (it can drain and stop the proxy), so the kubelet cannot reach it
-        # with an httpGet probe; the probe runs inside the container and asks the admin /ready.
+        # On the lifecycle port (the admin API stays on loopback: it can drain and stop the proxy): ready once
+        # the proxy has its table and the app accepts connections, so the pod is Ready only when it can answer.
         "readinessProbe": {
-            "exec": {"command": ["laneproxy", "probe", f"http://127.0.0.1:{settings.admin_port}/ready"]},
-            "initialDelaySeconds": 1,
-            "periodSeconds": 5,
+            "httpGet": {"path": "/ready", "port": settings.lifecycle_port, "scheme": "HTTP"},
+            "periodSeconds": 2,
             "timeoutSeconds": 3,
             "failureThreshold": 3,
         },

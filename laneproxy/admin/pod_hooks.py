@@ -8,6 +8,10 @@ listener. `?app=1` (the sidecar's own hook) waits further until the app has clos
 outbound request of it is in flight, so the sidecar gets its SIGTERM after the app has stopped. Every wait
 ends at `stop_max` whatever happens: the kubelet's grace period must still cover the drain after it.
 
+`GET /ready` is the sidecar's readiness probe, asked by the kubelet over HTTP (an exec probe starts a Python
+process each time): 200 once the proxy has its first table and the app accepts connections on its port (on
+loopback, which capture leaves alone), so a pod turns Ready only when a request sent to it can be answered.
+
 It never changes the proxy (that is the admin API's, which stays on loopback): it only reads and waits,
 so it may listen on the pod's address for the kubelet. The clock and the sleep are parameters.
 """
@@ -28,6 +32,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("laneproxy.lifecycle")
 
 WAIT_FOR_STOP_PATH = "/wait-for-stop"
+READY_PATH = "/ready"
 MAX_WAITERS = 16  # one hook per container is all a pod sends; more are refused rather than held
 
 
@@ -106,8 +111,17 @@ class PodHooksServer:
             finally:
                 self.waiting -= 1
 
+        async def ready(request: web.Request) -> web.Response:
+            state = self.waiter.proxy.state
+            if state != "LIVE":
+                return web.Response(status=503, text=f"{state}\n")
+            if self.waiter.proxy.settings.app is not None and not await self.waiter.app_listening():
+                return web.Response(status=503, text="the app does not accept connections yet\n")
+            return web.Response(text="LIVE\n")
+
         app = web.Application()
         app.router.add_get(WAIT_FOR_STOP_PATH, wait_for_stop)
+        app.router.add_get(READY_PATH, ready)
         return app
 
     async def start(self, host: str, port: int) -> int:

@@ -126,7 +126,7 @@ def test_sidecar_learns_namespace_lane_and_service_from_the_downward_api_and_lis
     assert env["LANEPROXY_OUTBOUND"] == "127.0.0.1:15001"
     assert env["LANEPROXY_ADMIN"] == "127.0.0.1:15000"  # never beyond loopback: it can stop the proxy
     sidecar = container(pod, SIDECAR_NAME)
-    assert sidecar["readinessProbe"]["exec"]["command"] == ["laneproxy", "probe", "http://127.0.0.1:15000/ready"]
+    assert sidecar["readinessProbe"]["httpGet"] == {"path": "/ready", "port": 15020, "scheme": "HTTP"}
     assert sidecar["ports"] == [{"name": "lp-inbound", "containerPort": 15006, "protocol": "TCP"}]
     assert set(sidecar["resources"]) == {"requests", "limits"}
 

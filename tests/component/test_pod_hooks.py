@@ -10,6 +10,7 @@ import json
 import socket
 import threading
 import time
+import urllib.error
 import urllib.request
 
 from tests.component.proxyrig import SWIMLANES, ProxyProcess, UpstreamThread, endpoints_file, free_port
@@ -83,3 +84,29 @@ def test_the_stop_wait_ends_at_its_limit_whatever_happens(tmp_path):
             assert report["timed_out"] is True and seconds < 10
         finally:
             proxy.stop()
+
+
+def test_the_readiness_probe_answers_200_only_once_the_app_accepts_connections(tmp_path):
+    app_port = free_port()
+    endpoints = endpoints_file(tmp_path / "endpoints.yaml", {"default/mockb": {"base": [free_port()]}})
+    lifecycle = free_port()
+    proxy = ProxyProcess(SWIMLANES, endpoints, outbound=True, inbound_app=app_port, extra=(
+        "--lifecycle", f"127.0.0.1:{lifecycle}")).start()
+    app = None
+    try:
+        def ready() -> int:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{lifecycle}/ready", timeout=5) as response:
+                    return response.status
+            except urllib.error.HTTPError as error:
+                return error.code
+
+        assert ready() == 503  # the proxy is ready, the app is not listening yet
+        app = socket.socket()
+        app.bind(("127.0.0.1", app_port))
+        app.listen(8)
+        assert ready() == 200
+    finally:
+        if app is not None:
+            app.close()
+        proxy.stop()
