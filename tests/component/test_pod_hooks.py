@@ -13,6 +13,9 @@ import time
 import urllib.error
 import urllib.request
 
+import pytest
+
+from laneproxy.control.own_pod import ended
 from tests.component.proxyrig import SWIMLANES, ProxyProcess, UpstreamThread, endpoints_file, free_port
 
 
@@ -110,3 +113,18 @@ def test_the_readiness_probe_answers_200_only_once_the_app_accepts_connections(t
         if app is not None:
             app.close()
         proxy.stop()
+
+
+@pytest.mark.parametrize("statuses, expected", [
+    ([], False),  # the kubelet has not reported yet
+    ([{"name": "app", "state": {"running": {}}}, {"name": "laneproxy", "state": {"running": {}}}], False),
+    ([{"name": "app", "state": {"terminated": {"exitCode": 0}}}, {"name": "laneproxy", "state": {"running": {}}}],
+     True),
+    ([{"name": "app", "state": {"terminated": {"exitCode": 1}}}], True),  # a failed app ends the Job's pod too
+    ([{"name": "app", "state": {"terminated": {}}}, {"name": "other", "state": {"running": {}}}], True),
+])
+def test_a_jobs_sidecar_sees_the_app_ended_only_when_every_named_container_has_terminated(statuses, expected):
+    pod = {"status": {"containerStatuses": statuses}}
+    assert ended(pod, ("app",)) is expected
+    assert ended(pod, ("app", "other")) is (expected and any(s["name"] == "other" and "terminated" in s["state"]
+                                                              for s in statuses))

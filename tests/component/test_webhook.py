@@ -130,6 +130,22 @@ def test_the_webhook_answers_v1beta1_reviews_and_leaves_other_kinds_and_operatio
     assert "patch" not in review_response(service, SidecarSettings())["response"]
 
 
+def test_a_pod_a_job_created_is_injected_only_when_it_opts_in_itself_and_its_sidecar_then_exits_with_the_app():
+    pod = seed_pods()[0]
+    pod["metadata"]["labels"] = {k: v for k, v in pod["metadata"]["labels"].items() if k != "laneproxy-injection"}
+    pod["metadata"]["labels"]["job-name"] = "report"
+    pod["metadata"]["ownerReferences"] = [{"apiVersion": "batch/v1", "kind": "Job", "name": "report", "uid": "u"}]
+    pod["spec"]["restartPolicy"] = "Never"
+    # In a namespace that opted in, without the pod's own label: allowed, not injected.
+    assert "patch" not in review_response(admission_review(pod), SidecarSettings(image=IMAGE))["response"]
+    pod["metadata"]["labels"]["laneproxy-injection"] = "enabled"
+    response = review_response(admission_review(pod), SidecarSettings(image=IMAGE))["response"]
+    patched = apply_patch(pod, json.loads(base64.b64decode(response["patch"])))
+    sidecar = patched["spec"]["containers"][0]
+    assert sidecar["name"] == "laneproxy"
+    assert {"name": "LANEPROXY_EXIT_WITH", "value": "default"} in sidecar["env"]
+
+
 # The server -----------------------------------------------------------------------------------------------------
 
 
