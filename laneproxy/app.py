@@ -21,7 +21,7 @@ from laneproxy.core.model import Endpoint
 from laneproxy.core.propagation import TraceLaneTable
 from laneproxy.core.store import RouteTableStore
 from laneproxy.core.balance import RandomPicker
-from laneproxy.dataplane.health import EndpointSelector, OutlierDetector
+from laneproxy.dataplane.health import EndpointSelector, FailedHops, OutlierDetector
 from laneproxy.dataplane.listener import GatewayRole, InboundRole, Listener, OutboundRole
 from laneproxy.dataplane.upstream import UpstreamPools
 from laneproxy.observability.access_log import AccessLog
@@ -113,8 +113,10 @@ class ProxyApp:
             raise StartupError("no listener: give at least one of --gateway, --inbound, --outbound")
         # Before the listeners: a preStop hook sent while the proxy starts must find the port.
         await self._start_lifecycle_port()
+        failed_hops = FailedHops(clock=loop.time)  # one per process: the outbound records, the inbound reads
         for name, address, role in roles:
             listener = Listener(name, role, store=self.store, pools=pools, stats=self.stats, settings=settings, loop=loop)
+            listener.failed_hops = failed_hops
             if self.access_log is not None:
                 listener.exchange_observers.append(self.access_log.record)
             if self.tracing is not None:

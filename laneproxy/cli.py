@@ -148,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--per-connection-buffer-limit-bytes", type=int, default=1 << 20, metavar="BYTES",
                         help="request body bytes buffered per client connection before the proxy stops reading it")
     limits.add_argument("--max-retries", type=int, default=2,
-                        help="retries of idempotent bodiless requests on connect failure, reset and 503")
+                        help="retries of any request whose connection failed before anything was sent, and of "
+                             "idempotent bodiless requests on reset and 503")
     limits.add_argument("--max-connections", type=int, default=1024, help="circuit breaker: connections per endpoint")
     limits.add_argument("--max-pending-requests", type=int, default=1024,
                         help="circuit breaker: requests waiting for a new connection per endpoint")

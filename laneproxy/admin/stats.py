@@ -41,7 +41,16 @@ def process_view(proxy: ProxyApp) -> ProcessView:
         config_accepted=proxy.store.accepted, config_rejected=proxy.store.rejected,
         config_skipped=len(proxy.store.skipped), config_objects_rejected=proxy.store.objects_rejected,
         config_health=proxy.store.health(),
+        **_outlier_counters(proxy),
     )
+
+
+def _outlier_counters(proxy: ProxyApp) -> dict[str, int]:
+    outliers = getattr(proxy, "outliers", None)  # absent until the proxy has started its listeners
+    if outliers is None:
+        return {}
+    return {"outlier_ejections": outliers.ejections_total, "outlier_ejections_refused": outliers.ejections_refused,
+            "outlier_failed_hop_responses": outliers.failed_hop_responses}
 
 
 def select(records: Iterable[StatRecord], query: Mapping[str, str]) -> list[StatRecord]:
@@ -123,6 +132,9 @@ async def reset_counters(request: web.Request) -> web.Response:
     proxy.stats.reset_counters()
     proxy.traces.counters = TraceTableCounters()
     proxy.store.accepted = proxy.store.rejected = proxy.store.objects_rejected = 0
+    outliers = getattr(proxy, "outliers", None)
+    if outliers is not None:
+        outliers.ejections_total = outliers.ejections_refused = outliers.failed_hop_responses = 0
     return text("OK\n")
 
 

@@ -5,7 +5,9 @@ then its chain (`Route.chain`), in order, skipping lanes with no healthy endpoin
 healthy fraction is below its `spill_below` keeps only `fraction / spill_below` of the traffic and
 lets the rest go on down the chain, as Envoy's priority levels spill by an overprovisioning factor.
 Spill never sends traffic to a lane with nothing healthy: what passes the last healthy lane stays
-there. Pure: health arrives as a function, randomness as a number in [0, 1).
+there. It also decides whether an ejection is allowed at all: never when it would leave a lane's
+requests with no healthy endpoint anywhere along their chain (outlier detection must not turn one
+service's blip into a lane outage). Pure: health arrives as a function, randomness as a number in [0, 1).
 """
 
 from __future__ import annotations
@@ -66,3 +68,15 @@ def choose_lane(route: Route, routes: ServiceRoutes | None, healthy: Healthy, ra
         draw = (draw - keep) / (1.0 - keep)
         spilled = True
     return last
+
+
+def ejection_leaves_a_way(endpoint: Endpoint, route: Route, routes: ServiceRoutes | None, healthy: Healthy) -> bool:
+    """Whether requests served by `route` would still find a healthy endpoint, in their lane or down its
+    chain, once `endpoint` is ejected too. A lone broken canary may leave (its requests fall back to the
+    baseline); the baseline's last healthy endpoint, or a service's without lanes, may not."""
+
+    def without(endpoints: tuple[Endpoint, ...]) -> tuple[Endpoint, ...]:
+        return tuple(candidate for candidate in healthy(endpoints) if candidate != endpoint)
+
+    # Draw 0.0: no spill, so the answer is whether any lane of the chain keeps a healthy endpoint.
+    return choose_lane(route, routes, without, 0.0) is not None

@@ -33,6 +33,10 @@ X_ENVOY_MAX_RETRIES = b"x-envoy-max-retries"
 X_ENVOY_ATTEMPT_COUNT = b"x-envoy-attempt-count"
 X_ENVOY_RETRY_ON = b"x-envoy-retry-on"
 
+# laneproxy's own: on a 5xx, "a later hop failed, not the one that answers" (value: that failure's Envoy
+# response flags, `-` for a 5xx the later hop's app returned); callers' outlier detection skips it.
+X_LANEPROXY_FAILED_HOP = b"x-laneproxy-failed-hop"
+
 # Hop-by-hop headers (RFC 9110 section 7.6.1), never forwarded; names listed in Connection are added per message.
 HOP_BY_HOP = frozenset({CONNECTION, KEEP_ALIVE, PROXY_CONNECTION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE})
 

@@ -75,7 +75,7 @@ class Exchange:
         "response_started", "response_chunked", "response_keep_alive", "response_status", "finished",
         "deadline", "start", "connection_tokens", "error", "expect_continue", "retry", "attempts",
         "discarding", "last_activity", "counted_active", "request_bytes", "response_bytes", "pending_head",
-        "pending_bytes",
+        "pending_bytes", "trace", "failed_hop",
     )
 
     def __init__(self, downstream: DownstreamConnection, method: bytes, target: bytes, http_minor: int,
@@ -115,6 +115,8 @@ class Exchange:
         self.counted_active = False
         self.request_bytes = 0  # body bytes as decoded, for the access log
         self.response_bytes = 0
+        self.trace: bytes | None = None  # the swimlane trace key, set by the role (sidecar listeners)
+        self.failed_hop: bytes | None = None  # flags of a later hop's failure this 5xx carries (x-laneproxy-failed-hop)
 
     # request side, driven by the downstream parser ---------------------------------------------
 
@@ -260,8 +262,15 @@ class Exchange:
         return (self.attempts <= self.retry.max_retries and not self.has_body and self.request_complete
                 and not self.response_started and self.method in _IDEMPOTENT and not self.finished)
 
+    def _unsent_retryable(self) -> bool:
+        # The connection never opened, so nothing reached the upstream and every body byte received so far
+        # is still held in pending_body (reading stops at the per-connection buffer limit): any method,
+        # POST included, may go again, even while its body is still arriving.
+        return self.attempts <= self.retry.max_retries and not self.response_started and not self.finished
+
     def _retry_if(self, kind: str) -> bool:
-        if not (self._retryable() and self.retry.on_failure(kind)):
+        retryable = self._unsent_retryable() if kind == "connect-failure" else self._retryable()
+        if not (retryable and self.retry.on_failure(kind)):
             return False
         self._retry()
         return True
@@ -281,8 +290,9 @@ class Exchange:
 
     def _report_failure(self) -> None:
         outliers = self.listener.role.selector.outliers
-        if outliers is not None and self.routed is not None:
-            outliers.failure(self.routed.endpoint, self.routed.route.endpoints)
+        routed = self.routed
+        if outliers is not None and routed is not None:
+            outliers.failure(routed.endpoint, routed.route, routed.routes)
 
     def on_upstream_error(self, error: Exception, received_any: bool) -> None:
         """The upstream connection failed or closed before the response was complete."""
@@ -330,11 +340,20 @@ class Exchange:
             return  # 1xx: the proxy answered Expect itself; informational responses end here
         self.last_activity = self.listener.now
         outliers = self.listener.role.selector.outliers
-        if outliers is not None and self.routed is not None:
-            if status >= 500:
-                outliers.failure(self.routed.endpoint, self.routed.route.endpoints)
+        routed = self.routed
+        self.failed_hop = None  # this attempt's answer alone says whose failure it is
+        if status >= 500:
+            for name, value in headers:
+                if name == h.X_LANEPROXY_FAILED_HOP:
+                    self.failed_hop = value or b"-"  # the endpoint answered for a hop behind it
+                    break
+        if outliers is not None and routed is not None:
+            if status < 500:
+                outliers.success(routed.endpoint)
+            elif self.failed_hop is None:
+                outliers.failure(routed.endpoint, routed.route, routed.routes)
             else:
-                outliers.success(self.routed.endpoint)
+                outliers.failed_hop_responses += 1
         if status >= 500 and self._retryable() and self.retry.on_status(status):
             self.discarding = True
             self.response_keep_alive = keep_alive
@@ -414,8 +433,12 @@ class Exchange:
             self.keep_alive = False  # an unread body would be taken for the next request
         listener = self.listener
         close = not self.keep_alive or self.downstream.draining
+        # The outbound listener answers the app for the next hop: say so, for apps that pass headers on.
+        extra = ((h.X_LANEPROXY_FAILED_HOP, error.flag.encode()),) if (
+            error.status >= 500 and listener.marks_local_replies) else ()
         self.downstream.write(codec.local_reply(
             error.status, error.body.encode(), date=listener.dates.value(), server=listener.server_name, close=close,
+            extra=extra,
         ))
         self.keep_alive = not close
         self._finish()

@@ -25,7 +25,7 @@ from laneproxy.dataplane.codec import DateCache
 from laneproxy.dataplane.downstream import DownstreamConnection
 from laneproxy.dataplane.exchange import RetryPolicy
 from laneproxy.dataplane.header_policy import RequestHeaderPolicy, response_headers
-from laneproxy.dataplane.health import EndpointSelector
+from laneproxy.dataplane.health import EndpointSelector, FailedHops
 
 if TYPE_CHECKING:
     from laneproxy.core.store import RouteTableStore
@@ -201,10 +201,11 @@ class InboundRole(Role):
                     lane = value
                 elif name == trace_header:
                     trace = value
-            if lane and trace and table.is_lane(lane.decode("latin-1")):
-                key = trace_key(trace_header, trace)
-                if key is not None:
-                    self.traces.remember(key, lane)
+            key = trace_key(trace_header, trace) if trace else None
+            if key is not None and exchange.trace is None:
+                exchange.trace = key  # to recognise the app's 5xx for a call that failed further on
+            if lane and key is not None and table.is_lane(lane.decode("latin-1")):
+                self.traces.remember(key, lane)
         overrides = {h.HOST: authority} if authority is not None else {}
         return self._target(self.route_for(exchange), None, path, overrides, None)
 
@@ -248,8 +249,12 @@ class OutboundRole(Role):
         if group is None:
             return self._target(routes.default, routes, path, overrides, None)
         route_header = group.route_header_key
+        trace_header = group.trace_header_key
+        if trace_header is not None:
+            # Before the endpoint is chosen: a `no healthy upstream` must be remembered for this trace too.
+            trace = header_value(exchange.headers, trace_header)
+            exchange.trace = trace_key(trace_header, trace) if trace else None
         if group.permissive:
-            trace_header = group.trace_header_key
             route_value = trace_value = baggage_value = None
             for name, value in exchange.headers:
                 if name == route_header:
@@ -329,6 +334,9 @@ class Listener:
         self.trust_envoy_headers = role.name != "gateway"
         self.draining = False
         self.exchange_observers: list[Callable[[Exchange], None]] = []  # access log, tracing
+        # The app's calls that failed further on (outbound records, inbound marks the app's 5xx): see FailedHops.
+        self.failed_hops: FailedHops | None = None
+        self.marks_local_replies = role.name == "outbound"  # its local replies are about a later hop
         role.header_policy = RequestHeaderPolicy(edge=role.edge, route_timeout=settings.timeouts.route,
                                                  trust_client_trace_id=settings.trust_client_trace_id)
 
@@ -369,7 +377,13 @@ class Listener:
         routed = exchange.routed
         if routed is not None:
             routed.service_time_ms = milliseconds
-        return response_headers(milliseconds, self.server_name)
+        overrides = response_headers(milliseconds, self.server_name)
+        if exchange.response_status >= 500 and exchange.trace is not None and self.failed_hops is not None \
+                and self.role.name == "inbound":
+            flags = self.failed_hops.recall(exchange.trace)
+            if flags is not None:
+                overrides[h.X_LANEPROXY_FAILED_HOP] = flags  # the app answered 5xx because its own call failed
+        return overrides
 
     def on_exchange_done(self, exchange: Exchange) -> None:
         stats = self.stats
@@ -391,6 +405,9 @@ class Listener:
                 routed.cluster_stats.rq_time.record(elapsed_ms)
         elif error is not None and error.flag == "NR":
             stats.no_route += 1
+        if status >= 500 and exchange.trace is not None and self.failed_hops is not None and self.role.name == "outbound":
+            self.failed_hops.remember(exchange.trace, error.flag.encode() if error is not None
+                                      else exchange.failed_hop or b"-")
         for observer in self.exchange_observers:
             observer(exchange)
 

@@ -40,6 +40,9 @@ class ProcessView:
     config_skipped: int = 0  # inputs the current table was built without
     config_objects_rejected: int = 0  # inputs ever left out (each once per reason)
     config_health: SourceHealth = UNKNOWN_HEALTH
+    outlier_ejections: int = 0
+    outlier_ejections_refused: int = 0  # due, but the endpoint was the last healthy way for its lane's requests
+    outlier_failed_hop_responses: int = 0  # 5xx marked x-laneproxy-failed-hop, counted against nobody
 
 
 def cluster_members(table: RouteTable, static_routes: Iterable[Route] = ()) -> dict[str, tuple[Endpoint, ...]]:
@@ -152,6 +155,11 @@ def _process_records(view: ProcessView, *, active_clusters: int) -> Iterator[Sta
                       "laneproxy_trace_table_rejected_long_ids")
         yield gauge("laneproxy.trace_table.size", view.trace_table_size, "laneproxy_trace_table_size")
         yield gauge("laneproxy.trace_table.bytes", view.trace_table_bytes, "laneproxy_trace_table_bytes")
+    yield counter("laneproxy.outlier.ejections", view.outlier_ejections, "laneproxy_outlier_ejections")
+    yield counter("laneproxy.outlier.ejections_refused", view.outlier_ejections_refused,
+                  "laneproxy_outlier_ejections_refused")
+    yield counter("laneproxy.outlier.failed_hop_responses", view.outlier_failed_hop_responses,
+                  "laneproxy_outlier_failed_hop_responses")
     yield counter("laneproxy.config.update_success", view.config_accepted, "laneproxy_config_update_success")
     yield counter("laneproxy.config.update_rejected", view.config_rejected, "laneproxy_config_update_rejected")
     yield gauge("laneproxy.config.skipped_objects", view.config_skipped, "laneproxy_config_skipped_objects")

@@ -414,6 +414,40 @@ async def test_connect_failures_are_retried_so_a_dead_endpoint_rarely_reaches_th
     assert statuses.count(503) <= 20, f"{statuses.count(503)} of 60 requests failed on a connect failure"
 
 
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+async def test_a_post_whose_connection_failed_before_anything_was_sent_is_retried_with_its_whole_body(
+        tmp_path, framing):
+    """Half the endpoints refuse connections. A refused connect never reached the upstream, so POSTs are
+    retried as GETs are, each with its whole 2 MiB body (twice the per-connection buffer limit: the
+    part held while connecting stays within the limit, and reading resumes once the retry connects).
+    The first refusal ejects the refusing endpoint, so the retry meets the live one."""
+    body = bytes(range(256)) * (8 * 1024)  # 2 MiB
+    with UpstreamThread() as upstream:
+        proxy = proxy_for(tmp_path, {"default/mockb": {"base": [free_port(), upstream.port]}},
+                          "--outlier-consecutive-5xx", "1")
+        try:
+            statuses = []
+            for index in range(20):
+                if framing == "chunked":
+                    framed = b"".join(b"%x\r\n%s\r\n" % (len(part), part)
+                                      for part in (body[i:i + 65536] for i in range(0, len(body), 65536)))
+                    head = b"Transfer-Encoding: chunked\r\n"
+                    framed += b"0\r\n\r\n"
+                else:
+                    framed, head = body, b"Content-Length: %d\r\n" % len(body)
+                raw = b"POST /p%d HTTP/1.1\r\nHost: mockb\r\n%sConnection: close\r\n\r\n%s" % (index, head, framed)
+                statuses.append(status_of(await exchange(proxy.outbound_port, raw, read_timeout=15)))
+            stats = (line.partition(": ") for line in proxy.admin("/stats").decode().splitlines())
+            refused = sum(int(value) for key, _, value in stats
+                          if key.startswith("cluster.") and key.endswith(".upstream_cx_connect_fail"))
+        finally:
+            proxy.stop()
+    assert refused >= 1, "no POST met the refusing endpoint: the test proved nothing"
+    assert statuses == [200] * 20, f"{statuses.count(503)} of 20 POSTs failed on a refused connection"
+    assert len(upstream.received) == 20
+    assert all(request.body == body for request in upstream.received), "a retried POST lost part of its body"
+
+
 # -- outlier detection -------------------------------------------------------------------------
 
 

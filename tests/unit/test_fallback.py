@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from laneproxy.core.build import FALLBACK_CHAIN_ANNOTATION, SPILL_BELOW_ANNOTATION
-from laneproxy.core.fallback import choose_lane
+from laneproxy.core.fallback import choose_lane, ejection_leaves_a_way
+from laneproxy.core.model import Endpoint, Route
 
 from .manifests import build, documents, endpoints_body, lane_body, problems, seed_bodies
 
@@ -158,3 +159,43 @@ def test_a_strict_group_route_never_leaves_its_lane():
     only_one = choose_lane(route, routes, lambda endpoints: endpoints[:1], 0.9)
     assert only_one is not None and only_one.route.lane_used == "s3"
     assert choose_lane(route, routes, lambda endpoints: (), 0.3) is None
+
+
+@pytest.mark.parametrize(
+    "lane_asked, endpoints, already_ejected, candidate, allowed",
+    [
+        pytest.param("base", {"base": ["10.0.0.1:80"]}, set(), "10.0.0.1:80", False,
+                     id="the_baselines_only_endpoint_stays"),
+        pytest.param("base", {"base": ["10.0.0.1:80", "10.0.0.2:80"]}, set(), "10.0.0.1:80", True,
+                     id="one_of_two_baseline_endpoints_may_go"),
+        pytest.param("base", {"base": ["10.0.0.1:80", "10.0.0.2:80"]}, {"10.0.0.2:80"}, "10.0.0.1:80", False,
+                     id="the_baselines_last_healthy_endpoint_stays"),
+        pytest.param("s3", {"base": ["10.0.0.1:80"], "s3": ["10.0.3.1:80"]}, set(), "10.0.3.1:80", True,
+                     id="a_lone_canary_may_go_its_requests_fall_back"),
+        pytest.param("s3", {"base": ["10.0.0.1:80"], "s3": ["10.0.3.1:80"]}, {"10.0.0.1:80"}, "10.0.3.1:80", False,
+                     id="a_lone_canary_stays_when_its_whole_chain_is_ejected"),
+        pytest.param("s3", {"base": ["10.0.0.1:80"], "s2": ["10.0.2.1:80"], "s3": ["10.0.3.1:80"]}, {"10.0.0.1:80"},
+                     "10.0.3.1:80", True, id="a_canary_may_go_when_a_later_lane_of_its_chain_is_healthy"),
+        pytest.param("s3", {"base": ["10.0.0.1:80"]}, set(), "10.0.0.1:80", False,
+                     id="a_fallback_serving_a_lane_without_endpoints_keeps_its_last_one"),
+    ],
+)
+def test_an_ejection_never_leaves_a_lanes_requests_without_a_healthy_endpoint_along_their_chain(
+        lane_asked, endpoints, already_ejected, candidate, allowed):
+    routes = build(three_lanes(s3=CHAIN, endpoints=endpoints)).routes[MOCKB]
+    route = routes.route_for(lane_asked.encode())
+    chosen = choose_lane(route, routes, lambda found: found, 0.0)
+    served = chosen.route  # as the selector serves it: the fallback's endpoints when the lane has none
+    endpoint = next(e for lane in routes.by_lane.values() for e in lane.endpoints if e.address == candidate)
+
+    def healthy(found):
+        return tuple(e for e in found if e.address not in already_ejected)
+
+    assert ejection_leaves_a_way(endpoint, served, routes, healthy) is allowed
+
+
+def test_a_route_without_lanes_keeps_its_last_healthy_endpoint_and_may_lose_another():
+    one, two = Endpoint("10.0.9.1", 80), Endpoint("10.0.9.2", 80)
+    route = Route("default/plain", None, None, "outbound|80||plain.default.svc.cluster.local", (one, two))
+    assert ejection_leaves_a_way(one, route, None, lambda found: found) is True
+    assert ejection_leaves_a_way(one, route, None, lambda found: tuple(e for e in found if e != two)) is False
