@@ -130,12 +130,10 @@ SWIMLANE_GROUPS = ResourceKind("ASMSwimLaneGroup", SWIMLANE_API, "asmswimlanegro
 SWIMLANES = ResourceKind("ASMSwimLane", SWIMLANE_API, "asmswimlanes", namespaced=False)
 SERVICES = ResourceKind("Service", "v1", "services", namespaced=True)
 PODS = ResourceKind("Pod", "v1", "pods", namespaced=True)
-# Served as discovery.k8s.io/v1 from Kubernetes 1.21, v1beta1 before: the source asks which at start.
-ENDPOINT_SLICE_VERSIONS = ("discovery.k8s.io/v1", "discovery.k8s.io/v1beta1")
-
-
-def endpoint_slices(api_version: str) -> ResourceKind:
-    return ResourceKind("EndpointSlice", api_version, "endpointslices", namespaced=True)
+# Served as discovery.k8s.io/v1 from Kubernetes 1.21, v1beta1 on 1.17-1.20: a 404 moves to the older one.
+ENDPOINT_SLICES = ResourceKind("EndpointSlice", "discovery.k8s.io/v1", "endpointslices", namespaced=True)
+OLDER_VERSIONS = {ENDPOINT_SLICES: ResourceKind("EndpointSlice", "discovery.k8s.io/v1beta1", "endpointslices",
+                                                namespaced=True)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -463,6 +461,18 @@ class Reflector:
                 if expired_in_a_row > 1:  # a relist that expires again must not spin
                     delay = self._next_delay()
             except KubernetesSourceError as exc:
+                if isinstance(exc, ApiStatusError) and exc.status == 404 and self.kind.kind == "EndpointSlice":
+                    older = OLDER_VERSIONS.get(self.kind)
+                    if older is not None:
+                        log.info("%s: %s is not served; reading %s", self.name, self.kind.api_version, older.api_version)
+                        self.kind, self.path = older, older.path(self.namespace)
+                        continue
+                    if not self.forbidden:
+                        log.info("%s: no EndpointSlice API served: endpoints come from the ready pods each Service "
+                                 "selects", self.name)
+                    self._forbid(exc, quiet=True)
+                    await asyncio.sleep(self.backoff.cap)
+                    continue
                 self.failures += 1
                 self.last_error = exc
                 delay = self._next_delay()
@@ -485,9 +495,9 @@ class Reflector:
             if delay:
                 await asyncio.sleep(delay)
 
-    def _forbid(self, exc: ApiStatusError) -> None:
+    def _forbid(self, exc: ApiStatusError, *, quiet: bool = False) -> None:
         """A namespace the sidecar may not read: empty, so that it holds back no other update; asked again later."""
-        if not self.forbidden:
+        if not self.forbidden and not quiet:
             log.error("%s: %s: counted as empty until the sidecar may read it (check the RoleBindings of that "
                       "namespace or deploy/rbac); every other namespace keeps updating", self.name, exc.message)
         had_objects = bool(self.objects) or not self.synced
@@ -578,7 +588,9 @@ class KubernetesSource:
         rng: random.Random | None = None,
         lenient: bool = False,
         write_status: bool = True,
+        status_jitter: float = 2.0,
         stale_after: float = 180.0,
+        sync_grace: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
@@ -593,8 +605,14 @@ class KubernetesSource:
         self.rng = rng or random.Random()
         self.clock = clock
         self.write_status = write_status  # tell a swimlane object left out of the table why, in its status
+        # Each sidecar waits a random part of this before writing a status, then writes only if no other
+        # sidecar's write has arrived meanwhile: a thousand sidecars agreeing write it a few times, not a thousand.
+        self.status_jitter = status_jitter
+        # After the first table: a collection that has not listed within this long (a new namespace whose
+        # list keeps failing) counts as empty rather than holding back every other update.
+        self.sync_grace = sync_grace
+        self._status_task: asyncio.Task | None = None
         self.stale_after = stale_after  # table older than this: laneproxy.config.table_stale turns 1
-        self.endpoint_slices: ResourceKind | None = None  # the served EndpointSlice version, asked at start
         self.status_writes = 0
         self.status_write_failures = 0
         self._status_forbidden_logged = False
@@ -629,14 +647,14 @@ class KubernetesSource:
                                        connect_timeout=self.connect_timeout)
         self._reloading = asyncio.Lock()
         self.store.health = self.health
-        self.endpoint_slices = await self._served_endpoint_slices()
         log.info("watching %s and %s on %s", SWIMLANE_GROUPS.plural, SWIMLANES.plural, configuration.host)
         self._rebuilder = asyncio.get_running_loop().create_task(self._rebuild_loop(), name="kubernetes-rebuild")
         self._follow(SWIMLANE_GROUPS, None)
         self._follow(SWIMLANES, None)
 
     async def stop(self) -> None:
-        tasks = [*self._tasks.values(), *self._retiring, *([self._rebuilder] if self._rebuilder else [])]
+        tasks = [*self._tasks.values(), *self._retiring, *([self._rebuilder] if self._rebuilder else []),
+                 *([self._status_task] if self._status_task else [])]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -648,8 +666,14 @@ class KubernetesSource:
 
     @property
     def synced(self) -> bool:
-        """Every collection the current swimlane objects call for has been listed at least once."""
-        return bool(self.reflectors) and all(r.synced for r in self.reflectors.values())
+        """Every collection the current swimlane objects call for has been listed at least once.
+
+        Once a first table is served, a collection still not listed after `sync_grace` counts as empty.
+        """
+        if not self.reflectors:
+            return False
+        overdue = self.clock() - self.sync_grace
+        return all(r.synced or (self.store.ready and r.started_at < overdue) for r in self.reflectors.values())
 
     def health(self) -> SourceHealth:
         """How far behind the API server the served table may be, and each collection's state."""
@@ -664,25 +688,6 @@ class KubernetesSource:
             age = max(0.0, now - oldest)
         resources = tuple(sorted((reflector.stat_name, reflector.state) for reflector in self.reflectors.values()))
         return SourceHealth(age, age is not None and age > self.stale_after, resources)
-
-    async def _served_endpoint_slices(self) -> ResourceKind | None:
-        """The EndpointSlice version this API server serves (v1 from 1.21, v1beta1 on 1.17-1.20), if any."""
-        assert self._transport is not None
-        for version in ENDPOINT_SLICE_VERSIONS:
-            try:
-                found = await self._transport.get_json(f"/apis/{version}", {})
-            except ApiStatusError as exc:
-                if exc.status in (403, 404):
-                    continue
-                raise
-            except KubernetesSourceError as exc:
-                log.warning("cannot ask which EndpointSlice version is served (%s); reading Pods only", exc)
-                return None
-            if any(resource.get("name") == "endpointslices" for resource in found.get("resources") or ()
-                   if isinstance(resource, dict)):
-                return endpoint_slices(version)
-        log.info("no EndpointSlice API served: endpoints come from the ready Pods each Service selects")
-        return None
 
     @property
     def namespaces(self) -> list[str]:
@@ -742,7 +747,10 @@ class KubernetesSource:
             on_unauthorized=self._reload_credentials, rng=self.rng, clock=self.clock,
         )
         self.reflectors[key] = reflector
-        self._tasks[key] = asyncio.get_running_loop().create_task(reflector.run(), name=f"watch {reflector.name}")
+        loop = asyncio.get_running_loop()
+        self._tasks[key] = loop.create_task(reflector.run(), name=f"watch {reflector.name}")
+        if self.store.ready:  # rebuild once its grace is over, even if it never lists
+            loop.call_later(self.sync_grace + 0.1, self._dirty.set)
 
     def _unfollow(self, kind: ResourceKind, namespace: str) -> None:
         key = (kind.kind, namespace)
@@ -762,7 +770,7 @@ class KubernetesSource:
         """Watch Services, Pods and EndpointSlices exactly in the namespaces the swimlane objects name."""
         wanted = namespaces_named(self._bodies(SWIMLANE_GROUPS)) | namespaces_named(self._bodies(SWIMLANES))
         current = set(self.namespaces)
-        kinds = (SERVICES, PODS, *([self.endpoint_slices] if self.endpoint_slices else []))
+        kinds = (SERVICES, PODS, ENDPOINT_SLICES)
         for namespace in sorted(wanted - current):
             log.info("following %s in namespace %s", ", ".join(kind.plural for kind in kinds), namespace)
             for kind in kinds:
@@ -820,8 +828,10 @@ class KubernetesSource:
         self.store.publish(table, built.skipped)
         self._published_at = self.clock()
         settle_heap()
-        if self.write_status:
-            await self._write_statuses(built.skipped)
+        if self.write_status and (self._status_task is None or self._status_task.done()):
+            # One pending writer at a time; it reads what is left out when it runs, so churn cannot starve it.
+            self._status_task = asyncio.get_running_loop().create_task(self._write_statuses(),
+                                                                       name="kubernetes-status")
         if first:
             self.synced_after = time.monotonic() - self._started_at
             log.info("first complete sync after %.2fs", self.synced_after)
@@ -839,11 +849,21 @@ class KubernetesSource:
             log.info("%s is back in the route table", source)
         self._logged_skips = dict(skipped)
 
-    async def _write_statuses(self, skipped: Mapping[str, tuple[ConfigProblem, ...]]) -> None:
+    async def _write_statuses(self) -> None:
         """Say on each swimlane object whether it is in the table, as ASM does (`status.error`, `validationMessage`).
 
         Written only where the status differs, so many sidecars computing the same answer write it about once.
         """
+        assert self._transport is not None
+        await asyncio.sleep(self.rng.uniform(0, self.status_jitter))
+        written_for = None
+        while written_for is not self.store.skipped:  # again if a rebuild changed it while writing
+            written_for = self.store.skipped
+            if not await self._write_statuses_for(written_for):
+                return
+
+    async def _write_statuses_for(self, skipped: Mapping[str, tuple[ConfigProblem, ...]]) -> bool:
+        """False if the token may not write statuses at all."""
         assert self._transport is not None
         for kind in (SWIMLANE_GROUPS, SWIMLANES):
             reflector = self.reflectors.get((kind.kind, None))
@@ -864,8 +884,9 @@ class KubernetesSource:
                             log.warning("may not write the status of %s (%s): problems are in the log and the "
                                         "laneproxy.config.skipped_objects stat only; deploy/rbac grants it",
                                         kind.plural, exc.message)
-                        return
+                        return False
                     log.warning("writing the status of %s %s: %s", kind.kind, name, exc)
+        return True
 
     async def _rebuild_loop(self) -> None:
         """Coalesce bursts: rebuild once the events stop for `debounce`, or `max_delay` after the first."""

@@ -77,6 +77,30 @@ def test_an_invalid_change_keeps_the_running_table_and_is_counted(cluster, broke
         cluster.write_endpoints()
 
 
+def test_a_bad_swimlanes_file_keeps_its_last_good_version_while_the_endpoints_file_still_updates(tmp_path: Path):
+    """Before: one bad file refused the whole update, so the endpoints change below never took effect."""
+    swimlanes = tmp_path / "swimlanes.yaml"
+    good = SWIMLANES.read_text()
+    swimlanes.write_text(good)
+    with DemoCluster(log_level="error", swimlanes=swimlanes) as cluster:
+        gateway_admin = cluster.gateway_admin_port
+        assert chain(cluster, "before") == CANARY
+        swimlanes.write_text(good.replace("exact: /mock\n", "regex: /mock(\n", 1))
+        assert wait_for(lambda: stats(gateway_admin).get("laneproxy.config.skipped_objects") == 1)
+        without_mockc_v2 = [p for p in cluster.pods if not (p.app == "mockc" and p.lane == "canary")]
+        cluster.write_endpoints(without_mockc_v2)
+        assert wait_for(lambda: chain(cluster, f"kept-{time.monotonic()}") == CANARY_WITHOUT_MOCKC)
+        after = stats(gateway_admin)
+        assert after["laneproxy.config.object_rejected"] >= 1 and after["laneproxy.config.update_rejected"] >= 1
+        with urllib.request.urlopen(f"http://127.0.0.1:{gateway_admin}/stats") as response:
+            assert 'laneproxy.config.sync.file.swimlanes.yaml: "behind"' in response.read().decode()
+
+        swimlanes.write_text(good)
+        cluster.write_endpoints()
+        assert wait_for(lambda: stats(gateway_admin).get("laneproxy.config.skipped_objects") == 0)
+        assert wait_for(lambda: chain(cluster, f"fixed-{time.monotonic()}") == CANARY)
+
+
 @pytest.mark.parametrize(
     ("edit", "expected"),
     [
