@@ -238,18 +238,19 @@ def test_with_two_replicas_deleting_any_pod_and_rolling_each_deployment_loses_an
                      f"{deployment} back at two ready pods")
             wait_for(lambda n=namespace, v=victim: v not in cluster.kubectl("get", "pods", "-n", n, "-o", "name")
                      .stdout, 120, f"{victim} gone")
-            steps[f"delete {victim}"] = round(time.monotonic() - step, 1)
+            steps[f"delete {victim} at {step - began:.1f}s"] = round(time.monotonic() - step, 1)
         for namespace, deployment, _ in DEPLOYMENTS:
             step = time.monotonic()
             cluster.kubectl("rollout", "restart", f"deployment/{deployment}", "-n", namespace)
             wait_rollout(cluster, namespace, deployment)
-            steps[f"rollout {deployment}"] = round(time.monotonic() - step, 1)
+            steps[f"rollout {deployment} at {step - began:.1f}s"] = round(time.monotonic() - step, 1)
         time.sleep(3)
     finally:
         traffic.stop()
     counts = traffic.judge()
     report("two replicas: delete every Deployment's pod, roll every Deployment", counts,
-           seconds=round(time.monotonic() - began, 1), steps_s=steps)
+           seconds=round(time.monotonic() - began, 1), steps_s=steps,
+           failures_at_s=[round(t - began, 1) for t in counts["failed_at"]])
     assert counts["requests"] > 200
     assert counts["leaks"] == 0, counts["leak_samples"]
     assert counts["failures"] == 0, counts["failure_samples"]
