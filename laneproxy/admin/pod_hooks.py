@@ -2,9 +2,9 @@
 
 Owns `GET /wait-for-stop`, the preStop hook of the app containers and of the sidecar (see inject.py). It
 answers 200 once it is safe to stop: this pod's address has left every endpoint set of the sidecar's own
-route table (the pod is deleted or not ready: the Kubernetes source drops it), then `stop_margin` seconds
-more so that every other proxy and kube-proxy see it too, and no request is in flight on the inbound
-listener. `?app=1` (the sidecar's own hook) waits further until the app has closed its port and no
+route table (the pod is deleted or not ready: the Kubernetes source drops it), then until no request has
+arrived at the inbound listener for `stop_margin` seconds (every other proxy and kube-proxy have seen it too:
+one that lags and still sends keeps the app alive) and none is in flight. `?app=1` (the sidecar's own hook) waits further until the app has closed its port and no
 outbound request of it is in flight, so the sidecar gets its SIGTERM after the app has stopped. Every wait
 ends at `stop_max` whatever happens: the kubelet's grace period must still cover the drain after it.
 
@@ -58,6 +58,12 @@ class StopWaiter:
     def active(self, listener_name: str) -> int:
         return sum(listener.active_requests() for listener in self.proxy.listeners if listener.name == listener_name)
 
+    def inbound_seen(self) -> tuple[int, int]:
+        """Changes whenever a request arrives at or leaves the inbound listener."""
+        listeners = [listener for listener in self.proxy.listeners if listener.name == "inbound"]
+        return (sum(listener.stats.rq_total for listener in listeners),
+                sum(listener.active_requests() for listener in listeners))
+
     async def app_listening(self) -> bool:
         app = self.proxy.settings.app
         if app is None:
@@ -78,7 +84,15 @@ class StopWaiter:
             await self.sleep(self.tick)
         left = self.clock()
         report["left_endpoints_s"] = round(left - began, 3)
-        while self.clock() < deadline and (self.clock() - left < self.pod.stop_margin or self.active("inbound") > 0):
+        # Quiet for the margin: a proxy whose table lags keeps sending, and each of its requests starts the margin
+        # again, so the app is stopped only once nothing has arrived for that long (or at the limit).
+        seen, quiet_from = self.inbound_seen(), left
+        while self.clock() < deadline:
+            now_seen = self.inbound_seen()
+            if now_seen != seen:
+                seen, quiet_from = now_seen, self.clock()
+            if self.clock() - quiet_from >= self.pod.stop_margin and self.active("inbound") == 0:
+                break
             await self.sleep(self.tick)
         report["inbound_idle_s"] = round(self.clock() - began, 3)
         if wait_for_app:

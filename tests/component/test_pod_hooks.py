@@ -53,6 +53,37 @@ def test_the_stop_wait_returns_only_after_the_pod_left_the_endpoints_and_the_mar
             proxy.stop()
 
 
+def test_requests_still_arriving_after_the_pod_left_the_endpoints_keep_the_app_alive(tmp_path):
+    with UpstreamThread() as app, UpstreamThread() as other:
+        endpoints = endpoints_file(tmp_path / "endpoints.yaml", {"default/mockb": {"base": [other.port]}})
+        lifecycle = free_port()
+        # Not in the endpoints from the start (the pod address is not 127.0.0.1 here): the wait is the quiet one.
+        proxy = ProxyProcess(SWIMLANES, endpoints, outbound=True, inbound_app=app.port, extra=(
+            "--lifecycle", f"127.0.0.1:{lifecycle}", "--pod-ip", "192.0.2.1", "--stop-margin", "1.5",
+            "--stop-max", "20")).start()
+        try:
+            answered: list[tuple[float, dict]] = []
+
+            def wait() -> None:
+                report = wait_for_stop(lifecycle)[1]
+                answered.append((time.monotonic(), report))
+
+            waiter = threading.Thread(target=wait, daemon=True)
+            waiter.start()
+            last = time.monotonic()
+            while len(app.received) < 8:  # a lagging caller: one request every 0.4 s, for longer than the margin
+                with urllib.request.urlopen(f"http://127.0.0.1:{proxy.inbound_port}/late", timeout=5) as response:
+                    assert response.status == 200
+                last = time.monotonic()
+                assert not answered, "returned while requests were still arriving"
+                time.sleep(0.4)
+            waiter.join(timeout=15)
+            assert answered and answered[0][1]["timed_out"] is False
+            assert answered[0][0] - last >= 1.4  # the margin counted from the last request
+        finally:
+            proxy.stop()
+
+
 def test_the_sidecars_stop_wait_also_waits_for_the_app_to_close_its_port(tmp_path):
     app = socket.socket()
     app.bind(("127.0.0.1", 0))
