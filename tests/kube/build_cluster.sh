@@ -132,6 +132,15 @@ echo '{"imageLayoutVersion":"1.0.0"}' > "${OCI}/oci-layout"
 tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -C "${OCI}" -cf "${STAGE}/pause.oci.tar" .
 echo "localhost/pause:${PAUSE_VERSION}" > "${STAGE}/pause.name"
 
+# The API-server tier (tests/kube, build_apiserver.sh) caches the same kube-apiserver on its own: give it this one
+# when it has none yet, so that a cold `make test` builds Kubernetes once (the cloud providers, which this one
+# leaves out, play no part there).
+APISERVER="${CACHE_DIR}/kube-apiserver-${K8S_VERSION}"
+if [[ ! -x "${APISERVER}" ]]; then
+    install -m 0755 "${STAGE}/bin/kube-apiserver" "${APISERVER}.tmp"
+    mv -f "${APISERVER}.tmp" "${APISERVER}"
+fi
+
 # Publish atomically: a half-written cache directory is never seen as complete.
 rm -rf "${TARGET}.old"
 [[ -e "${TARGET}" ]] && mv "${TARGET}" "${TARGET}.old"
