@@ -90,7 +90,9 @@ class ProxyApp:
             raise StartupError(str(exc)) from exc
         if isinstance(self.source, FileSource) and not self.store.ready:
             raise StartupError(f"configuration rejected:\n{self.store.last_error}")
-        pools = UpstreamPools(loop, connect_timeout=settings.timeouts.connect)
+        pools = UpstreamPools(loop, connect_timeout=settings.timeouts.connect,
+                              max_response_head_bytes=settings.max_response_headers_kb * 1024,
+                              max_response_headers=settings.max_response_headers_count)
         self.pools = pools
         picker = RandomPicker(random.Random().random)
         self.outliers = OutlierDetector(consecutive_5xx=settings.outlier.consecutive_5xx,

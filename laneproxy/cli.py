@@ -144,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--idle-timeout", type=float, default=3600.0, help="seconds an idle client connection is kept")
     limits.add_argument("--max-request-headers-kb", type=int, default=60, help="request head size limit (431 beyond)")
     limits.add_argument("--max-request-headers", type=int, default=100, help="request header count limit (431 beyond)")
+    limits.add_argument("--max-response-headers-kb", type=int, default=80,
+                        help="upstream response head size limit (502 UPE beyond)")
+    limits.add_argument("--max-response-headers", type=int, default=100,
+                        help="upstream response header count limit (502 UPE beyond)")
     limits.add_argument("--max-pipelined-requests", type=int, default=16, help="queued pipelined requests per connection")
     limits.add_argument("--per-connection-buffer-limit-bytes", type=int, default=1 << 20, metavar="BYTES",
                         help="request body bytes buffered per client connection before the proxy stops reading it")
@@ -272,6 +276,7 @@ def settings_from_args(args: argparse.Namespace) -> ProxySettings:
                                 ejection_seconds=args.outlier_ejection_seconds,
                                 max_ejection_percent=args.outlier_max_ejection_percent),
         max_request_headers_kb=args.max_request_headers_kb, max_request_headers_count=args.max_request_headers,
+        max_response_headers_kb=args.max_response_headers_kb, max_response_headers_count=args.max_response_headers,
         max_pipelined_requests=args.max_pipelined_requests,
         per_connection_buffer_limit_bytes=args.per_connection_buffer_limit_bytes,
         drain_seconds=args.drain_seconds, drain_limit_seconds=args.drain_limit_seconds,

@@ -118,6 +118,8 @@ class ProxySettings:
     observability: ObservabilitySettings = field(default_factory=ObservabilitySettings)
     max_request_headers_kb: int = 60
     max_request_headers_count: int = 100
+    max_response_headers_kb: int = 80  # Envoy's HTTP/1 defaults for upstream response heads (502 UPE beyond)
+    max_response_headers_count: int = 100
     max_pipelined_requests: int = 16
     # Request body bytes a client connection may have buffered for requests that cannot be forwarded yet
     # (pipelined behind a slow one, or waiting for an upstream connection): Envoy's

@@ -22,6 +22,7 @@ class LocalReplyError(LaneProxyError):
     status: int = 500
     flag: str = "-"
     body: str = ""
+    forwarded_nothing: bool = False  # the request never went further: safe to send elsewhere, whatever its method
 
     def __init__(self, detail: str = "") -> None:
         super().__init__(detail or self.body or self.flag)
@@ -46,10 +47,12 @@ class NoRouteError(LocalReplyError):
 
 class NoHealthyUpstreamError(LocalReplyError):
     status, flag, body = 503, "UH", "no healthy upstream"
+    forwarded_nothing = True
 
 
 class UpstreamConnectError(LocalReplyError):
     status, flag, body = 503, "UF", _RESET_PREFIX + "connection failure"
+    forwarded_nothing = True
 
 
 class UpstreamResetError(LocalReplyError):
@@ -58,6 +61,7 @@ class UpstreamResetError(LocalReplyError):
 
 class UpstreamOverflowError(LocalReplyError):
     status, flag, body = 503, "UO", _RESET_PREFIX + "overflow"
+    forwarded_nothing = True
 
 
 class UpstreamTimeoutError(LocalReplyError):

@@ -36,6 +36,9 @@ X_ENVOY_RETRY_ON = b"x-envoy-retry-on"
 # laneproxy's own: on a 5xx, "a later hop failed, not the one that answers" (value: that failure's Envoy
 # response flags, `-` for a 5xx the later hop's app returned); callers' outlier detection skips it.
 X_LANEPROXY_FAILED_HOP = b"x-laneproxy-failed-hop"
+# On a local reply for a request the proxy never sent on (no healthy upstream, connect failure, overflow):
+# the caller may send it elsewhere whatever its method, as it would after its own connect failure.
+X_LANEPROXY_NOT_FORWARDED = b"x-laneproxy-not-forwarded"
 
 # Hop-by-hop headers (RFC 9110 section 7.6.1), never forwarded; names listed in Connection are added per message.
 HOP_BY_HOP = frozenset({CONNECTION, KEEP_ALIVE, PROXY_CONNECTION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE})

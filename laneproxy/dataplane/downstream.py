@@ -280,7 +280,7 @@ class DownstreamConnection(asyncio.Protocol):
             retry = retry.with_overrides(self.max_retries, self.retry_on)
         exchange = Exchange(
             self, method, self.url, minor, self.headers, self.host,
-            minor == 1 and parser.should_keep_alive() and not self.draining and not upgrade,
+            minor == 1 and parser.should_keep_alive() and not upgrade,  # draining is decided per response
             self.chunked, self.chunked or self.content_length, self.connection_tokens,
             self.expect_continue and minor == 1, retry,
         )
@@ -393,6 +393,11 @@ class DownstreamConnection(asyncio.Protocol):
     def idle(self) -> bool:
         """No request of this client is in flight: nothing received since its last response (not even part of a head)."""
         return self.active is None and self.parsing is None and self.head_pending < 0 and self.unparsed is None
+
+    def closes_after_this_response(self) -> bool:
+        """Draining, and no further request of this client has begun to arrive: the response being written says
+        `Connection: close`. Pipelined requests already received are answered first, the last one closing."""
+        return self.draining and not self.queue and self.head_pending < 0 and self.unparsed is None
 
     def drain(self, *, close_idle: bool = True) -> None:
         """Stop keeping this connection alive: the next response says `Connection: close` and the connection

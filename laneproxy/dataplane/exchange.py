@@ -20,6 +20,7 @@ from laneproxy.core.errors import (
     StreamIdleTimeoutError,
     UpstreamConnectError,
     UpstreamOverflowError,
+    UpstreamProtocolError,
     UpstreamResetError,
     UpstreamTimeoutError,
 )
@@ -35,6 +36,9 @@ _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _CHUNKED = b"transfer-encoding: chunked\r\n"
 _CLOSE = b"connection: close\r\n"
+# Request body bytes kept after they went upstream, so that a request the next proxy never forwarded
+# (its app refused the connection) can go to another endpoint, POSTs included. Beyond this, no replay.
+_REPLAY_LIMIT = 64 * 1024
 
 
 class RetryPolicy:
@@ -75,7 +79,7 @@ class Exchange:
         "response_started", "response_chunked", "response_keep_alive", "response_status", "finished",
         "deadline", "start", "connection_tokens", "error", "expect_continue", "retry", "attempts",
         "discarding", "last_activity", "counted_active", "request_bytes", "response_bytes", "pending_head",
-        "pending_bytes", "trace", "failed_hop",
+        "pending_bytes", "trace", "failed_hop", "replay", "replay_bytes",
     )
 
     def __init__(self, downstream: DownstreamConnection, method: bytes, target: bytes, http_minor: int,
@@ -117,6 +121,8 @@ class Exchange:
         self.response_bytes = 0
         self.trace: bytes | None = None  # the swimlane trace key, set by the role (sidecar listeners)
         self.failed_hop: bytes | None = None  # flags of a later hop's failure this 5xx carries (x-laneproxy-failed-hop)
+        self.replay: list[bytes] | None = []  # body bytes sent upstream, while within _REPLAY_LIMIT; None past it
+        self.replay_bytes = 0
 
     # request side, driven by the downstream parser ---------------------------------------------
 
@@ -146,10 +152,19 @@ class Exchange:
             self.pending_bytes += len(data)
             self.downstream.hold(len(data))
             return
+        if self.replay is not None:
+            self._keep_for_replay(data)
         if self.request_chunked:
             upstream.transport.writelines(codec.chunk(data))
         else:
             upstream.transport.write(data)
+
+    def _keep_for_replay(self, data: bytes) -> None:
+        self.replay_bytes += len(data)
+        if self.replay_bytes > _REPLAY_LIMIT:
+            self.replay = None
+        else:
+            self.replay.append(data)  # type: ignore[union-attr]
 
     def on_request_complete(self) -> None:
         self.request_complete = True
@@ -227,6 +242,8 @@ class Exchange:
             self.pending_body = None
             for data in pending:
                 parts += codec.chunk(data) if self.request_chunked else (data,)
+                if self.replay is not None:
+                    self._keep_for_replay(data)
         if self.request_complete and self.request_chunked:
             parts.append(codec.LAST_CHUNK)
         transport.write(b"".join(parts))
@@ -268,6 +285,12 @@ class Exchange:
         # POST included, may go again, even while its body is still arriving.
         return self.attempts <= self.retry.max_retries and not self.response_started and not self.finished
 
+    def _replayable(self) -> bool:
+        # The next proxy answered that it never sent the request on: the whole body is still here
+        # (kept for replay), so any method may go again.
+        return (self.attempts <= self.retry.max_retries and self.request_complete and self.replay is not None
+                and not self.response_started and not self.finished)
+
     def _retry_if(self, kind: str) -> bool:
         retryable = self._unsent_retryable() if kind == "connect-failure" else self._retryable()
         if not (retryable and self.retry.on_failure(kind)):
@@ -286,6 +309,11 @@ class Exchange:
             self.reply_locally(error)
             return
         routed.cluster_stats.rq_retry += 1
+        replay = self.replay
+        if replay:
+            # What went upstream last time goes again, ahead of anything still waiting (nothing, once complete).
+            self.pending_body = replay + (self.pending_body or [])
+            self.replay, self.replay_bytes = [], 0
         self._dispatch()
 
     def _report_failure(self) -> None:
@@ -306,7 +334,8 @@ class Exchange:
         if self.routed is not None:
             self.routed.cluster_stats.rq_reset += 1
         self._report_failure()
-        if self._retry_if("reset"):
+        # A response the proxy cannot trust (UPE) is answered once: replaying the request would ask again.
+        if not isinstance(error, UpstreamProtocolError) and self._retry_if("reset"):
             return
         self._fail_upstream(error if isinstance(error, LocalReplyError) else UpstreamResetError(str(error)))
 
@@ -342,11 +371,18 @@ class Exchange:
         outliers = self.listener.role.selector.outliers
         routed = self.routed
         self.failed_hop = None  # this attempt's answer alone says whose failure it is
+        not_forwarded = False
         if status >= 500:
             for name, value in headers:
                 if name == h.X_LANEPROXY_FAILED_HOP:
                     self.failed_hop = value or b"-"  # the endpoint answered for a hop behind it
-                    break
+                elif name == h.X_LANEPROXY_NOT_FORWARDED:
+                    not_forwarded = True  # the next proxy never sent it on: as safe to retry as a connect failure
+            if not_forwarded and self.listener.role.name == "inbound":
+                # The app answered, so it had the request: a mark it copied from a call of its own must not
+                # make anyone replay this request.
+                not_forwarded = False
+                headers = [(name, value) for name, value in headers if name != h.X_LANEPROXY_NOT_FORWARDED]
         if outliers is not None and routed is not None:
             if status < 500:
                 outliers.success(routed.endpoint)
@@ -354,7 +390,8 @@ class Exchange:
                 outliers.failure(routed.endpoint, routed.route, routed.routes)
             else:
                 outliers.failed_hop_responses += 1
-        if status >= 500 and self._retryable() and self.retry.on_status(status):
+        if status >= 500 and ((self._retryable() and self.retry.on_status(status)) or (
+                not_forwarded and self._replayable() and self.retry.on_failure("connect-failure"))):
             self.discarding = True
             self.response_keep_alive = keep_alive
             return
@@ -371,7 +408,7 @@ class Exchange:
                 parts.append(_CHUNKED)
             else:
                 self.keep_alive = False  # HTTP/1.0 client: the end of the body is the end of the connection
-        if not self.keep_alive or self.downstream.draining:
+        if not self.keep_alive or self.downstream.closes_after_this_response():
             self.keep_alive = False
             parts.append(_CLOSE)
         parts.append(codec.CRLF)
@@ -432,10 +469,12 @@ class Exchange:
         if self.has_body and not self.request_complete:
             self.keep_alive = False  # an unread body would be taken for the next request
         listener = self.listener
-        close = not self.keep_alive or self.downstream.draining
+        close = not self.keep_alive or self.downstream.closes_after_this_response()
         # The outbound listener answers the app for the next hop: say so, for apps that pass headers on.
-        extra = ((h.X_LANEPROXY_FAILED_HOP, error.flag.encode()),) if (
-            error.status >= 500 and listener.marks_local_replies) else ()
+        flag = error.flag.encode()
+        extra = ((h.X_LANEPROXY_FAILED_HOP, flag),) if error.status >= 500 and listener.marks_local_replies else ()
+        if error.forwarded_nothing:
+            extra += ((h.X_LANEPROXY_NOT_FORWARDED, flag),)
         self.downstream.write(codec.local_reply(
             error.status, error.body.encode(), date=listener.dates.value(), server=listener.server_name, close=close,
             extra=extra,

@@ -250,10 +250,6 @@ class OutboundRole(Role):
             return self._target(routes.default, routes, path, overrides, None)
         route_header = group.route_header_key
         trace_header = group.trace_header_key
-        if trace_header is not None:
-            # Before the endpoint is chosen: a `no healthy upstream` must be remembered for this trace too.
-            trace = header_value(exchange.headers, trace_header)
-            exchange.trace = trace_key(trace_header, trace) if trace else None
         if group.permissive:
             route_value = trace_value = baggage_value = None
             for name, value in exchange.headers:
@@ -267,6 +263,10 @@ class OutboundRole(Role):
                                         route_header=route_header, traces=self.traces)
         else:
             lane, source = self.own_lane, LaneSource.OWN_LANE
+            trace_value = header_value(exchange.headers, trace_header) if trace_header is not None else None
+        if trace_value and trace_header is not None:
+            # Before the endpoint is chosen: a `no healthy upstream` is remembered for this trace too (FailedHops).
+            exchange.trace = trace_key(trace_header, trace_value)
         route = routes.route_for(lane)
         self.stats.lanes.lane_sources[source.value] += 1
         if route.lane_asked is not None:

@@ -18,6 +18,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import h11
 import yaml
 
 from laneproxy.demo import free_port  # noqa: F401  (re-exported for the tests)
@@ -30,6 +31,7 @@ SWIMLANES = REPO / "config" / "swimlanes.yaml"
 class ReceivedRequest:
     head: bytes
     body: bytes
+    connection: int = 0  # which of the upstream's accepted connections carried it, counting from 1
 
     @property
     def request_line(self) -> bytes:
@@ -57,6 +59,7 @@ class RecordingUpstream:
     delay: object = None  # delay(request) -> seconds to wait before answering (None: at once)
     received: list[ReceivedRequest] = field(default_factory=list)
     connections: int = 0
+    accepted: int = 0  # like `connections`, but never reset: numbers connections for ReceivedRequest
     server: asyncio.AbstractServer | None = None
     port: int = 0
 
@@ -71,10 +74,12 @@ class RecordingUpstream:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        self.accepted += 1
+        number = self.accepted
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
-                request = ReceivedRequest(head, await _read_body(reader, head))
+                request = ReceivedRequest(head, await _read_body(reader, head), number)
                 self.received.append(request)
                 if self.delay is not None:
                     seconds = self.delay(request)
@@ -185,8 +190,10 @@ class ProxyProcess:
         self.gateway_port = free_port() if gateway else None
         self.outbound_port = free_port() if outbound else None
         self.inbound_port = free_port() if inbound_app else None
+        # No minimum drain unless a test asks for one (`extra` comes later and wins): stopping a proxy at the
+        # end of a test need not wait the 5 s a pod's sidecar keeps serving after SIGTERM.
         args = [sys.executable, "-m", "laneproxy", "--log-level", "warning", "run", "--admin", f"127.0.0.1:{self.admin_port}",
-                "--reload-interval", "0.2"]
+                "--reload-interval", "0.2", "--drain-seconds", "0"]
         for path in config:
             args += ["--config", str(path)]
         if gateway:
@@ -372,3 +379,111 @@ def status_lines(data: bytes) -> list[bytes]:
     import re
 
     return re.findall(rb"HTTP/1\.[01] \d{3} [^\r\n]*", data)
+
+
+class ScriptedOrigin(ThreadedOrigin):
+    """A raw-socket origin that records exactly what each connection carried and sends exactly what a test scripts.
+
+    Requests are read as heads (up to the blank line; bodies with Content-Length are read too), and
+    `script(head, connection)` answers each: bytes to send as they are, `None` to close without a
+    word, or a callable `(sock) -> bool` that does its own sending (dribbling, sending later) and
+    returns whether the connection stays open. Bytes only, never parsed or repaired: the point is
+    to send what a broken or hostile upstream would. `requests` holds (connection number, head, body)
+    in arrival order; `raw[n]` every byte connection n received; `closed_by_peer` the connections
+    the proxy closed (EOF or reset seen).
+    """
+
+    def __init__(self, script=None) -> None:
+        self.script = script or (lambda head, connection: b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        self.requests: list[tuple[int, bytes, bytes]] = []
+        self.raw: dict[int, bytes] = {}
+        self.closed_by_peer: set[int] = set()
+        self.lock = threading.Lock()
+        self.numbered = 0
+        self.start_serving()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with self.lock:
+            self.numbered += 1
+            number = self.numbered
+            self.raw[number] = b""
+        buffer = b""
+        conn.settimeout(60)
+        try:
+            while True:
+                while b"\r\n\r\n" not in buffer:
+                    data = conn.recv(65536)
+                    if not data:
+                        with self.lock:
+                            self.closed_by_peer.add(number)
+                        return
+                    with self.lock:
+                        self.raw[number] += data
+                    buffer += data
+                head, buffer = buffer.split(b"\r\n\r\n", 1)
+                length = 0
+                for line in head.lower().split(b"\r\n")[1:]:
+                    if line.startswith(b"content-length:"):
+                        length = int(line.split(b":", 1)[1])
+                while len(buffer) < length:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    with self.lock:
+                        self.raw[number] += data
+                    buffer += data
+                body, buffer = buffer[:length], buffer[length:]
+                with self.lock:
+                    self.requests.append((number, head + b"\r\n\r\n", body))
+                answer = self.script(head + b"\r\n\r\n", number)
+                if answer is None:
+                    return
+                if callable(answer):
+                    if not answer(conn):
+                        return
+                else:
+                    conn.sendall(answer)
+        except ConnectionError:
+            with self.lock:
+                self.closed_by_peer.add(number)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def connection_of(self, path: bytes) -> list[int]:
+        """The connections that carried requests for `path` (request target), in arrival order."""
+        with self.lock:
+            return [number for number, head, _ in self.requests if head.split(b" ", 2)[1] == path]
+
+    def reset(self) -> None:
+        with self.lock:
+            self.requests.clear()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def responses(data: bytes) -> tuple[list[tuple[int, dict[bytes, bytes], bytes]], bytes]:
+    """Every complete response h11 finds in what a client received (then EOF), and the bytes it could not use."""
+    client = h11.Connection(h11.CLIENT)
+    found: list[tuple[int, dict[bytes, bytes], bytes]] = []
+    client.send(h11.Request(method="GET", target="/", headers=[("host", "mockb")]))
+    client.send(h11.EndOfMessage())
+    client.receive_data(data)
+    client.receive_data(b"")
+    status, headers, body = 0, {}, b""
+    try:
+        while True:
+            event = client.next_event()
+            if isinstance(event, h11.Response):
+                status, headers, body = event.status_code, dict(event.headers), b""
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                found.append((status, headers, body))
+                return found, client.trailing_data[0]
+            elif event is h11.NEED_DATA or event is h11.PAUSED or isinstance(event, h11.ConnectionClosed):
+                return found, client.trailing_data[0]
+    except h11.RemoteProtocolError:
+        return found, data

@@ -209,3 +209,25 @@ async def test_an_idle_proxy_exits_once_the_minimum_drain_is_over(tmp_path):
             proxy.stop()
     assert code == 0 and closed == b""
     assert MINIMUM <= exited < LIMIT / 2, f"exited {exited:.1f}s after SIGTERM"
+
+
+async def test_pipelined_requests_received_during_the_drain_are_all_answered_the_last_one_closing(tmp_path):
+    with UpstreamThread(delay=lambda request: 0.3 if b"/first" in request.request_line else 0) as upstream:
+        proxy = sidecar(tmp_path, upstream.port)
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.outbound_port)
+            proxy.process.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.5)
+            # /first is slow upstream, so /second is surely queued behind it when /first's answer is written.
+            writer.write(b"GET /first HTTP/1.1\r\nHost: mockb\r\n\r\nPOST /second HTTP/1.1\r\nHost: mockb\r\n"
+                         b"Content-Length: 2\r\n\r\nok")
+            first = await asyncio.wait_for(read_response(reader), 10)
+            second = await asyncio.wait_for(read_response(reader), 10)
+            rest = await asyncio.wait_for(reader.read(), 10)
+            writer.close()
+            code = await asyncio.to_thread(proxy.process.wait, LIMIT)
+        finally:
+            proxy.stop()
+    assert (first[0], first[2]) == (200, b"GET /first HTTP/1.1") and first[1].get(b"connection") is None
+    assert (second[0], second[2]) == (200, b"POST /second HTTP/1.1") and second[1].get(b"connection") == b"close"
+    assert rest == b"" and code == 0

@@ -504,3 +504,112 @@ def test_envoy_itself_keeps_named_framing_from_unframing_a_message_and_refuses_a
     assert raw_view(envoy.listener_port, RAW_CASES["response-names-content-length"], 2) == (
         ((200, "/named-content-length", "", None), (200, "/after", "", None)), False)
     assert raw_view(envoy.listener_port, RAW_CASES["header-value-over-60-kib"], 1) == (((431, None, None, None),), True)
+
+
+# untrusted upstream responses -------------------------------------------------------------------
+#
+# The same scripted upstream bytes behind both proxies. An outcome is what the client and the upstream
+# saw: (client status, access-log flags, requests the upstream received, whether the next request
+# reused that upstream connection). Where laneproxy deliberately answers differently, both outcomes are
+# written down with the reason.
+
+KIB = 1024
+UPSTREAM_RESPONSE_CASES = {
+    # Bytes after a complete response: both give the client its response and never reuse the connection.
+    "extra-response-after-the-body": (
+        b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfirstHTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nEVIL", False,
+        (200, "-", 1, False), None),
+    "extra-head-waiting-for-a-body": (
+        b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfirstHTTP/1.1 200 OK\r\nset-cookie: s=EVIL\r\ncontent-length: 30\r\n\r\n",
+        False, (200, "-", 1, False), None),
+    # Response head limits: Envoy's HTTP/1 codec allows 80 KiB and 100 headers from an upstream by default.
+    "79KiB-head": (b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nx-big: " + b"v" * (79 * KIB) + b"\r\n\r\nfirst", False,
+                   (200, "-", 1, True), None),
+    "100-headers": (b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n" + b"".join(b"x-h%03d: v\r\n" % i for i in range(99))
+                    + b"\r\nfirst", False, (200, "-", 1, True), None),
+    # Beyond a limit both answer 502 UPE and drop the connection; Envoy retries the protocol error as a
+    # reset (URX, three requests upstream), laneproxy does not: the same upstream would only be asked
+    # to send the same broken head again.
+    "81KiB-head": (b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nx-big: " + b"v" * (81 * KIB) + b"\r\n\r\nfirst", False,
+                   (502, "URX,UPE", 3, False), (502, "UPE", 1, False)),
+    "101-headers": (b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n" + b"".join(b"x-h%03d: v\r\n" % i for i in range(100))
+                    + b"\r\nfirst", False, (502, "URX,UPE", 3, False), (502, "UPE", 1, False)),
+    # A 101 to a request that did not ask to upgrade: Envoy relays it to the client (which never asked to
+    # switch protocols and gets nothing after it) and even reuses the connection; laneproxy treats it as
+    # the protocol error it is: the upstream now speaks something else on that connection.
+    "unsolicited-101": (b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n", False,
+                        (101, "-", 1, True), (502, "UPE", 1, False)),
+    # A body delimited by the upstream closing the connection (RFC 9112 6.3): both relay it complete when
+    # there is no framing at all; under `Transfer-Encoding: identity` Envoy answers 502 UPE (and retries),
+    # laneproxy reads it as RFC 9112 says a final coding other than chunked must be read: until close.
+    "no-length-then-close": (b"HTTP/1.1 200 OK\r\n\r\nfirst", True, (200, "-", 1, False), None),
+    "transfer-encoding-identity-then-close": (b"HTTP/1.1 200 OK\r\ntransfer-encoding: identity\r\n\r\nfirst", True,
+                                              (502, "URX,UPE", 3, False), (200, "-", 1, False)),
+}
+
+
+@pytest.fixture(scope="module")
+def raw_origin():
+    from proxyrig import ScriptedOrigin
+
+    origin = ScriptedOrigin()
+    yield origin
+    origin.close()
+
+
+@pytest.fixture(scope="module")
+def raw_proxies(raw_origin, tmp_path_factory):
+    """(envoy, laneproxy) in front of the scripted origin, as `backend`; started once for all raw cases."""
+    workdir = tmp_path_factory.mktemp("raw-compat")
+    dead = unused_port()
+    envoy = EnvoyProxy(workdir).start(raw_origin.port, dead)
+    try:
+        lane = LaneProxy(workdir).start(raw_origin.port, dead)
+    except BaseException:
+        envoy.stop()
+        raise
+    yield envoy, lane
+    envoy.stop()
+    lane.stop()
+
+
+def raw_get(port: int, target: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"GET %s HTTP/1.1\r\nHost: backend\r\nConnection: close\r\n\r\n" % target)
+        data = b""
+        try:
+            while chunk := sock.recv(65536):
+                data += chunk
+        except ConnectionError:
+            pass
+        return data
+
+
+@pytest.mark.parametrize("case", UPSTREAM_RESPONSE_CASES, ids=UPSTREAM_RESPONSE_CASES)
+def test_untrusted_upstream_responses_against_envoy(raw_proxies, raw_origin, case):
+    response, then_close, envoy_outcome, lane_outcome = UPSTREAM_RESPONSE_CASES[case]
+
+    def send_then_close(sock: socket.socket) -> bool:
+        sock.sendall(response)
+        return False
+
+    def script(head: bytes, connection: int):
+        target = head.split(b" ", 2)[1]
+        if target.startswith(b"/case/"):
+            return send_then_close if then_close else response
+        return b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(target), target)
+
+    raw_origin.script = script
+
+    def outcome(proxy):
+        target, after = f"/case/{case}/{proxy.name}".encode(), f"/after/{case}/{proxy.name}".encode()
+        status = int(raw_get(proxy.listener_port, target)[9:12])
+        second = raw_get(proxy.listener_port, after)
+        assert second.startswith(b"HTTP/1.1 200 ") and second.endswith(after), second
+        line = wait_for(lambda: next((entry for entry in proxy.access_log.read_text().splitlines()
+                                      if f" {target.decode()} " in entry), None), f"{proxy.name} access log line")
+        carried = raw_origin.connection_of(target)
+        return status, ENVOY_LINE.match(line)["flags"], len(carried), raw_origin.connection_of(after)[0] in carried
+
+    results = both(raw_proxies, outcome)
+    assert results == {"envoy": envoy_outcome, "laneproxy": lane_outcome or envoy_outcome}
