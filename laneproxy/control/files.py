@@ -83,7 +83,7 @@ def load_files_keeping(paths: tuple[str, ...], *, namespace: str, lenient: bool,
     documents = [doc for path in paths for doc in current[path][1]]
     built = build_skipping(documents, version="", namespace=namespace, lenient=lenient, sources=paths, drop=False,
                            last_good={path: version[1] for path, version in last_good.items() if path not in kept})
-    for path, found in built.skipped.items():
+    for path, found in built.skipped.items():  # without drop, every one of them is at its last good version
         current[path] = last_good[path]
         kept[path] = found
     version = content_version(current[path][0] for path in paths)

@@ -543,14 +543,14 @@ def _hint(exc: KubernetesSourceError) -> str:
 # The source
 
 
-def status_for(problems: tuple[ConfigProblem, ...]) -> dict[str, Any]:
-    """A swimlane object's status: why it was left out of the table, or nothing (null removes the field)."""
+def status_for(problems: tuple[ConfigProblem, ...], *, kept: bool = False) -> dict[str, Any]:
+    """A swimlane object's status: why it is not in use as written, or nothing (null removes the field)."""
     if not problems:
         return {"error": None, "validationMessage": None}
     lines = [f"{problem.path}: {problem.reason}" for problem in problems]
     more = f" (and {len(lines) - 1} more)" if len(lines) > 1 else ""
-    return {"error": f"left out of the route table by laneproxy: {lines[0]}{more}",
-            "validationMessage": "\n".join(lines)}
+    what = "not applied, laneproxy keeps its last good version" if kept else "left out of the route table by laneproxy"
+    return {"error": f"{what}: {lines[0]}{more}", "validationMessage": "\n".join(lines)}
 
 
 def namespaces_named(bodies: Iterable[Mapping[str, Any]]) -> set[str]:
@@ -617,6 +617,9 @@ class KubernetesSource:
         self.status_write_failures = 0
         self._status_forbidden_logged = False
         self._logged_skips: Mapping[str, tuple[ConfigProblem, ...]] = {}
+        # Each object as the running table was built from it: a bad edit of it keeps this version.
+        self._last_good: dict[str, ConfigDocument] = {}
+        self._kept_last_good: frozenset[str] = frozenset()
         self._published_at: float | None = None
         self.reflectors: dict[tuple[str, str | None], Reflector] = {}
         self.rebuilds = 0
@@ -807,8 +810,9 @@ class KubernetesSource:
         self.rebuilds += 1
         try:
             # Off the event loop: a large namespace must not stall the sidecar's hot path.
+            last_good = {doc.source: (self._last_good[doc.source],) for doc in documents if doc.source in self._last_good}
             built = await build_off_loop(lambda: build_skipping(documents, version=version, namespace=self.namespace,
-                                                                lenient=self.lenient))
+                                                                lenient=self.lenient, last_good=last_good))
         except ConfigInvalidError as exc:
             self.store.reject(exc)
             problems = str(exc)
@@ -824,6 +828,9 @@ class KubernetesSource:
                 log.warning("%s (ignored: --lenient)", warning)
         first = not self.store.ready
         self._logged_problems = None
+        self._last_good = {doc.source: doc for doc in documents if doc.source not in built.skipped}
+        self._last_good.update((source, self._last_good_before(source, last_good)) for source in built.kept_last_good)
+        self._kept_last_good = built.kept_last_good
         self._report_skipped(built.skipped)
         self.store.publish(table, built.skipped)
         self._published_at = self.clock()
@@ -839,11 +846,18 @@ class KubernetesSource:
                  len(table.services), len(table.groups), ", ".join(self.namespaces) or "none")
         return True
 
+    @staticmethod
+    def _last_good_before(source: str, last_good: Mapping[str, tuple[ConfigDocument, ...]]) -> ConfigDocument:
+        (document,) = last_good[source]
+        return document
+
     def _report_skipped(self, skipped: Mapping[str, tuple[ConfigProblem, ...]]) -> None:
         """Log each object newly left out (or left out for a new reason) once, and each one taken back."""
         for source, problems in skipped.items():
             if self._logged_skips.get(source) != problems:
-                log.error("%s left out of the route table, every other object still updates:\n%s", source,
+                what = ("keeps its last good version in the route table" if source in self._kept_last_good
+                        else "left out of the route table")
+                log.error("%s %s, every other object still updates:\n%s", source, what,
                           "\n".join(f"  {problem.path}: {problem.reason}" for problem in problems))
         for source in self._logged_skips.keys() - skipped.keys():
             log.info("%s is back in the route table", source)
@@ -868,8 +882,8 @@ class KubernetesSource:
         for kind in (SWIMLANE_GROUPS, SWIMLANES):
             reflector = self.reflectors.get((kind.kind, None))
             for name, body in list(reflector.objects.items()) if reflector is not None else ():
-                problems = skipped.get(f"kubernetes:{kind.kind}/{name}", ())
-                wanted = status_for(problems)
+                source = f"kubernetes:{kind.kind}/{name}"
+                wanted = status_for(skipped.get(source, ()), kept=source in self._kept_last_good)
                 status = body.get("status") if isinstance(body.get("status"), dict) else {}
                 if all(status.get(key) == value for key, value in wanted.items()):
                     continue

@@ -111,8 +111,10 @@ class Built:
     warnings: tuple[ConfigProblem, ...]
     # Inputs that change nothing: a file with no swimlane objects, a kind laneproxy does not read.
     notices: tuple[ConfigProblem, ...]
-    # Inputs left out of the table because of their problems (build_skipping only): source -> why.
+    # Inputs not in the table as they are because of their problems (build_skipping only): source -> why.
     skipped: Mapping[str, tuple[ConfigProblem, ...]] = field(default_factory=lambda: MappingProxyType({}))
+    # Those of them that are in the table at their last good version; the others are left out.
+    kept_last_good: frozenset[str] = frozenset()
 
 
 def _suggestion(key: str, known: Iterable[str]) -> str:
@@ -752,15 +754,18 @@ def build_skipping(documents: Iterable[ConfigDocument], *, version: str, namespa
     """build, leaving out every input with a problem instead of rejecting the whole update.
 
     One bad object must not freeze every other update: an input (a document's `source`) with a problem is
-    replaced by its entry in `last_good` when there is one (the file source's last good version of a file),
-    else left out (unless not `drop`); then the rest is built again, so an input that only failed because
-    of it (a lane whose group was left out) is left out in turn, saying why. Raises ConfigInvalidError for
-    a problem that belongs to no input, for an input with no last good version when not `drop`, and when
-    a last good version fails too. `Built.skipped` says what was replaced or left out.
+    replaced by its entry in `last_good` when there is one (the version of it the running table was built
+    from: a bad edit changes nothing), else left out; then the rest is built again, so an input that only
+    failed because of it (a lane whose group was left out) is left out in turn, saying why. A last good
+    version that fails too is left out as well. Without `drop` nothing is left out: where there is no last
+    good version to keep, ConfigInvalidError is raised, as it is for a problem that belongs to no input.
+    `Built.skipped` says which inputs did not make it as they are, with the problems of their current
+    version, and `Built.kept_last_good` which of them are in the table at their last good version.
     """
     kept = list(documents)
     substitutes = dict(last_good or {})
     skipped: dict[str, list[ConfigProblem]] = {}
+    at_last_good: set[str] = set()
     while True:
         try:
             built = build(kept, version=version, namespace=namespace, lenient=lenient, sources=sources)
@@ -772,14 +777,20 @@ def build_skipping(documents: Iterable[ConfigDocument], *, version: str, namespa
             replaced: list[ConfigDocument] = []
             for source in sorted(culprits):
                 substitute = substitutes.pop(source, None)
-                if substitute is None and (source in skipped or not drop):
+                if substitute is None and not drop:
                     raise  # nothing sound is left to serve for it
-                skipped.setdefault(source, []).extend(p for p in exc.problems if p.source == source)
-                replaced.extend(substitute or ())
+                if source not in skipped:  # the problems of what the user wrote, not of the older version
+                    skipped[source] = [p for p in exc.problems if p.source == source]
+                if substitute is None:
+                    at_last_good.discard(source)
+                else:
+                    at_last_good.add(source)
+                    replaced.extend(substitute)
             kept = [doc for doc in kept if doc.source not in culprits] + replaced
             continue
         return Built(built.table, built.warnings, built.notices,
-                     MappingProxyType({source: tuple(problems) for source, problems in sorted(skipped.items())}))
+                     MappingProxyType({source: tuple(problems) for source, problems in sorted(skipped.items())}),
+                     frozenset(at_last_good))
 
 
 def _merge_service(services: dict[str, _ServiceDecl], decl: _ServiceDecl) -> None:

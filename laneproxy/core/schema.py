@@ -60,7 +60,11 @@ _DESTINATION = _object(None, host=_string("a service of the group: name, name.na
 
 # What the API server manages itself: ObjectMeta is checked there, and status is written by a controller.
 _METADATA = {"type": "object"}
-_STATUS = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+# laneproxy writes `error` and `validationMessage` when it leaves an object out of the route table (as ASM
+# reports an invalid object); other writers' fields are kept.
+_STATUS = {"type": "object", "x-kubernetes-preserve-unknown-fields": True, "properties": {
+    "error": _string("why the object is not in use, in one line; absent while it is"),
+    "validationMessage": _string("every problem found, one per line")}}
 
 
 def _resource(spec: dict[str, Any]) -> dict[str, Any]:

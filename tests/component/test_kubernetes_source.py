@@ -496,6 +496,29 @@ async def test_a_broken_lane_created_mid_stream_is_left_out_told_why_and_counted
         await eventually(lambda: _no_error(cluster, "orphan"), what="status cleared")
 
 
+async def test_a_bad_edit_of_a_lane_in_use_keeps_its_last_good_version_and_says_so(
+        cluster: Cluster, kubeconfig: Path) -> None:
+    await start_seed(cluster, BASE)
+    await cluster.create_pod("mocka-canary", app="mocka", tag="canary", ip="10.1.0.11", ready=True)
+    async with running_source(kubeconfig) as (store, source):
+        await takes_effect(store, "canary lane in use", {("mocka", "canary"): ("canary", ["10.1.0.11:8000"])})
+        canary = next(doc for doc in yaml_documents(SWIMLANES) if doc["metadata"]["name"] == "canary")
+        edited = json.loads(json.dumps(canary))
+        edited["spec"]["ingressRules"][0]["match"]["uri"] = {"regex": "/mock("}
+        await cluster.apply(edited)
+        await eventually(lambda: "kubernetes:ASMSwimLane/canary" in store.skipped, what="the bad edit noticed")
+
+        async def told() -> bool:
+            return "keeps its last good version" in (await swimlane_status(cluster, "ASMSwimLane", "canary")).get(
+                "error", "")
+        await eventually(told, what="status.error on the canary lane")
+        assert route(store.current, "mocka", "canary") == ("canary", ["10.1.0.11:8000"])  # the lane still serves
+        (rule,) = store.current.lane("canary").ingress_rules
+        assert rule.match.uri.value == "/mock"  # as it was before the edit
+        await cluster.create_pod("mockb-canary", app="mockb", tag="canary", ip="10.1.0.12", ready=True)
+        await takes_effect(store, "another change beside the kept lane", {("mockb", "canary"): ("canary", ["10.1.0.12:8000"])})
+
+
 async def _no_error(cluster: Cluster, name: str) -> bool:
     return "error" not in await swimlane_status(cluster, "ASMSwimLane", name)
 
@@ -735,6 +758,24 @@ async def test_a_killed_watch_stream_resumes_from_its_resource_version(cluster: 
         await eventually(lambda: all(r.watches > watches[key] for key, r in source.reflectors.items()),
                          what="every watch restarted")
         assert {key: r.lists for key, r in source.reflectors.items()} == lists  # resumed, not relisted
+
+
+async def test_the_table_turns_stale_while_the_api_server_is_away_and_current_once_it_is_back(
+        cluster: Cluster, relay: TcpRelay, tmp_path: Path) -> None:
+    await start_seed(cluster, BASE)
+    kubeconfig = await cluster.service_account_kubeconfig(tmp_path / "relay.json", relay.url)
+    async with running_source(kubeconfig, stale_after=2.0) as (store, source):
+        await eventually(lambda: store.ready, what="first complete sync")
+        await eventually(lambda: all(state == "watching" for _, state in source.health().resources), what="all watching")
+        health = source.health()
+        assert not health.stale and health.table_age_seconds == 0
+        await relay.close()  # every watch is cut and every reconnect refused
+        await eventually(lambda: source.health().stale, what="the stale gauge red while the API is away")
+        assert all(state == "retrying" for _, state in source.health().resources)
+        assert store.ready  # still serving, and still ready: see README, "Table age"
+        await relay.open()
+        await eventually(lambda: not source.health().stale and source.health().table_age_seconds == 0,
+                         what="current again")
 
 
 async def test_a_watch_gone_silent_without_a_fin_is_noticed_and_resumed_with_no_update_lost(

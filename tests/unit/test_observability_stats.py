@@ -6,6 +6,7 @@ import pytest
 
 from laneproxy.core.model import Endpoint
 from laneproxy.core.propagation import TraceTableCounters
+from laneproxy.core.store import SourceHealth
 from laneproxy.observability.inventory import ProcessView, all_records, cluster_members
 from laneproxy.observability.stats import (
     HISTOGRAM_BOUNDS,
@@ -192,3 +193,32 @@ def test_process_records_include_server_state_lane_and_config_stats():
     assert (records["laneproxy.config.update_success"].value, records["laneproxy.config.update_rejected"].value) == (2, 1)
     version = records["laneproxy.config.version"]
     assert (version.kind, version.value, dict(version.tags)) == (StatKind.TEXT, "test", {"version": "test"})
+
+
+@pytest.mark.parametrize(
+    ("health", "expected"),
+    [
+        pytest.param(SourceHealth(None, False), {"laneproxy.config.table_stale": 0}, id="no_table_yet_has_no_age"),
+        pytest.param(SourceHealth(12.7, False, (("Pod.default", "watching"),)),
+                     {"laneproxy.config.table_age_seconds": 12, "laneproxy.config.table_stale": 0,
+                      "laneproxy.config.sync.Pod.default": "watching"}, id="a_current_table"),
+        pytest.param(SourceHealth(400.0, True, (("ASMSwimLane", "retrying"), ("Pod.team-d", "forbidden"))),
+                     {"laneproxy.config.table_age_seconds": 400, "laneproxy.config.table_stale": 1,
+                      "laneproxy.config.sync.ASMSwimLane": "retrying", "laneproxy.config.sync.Pod.team-d": "forbidden"},
+                     id="a_stale_table_turns_the_stale_gauge_red"),
+    ],
+)
+def test_config_records_show_table_age_staleness_sync_state_and_objects_left_out(health, expected):
+    view = ProcessView(stats=ProxyStats(), table=seed_table(), state="LIVE", uptime_seconds=1, config_skipped=2,
+                       config_objects_rejected=3, config_health=health)
+    records = by_name(all_records(view))
+    config = {name: record.value for name, record in records.items()
+              if name.startswith(("laneproxy.config.table_", "laneproxy.config.sync."))}
+    assert config == expected
+    assert (records["laneproxy.config.skipped_objects"].kind, records["laneproxy.config.skipped_objects"].value) == (
+        StatKind.GAUGE, 2)
+    assert (records["laneproxy.config.object_rejected"].kind, records["laneproxy.config.object_rejected"].value) == (
+        StatKind.COUNTER, 3)
+    for name in expected:
+        if name.startswith("laneproxy.config.sync."):
+            assert records[name].family == "laneproxy_config_sync_info"

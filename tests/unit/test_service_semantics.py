@@ -235,3 +235,25 @@ def test_the_store_counts_each_object_left_out_once_per_reason(publishes, counte
         store.publish(table, skipped)
     assert store.objects_rejected == counted
     assert len(store.skipped) == len(publishes[-1])
+
+
+@pytest.mark.parametrize(
+    ("last_good", "lanes", "kept"),
+    [
+        pytest.param(True, ["base", "canary"], {"kubernetes:ASMSwimLane/canary"}, id="a_bad_edit_keeps_the_last_good_version"),
+        pytest.param(False, ["base"], set(), id="with_no_last_good_version_it_is_left_out"),
+    ],
+)
+def test_a_bad_edit_of_an_object_in_use_changes_nothing(last_good, lanes, kept):
+    seed = seed_bodies()
+    good = ConfigDocument("kubernetes:ASMSwimLane/canary", seed["canary"])
+    edited = dict(seed["canary"], spec=dict(seed["canary"]["spec"], labelSelector={}))
+    docs = [ConfigDocument("kubernetes:ASMSwimLaneGroup/rollout", seed["group"]),
+            ConfigDocument("kubernetes:ASMSwimLane/base", seed["base"]),
+            ConfigDocument("kubernetes:ASMSwimLane/canary", edited)]
+    built = build_skipping(docs, version="v", namespace="default",
+                           last_good={good.source: (good,)} if last_good else None)
+    assert sorted(built.table.groups["rollout"].lanes) == lanes
+    assert built.kept_last_good == kept
+    (problem,) = built.skipped["kubernetes:ASMSwimLane/canary"]
+    assert problem.path.endswith("spec.labelSelector")  # the problem of the edit, not of the version kept
