@@ -14,7 +14,7 @@ It also owns the pod's lifecycle around the proxy:
   sidecar's lifecycle port, that returns once the pod has left the endpoints (as the sidecar's own table
   sees it) plus a margin for every other proxy to see it too, and no request is in flight; the sidecar's
   hook also waits for the app to close its port. So the app is stopped only when no caller can still pick
-  this pod, and the sidecar after the app (dataplane/lifecycle.py owns the waiting).
+  this pod, and the sidecar after the app (admin/pod_hooks.py owns the waiting).
 - Jobs: their pods are injected only when they opt in (label `laneproxy-injection: enabled` on the pod
   itself); the sidecar then exits once the app containers have (it reads its own pod's status).
 - credentials: the app containers get no API token; the sidecar alone mounts a projected token of the pod's
