@@ -15,11 +15,14 @@ sequence Kruise Rollout produces for a Deployment with `enableExtraWorkloadForCa
 - undo (`kubectl kruise rollout undo`: the workload's template back to the stable revision) deletes the canary
   Deployment and resumes the stable Deployment, which has nothing to roll.
 
+Kruise's workload webhook pauses the Deployment in the same update that changes its template, so the stable
+Deployment never starts the new version; there is no webhook here, so template changes go through
+`update_template`, which sends `spec.paused: true` with the change as that webhook would add it (a plain patch
+would let the Deployment controller start a new-version pod in the base lane before the stand-in pauses it).
+
 Left out: traffic routing (the seed routes by lanes, not by Kruise), more than one step and step weights,
 `replicas` as a percentage, pause durations, the Rollout's conditions and observedGeneration, rollback when the
-canary fails, workloads other than Deployment, and the webhook by which Kruise pauses the Deployment before its
-controller sees the new template (here the stable Deployment may create the new ReplicaSet for an instant
-before it is paused: the stand-in pauses it within half a second; Kruise pauses it at admission).
+canary fails, and workloads other than Deployment.
 """
 
 from __future__ import annotations
@@ -49,6 +52,13 @@ ROLLOUT_CRD = {
         }],
     },
 }
+
+
+def update_template(cluster: Cluster, namespace: str, deployment: str, template_patch: dict) -> None:
+    """Change a Rollout-governed Deployment's pod template as Kruise's webhook admits it: paused in the same
+    update (a strategic merge patch of spec.template)."""
+    cluster.kubectl("patch", "deployment", deployment, "-n", namespace, "--type=strategic",
+                    "-p", json.dumps({"spec": {"paused": True, "template": template_patch}}))
 
 
 def template_hash(template: dict) -> str:

@@ -6,8 +6,8 @@ each request with its own trace id, every chain checked with the load test's lan
 (loadtests/expectations.py) against the gateway's /lanes over time.
 
 Lane leaks must be 0. Failed requests must be 0 too, and are not yet: pod replacement loses requests
-(the lifecycle issue, "Zero lost requests through pod churn"), so that assertion is an expected failure,
-strict, until that issue is fixed.
+(the lifecycle issue, "Zero lost requests through pod churn"), so when some are lost the test says so as an
+expected failure naming that issue (see test_the_seed_story_loses_no_request for why not a strict marker).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import pytest
 
 from loadtests.expectations import Expectations, MembershipError, MembershipHistory, expected_chains, judge
 from tests.cluster.node import NODE_IP, REPO, Cluster
-from tests.cluster.rollout_standin import ROLLOUT_CRD, RolloutStandIn
+from tests.cluster.rollout_standin import ROLLOUT_CRD, RolloutStandIn, update_template
 from tests.image.hosttools import kubectl as host_kubectl
 
 GATEWAY_PORT = 30080
@@ -89,7 +89,7 @@ class Traffic:
     history: MembershipHistory
     truth: Truth
     workers: int = 3
-    limit: int = 20000
+    limit: int = 50000
     results: Counter = field(default_factory=Counter)
     failures: list[str] = field(default_factory=list)
     leaks: list[str] = field(default_factory=list)
@@ -97,6 +97,7 @@ class Traffic:
     _threads: list[threading.Thread] = field(default_factory=list)
     _ids: Iterator[int] = field(default_factory=lambda: itertools.count(100000))
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _responses: list[tuple] = field(default_factory=list)
 
     def start(self) -> Traffic:
         for n in range(self.workers):
@@ -116,7 +117,7 @@ class Traffic:
         connection = http.client.HTTPConnection(self.url_host, self.port, timeout=10)
         while not self._stop.is_set():
             with self._lock:
-                if sum(self.results.values()) >= self.limit:
+                if len(self._responses) >= self.limit:
                     return
                 trace = next(self._ids)
             lane, tag = lanes[trace % 3]
@@ -137,33 +138,29 @@ class Traffic:
                 connection.close()
                 connection = http.client.HTTPConnection(self.url_host, self.port, timeout=10)
             finished = time.monotonic()
-            self._judge(lane, method, trace, started, finished, status, text)
+            with self._lock:
+                self._responses.append((lane, method, trace, started, finished, status, text))
             time.sleep(rng.uniform(0.0, 0.02))
+
+    def judge_all(self) -> None:
+        """Judge every response once the membership polls after the last one are in (judging while sending
+        would hold each sender until the next poll)."""
+        for response in self._responses:
+            self._judge(*response)
 
     def _judge(self, lane: str, method: str, trace: int, started: float, finished: float, status: int,
                text: str) -> None:
-        # Wait (briefly) for a membership poll that began after the response, so its window is complete.
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            latest = self.history.latest
-            if latest is not None and latest.begun > finished:
-                break
-            time.sleep(0.1)
-        outcome = "error"
-        detail = text[:200]
-        for possible in self.truth.get() or [None]:
-            if possible is None:
-                break
-            try:
-                accepted = self.history.accepted(lane, started, finished)
-            except MembershipError as exc:
-                detail = str(exc)
-                break
-            verdict = judge(possible, status, text, accepted.hops)
+        # The versions each hop may have come from the polls around the response (each poll recorded the truth
+        # of its time); the expectations passed to judge() only name the chain's services.
+        outcome, detail = "error", text[:200]
+        try:
+            accepted = self.history.accepted(lane, started, finished)
+        except MembershipError as exc:
+            detail = str(exc)
+        else:
+            verdict = judge(self.truth.get()[0], status, text, accepted.hops)
             outcome = verdict.outcome
-            if outcome == "ok":
-                break
-            detail = repr(verdict.failure)
+            detail = repr(verdict.failure) if verdict.failure else ""
         with self._lock:
             self.results[outcome] += 1
             if outcome == "error":
@@ -265,11 +262,10 @@ def test_the_seed_answers_through_the_gateway_node_port_with_each_pods_address(s
 
 
 def patch_version(cluster: Cluster, deployment: str, version: str) -> None:
-    """Step 5 of the seed: a new version of the app in the Deployment's template."""
-    patch = {"spec": {"template": {"metadata": {"labels": {"version": version}},
-                                   "spec": {"containers": [{"name": "default",
-                                                            "env": [{"name": "version", "value": version}]}]}}}}
-    cluster.kubectl("patch", "deployment", deployment, "-n", NAMESPACE, "--type=strategic", "-p", json.dumps(patch))
+    """Step 5 of the seed: a new version of the app in the Deployment's template (admitted as Kruise admits it)."""
+    update_template(cluster, NAMESPACE, deployment, {
+        "metadata": {"labels": {"version": version}},
+        "spec": {"containers": [{"name": "default", "env": [{"name": "version", "value": version}]}]}})
 
 
 def rollout_status(cluster: Cluster, name: str) -> dict:
@@ -371,10 +367,14 @@ def story(seed: Cluster) -> Iterator[dict]:
         time.sleep(3)
     finally:
         traffic.stop()
+        time.sleep(2)  # a membership poll that begins after the last response
         poller.stop()
         standin.stop()
+        traffic.judge_all()
         sys.stderr.write(f"\n[seed story] {dict(traffic.results)} in {time.monotonic() - began:.0f}s; "
-                         f"propagation {propagation}; stand-in errors {standin.errors[:5]}\n")
+                         f"propagation {propagation}; stand-in errors {standin.errors[:5]}\n"
+                         f"first leaks {traffic.leaks[:5]}\nfirst failures {traffic.failures[:5]}\n"
+                         f"membership changes {poller.changes[:20]}\n")
     report = {
         "requests": sum(traffic.results.values()), "ok": traffic.results["ok"], "failures": traffic.results["error"],
         "leaks": traffic.results["leak"], "seconds": round(time.monotonic() - began, 1),
@@ -416,11 +416,11 @@ def test_the_seed_story_keeps_every_request_in_its_lane(story: dict) -> None:
 
 
 def test_the_seed_story_loses_no_request(story: dict) -> None:
-    """Expected to fail until the lifecycle issue is fixed, and strictly so: when no request is lost any more the
-    test fails and asks for this expectation to go. (Not an xfail marker, which would also swallow a broken
-    story: only the count of failed requests is expected to be wrong.)"""
+    """Lost requests are expected until the lifecycle issue is fixed: they are reported as an expected failure
+    naming it. Not a strict xfail marker: a run lost 3 of 14,106 requests, so some runs lose none, and a strict
+    expectation would then fail the tier at random (a marker would also swallow a broken story; here only the
+    count of failed requests is excused)."""
     if story["failures"]:
         pytest.xfail(f"{story['failures']} of {story['requests']} requests failed; pods are replaced without "
                      f"draining: issue '{LIFECYCLE_ISSUE}'. First: {story['failure_samples'][:3]}")
-    pytest.fail(f"no request was lost in {story['requests']}: the lifecycle issue's fix has landed; "
-                "assert story['failures'] == 0 here instead of expecting failures")
+    assert story["failures"] == 0
