@@ -130,11 +130,13 @@ class DemoCluster:
             raise
 
     def _spawn_pod(self, pod: Pod) -> None:
-        # A short drain: a replaced pod's sidecar stops only after every proxy has stopped sending to it.
+        # A short minimum drain: a replaced pod's sidecar is stopped only once every proxy serves the new
+        # membership, so it only finishes what is in flight (a caller that picked it just before is
+        # refused and retries elsewhere, whatever the method).
         pod.processes.append(self._spawn(
             "run", "--inbound", f"127.0.0.1:{pod.inbound_port}", "--app", f"127.0.0.1:{pod.app_port}",
             "--outbound", f"127.0.0.1:{pod.outbound_port}", "--admin", f"127.0.0.1:{pod.admin_port}",
-            "--lane", pod.lane, "--drain-seconds", "2", *self._config_args))
+            "--lane", pod.lane, "--drain-seconds", "0.5", *self._config_args))
         if (pod.app, pod.version) in self.own_apps:
             return  # the caller serves this pod's application itself
         upstream = f"http://{pod.upstream}:{SERVICE_PORT}/" if pod.upstream else ""

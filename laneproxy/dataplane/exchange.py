@@ -3,9 +3,12 @@
 Owns forwarding: asking the listener's role where the request goes, borrowing an upstream
 connection, streaming the request body up and the response down with backpressure, re-framing
 (chunked where the length is unknown), stripping hop-by-hop headers, `Expect: 100-continue`
-(answered once, by the proxy), circuit breaking, retries with `x-envoy-attempt-count`, passive
-health (outlier) reports, the route and stream-idle timeouts, and turning failures into local
-replies. Callback-driven: a coroutine runs only while a new upstream connection is being opened.
+(answered once, by the proxy), circuit breaking, retries with `x-envoy-attempt-count` (any method
+when nothing reached the upstream: a failed connect, or a 503 the next proxy marked
+`x-laneproxy-not-forwarded`, replaying up to 64 KiB of body), passive health (outlier) reports that
+skip 5xx marked `x-laneproxy-failed-hop`, the route and stream-idle timeouts, and turning failures
+into local replies (marked as above). Callback-driven: a coroutine runs only while a new upstream
+connection is being opened.
 """
 
 from __future__ import annotations

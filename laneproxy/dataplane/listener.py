@@ -3,7 +3,10 @@
 Owns what differs between the three: how a request's lane is decided, which endpoint it goes to,
 and which headers change on the way (Envoy's policy, in header_policy, applied around routing by
 Role.prepare). It also counts what Envoy counts when an exchange ends (per listener and per host)
-and then hands the exchange to its observers (access log, tracing). Everything else (framing,
+and then hands the exchange to its observers (access log, tracing), and, for the pod's app, which of
+its calls failed further on (FailedHops: the outbound listener records, the inbound marks the app's
+5xx). Draining is per listener: new connections still accepted until `stop_accepting`, every
+response saying `Connection: close`, idle connections closed on request. Everything else (framing,
 pooling, timeouts) is the exchange's, shared by all roles. The route table is read once per request.
 """
 

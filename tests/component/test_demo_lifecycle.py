@@ -24,7 +24,7 @@ import pytest
 
 from laneproxy.demo import free_port
 
-MAX_REQUESTS = 6000
+MAX_REQUESTS = 12000  # enough for the whole story: a stopped pod now drains before it exits
 MAX_SECONDS = 150.0
 _HOP = re.compile(r"(\w+)\(version: (\w+), ip: [^)]*\)")
 

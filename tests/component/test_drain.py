@@ -153,12 +153,12 @@ async def test_sigterm_under_several_workers_keeps_serving_for_the_minimum_drain
     check_the_minimum_drain(*outcome)
 
 
-@pytest.mark.parametrize("method", ["GET", "POST"])
+@pytest.mark.parametrize(("method", "workers"), [("GET", "1"), ("POST", "1"), ("POST", "2")])
 async def test_a_long_request_in_flight_at_sigterm_completes_then_the_proxy_exits_without_waiting_for_its_limit(
-        tmp_path, method):
+        tmp_path, method, workers):
     slow = 6.0  # past the minimum: the proxy must wait for it, then go
     with UpstreamThread(delay=lambda request: slow if b"/slow" in request.request_line else 0) as upstream:
-        proxy = sidecar(tmp_path, upstream.port, "--route-timeout", "30")
+        proxy = sidecar(tmp_path, upstream.port, "--route-timeout", "30", "--workers", workers)
         try:
             reader, writer = await asyncio.open_connection("127.0.0.1", proxy.outbound_port)
             body = b"x" * 1000 if method == "POST" else b""

@@ -595,7 +595,8 @@ def test_a_body_waiting_for_an_upstream_connection_is_buffered_only_to_the_conne
     blackhole.listen(0)
     fillers = [socket.create_connection(blackhole.getsockname(), timeout=1)]  # backlog 0 holds one
     endpoints = endpoints_file(tmp_path / "endpoints.yaml", {"default/mockb": {"base": [blackhole.getsockname()[1]]}})
-    proxy = ProxyProcess(SWIMLANES, endpoints, outbound=True, extra=("--connect-timeout", "4")).start()
+    # No retries: a connect timeout sent nothing, so even this POST would be retried, twice, 4 s each.
+    proxy = ProxyProcess(SWIMLANES, endpoints, outbound=True, extra=("--connect-timeout", "4", "--max-retries", "0")).start()
     size = 64 << 20
     sock = socket.create_connection(("127.0.0.1", proxy.outbound_port))
     sent = [0]

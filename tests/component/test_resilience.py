@@ -299,7 +299,9 @@ async def test_a_client_that_disconnects_cancels_the_upstream_request_and_releas
 
 
 async def test_sigterm_with_200_requests_in_flight_loses_none_and_exits_0_within_the_drain_period(tmp_path):
-    with UpstreamThread(delay=lambda request: 1.0) as upstream:
+    # Each answer waits 3 s: on a loaded machine the 200 requests take up to 2 s to reach the upstream, and
+    # every answer must still be on its way back when SIGTERM lands.
+    with UpstreamThread(delay=lambda request: 3.0) as upstream:
         proxy = proxy_for(tmp_path, {"default/mockb": {"base": [upstream.port]}}, "--drain-seconds", "5")
         try:
             async def one(index: int):
