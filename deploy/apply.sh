@@ -20,4 +20,8 @@ if [[ -s "$rendered.crds" ]]; then
     "${kubectl[@]}" apply -f "$rendered.crds"
     "${kubectl[@]}" wait --for condition=established --timeout=60s -f "$rendered.crds"
 fi
+# PodDisruptionBudget is policy/v1 from Kubernetes 1.21; older servers serve only policy/v1beta1 (same fields).
+if ! "${kubectl[@]}" api-versions | grep -qx 'policy/v1'; then
+    sed -i 's#^apiVersion: policy/v1$#apiVersion: policy/v1beta1#' "$rendered"
+fi
 "${kubectl[@]}" apply -f "$rendered"

@@ -60,6 +60,8 @@ class ProxyApp:
         self.tracing: Tracing | None = None
         self.metrics_server = None
         self._stopped = asyncio.Event()
+        self.pod_hooks = None
+        self._pod_tasks: list[asyncio.Task] = []
         self._drain_task: asyncio.Task | None = None
 
     @property
@@ -111,11 +113,14 @@ class ProxyApp:
             if settings.app is None:
                 raise StartupError("--inbound needs --app: the address of the local application")
             roles.append(("inbound", settings.inbound,
-                          InboundRole(self.stats, EndpointSelector(picker, None), Endpoint(settings.app.host, settings.app.port), self.traces)))
+                          InboundRole(self.stats, EndpointSelector(picker, None), Endpoint(settings.app.host, settings.app.port),
+                                      self.traces, settings.app_ports)))
         if settings.outbound:
             roles.append(("outbound", settings.outbound, OutboundRole(self.stats, selector, self.traces, settings.own_lane)))
         if not roles:
             raise StartupError("no listener: give at least one of --gateway, --inbound, --outbound")
+        # Before the listeners: a preStop hook sent while the proxy starts must find the port.
+        await self._start_lifecycle_port()
         trails = RouteTrails() if settings.observability.route_debug_token else None
         failed_hops = FailedHops(clock=loop.time)  # one per process: the outbound records, the inbound reads
         for name, address, role in roles:
@@ -150,6 +155,8 @@ class ProxyApp:
                 raise StartupError(f"metrics on {metrics}: {exc.strerror or exc}") from exc
             log.info("metrics (Prometheus) on %s:%d", metrics.host, self.bound["metrics"])
 
+        self._start_pod_hooks()
+
     def _wire_mesh_observability(self, listener: Listener, trails: RouteTrails | None) -> None:
         """Istio's metrics and peer exchange, and the route trail, for one listener (as settings ask)."""
         wanted = self.settings.observability
@@ -171,6 +178,31 @@ class ProxyApp:
             role.trails = trails
             if role.name == "gateway":
                 role.debug_token = wanted.route_debug_token.encode()  # type: ignore[attr-defined]
+
+    def _start_pod_hooks(self) -> None:
+        """The injected sidecar's side of its pod's lifecycle: the preStop waits, and a Job's exit with its app."""
+        pod = self.settings.pod
+        if pod.exit_with:
+            from laneproxy.control.kubernetes import KubernetesSource
+            from laneproxy.control.own_pod import exit_when_app_ends
+
+            if not isinstance(self.source, KubernetesSource) or not pod.pod_name:
+                raise StartupError("--exit-with needs --source kubernetes and --pod-name")
+            self._pod_tasks.append(asyncio.get_running_loop().create_task(exit_when_app_ends(
+                self.source.get_json, self.settings.namespace, pod.pod_name, pod.exit_with, self.quit)))
+
+    async def _start_lifecycle_port(self) -> None:
+        pod = self.settings.pod
+        if pod.lifecycle is None:
+            return
+        from laneproxy.admin.pod_hooks import PodHooksServer
+
+        self.pod_hooks = PodHooksServer(self)
+        try:
+            self.bound["lifecycle"] = await self.pod_hooks.start(pod.lifecycle.host, pod.lifecycle.port)
+        except OSError as exc:
+            raise StartupError(f"lifecycle port on {pod.lifecycle}: {exc.strerror or exc}") from exc
+        log.info("lifecycle port on %s:%d", pod.lifecycle.host, self.bound["lifecycle"])
 
     def _start_observability(self, loop: asyncio.AbstractEventLoop) -> None:
         wanted = self.settings.observability
@@ -233,6 +265,10 @@ class ProxyApp:
         await self._stopped.wait()
 
     async def stop(self) -> None:
+        for task in self._pod_tasks:
+            task.cancel()
+        if self.pod_hooks is not None:
+            await self.pod_hooks.stop()
         for listener in self.listeners:
             await listener.stop()
         if self.source is not None:

@@ -20,6 +20,7 @@ from laneproxy.settings import (
     CircuitBreakerSettings,
     ObservabilitySettings,
     OutlierSettings,
+    PodSettings,
     ProxySettings,
     RetrySettings,
     TimeoutSettings,
@@ -222,6 +223,22 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=_positive_int, default=_checked_env("WORKERS", "1", _positive_int), metavar="N",
                      help="N processes sharing the listening ports (SO_REUSEPORT); the admin adds their stats up "
                           "(env LANEPROXY_WORKERS)")
+    pod = run.add_argument_group("the pod around an injected sidecar (set by injection from the downward API)")
+    pod.add_argument("--app-ports", default=_env("APP_PORTS", ""), metavar="PORT,...",
+                     help="every app port captured inbound: a captured connection goes on to the port it was sent "
+                          "to, others to --app (env LANEPROXY_APP_PORTS)")
+    pod.add_argument("--lifecycle", type=_optional_address, default=_optional_address(_env("LIFECYCLE", "none")),
+                     metavar="[HOST:]PORT|none", help="the port the kubelet's preStop hooks ask (GET /wait-for-stop); "
+                                                      "env LANEPROXY_LIFECYCLE")
+    pod.add_argument("--pod-ip", default=_env("POD_IP"), help="this pod's address (env LANEPROXY_POD_IP)")
+    pod.add_argument("--pod-name", default=_env("POD_NAME"), help="this pod's name (env LANEPROXY_POD_NAME)")
+    pod.add_argument("--stop-margin", type=_seconds, default=_checked_env("STOP_MARGIN", "2", _seconds),
+                     help="seconds a preStop keeps waiting after the pod left the endpoints (env LANEPROXY_STOP_MARGIN)")
+    pod.add_argument("--stop-max", type=_seconds, default=_checked_env("STOP_MAX", "20", _seconds),
+                     help="the longest a preStop waits, seconds (env LANEPROXY_STOP_MAX)")
+    pod.add_argument("--exit-with", default=_env("EXIT_WITH", ""), metavar="CONTAINER,...",
+                     help="a Job's sidecar: exit once these containers of the pod have ended (reads the pod "
+                          "from the API; env LANEPROXY_EXIT_WITH)")
     run.add_argument("--drain-seconds", type=_seconds, default=_checked_env("DRAIN_SECONDS", "5", _seconds),
                      help="on SIGTERM keep accepting and serving at least this long, answering with Connection: "
                           "close (Istio's MINIMUM_DRAIN_DURATION; env LANEPROXY_DRAIN_SECONDS)")
@@ -388,6 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
     probe = commands.add_parser("probe", help="exit 0 if the URL (an admin /ready) answers 200: a readiness probe")
     probe.add_argument("url", nargs="?", default="http://127.0.0.1:15000/ready")
     probe.add_argument("--timeout", type=float, default=2.0)
+    probe.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                       help="keep asking until it answers 200 or SECONDS pass (a postStart hook holding the app's "
+                            "start until the proxy is ready)")
     return parser
 
 
@@ -401,6 +421,11 @@ def _sidecar_options(command: argparse.ArgumentParser) -> None:
                          help="iptables: an init container redirects the pod's traffic; http-proxy: no init container, "
                               "the apps get HTTP_PROXY (env LANEPROXY_SIDECAR_CAPTURE; pods override it with the "
                               "laneproxy.dev/capture annotation)")
+    command.add_argument("--native-sidecar", action=argparse.BooleanOptionalAction,
+                         default=_flag(_env("SIDECAR_NATIVE", "false")),
+                         help="Kubernetes 1.29+: inject the sidecar as an init container with restartPolicy: Always "
+                              "and a startup probe; off: as the first container with a postStart hook waiting for "
+                              "its readiness (env LANEPROXY_SIDECAR_NATIVE)")
 
 
 def settings_from_args(args: argparse.Namespace) -> ProxySettings:
@@ -427,6 +452,10 @@ def settings_from_args(args: argparse.Namespace) -> ProxySettings:
         max_pipelined_requests=args.max_pipelined_requests,
         per_connection_buffer_limit_bytes=args.per_connection_buffer_limit_bytes,
         drain_seconds=args.drain_seconds, drain_limit_seconds=args.drain_limit_seconds,
+        app_ports=_ports(args.app_ports),
+        pod=PodSettings(lifecycle=args.lifecycle, pod_ip=args.pod_ip or None, pod_name=args.pod_name or None,
+                        stop_margin=args.stop_margin, stop_max=args.stop_max,
+                        exit_with=tuple(name for name in args.exit_with.split(",") if name)),
         observability=ObservabilitySettings(access_log=args.access_log or None,
                                             access_log_format=args.access_log_format, tracing=args.tracing,
                                             istio_metrics=args.istio_metrics, stats_tags=args.stats_tags,
@@ -439,6 +468,16 @@ def settings_from_args(args: argparse.Namespace) -> ProxySettings:
                                   canonical_revision=args.canonical_revision or None,
                                   cluster=args.cluster_id or "Kubernetes"),
     )
+
+
+def _ports(text: str) -> tuple[int, ...]:
+    try:
+        ports = tuple(int(part) for part in text.replace(" ", "").split(",") if part)
+    except ValueError:
+        raise SystemExit(f"laneproxy: --app-ports: expected comma-separated port numbers, got {text!r}") from None
+    if any(not 0 < port < 65536 for port in ports):
+        raise SystemExit(f"laneproxy: --app-ports: a port outside 1-65535 in {text!r}")
+    return ports
 
 
 def _raise_open_file_limit() -> None:
@@ -552,7 +591,7 @@ def _sidecar_settings(args: argparse.Namespace):
     from laneproxy.inject import SidecarSettings, default_image
 
     return SidecarSettings(image=args.image or default_image(), image_pull_policy=args.image_pull_policy,
-                           capture=args.capture, log_level=args.log_level)
+                           capture=args.capture, log_level=args.log_level, native_sidecar=args.native_sidecar)
 
 
 def _inject(args: argparse.Namespace) -> int:
@@ -612,13 +651,22 @@ def _probe(args: argparse.Namespace) -> int:
     import urllib.error
     import urllib.request
 
+    import time
+
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through HTTP_PROXY
-    try:
-        with opener.open(args.url, timeout=args.timeout) as response:
-            return 0 if response.status == 200 else 1
-    except (urllib.error.URLError, OSError) as exc:
-        print(f"laneproxy probe: {args.url}: {exc}", file=sys.stderr)
-        return 1
+    deadline = time.monotonic() + args.wait
+    while True:
+        try:
+            with opener.open(args.url, timeout=args.timeout) as response:
+                if response.status == 200:
+                    return 0
+                problem = f"answered {response.status}"
+        except (urllib.error.URLError, OSError) as exc:
+            problem = str(exc)
+        if time.monotonic() >= deadline:
+            print(f"laneproxy probe: {args.url}: {problem}", file=sys.stderr)
+            return 1
+        time.sleep(0.2)
 
 
 def _verdict(args: argparse.Namespace) -> int:

@@ -3,7 +3,24 @@
 Owns what injection adds to a pod (the sidecar container with its port, readiness probe on the admin /ready,
 resources, security context and the environment naming its namespace, service and lane; the capture init
 container, or HTTP_PROXY in the app containers when capture is off; the annotation recording it), the labels
-and annotations that steer it, and where the pod template sits in each workload kind. `inject_pod` is pure and
+and annotations that steer it, and where the pod template sits in each workload kind.
+
+It also owns the pod's lifecycle around the proxy:
+- start: the app never starts before its proxy is ready. Before Kubernetes 1.29 the sidecar is the first
+  container with a `postStart` hook that waits for its /ready (the kubelet starts containers in order and
+  the next one only after the hook returns: Istio's `holdApplicationUntilProxyStarts`); with
+  `native_sidecar` it is an init container with `restartPolicy: Always` and a startup probe (1.29+).
+- stop: every app container and the sidecar get a `preStop` hook, an HTTP GET the kubelet sends to the
+  sidecar's lifecycle port, that returns once the pod has left the endpoints (as the sidecar's own table
+  sees it) plus a margin for every other proxy to see it too, and no request is in flight; the sidecar's
+  hook also waits for the app to close its port. So the app is stopped only when no caller can still pick
+  this pod, and the sidecar after the app (admin/pod_hooks.py owns the waiting).
+- Jobs: their pods are injected only when they opt in (label `laneproxy-injection: enabled` on the pod
+  itself); the sidecar then exits once the app containers have (it reads its own pod's status).
+- credentials: the app containers get no API token; the sidecar alone mounts a projected token of the pod's
+  service account (unless the pod sets `automountServiceAccountToken: true`: then the app keeps its own).
+- capture: every TCP port the app containers declare is captured inbound (the ports a Service can target by
+  name, and those it targets by number when declared), or the ports of the `inbound-ports` annotation. `inject_pod` is pure and
 idempotent: injecting an injected pod returns an equal pod, so the webhook's JSON patch (a diff of its
 result, see webhook.py) is empty the second time. Nothing here reads files or talks to a cluster.
 """
@@ -34,6 +51,8 @@ INJECTED_ANNOTATION = "laneproxy.dev/injected"
 # Per-pod choices, as annotations on the pod (template).
 CAPTURE_ANNOTATION = "laneproxy.dev/capture"  # iptables (default) | http-proxy
 APP_PORT_ANNOTATION = "laneproxy.dev/app-port"  # default: the first TCP containerPort of the first app container
+# The app ports captured inbound, "8000,9090"; default: every TCP containerPort of the app containers.
+INBOUND_PORTS_ANNOTATION = "laneproxy.dev/inbound-ports"
 EXCLUDE_OUTBOUND_PORTS_ANNOTATION = "laneproxy.dev/exclude-outbound-ports"  # "5432,6379": non-HTTP traffic
 EXCLUDE_OUTBOUND_CIDRS_ANNOTATION = "laneproxy.dev/exclude-outbound-cidrs"
 
@@ -43,6 +62,14 @@ LANE_LABEL = "ASM_TRAFFIC_TAG"  # the pod label that places a pod in a lane (wha
 SERVICE_LABEL = "app"
 ADMIN_PORT = 15000
 METRICS_PORT = 15020  # Istio's merged-metrics port
+# The kubelet's lifecycle hooks and readiness probe reach the sidecar here, on the pod's address and never
+# captured (Istio's health port, beside the merged-metrics port). It serves only waits and readiness,
+# nothing that changes the proxy, unlike the admin API, which stays on loopback.
+LIFECYCLE_PORT = 15021
+TOKEN_VOLUME = "laneproxy-api-token"
+TOKEN_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"
+# Seconds the sidecar waits for its /ready after starting before the kubelet gives up on the pod's start.
+START_TIMEOUT_SECONDS = 120
 CAPTURE_IPTABLES = "iptables"
 CAPTURE_HTTP_PROXY = "http-proxy"
 
@@ -87,34 +114,51 @@ class SidecarSettings:
     outbound_port: int = OUTBOUND_LISTENER_PORT
     admin_port: int = ADMIN_PORT
     metrics_port: int = METRICS_PORT
+    lifecycle_port: int = LIFECYCLE_PORT
     cpu_request: str = "100m"
     memory_request: str = "128Mi"
     cpu_limit: str = "2"
     memory_limit: str = "1Gi"
     log_level: str = "info"
+    # Kubernetes 1.29+: the sidecar as a native sidecar (an init container with restartPolicy: Always).
+    native_sidecar: bool = False
+    # Seconds every other proxy gets to see that this pod left the endpoints before its app is stopped.
+    stop_margin_seconds: float = 2.0
 
     def __post_init__(self) -> None:
         if self.capture not in (CAPTURE_IPTABLES, CAPTURE_HTTP_PROXY):
             raise InjectionError(f"capture must be {CAPTURE_IPTABLES} or {CAPTURE_HTTP_PROXY}, not {self.capture!r}")
 
 
-def injection_refusal(pod: dict) -> str | None:
-    """Why a pod (or pod template) must not get a sidecar, or None when it may."""
+def is_job_pod(pod: dict) -> bool:
+    """A pod a Job runs (owned by one, or carrying the Job controller's labels): it must finish, not serve."""
+    meta = pod.get("metadata") or {}
+    if any(ref.get("kind") == "Job" for ref in meta.get("ownerReferences") or [] if isinstance(ref, dict)):
+        return True
+    labels = meta.get("labels") or {}
+    return "job-name" in labels or "batch.kubernetes.io/job-name" in labels
+
+
+def injection_refusal(pod: dict, *, job: bool = False) -> str | None:
+    """Why a pod (or pod template) must not get a sidecar, or None when it may. `job`: it is a Job's pod."""
     labels = (pod.get("metadata") or {}).get("labels") or {}
     if labels.get(INJECTION_LABEL) == "disabled":
         return f"label {INJECTION_LABEL}: disabled"
     if (pod.get("spec") or {}).get("hostNetwork"):
         return "hostNetwork pod: capture would rewrite the node's own traffic"
+    if (job or is_job_pod(pod)) and labels.get(INJECTION_LABEL) != "enabled":
+        return f"a Job's pod: injected only when the pod itself has the label {INJECTION_LABEL}: enabled"
     return None
 
 
-def inject_pod(pod: dict, settings: SidecarSettings, workload: str | None = None) -> dict:
+def inject_pod(pod: dict, settings: SidecarSettings, workload: str | None = None, *, job: bool = False) -> dict:
     """The pod (or pod template: metadata and spec) with the sidecar; the input is not modified.
 
     `workload` names the object holding a template (its pods' workload); a pod's comes from its owner.
 
     Containers and init containers laneproxy owns are found by name and updated in place, so injecting
-    again with the same settings changes nothing and injecting with new settings updates them.
+    again with the same settings changes nothing and injecting with new settings updates them. `job`: the
+    pod belongs to a Job (found from the pod itself when not said), so the sidecar exits with the app.
     """
     if not isinstance(pod, dict) or not isinstance(pod.get("spec"), dict):
         raise InjectionError("a pod needs a spec")
@@ -127,19 +171,32 @@ def inject_pod(pod: dict, settings: SidecarSettings, workload: str | None = None
     if not containers:
         raise InjectionError("a pod needs at least one container")
     app_containers = [c for c in containers if c.get("name") != SIDECAR_NAME]
+    if not app_containers:
+        raise InjectionError("a pod needs an app container besides the sidecar")
     capture = annotations.get(CAPTURE_ANNOTATION, settings.capture)
     if capture not in (CAPTURE_IPTABLES, CAPTURE_HTTP_PROXY):
         raise InjectionError(f"annotation {CAPTURE_ANNOTATION}: expected {CAPTURE_IPTABLES} or {CAPTURE_HTTP_PROXY}, "
                              f"got {capture!r}")
     app_port = _app_port(app_containers, annotations)
+    inbound_ports = _inbound_ports(app_containers, annotations, app_port, settings)
+    if app_port is None and inbound_ports:
+        app_port = inbound_ports[0]  # a port declared by a later container: the inbound listener needs one
     if capture == CAPTURE_IPTABLES:
         _refuse_proxy_uid(spec, app_containers, settings.proxy_uid)
+    job = job or is_job_pod(injected)
 
-    sidecar = sidecar_container(settings, app_port)
+    sidecar = sidecar_container(settings, app_port, inbound_ports,
+                                exit_with=[c.get("name", "") for c in app_containers] if job else None)
     add_telemetry(sidecar, annotations, settings, workload or workload_of_pod(pod))
-    _put_named(spec, "containers", sidecar)
+    token_mount = _token_for_sidecar_only(spec, app_containers)
+    if token_mount is not None:
+        sidecar["volumeMounts"] = [token_mount]
+    if settings.native_sidecar:
+        _remove_named(spec, "containers", SIDECAR_NAME)
+    else:
+        _remove_named(spec, "initContainers", SIDECAR_NAME)
     if capture == CAPTURE_IPTABLES:
-        _put_named(spec, "initContainers", capture_init_container(settings, app_port, annotations))
+        _put_named(spec, "initContainers", capture_init_container(settings, inbound_ports, annotations))
     else:
         _remove_named(spec, "initContainers", CAPTURE_INIT_NAME)
         proxy_url = f"http://127.0.0.1:{settings.outbound_port}"
@@ -147,16 +204,51 @@ def inject_pod(pod: dict, settings: SidecarSettings, workload: str | None = None
             if container.get("name") != SIDECAR_NAME:
                 _ensure_env(container, {"HTTP_PROXY": proxy_url, "http_proxy": proxy_url,
                                         "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"})
+    if settings.native_sidecar:
+        # Init containers start in order: right after the capture rules, before the app's own init containers
+        # (which then already have a proxy), with a startup probe that holds the rest until the proxy is ready.
+        del sidecar["lifecycle"]["postStart"]
+        sidecar["restartPolicy"] = "Always"
+        sidecar["startupProbe"] = {
+            "exec": {"command": ["laneproxy", "probe", f"http://127.0.0.1:{settings.admin_port}/ready"]},
+            "periodSeconds": 1, "timeoutSeconds": 3, "failureThreshold": START_TIMEOUT_SECONDS,
+        }
+        _put_named_after(spec, "initContainers", sidecar, CAPTURE_INIT_NAME)
+    else:
+        # First among the containers: the kubelet starts them in order and runs each one's postStart hook to
+        # its end before starting the next, so the app starts only once the proxy answers /ready.
+        _put_named_first(spec, "containers", sidecar)
+    if app_port is not None and not job:
+        for container in spec["containers"]:
+            if container.get("name") != SIDECAR_NAME:
+                _add_pre_stop(container, settings, wait_for_app=False)
     annotations[INJECTED_ANNOTATION] = settings.image
     meta["annotations"] = annotations
     return injected
 
 
-def sidecar_container(settings: SidecarSettings, app_port: int | None) -> dict:
+def _pre_stop_hook(settings: SidecarSettings, *, wait_for_app: bool) -> dict:
+    path = "/wait-for-stop?app=1" if wait_for_app else "/wait-for-stop"
+    return {"httpGet": {"path": path, "port": settings.lifecycle_port, "scheme": "HTTP"}}
+
+
+def _add_pre_stop(container: dict, settings: SidecarSettings, *, wait_for_app: bool) -> None:
+    """The app's preStop hook, unless it has its own (then the app decides when it is safe to stop)."""
+    lifecycle = container.get("lifecycle") or {}
+    current = lifecycle.get("preStop")
+    wanted = _pre_stop_hook(settings, wait_for_app=wait_for_app)
+    if current is None or (current.get("httpGet") or {}).get("port") == settings.lifecycle_port:
+        lifecycle["preStop"] = _merged(current, wanted) if current else wanted
+        container["lifecycle"] = lifecycle
+
+
+def sidecar_container(settings: SidecarSettings, app_port: int | None, inbound_ports: tuple[int, ...] = (),
+                      exit_with: list[str] | None = None) -> dict:
     env = [
         {"name": "LANEPROXY_SOURCE", "value": "kubernetes"},
         {"name": "LANEPROXY_OUTBOUND", "value": f"127.0.0.1:{settings.outbound_port}"},
         {"name": "LANEPROXY_ADMIN", "value": f"127.0.0.1:{settings.admin_port}"},
+        {"name": "LANEPROXY_LIFECYCLE", "value": f"0.0.0.0:{settings.lifecycle_port}"},
         {"name": "LANEPROXY_LOG_LEVEL", "value": settings.log_level},
         # Short host names (`mockb`) resolve in the pod's own namespace.
         {"name": "LANEPROXY_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
@@ -164,13 +256,23 @@ def sidecar_container(settings: SidecarSettings, app_port: int | None) -> dict:
         {"name": "LANEPROXY_LANE", "valueFrom": {"fieldRef": {"fieldPath": f"metadata.labels['{LANE_LABEL}']"}}},
         # The service this sidecar fronts, by the seed's convention (the `app` label); informational.
         {"name": "LANEPROXY_SERVICE", "valueFrom": {"fieldRef": {"fieldPath": f"metadata.labels['{SERVICE_LABEL}']"}}},
+        # The pod's own address and name: the preStop wait looks for the address among the endpoints, and a
+        # Job's sidecar reads its own pod to see the app containers end.
+        {"name": "LANEPROXY_POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        {"name": "LANEPROXY_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "LANEPROXY_STOP_MARGIN", "value": f"{settings.stop_margin_seconds:g}"},
     ]
     ports = []
     if app_port is not None:
         # 0.0.0.0: captured connections arrive on the pod's address (REDIRECT in PREROUTING keeps it).
         env[1:1] = [{"name": "LANEPROXY_INBOUND", "value": f"0.0.0.0:{settings.inbound_port}"},
                     {"name": "LANEPROXY_APP", "value": f"127.0.0.1:{app_port}"}]
+        if len(inbound_ports) > 1:
+            # A captured connection goes on to the app port it was sent to (SO_ORIGINAL_DST), one of these.
+            env.insert(3, {"name": "LANEPROXY_APP_PORTS", "value": ",".join(map(str, inbound_ports))})
         ports.append({"name": "lp-inbound", "containerPort": settings.inbound_port, "protocol": "TCP"})
+    if exit_with:
+        env.append({"name": "LANEPROXY_EXIT_WITH", "value": ",".join(exit_with)})
     container = {
         "name": SIDECAR_NAME,
         "image": settings.image,
@@ -178,14 +280,19 @@ def sidecar_container(settings: SidecarSettings, app_port: int | None) -> dict:
         "args": ["run"],
         "env": env,
         "ports": ports,
-        # The admin API stays on loopback (it can drain and stop the proxy), so the kubelet cannot reach it
-        # with an httpGet probe; the probe runs inside the container and asks the admin /ready.
+        # On the lifecycle port (the admin API stays on loopback: it can drain and stop the proxy): ready once
+        # the proxy has its table and the app accepts connections, so the pod is Ready only when it can answer.
         "readinessProbe": {
-            "exec": {"command": ["laneproxy", "probe", f"http://127.0.0.1:{settings.admin_port}/ready"]},
-            "initialDelaySeconds": 1,
-            "periodSeconds": 5,
+            "httpGet": {"path": "/ready", "port": settings.lifecycle_port, "scheme": "HTTP"},
+            "periodSeconds": 2,
             "timeoutSeconds": 3,
             "failureThreshold": 3,
+        },
+        "lifecycle": {
+            # Holds the next container's start until the proxy is ready (a failed hook restarts the sidecar).
+            "postStart": {"exec": {"command": ["laneproxy", "probe", "--wait", str(START_TIMEOUT_SECONDS),
+                                               f"http://127.0.0.1:{settings.admin_port}/ready"]}},
+            "preStop": _pre_stop_hook(settings, wait_for_app=app_port is not None),
         },
         "resources": {
             "requests": {"cpu": settings.cpu_request, "memory": settings.memory_request},
@@ -201,12 +308,15 @@ def sidecar_container(settings: SidecarSettings, app_port: int | None) -> dict:
             "capabilities": {"drop": ["ALL"]},
         },
     }
+    if exit_with:
+        # A Job's sidecar has no stop to wait for: it exits itself once the app containers have ended.
+        del container["lifecycle"]["preStop"]
     if not ports:
         del container["ports"]
     return container
 
 
-def capture_init_container(settings: SidecarSettings, app_port: int | None, annotations: dict) -> dict:
+def capture_init_container(settings: SidecarSettings, inbound_ports: tuple[int, ...], annotations: dict) -> dict:
     try:
         exclude_ports = parse_ports(annotations.get(EXCLUDE_OUTBOUND_PORTS_ANNOTATION))
         exclude_cidrs = parse_cidrs(annotations.get(EXCLUDE_OUTBOUND_CIDRS_ANNOTATION))
@@ -216,8 +326,8 @@ def capture_init_container(settings: SidecarSettings, app_port: int | None, anno
             "--inbound-listener-port", str(settings.inbound_port),
             "--outbound-listener-port", str(settings.outbound_port),
             "--proxy-uid", str(settings.proxy_uid)]
-    if app_port is not None:
-        args += ["--inbound-ports", str(app_port)]
+    if inbound_ports:
+        args += ["--inbound-ports", ",".join(map(str, inbound_ports))]
     if exclude_ports:
         args += ["--exclude-outbound-ports", ",".join(map(str, exclude_ports))]
     if exclude_cidrs:
@@ -258,6 +368,92 @@ def _app_port(app_containers: list[dict], annotations: dict) -> int | None:
     return None
 
 
+def _inbound_ports(app_containers: list[dict], annotations: dict, app_port: int | None,
+                   settings: SidecarSettings) -> tuple[int, ...]:
+    """The app ports captured inbound: the annotation's, or every TCP port the app containers declare.
+
+    A Service targets a named port only through a declaration, and a numbered one usually; a port a Service
+    targets without any declaration needs the annotation (the webhook cannot see Services).
+    """
+    value = annotations.get(INBOUND_PORTS_ANNOTATION)
+    if value is not None:
+        try:
+            ports = parse_ports(value)
+        except CaptureError as exc:
+            raise InjectionError(f"annotation {INBOUND_PORTS_ANNOTATION}: {exc}") from exc
+    else:
+        ports = tuple(port["containerPort"] for container in app_containers for port in container.get("ports") or []
+                      if port.get("protocol", "TCP") == "TCP" and isinstance(port.get("containerPort"), int))
+        if app_port is not None:
+            ports = (app_port, *ports)
+    own = {settings.inbound_port, settings.outbound_port, settings.admin_port, settings.lifecycle_port,
+           settings.metrics_port}
+    for port in ports:
+        if not 0 < port < 65536:
+            raise InjectionError(f"annotation {INBOUND_PORTS_ANNOTATION}: {port} is outside 1-65535")
+        if port in own:
+            raise InjectionError(f"app port {port} is one of the sidecar's own ports {sorted(own)}")
+    return tuple(dict.fromkeys(ports))
+
+
+def _token_for_sidecar_only(spec: dict, app_containers: list[dict]) -> dict | None:
+    """The sidecar's mount of an API token, after taking the automatic one away from the app containers.
+
+    Returns None when the pod asks for the token itself (`automountServiceAccountToken: true`): the admission
+    plugin mounts it into every container then, the sidecar included. Otherwise the pod gets no automatic
+    token, and the mounts the ServiceAccount admission plugin already added (the webhook sees the pod after it)
+    are removed from the app containers with their volume; the sidecar mounts a projected token instead.
+    """
+    if spec.get("automountServiceAccountToken") is True:
+        return None
+    spec["automountServiceAccountToken"] = False
+    # What the ServiceAccount admission plugin would set: a projected token must name its account.
+    spec.setdefault("serviceAccountName", spec.get("serviceAccount") or "default")
+    removed: set[str] = set()
+    for container in [*app_containers, *(spec.get("initContainers") or [])]:
+        if container.get("name") in (SIDECAR_NAME, CAPTURE_INIT_NAME):
+            continue
+        mounts = container.get("volumeMounts") or []
+        kept = [m for m in mounts if not (m.get("mountPath") == TOKEN_PATH and _automatic_token(spec, m.get("name")))]
+        removed.update(m.get("name") for m in mounts if m not in kept)
+        if len(kept) != len(mounts):
+            if kept:
+                container["volumeMounts"] = kept
+            else:
+                del container["volumeMounts"]
+    still_used = {m.get("name") for c in [*spec.get("containers", []), *spec.get("initContainers", [])]
+                  if c.get("name") != SIDECAR_NAME for m in c.get("volumeMounts") or []}
+    volumes = [v for v in spec.get("volumes") or [] if v.get("name") not in removed - still_used]
+    token_volume = {"name": TOKEN_VOLUME, "projected": {"defaultMode": 0o444, "sources": [
+        {"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}},
+        {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+        {"downwardAPI": {"items": [{"path": "namespace", "fieldRef": {"apiVersion": "v1",
+                                                                       "fieldPath": "metadata.namespace"}}]}},
+    ]}}
+    for index, volume in enumerate(volumes):
+        if volume.get("name") == TOKEN_VOLUME:
+            volumes[index] = _merged(volume, token_volume)
+            break
+    else:
+        volumes.append(token_volume)
+    spec["volumes"] = volumes
+    return {"name": TOKEN_VOLUME, "mountPath": TOKEN_PATH, "readOnly": True}
+
+
+def _automatic_token(spec: dict, volume_name: str | None) -> bool:
+    """Whether a volume is the token the ServiceAccount admission plugin mounts (a secret `<account>-token-*`
+    before 1.21, a projected `kube-api-access-*` after)."""
+    for volume in spec.get("volumes") or []:
+        if volume.get("name") != volume_name:
+            continue
+        if str(volume_name).startswith("kube-api-access-") and "projected" in volume:
+            return True
+        secret = (volume.get("secret") or {}).get("secretName", "")
+        account = spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
+        return secret.startswith(f"{account}-token-")
+    return False
+
+
 def _refuse_proxy_uid(spec: dict, app_containers: list[dict], proxy_uid: int) -> None:
     """An app running as the proxy's uid would bypass capture: its traffic would silently skip the lanes."""
     pod_uid = (spec.get("securityContext") or {}).get("runAsUser")
@@ -283,6 +479,23 @@ def _put_named(spec: dict, key: str, item: dict) -> None:
     else:
         items.append(item)
     spec[key] = items
+
+
+def _put_named_first(spec: dict, key: str, item: dict) -> None:
+    """Merge item into its entry and move that entry to the front of the list."""
+    _put_named(spec, key, item)
+    items = spec[key]
+    index = next(i for i, existing in enumerate(items) if existing.get("name") == item["name"])
+    items.insert(0, items.pop(index))
+
+
+def _put_named_after(spec: dict, key: str, item: dict, after: str) -> None:
+    """Merge item into its entry and place it right after the entry named `after` (first when there is none)."""
+    _put_named(spec, key, item)
+    items = spec[key]
+    mine = items.pop(next(i for i, existing in enumerate(items) if existing.get("name") == item["name"]))
+    position = next((i + 1 for i, existing in enumerate(items) if existing.get("name") == after), 0)
+    items.insert(position, mine)
 
 
 def _merged(existing: object, wanted: object) -> object:
@@ -338,12 +551,13 @@ def inject_document(document: dict, settings: SidecarSettings) -> tuple[dict, st
     template = pod_template(document)
     if template is None:
         return document, None  # not a workload: passed through unchanged
-    refusal = injection_refusal(template)
+    job = document["kind"] in ("Job", "CronJob")
+    refusal = injection_refusal(template, job=job)
     if refusal is not None:
         return document, refusal
     # A template has no name of its own: its pods' workload is the object holding it.
     holder = None if document["kind"] == "Pod" else (document.get("metadata") or {}).get("name")
-    injected = inject_pod(template, settings, holder)
+    injected = inject_pod(template, settings, holder, job=job)
     path = POD_TEMPLATE_PATHS[document["kind"]]
     if not path:
         return injected, None

@@ -105,10 +105,25 @@ class WorkloadSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class PodSettings:
+    """What an injected sidecar knows of its pod, for the kubelet's hooks (from the downward API)."""
+
+    lifecycle: Address | None = None  # the lifecycle port: GET /wait-for-stop, the pod's preStop hooks
+    pod_ip: str | None = None  # the preStop wait looks for it among the endpoints
+    pod_name: str | None = None
+    stop_margin: float = 2.0  # seconds for every other proxy to see this pod leave the endpoints
+    stop_max: float = 20.0  # the longest a preStop waits (the kubelet's grace period covers it and the drain)
+    exit_with: tuple[str, ...] = ()  # a Job's app containers: the sidecar exits once they all have ended
+
+
+@dataclass(frozen=True, slots=True)
 class ProxySettings:
     gateway: Address | None = None
     inbound: Address | None = None
     app: Address | None = None  # where the inbound listener forwards: the local application
+    # Every app port captured inbound: a captured connection goes on to the one it was sent to (its original
+    # destination port), other connections to `app`. Empty: `app` only.
+    app_ports: tuple[int, ...] = ()
     outbound: Address | None = None
     admin: Address | None = Address("127.0.0.1", 15000)
     config_files: tuple[str, ...] = ()
@@ -145,4 +160,5 @@ class ProxySettings:
     # then exit once no request is in flight, at the latest drain_limit_seconds after the signal.
     drain_seconds: float = 5.0
     drain_limit_seconds: float = 25.0
+    pod: PodSettings = field(default_factory=PodSettings)
     server_name: str = "envoy"

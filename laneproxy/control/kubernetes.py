@@ -716,6 +716,12 @@ class KubernetesSource:
             raise KubernetesConfigError(f"cannot load Kubernetes credentials from {where}: {_describe(exc)}") from exc
         return configuration
 
+    async def get_json(self, path: str, params: Mapping[str, str]) -> dict:
+        """One GET with the source's credentials (a Job's sidecar reads its own pod with it)."""
+        if self._transport is None:
+            raise KubernetesConfigError("the source has not started")
+        return await self._transport.get_json(path, params)
+
     async def _reload_credentials(self) -> None:
         """After a 401: read the kubeconfig or service-account token again (rotated token, expired exec token)."""
         assert self._reloading is not None and self._api is not None

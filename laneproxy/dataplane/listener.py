@@ -209,13 +209,28 @@ class InboundRole(Role):
 
     name = "inbound"
 
-    def __init__(self, stats: ProxyStats, selector: EndpointSelector, app: Endpoint, traces: TraceLaneTable) -> None:
+    def __init__(self, stats: ProxyStats, selector: EndpointSelector, app: Endpoint, traces: TraceLaneTable,
+                 app_ports: tuple[int, ...] = ()) -> None:
         super().__init__(stats, selector)
         self.app_route = Route("inbound", None, None, f"inbound|{app.port}||", (app,))
+        # Several app ports captured: each captured connection goes on to the port it was sent to.
+        self.port_routes = {port: Route("inbound", None, None, f"inbound|{port}||", (Endpoint(app.host, port),))
+                            for port in app_ports if port != app.port}
+        if self.port_routes:
+            self.port_routes[app.port] = self.app_route
         self.traces = traces
 
     def static_routes(self) -> tuple[Route, ...]:
-        return (self.app_route,)
+        return (self.app_route, *(route for route in self.port_routes.values() if route is not self.app_route))
+
+    def route_for(self, exchange: Exchange) -> Route:
+        """The app port a captured connection was sent to (its original destination), else the app's port."""
+        if not self.port_routes:
+            return self.app_route
+        original = original_destination(exchange.downstream.transport)
+        if original is None:
+            return self.app_route
+        return self.port_routes.get(original.port, self.app_route)
 
     def follow_trail(self, exchange: Exchange, target: Target, table: RouteTable) -> None:
         """A request sent with `x-laneproxy-route: 1` opens this process's trail for its trace."""
@@ -245,7 +260,7 @@ class InboundRole(Role):
             if lane and key is not None and table.is_lane(lane.decode("latin-1")):
                 self.traces.remember(key, lane)
         overrides = {h.HOST: authority} if authority is not None else {}
-        return self._target(self.app_route, None, path, overrides, None)
+        return self._target(self.route_for(exchange), None, path, overrides, None)
 
 
 class OutboundRole(Role):

@@ -33,8 +33,8 @@ def cluster() -> Iterator[Cluster]:
         node = Cluster(cache).start()
         try:
             archive = WORKDIR / "laneproxy-image.tar"
-            subprocess.run(["podman", "save", "--format", "docker-archive", "-o", str(archive), image.name],
-                           check=True, capture_output=True, timeout=600)
+            # Built again and saved under the image lock: another checkout may have tagged its own build since.
+            image = build_image(save_to=archive)
             node.import_image(archive)
             archive.unlink()
             node.image = image.name

@@ -321,8 +321,10 @@ def story(seed: Cluster) -> Iterator[dict]:
     truth = Truth()
     truth.set(expectations(versions))
     history = MembershipHistory(grace=1.0)
-    (gateway,) = pods(cluster, "istio-system", "app=ingressgateway")
-    poller = MembershipPoller(cluster, gateway["metadata"]["name"], history, truth).start()
+    # Two gateway replicas (deploy/base/gateway): the oracle follows the first one's /lanes; the propagation
+    # times below are measured on both.
+    gateways = sorted(p["metadata"]["name"] for p in pods(cluster, "istio-system", "app=ingressgateway"))
+    poller = MembershipPoller(cluster, gateways[0], history, truth).start()
     traffic = Traffic(NODE_IP, GATEWAY_PORT, history, truth).start()
     propagation: dict[str, float] = {}
     began = time.monotonic()
@@ -335,7 +337,7 @@ def story(seed: Cluster) -> Iterator[dict]:
             patch_version(cluster, f"{service}-v1", "v2")
             wait_for(lambda s=service: rollout_status(cluster, f"rollouts-{s}").get("canaryStatus", {})
                      .get("currentStepState") == "StepPaused", 180, f"the canary of {service}")
-            propagation.update(propagation_times(cluster, gateway["metadata"]["name"], service, "canary"))
+            propagation.update(propagation_times(cluster, gateways, service, "canary"))
             truth.set(expectations(versions))
             time.sleep(3)
         for service in SERVICES:  # step 6: approve
@@ -384,11 +386,11 @@ def story(seed: Cluster) -> Iterator[dict]:
     yield {**report, "failure_samples": traffic.failures[:20], "leak_samples": traffic.leaks[:20]}
 
 
-def propagation_times(cluster: Cluster, gateway_pod: str, service: str, lane: str) -> dict[str, float]:
+def propagation_times(cluster: Cluster, gateway_pods: list[str], service: str, lane: str) -> dict[str, float]:
     """Seconds from the moment the new pods of `service` in `lane` are ready (the Rollout step reached) until the
     gateway and every sidecar route that lane of the service to its own pods, read from each one's /lanes."""
     began = time.monotonic()
-    proxies = [("istio-system", gateway_pod, "gateway")]
+    proxies = [("istio-system", gateway_pod, "gateway") for gateway_pod in gateway_pods]
     proxies += [(NAMESPACE, p["metadata"]["name"], "laneproxy") for s in SERVICES
                 for p in pods(cluster, NAMESPACE, f"app={s}")]
     key = f"{NAMESPACE}/{service}"

@@ -179,12 +179,15 @@ class CapturedPod:
                    env={"app": "outside", "version": "v0"})
         self.spawn("mocka", pod, *self.laneproxy("mock", "--listen", "0.0.0.0:8000"), uid=APP_UID,
                    env={"app": "mocka", "version": "v1", "upstream_url": "http://mockb:8000/"})
+        # A second port of the app (a metrics or admin port a second Service targets).
+        self.spawn("mocka-metrics", pod, *self.laneproxy("mock", "--listen", "0.0.0.0:9090"), uid=APP_UID,
+                   env={"app": "mocka-metrics", "version": "v1"})
         self.spawn("sidecar", pod, *self.laneproxy(
             "run", "--config", str(self.workdir / "swimlanes.yaml"), "--config", str(self.workdir / "endpoints.yaml"),
-            "--inbound", "0.0.0.0:15006", "--app", "127.0.0.1:8000", "--outbound", "127.0.0.1:15001",
-            "--admin", "127.0.0.1:15000"), uid=PROXY_UID)
-        # The init container's job.
-        applied = run(*self.exec_argv(pod, *self.laneproxy("capture", "--apply", "--inbound-ports", "8000")))
+            "--inbound", "0.0.0.0:15006", "--app", "127.0.0.1:8000", "--app-ports", "8000,9090",
+            "--outbound", "127.0.0.1:15001", "--admin", "127.0.0.1:15000"), uid=PROXY_UID)
+        # The init container's job, with the ports injection finds in the app containers.
+        applied = run(*self.exec_argv(pod, *self.laneproxy("capture", "--apply", "--inbound-ports", "8000,9090")))
         self.rules = applied.stdout
         self.wait_ready()
         return self
@@ -194,7 +197,7 @@ class CapturedPod:
                                        " socket.create_connection((h, int(p)), timeout=1).close()"]
         deadline = time.monotonic() + 30
         while True:
-            ready = run(*self.exec_argv(self.pod, *probe, "127.0.0.1:18001", "127.0.0.1:18002", "127.0.0.1:8000",
+            ready = run(*self.exec_argv(self.pod, *probe, "127.0.0.1:18001", "127.0.0.1:18002", "127.0.0.1:8000", "127.0.0.1:9090",
                                         "127.0.0.1:15006", "127.0.0.1:15001"), check=False).returncode == 0
             ready = ready and self.admin("/ready")[0] == 200
             if ready:
@@ -291,6 +294,18 @@ def test_a_captured_request_for_no_known_service_passes_through_to_its_original_
     after = pod.stats()
     assert after["cluster.PassthroughCluster.upstream_rq_total"] - before.get(
         "cluster.PassthroughCluster.upstream_rq_total", 0) == 1
+
+
+def test_every_captured_app_port_reaches_its_own_port_through_the_inbound_listener(captured_pod):
+    before = captured_pod.stats()
+    answers = captured_pod.requests(captured_pod.client, [(f"http://{POD_IP}:8000/", {}),
+                                                          (f"http://{POD_IP}:9090/", {})])
+    assert answers[0][0] == 200 and answers[0][1].startswith("mocka(version: v1"), answers
+    assert answers[1][0] == 200 and answers[1][1].startswith("mocka-metrics(version: v1"), answers
+    after = captured_pod.stats()
+    for port in (8000, 9090):  # both went through the sidecar, each to its own app port
+        name = f"cluster.inbound|{port}||.upstream_rq_completed"
+        assert after.get(name, 0) - before.get(name, 0) == 1, {k: v for k, v in after.items() if "inbound|" in k}
 
 
 def test_the_proxys_own_uid_is_never_captured(captured_pod):

@@ -29,6 +29,7 @@ from laneproxy.inject import (  # noqa: E402
     inject_document,
     inject_manifests,
     inject_pod,
+    injection_refusal,
     pod_template,
 )
 from tests.image.hosttools import kubectl  # noqa: E402
@@ -58,9 +59,11 @@ def workload(kind: str) -> dict:
         body["spec"] = template["spec"]
     elif kind == "Job":
         template["spec"]["restartPolicy"] = "Never"
+        template["metadata"]["labels"]["laneproxy-injection"] = "enabled"  # a Job's pods must opt in themselves
         body["spec"] = {"template": template}
     elif kind == "CronJob":
         template["spec"]["restartPolicy"] = "Never"
+        template["metadata"]["labels"]["laneproxy-injection"] = "enabled"
         body["spec"] = {"schedule": "*/5 * * * *", "jobTemplate": {"spec": {"template": template}}}
     elif kind == "StatefulSet":
         body["spec"] = {"serviceName": "mocka", "selector": selector, "template": template}
@@ -92,7 +95,7 @@ def test_every_workload_kind_gets_the_sidecar_once_however_often_it_is_injected(
     twice, _ = inject_document(once, SETTINGS)
     assert twice == once
     template = pod_template(once)
-    assert [c["name"] for c in template["spec"]["containers"]] == ["default", SIDECAR_NAME]
+    assert [c["name"] for c in template["spec"]["containers"]] == [SIDECAR_NAME, "default"]
     assert [c["name"] for c in template["spec"]["initContainers"]] == [CAPTURE_INIT_NAME]
     assert template["metadata"]["annotations"][INJECTED_ANNOTATION] == SETTINGS.image
 
@@ -123,7 +126,7 @@ def test_sidecar_learns_namespace_lane_and_service_from_the_downward_api_and_lis
     assert env["LANEPROXY_OUTBOUND"] == "127.0.0.1:15001"
     assert env["LANEPROXY_ADMIN"] == "127.0.0.1:15000"  # never beyond loopback: it can stop the proxy
     sidecar = container(pod, SIDECAR_NAME)
-    assert sidecar["readinessProbe"]["exec"]["command"] == ["laneproxy", "probe", "http://127.0.0.1:15000/ready"]
+    assert sidecar["readinessProbe"]["httpGet"] == {"path": "/ready", "port": 15021, "scheme": "HTTP"}
     assert sidecar["ports"] == [{"name": "lp-inbound", "containerPort": 15006, "protocol": "TCP"},
                                 {"name": "lp-metrics", "containerPort": 15020, "protocol": "TCP"}]
     assert set(sidecar["resources"]) == {"requests", "limits"}
@@ -172,7 +175,7 @@ def test_http_proxy_alternative_needs_no_init_container_and_points_the_apps_at_t
 def test_injection_with_new_settings_updates_the_sidecar_in_place():
     old = inject_pod(seed_pod_spec(), SidecarSettings(image="laneproxy:old"))
     new = inject_pod(old, SidecarSettings(image="laneproxy:new"))
-    assert [c["name"] for c in new["spec"]["containers"]] == ["default", SIDECAR_NAME]
+    assert [c["name"] for c in new["spec"]["containers"]] == [SIDECAR_NAME, "default"]
     assert container(new, SIDECAR_NAME)["image"] == "laneproxy:new"
     assert container(new, CAPTURE_INIT_NAME, "initContainers")["image"] == "laneproxy:new"
 
@@ -274,6 +277,117 @@ def test_the_seed_overlays_apps_render_and_inject_with_the_metrics_port_and_anno
             assert env_of(container(template, SIDECAR_NAME))["LANEPROXY_WORKLOAD"] == app["metadata"]["name"]
 
 
+def test_the_sidecar_starts_first_and_holds_the_app_until_it_is_ready():
+    pod = inject_pod(seed_pod_spec(), SETTINGS)
+    sidecar = pod["spec"]["containers"][0]
+    assert sidecar["name"] == SIDECAR_NAME  # the kubelet starts containers in order, each after its postStart
+    assert sidecar["lifecycle"]["postStart"]["exec"]["command"] == [
+        "laneproxy", "probe", "--wait", "120", "http://127.0.0.1:15000/ready"]
+
+
+def test_every_container_stops_only_after_the_pod_left_the_endpoints_and_the_sidecar_after_the_app():
+    pod = seed_pod_spec()
+    pod["spec"]["containers"].append({"name": "worker", "image": "w", "lifecycle": {"preStop": {"exec": {
+        "command": ["/bin/flush"]}}}})
+    injected = inject_pod(pod, SETTINGS)
+    hook = {"httpGet": {"path": "/wait-for-stop", "port": 15021, "scheme": "HTTP"}}
+    assert container(injected, "default")["lifecycle"]["preStop"] == hook
+    assert container(injected, "worker")["lifecycle"]["preStop"] == {"exec": {"command": ["/bin/flush"]}}  # its own
+    assert container(injected, SIDECAR_NAME)["lifecycle"]["preStop"] == {
+        "httpGet": {"path": "/wait-for-stop?app=1", "port": 15021, "scheme": "HTTP"}}
+    env = env_of(container(injected, SIDECAR_NAME))
+    assert env["LANEPROXY_LIFECYCLE"] == "0.0.0.0:15021"
+    assert env["LANEPROXY_POD_IP"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    # The lifecycle port is never captured: the kubelet's hook must reach the sidecar itself.
+    args = container(injected, CAPTURE_INIT_NAME, "initContainers")["args"]
+    assert "15021" not in args[args.index("--inbound-ports") + 1].split(",")
+
+
+def test_a_native_sidecar_is_an_always_restarting_init_container_after_the_capture_with_a_startup_probe():
+    native = SidecarSettings(image=SETTINGS.image, native_sidecar=True)
+    pod = seed_pod_spec()
+    pod["spec"]["initContainers"] = [{"name": "migrate", "image": "m"}]
+    injected = inject_pod(pod, native)
+    assert [c["name"] for c in injected["spec"]["initContainers"]] == ["migrate", CAPTURE_INIT_NAME, SIDECAR_NAME]
+    assert [c["name"] for c in injected["spec"]["containers"]] == ["default"]
+    sidecar = container(injected, SIDECAR_NAME, "initContainers")
+    assert sidecar["restartPolicy"] == "Always"
+    assert sidecar["startupProbe"]["exec"]["command"] == ["laneproxy", "probe", "http://127.0.0.1:15000/ready"]
+    assert "postStart" not in sidecar["lifecycle"] and "preStop" in sidecar["lifecycle"]
+    assert inject_pod(injected, native) == injected
+    # Switching a pod back to a cluster without native sidecars moves the sidecar back among the containers.
+    classic = inject_pod(injected, SETTINGS)
+    assert [c["name"] for c in classic["spec"]["containers"]] == [SIDECAR_NAME, "default"]
+    assert [c["name"] for c in classic["spec"]["initContainers"]] == ["migrate", CAPTURE_INIT_NAME]
+
+
+def test_a_jobs_pods_are_injected_only_when_they_opt_in_and_their_sidecar_exits_with_the_app():
+    job = workload("Job")
+    del job["spec"]["template"]["metadata"]["labels"]["laneproxy-injection"]
+    result, refusal = inject_document(job, SETTINGS)
+    assert result == job and "Job" in refusal
+    # A pod the Job controller created, as the webhook sees it: refused unless it has the label itself.
+    pod = {**seed_pod_spec(), "metadata": {"labels": {"job-name": "x"}, "ownerReferences": [
+        {"apiVersion": "batch/v1", "kind": "Job", "name": "x", "uid": "1"}]}}
+    assert "Job" in injection_refusal(pod)
+    pod["metadata"]["labels"]["laneproxy-injection"] = "enabled"
+    assert injection_refusal(pod) is None
+    injected = inject_pod(pod, SETTINGS)
+    sidecar = container(injected, SIDECAR_NAME)
+    assert env_of(sidecar)["LANEPROXY_EXIT_WITH"] == "default"
+    assert env_of(sidecar)["LANEPROXY_POD_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert "preStop" not in sidecar["lifecycle"] and "lifecycle" not in container(injected, "default")
+
+
+def test_only_the_sidecar_gets_an_api_token():
+    pod = seed_pod_spec()
+    pod["spec"]["serviceAccountName"] = "laneproxy"
+    # What the ServiceAccount admission plugin has added by the time the webhook sees the pod (1.20).
+    pod["spec"]["volumes"] = [{"name": "laneproxy-token-x7k2p", "secret": {"secretName": "laneproxy-token-x7k2p"}},
+                              {"name": "data", "emptyDir": {}}]
+    pod["spec"]["containers"][0]["volumeMounts"] = [
+        {"name": "laneproxy-token-x7k2p", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount",
+         "readOnly": True},
+        {"name": "data", "mountPath": "/data"}]
+    injected = inject_pod(pod, SETTINGS)
+    spec = injected["spec"]
+    assert spec["automountServiceAccountToken"] is False
+    assert container(injected, "default")["volumeMounts"] == [{"name": "data", "mountPath": "/data"}]
+    assert [v["name"] for v in spec["volumes"]] == ["data", "laneproxy-api-token"]
+    sources = spec["volumes"][1]["projected"]["sources"]
+    assert {"serviceAccountToken", "configMap", "downwardAPI"} == {key for source in sources for key in source}
+    assert container(injected, SIDECAR_NAME)["volumeMounts"] == [
+        {"name": "laneproxy-api-token", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount",
+         "readOnly": True}]
+    assert inject_pod(injected, SETTINGS) == injected
+    # An app that asks for its token keeps it; the sidecar then gets the one the admission plugin mounts.
+    pod["spec"]["automountServiceAccountToken"] = True
+    kept = inject_pod(pod, SETTINGS)
+    assert container(kept, "default")["volumeMounts"] == pod["spec"]["containers"][0]["volumeMounts"]
+    assert "volumeMounts" not in container(kept, SIDECAR_NAME)
+
+
+def test_every_port_the_app_containers_declare_is_captured_inbound_and_reaches_its_own_port():
+    pod = seed_pod_spec()
+    pod["spec"]["containers"][0]["ports"] = [{"containerPort": 8000, "name": "http"},
+                                             {"containerPort": 9090, "name": "metrics"},
+                                             {"containerPort": 5353, "protocol": "UDP"}]
+    pod["spec"]["containers"].append({"name": "admin", "image": "a", "ports": [{"containerPort": 8081}]})
+    injected = inject_pod(pod, SETTINGS)
+    args = container(injected, CAPTURE_INIT_NAME, "initContainers")["args"]
+    assert args[args.index("--inbound-ports") + 1] == "8000,9090,8081"
+    env = env_of(container(injected, SIDECAR_NAME))
+    assert env["LANEPROXY_APP"] == "127.0.0.1:8000"
+    assert env["LANEPROXY_APP_PORTS"] == "8000,9090,8081"
+    # The annotation names them when a Service targets a port no container declares.
+    pod["metadata"]["annotations"] = {"laneproxy.dev/inbound-ports": "8000,7000"}
+    args = container(inject_pod(pod, SETTINGS), CAPTURE_INIT_NAME, "initContainers")["args"]
+    assert args[args.index("--inbound-ports") + 1] == "8000,7000"
+    pod["metadata"]["annotations"] = {"laneproxy.dev/inbound-ports": "8000,15006"}
+    with pytest.raises(InjectionError, match="sidecar's own ports"):
+        inject_pod(pod, SETTINGS)
+
+
 def test_input_is_never_modified():
     pod = seed_pod_spec()
     snapshot = copy.deepcopy(pod)
@@ -317,7 +431,14 @@ def test_injected_workloads_and_pods_are_accepted_by_the_real_api_server(kube_ap
         assert container(stored, CAPTURE_INIT_NAME, "initContainers")["securityContext"]["capabilities"]["add"] == \
             ["NET_ADMIN", "NET_RAW"]
         deployment = json.loads(_kubectl(kube, "get", "deployment", "mocka-v1", "-n", NAMESPACE, "-o", "json"))
-        assert [c["name"] for c in deployment["spec"]["template"]["spec"]["containers"]] == ["default", SIDECAR_NAME]
+        assert [c["name"] for c in deployment["spec"]["template"]["spec"]["containers"]] == [SIDECAR_NAME, "default"]
+        # The projected token, the hooks and the Job's exit survive the server's validation and defaults.
+        template = deployment["spec"]["template"]["spec"]
+        assert template["automountServiceAccountToken"] is False
+        assert container(deployment["spec"]["template"], SIDECAR_NAME)["lifecycle"]["preStop"]["httpGet"]["port"] \
+            == 15021
+        job = json.loads(_kubectl(kube, "get", "job", "mocka-job", "-n", NAMESPACE, "-o", "json"))
+        assert env_of(container(job["spec"]["template"], SIDECAR_NAME))["LANEPROXY_EXIT_WITH"] == "default"
         # Injecting what the server stored changes nothing the server would see.
         again = inject_document(deployment, SETTINGS)[0]
         assert again["spec"]["template"] == deployment["spec"]["template"]

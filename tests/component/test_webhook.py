@@ -130,6 +130,22 @@ def test_the_webhook_answers_v1beta1_reviews_and_leaves_other_kinds_and_operatio
     assert "patch" not in review_response(service, SidecarSettings())["response"]
 
 
+def test_a_pod_a_job_created_is_injected_only_when_it_opts_in_itself_and_its_sidecar_then_exits_with_the_app():
+    pod = seed_pods()[0]
+    pod["metadata"]["labels"] = {k: v for k, v in pod["metadata"]["labels"].items() if k != "laneproxy-injection"}
+    pod["metadata"]["labels"]["job-name"] = "report"
+    pod["metadata"]["ownerReferences"] = [{"apiVersion": "batch/v1", "kind": "Job", "name": "report", "uid": "u"}]
+    pod["spec"]["restartPolicy"] = "Never"
+    # In a namespace that opted in, without the pod's own label: allowed, not injected.
+    assert "patch" not in review_response(admission_review(pod), SidecarSettings(image=IMAGE))["response"]
+    pod["metadata"]["labels"]["laneproxy-injection"] = "enabled"
+    response = review_response(admission_review(pod), SidecarSettings(image=IMAGE))["response"]
+    patched = apply_patch(pod, json.loads(base64.b64decode(response["patch"])))
+    sidecar = patched["spec"]["containers"][0]
+    assert sidecar["name"] == "laneproxy"
+    assert {"name": "LANEPROXY_EXIT_WITH", "value": "default"} in sidecar["env"]
+
+
 # The server -----------------------------------------------------------------------------------------------------
 
 
@@ -295,8 +311,8 @@ def test_pods_in_opted_in_namespaces_or_opting_in_themselves_come_back_from_the_
             if SIDECAR_NAME in containers(pod) or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
-        assert containers(pod) == ["default", SIDECAR_NAME, "laneproxy-capture"]
-        sidecar = pod["spec"]["containers"][1]
+        assert containers(pod) == [SIDECAR_NAME, "default", "laneproxy-capture"]
+        sidecar = pod["spec"]["containers"][0]
         assert sidecar["image"] == IMAGE and sidecar["securityContext"]["runAsUser"] == 1337
         assert pod["metadata"]["annotations"]["laneproxy.dev/injected"] == IMAGE
         # What the server stored is a fixed point: injecting it again patches nothing.
@@ -304,7 +320,7 @@ def test_pods_in_opted_in_namespaces_or_opting_in_themselves_come_back_from_the_
 
         assert containers(create("lp-webhook-enabled", "opted-out", "disabled")) == ["default"]
         assert containers(create("lp-webhook-silent", "silent", None)) == ["default"]
-        assert containers(create("lp-webhook-silent", "opted-in", "enabled")) == ["default", SIDECAR_NAME,
+        assert containers(create("lp-webhook-silent", "opted-in", "enabled")) == [SIDECAR_NAME, "default",
                                                                                   "laneproxy-capture"]
         assert containers(create("lp-webhook-disabled", "overruled", "enabled")) == ["default"]
         # Server-side dry run goes through the webhook too, and a pre-injected pod is left as it is.

@@ -52,17 +52,27 @@ class BuiltImage:
 
 
 @functools.cache
-def build_image() -> BuiltImage:
-    """Build the image with tests/image/build_image.sh (podman, debootstrap base, no network in the build)."""
+def build_image(save_to: Path | None = None) -> BuiltImage:
+    """Build the image with tests/image/build_image.sh (podman, debootstrap base, no network in the build).
+
+    `save_to`: also write it there as a docker archive, under the same lock: every checkout on the machine tags
+    the same name, so another one's build between this build and a later save would swap the image.
+    """
     ensure_tools()
     started = time.monotonic()
     with open(CACHE_DIR / "build_image.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         result = subprocess.run([str(BUILD_IMAGE)], capture_output=True, text=True, timeout=1800,
                                 env={**os.environ, "PYTHON": sys.executable})
-    if result.returncode != 0:
-        raise HostToolError(f"{BUILD_IMAGE} failed (exit {result.returncode}):\n{result.stderr[-4000:]}")
-    return BuiltImage(result.stdout.strip().splitlines()[-1], time.monotonic() - started, result.stderr)
+        if result.returncode != 0:
+            raise HostToolError(f"{BUILD_IMAGE} failed (exit {result.returncode}):\n{result.stderr[-4000:]}")
+        name = result.stdout.strip().splitlines()[-1]
+        if save_to is not None:
+            saved = subprocess.run(["podman", "save", "--format", "docker-archive", "-o", str(save_to), name],
+                                   capture_output=True, text=True, timeout=600)
+            if saved.returncode != 0:
+                raise HostToolError(f"podman save {name} failed: {saved.stderr[-2000:]}")
+    return BuiltImage(name, time.monotonic() - started, result.stderr)
 
 
 def hadolint() -> str:
