@@ -199,17 +199,20 @@ def test_the_injected_sidecar_starts_from_its_injected_spec_and_follows_the_real
                    if c["name"] == SIDECAR_NAME)
     def downward(path: str) -> str:
         # As the kubelet fills them in: a label the pod does not carry is an empty string.
-        if path == "metadata.namespace":
-            return pod["metadata"]["namespace"]
+        if path in ("metadata.namespace", "metadata.name"):
+            return pod["metadata"][path.split(".")[1]]
+        if path == "status.podIP":
+            return "127.0.0.1"  # the container shares the host's network here
         label = re.fullmatch(r"metadata\.labels\['(.+)'\]", path)
         assert label is not None, f"a downward-API field this test does not fill in: {path}"
         return pod["metadata"]["labels"].get(label.group(1), "")
 
     env = {e["name"]: e["value"] if "value" in e else downward(e["valueFrom"]["fieldRef"]["fieldPath"])
            for e in sidecar["env"]}
-    inbound, outbound, admin, metrics = free_port(), free_port(), free_port(), free_port()
+    inbound, outbound, admin, metrics, lifecycle = free_port(), free_port(), free_port(), free_port(), free_port()
     env.update(LANEPROXY_INBOUND=f"127.0.0.1:{inbound}", LANEPROXY_OUTBOUND=f"127.0.0.1:{outbound}",
-               LANEPROXY_ADMIN=f"127.0.0.1:{admin}", LANEPROXY_METRICS=f"127.0.0.1:{metrics}")
+               LANEPROXY_ADMIN=f"127.0.0.1:{admin}", LANEPROXY_METRICS=f"127.0.0.1:{metrics}",
+               LANEPROXY_LIFECYCLE=f"127.0.0.1:{lifecycle}")
     credentials = tmp_path / "kube"
     credentials.mkdir(mode=0o755)
     shutil.copy(kube.ca_path, credentials / "ca.crt")
@@ -222,7 +225,8 @@ def test_the_injected_sidecar_starts_from_its_injected_spec_and_follows_the_real
         "--volume", f"{credentials}:/etc/kube:ro", "--env", "KUBECONFIG=/etc/kube/config",
         *(f"--env={key}={value}" for key, value in env.items())))
     wait_for(f"http://127.0.0.1:{admin}/ready", name)
-    probe = [arg.replace(":15000/", f":{admin}/") for arg in sidecar["readinessProbe"]["exec"]["command"]]
+    # The postStart hook that holds the app until the proxy is ready, run inside the image as the kubelet runs it.
+    probe = [arg.replace(":15000/", f":{admin}/") for arg in sidecar["lifecycle"]["postStart"]["exec"]["command"]]
     result = podman("exec", name, *probe, check=False)
     assert result.returncode == 0, result.stderr
     logs = podman("logs", name).stderr
