@@ -46,7 +46,10 @@ CACHE_DIR = Path(os.environ.get("LANEPROXY_CACHE_DIR") or Path.home() / ".cache"
 K8S_VERSION = "1.20.2"
 
 WORKDIR = Path("/var/lib/laneproxy-cluster")
-LOCK_PATH = CACHE_DIR / "cluster.lock"
+# Machine-wide, whatever the cache directory: one cluster per machine even when a run uses its own cache (a cold
+# run beside warm ones), and a checkout's image build cannot swap another's tag between build and import.
+LOCK_DIR = Path("/run/lock")
+LOCK_PATH = LOCK_DIR / "laneproxy-cluster.lock"
 LOGS_DIR = CACHE_DIR / "cluster-logs"  # the last run's component logs
 NODE_NAME = "laneproxy-node"
 NODE_IP = "198.19.255.1"

@@ -23,6 +23,8 @@ REPO = Path(__file__).resolve().parents[2]
 INSTALL_TOOLS = REPO / "tests" / "image" / "install_tools.sh"
 BUILD_IMAGE = REPO / "tests" / "image" / "build_image.sh"
 CACHE_DIR = Path(os.environ.get("LANEPROXY_CACHE_DIR") or Path.home() / ".cache" / "laneproxy")
+# Machine-wide, whatever the cache directory: every checkout tags the same image name.
+IMAGE_LOCK = Path("/run/lock/laneproxy-image.lock")
 
 # `podman run` on this host: runc, because crun refuses hosts with cgroup v1 and v2 mounted side by side,
 # and limits no higher than the test process's own (without CAP_SYS_RESOURCE podman's defaults fail).
@@ -60,7 +62,7 @@ def build_image(save_to: Path | None = None) -> BuiltImage:
     """
     ensure_tools()
     started = time.monotonic()
-    with open(CACHE_DIR / "build_image.lock", "w") as lock:
+    with open(IMAGE_LOCK, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         result = subprocess.run([str(BUILD_IMAGE)], capture_output=True, text=True, timeout=1800,
                                 env={**os.environ, "PYTHON": sys.executable})
