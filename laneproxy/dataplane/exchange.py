@@ -425,7 +425,7 @@ class Exchange:
             self._read_mesh_headers(headers)
         overrides = self.listener.response_overrides(self)
         parts = [b"HTTP/1.1 %d " % status, reason or codec.reason_phrase(status), codec.CRLF]
-        has_length = codec.write_response_headers(parts, headers, overrides)
+        has_length = codec.write_response_headers(parts, headers, overrides, self.listener.response_dropped)
         head_only = self.method == b"HEAD" or status in _NO_BODY_STATUS
         if not has_length and not head_only:
             if self.http_minor >= 1:
@@ -506,7 +506,7 @@ class Exchange:
         # The outbound listener answers the app for the next hop: say so, for apps that pass headers on.
         flag = error.flag.encode()
         extra = ((h.X_LANEPROXY_FAILED_HOP, flag),) if error.status >= 500 and listener.marks_local_replies else ()
-        if error.forwarded_nothing:
+        if error.forwarded_nothing and not listener.edge_of_mesh:
             extra += ((h.X_LANEPROXY_NOT_FORWARDED, flag),)
         self.downstream.write(codec.local_reply(
             error.status, error.body.encode(), date=listener.dates.value(), server=listener.server_name, close=close,
