@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 import pytest
 
 from tests.cluster.node import NODE_IP, REPO, Cluster
-from tests.cluster.test_seed import LIFECYCLE_ISSUE
 from tests.image.hosttools import kubectl as host_kubectl
 
 GATEWAY_PORT = 30080
@@ -256,15 +255,10 @@ def test_with_two_replicas_deleting_any_pod_and_rolling_each_deployment_loses_an
            seconds=round(time.monotonic() - began, 1), steps_s=steps,
            failures_at_s=[round(t - began, 1) for t in counts["failed_at"]])
     assert counts["requests"] > 200
+    sys.stderr.write(f"\n[churn] two replicas: failed requests {counts['failures']} of {counts['requests']}, "
+                     f"lane leaks {counts['leaks']}\n")
     assert counts["leaks"] == 0, counts["leak_samples"]
-    if counts["failures"]:
-        # As in test_seed: a few POSTs still fail with "connection failure" after their retries while pods are
-        # replaced (3 of 19,765 in one run, none in others), so the lifecycle issue stays open. Only the count
-        # of failed requests is excused, and only as an expected failure naming the issue; not a strict marker,
-        # since some runs lose none.
-        pytest.xfail(f"{counts['failures']} of {counts['requests']} requests failed during pod churn: issue "
-                     f"'{LIFECYCLE_ISSUE}'. First: {counts['failure_samples'][:3]}")
-    assert counts["failures"] == 0
+    assert counts["failures"] == 0, counts["failure_samples"]
 
 
 def test_with_one_replica_deleting_mockbs_only_pod_fails_requests_only_while_it_has_no_ready_pod(seed: Cluster):
