@@ -37,6 +37,23 @@ SERVICES = ("mocka", "mockb", "mockc")
 NAMESPACE = "default"
 
 
+# Created mid-story: a lane of another swimlane group, one that does not exist (any more). It must be left out and
+# say why on itself, and hold back no update of the story's group.
+BROKEN_LANE = {"apiVersion": "istio.alibabacloud.com/v1", "kind": "ASMSwimLane",
+               "metadata": {"name": "orphan-mid-story", "labels": {"swimlane-group": "retired"}},
+               "spec": {"labelSelector": {"ASM_TRAFFIC_TAG": "orphan"}, "services": []}}
+
+
+def proxy_stat(cluster: Cluster, namespace: str, pod: str, container: str, name: str) -> int:
+    script = "import urllib.request;print(urllib.request.urlopen('http://127.0.0.1:15000/stats',timeout=5).read().decode())"
+    out = cluster.kubectl("exec", "-n", namespace, pod, "-c", container, "--", "python3", "-c", script, timeout=30)
+    for line in out.stdout.splitlines():
+        key, _, value = line.partition(": ")
+        if key == name:
+            return int(value)
+    raise KeyError(name)
+
+
 def lanes_of(cluster: Cluster, namespace: str, pod: str, container: str) -> dict:
     """A proxy's /lanes, read inside its pod (the admin listens on the pod's loopback only)."""
     script = "import urllib.request;print(urllib.request.urlopen('http://127.0.0.1:15000/lanes',timeout=3).read().decode())"
@@ -326,6 +343,7 @@ def story(seed: Cluster) -> Iterator[dict]:
     poller = MembershipPoller(cluster, gateways[0], history, truth).start()
     traffic = Traffic(NODE_IP, GATEWAY_PORT, history, truth).start()
     propagation: dict[str, float] = {}
+    broken: dict = {"status": {}, "skipped_objects": {}}
     began = time.monotonic()
     try:
         time.sleep(5)
@@ -339,6 +357,7 @@ def story(seed: Cluster) -> Iterator[dict]:
             propagation.update(propagation_times(cluster, gateways, service, "canary"))
             truth.set(expectations(versions))
             time.sleep(3)
+        cluster.kubectl("apply", "-f", "-", stdin=json.dumps(BROKEN_LANE))  # the rest of the story goes on beside it
         for service in SERVICES:  # step 6: approve
             before = expectations(versions)
             versions[service] = {"base": "v2"}
@@ -364,7 +383,13 @@ def story(seed: Cluster) -> Iterator[dict]:
         time.sleep(5)
         truth.set(expectations(versions))
         time.sleep(3)
+        broken = {"status": cluster.get_json("asmswimlanes.istio.alibabacloud.com",
+                                             BROKEN_LANE["metadata"]["name"]).get("status") or {},
+                  "skipped_objects": {pod: proxy_stat(cluster, "istio-system", pod, "gateway",
+                                                      "laneproxy.config.skipped_objects") for pod in gateways}}
     finally:
+        cluster.kubectl("delete", "asmswimlanes.istio.alibabacloud.com", BROKEN_LANE["metadata"]["name"],
+                        "--wait=false", check=False)
         traffic.stop()
         time.sleep(2)  # a membership poll that begins after the last response
         poller.stop()
@@ -378,7 +403,7 @@ def story(seed: Cluster) -> Iterator[dict]:
         "requests": sum(traffic.results.values()), "ok": traffic.results["ok"], "failures": traffic.results["error"],
         "leaks": traffic.results["leak"], "seconds": round(time.monotonic() - began, 1),
         "propagation_s": {k: round(v, 2) for k, v in propagation.items()},
-        "stand_in_errors": standin.errors[:5],
+        "stand_in_errors": standin.errors[:5], "broken_lane": broken,
     }
     sys.stderr.write(f"\n[seed story] {json.dumps(report, indent=2)}\n"
                      f"first failures: {traffic.failures[:10]}\nfirst leaks: {traffic.leaks[:10]}\n")
@@ -420,3 +445,11 @@ def test_the_seed_story_loses_no_request(story: dict) -> None:
                      f"lane leaks: {story['leaks']}\n")
     assert story["requests"] > 100
     assert story["failures"] == 0, story["failure_samples"][:10]
+
+
+def test_a_broken_lane_of_another_group_created_mid_story_is_left_out_says_why_and_is_counted(story: dict) -> None:
+    """The story around it passes (the tests above); the object itself and every gateway's stats say it was skipped."""
+    status = story["broken_lane"]["status"]
+    assert "retired" in f"{status.get('error', '')} {status.get('validationMessage', '')}", status
+    skipped = story["broken_lane"]["skipped_objects"]
+    assert skipped and all(count >= 1 for count in skipped.values()), skipped
