@@ -156,6 +156,11 @@ def scale(cluster: Cluster, replicas: int) -> None:
                  and len(pods(cluster, n, s)) == replicas, 180, f"{deployment} at {replicas} ready pods")
 
 
+def sidecar_log(cluster: Cluster, pod: str) -> str:
+    result = cluster.kubectl("logs", pod, "-c", "laneproxy", "-n", NAMESPACE, check=False, timeout=30)
+    return result.stdout if result.returncode == 0 else ""
+
+
 def admin_get(cluster: Cluster, namespace: str, pod: str, container: str, path: str) -> str:
     script = ("import urllib.request,sys;print(urllib.request.urlopen('http://127.0.0.1:15000'+sys.argv[1],"
               "timeout=5).read().decode())")
@@ -230,12 +235,18 @@ def test_with_two_replicas_deleting_any_pod_and_rolling_each_deployment_loses_an
     traffic = Traffic().start()
     began = time.monotonic()
     steps: dict[str, float] = {}
+    stops: dict[str, list[str]] = {}
     try:
         time.sleep(3)
         for namespace, deployment, selector in DEPLOYMENTS:
             victim = pods(cluster, namespace, selector)[0]["metadata"]["name"]
             step = time.monotonic()
             cluster.kubectl("delete", "pod", victim, "-n", namespace, "--wait=false")
+            if namespace == NAMESPACE:
+                # The kubelet's preStop reached the sidecar and it waited (the app first): read while the pod lasts.
+                wait_for(lambda v=victim: "app_stopped_s" in sidecar_log(cluster, v), 45, f"{victim}'s preStop report")
+                stops[victim] = [line.split("preStop: done ", 1)[1] for line in sidecar_log(cluster, victim)
+                                 .splitlines() if "preStop: done " in line]
             wait_for(lambda n=namespace, s=selector: len([p for p in pods(cluster, n, s) if ready(p)]) == 2
                      and victim not in [p["metadata"]["name"] for p in pods(cluster, n, s)], 180,
                      f"{deployment} back at two ready pods")
@@ -252,7 +263,7 @@ def test_with_two_replicas_deleting_any_pod_and_rolling_each_deployment_loses_an
         traffic.stop()
     counts = traffic.judge()
     report("two replicas: delete every Deployment's pod, roll every Deployment", counts,
-           seconds=round(time.monotonic() - began, 1), steps_s=steps,
+           seconds=round(time.monotonic() - began, 1), steps_s=steps, prestop_reports=stops,
            failures_at_s=[round(t - began, 1) for t in counts["failed_at"]])
     assert counts["requests"] > 200
     sys.stderr.write(f"\n[churn] two replicas: failed requests {counts['failures']} of {counts['requests']}, "
