@@ -137,17 +137,30 @@ def test_two_endpoints_files_naming_two_protocols_for_one_service_is_an_error():
                               f"http1 here, http2 in {ENDPOINTS}"]
 
 
-def test_an_endpoints_file_protocol_overrides_the_kubernetes_services_first_port():
+@pytest.mark.parametrize(
+    ("first_port_name", "file_says", "first", "second"),
+    [
+        pytest.param("http", None, AUTO, HTTP2, id="a_file_without_protocol_keeps_the_ports_own"),
+        pytest.param("grpc", None, HTTP2, HTTP2, id="a_file_without_protocol_keeps_a_grpc_port_http2"),
+        pytest.param("http", "http2", HTTP2, HTTP2, id="the_file_makes_the_first_port_http2"),
+        pytest.param("grpc", "http1", HTTP1, HTTP2, id="the_file_overrides_a_grpc_first_port_only"),
+    ],
+)
+@pytest.mark.parametrize("kube_first", [False, True], ids=["file_read_first", "service_read_first"])
+def test_an_endpoints_file_protocol_overrides_the_kubernetes_services_first_port_only(
+        first_port_name, file_says, first, second, kube_first):
     seed = seed_bodies()
-    listed = {"apiVersion": "laneproxy.dev/v1", "kind": "LaneEndpoints",
-              "services": {"default/mockb": {"port": 8000, "protocol": "http2", "lanes": {"base": ["127.0.0.1:16002"]}}}}
+    service = {"port": 8000, "lanes": {"base": ["127.0.0.1:16002"]}}
+    if file_says:
+        service["protocol"] = file_says
+    listed = {"apiVersion": "laneproxy.dev/v1", "kind": "LaneEndpoints", "services": {"default/mockb": service}}
     docs = [ConfigDocument(SWIMLANES, seed[role]) for role in ("group", "base", "canary")]
-    docs += [ConfigDocument("local.yaml", listed),
-             ConfigDocument("kubernetes:Service/mockb", _service([{"name": "http", "port": 8000},
-                                                                 {"name": "grpc", "port": 9000}]))]
+    inputs = [ConfigDocument("local.yaml", listed),
+              ConfigDocument("kubernetes:Service/mockb", _service([{"name": first_port_name, "port": 8000},
+                                                                  {"name": "grpc-admin", "port": 9000}]))]
+    docs += inputs[::-1] if kube_first else inputs
     table = build_table(docs, version="t", namespace="default")
-    assert table.hosts[b"mockb:8000"].service.protocol is HTTP2
-    assert table.hosts[b"mockb:9000"].service.protocol is HTTP2  # its own name says so
+    assert (table.hosts[b"mockb:8000"].service.protocol, table.hosts[b"mockb:9000"].service.protocol) == (first, second)
 
 
 def test_the_route_a_fallback_picks_keeps_the_service_protocol():
