@@ -1,12 +1,13 @@
 """`make bench`: laneproxy against nginx and Envoy on 127.0.0.1, pinned, interleaved, repeated; medians.
 
-Owns the benchmark's plan: which processes run (an nginx static upstream, nginx as reverse proxy,
-Envoy, a laneproxy sidecar, a laneproxy holding a 10,000-service table, the demo's full chain),
-where they are pinned (load generator and upstream on core 0, the proxy under test on core 1),
-the order of the cases in each round (rotated, so no case always runs first), and what is measured
-(wrk's requests/s and latency; CPU seconds and RSS from /proc; RSS with 1,000 idle keep-alive
-connections; the slowest request while a 10,000-service table is rebuilt and swapped). The numbers
-go to report.py; nothing here judges them.
+Owns the benchmark's plan: which processes run (an nginx static upstream, also serving h2c, a WebSocket
+echo server, nginx as reverse proxy, Envoy, a laneproxy sidecar, a laneproxy holding a 10,000-service
+table, the demo's full chain), where they are pinned (load generators and upstreams on core 0, the proxy
+under test on core 1), the order of the cases in each round (rotated, so no case always runs first), and
+what is measured (wrk's requests/s and latency; h2load's for h2c; WebSocket echo messages/s; CPU seconds
+and RSS from /proc; RSS with 1,000 idle keep-alive connections; the slowest request while a
+10,000-service table is rebuilt and swapped). A case whose proxy does not speak the protocol yet (probed,
+not assumed) is skipped and says why. The numbers go to report.py; nothing here judges them.
 
     python loadtests/bench/bench.py [--rounds 3] [--duration 5] [--smoke] [--publish]
 """
