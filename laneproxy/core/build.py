@@ -537,7 +537,7 @@ def _endpoints_protocol(fields: _Fields) -> UpstreamProtocol | None:
         return UpstreamProtocol(value)
     except ValueError:
         choices = ", ".join(protocol.value for protocol in UpstreamProtocol)
-        fields.fail("protocol", f"unknown protocol {value!r} (use one of: {choices})")
+        fields.fail("protocol", f"unknown protocol {value!r} (use one of: {choices}; gRPC and h2c are http2)")
         return None
 
 

@@ -116,15 +116,16 @@ def test_a_lane_endpoints_service_names_its_protocol(written, expected):
 @pytest.mark.parametrize(
     ("written", "reason"),
     [
-        pytest.param("grpc", "unknown protocol 'grpc' (use one of: http1, http2, auto)", id="a_protocol_name_not_ours"),
-        pytest.param("HTTP2", "unknown protocol 'HTTP2' (use one of: http1, http2, auto)", id="capitals"),
-        pytest.param(2, "unknown protocol 2 (use one of: http1, http2, auto)", id="a_number"),
+        pytest.param("grpc", "unknown protocol 'grpc'", id="a_protocol_name_not_ours"),
+        pytest.param("HTTP2", "unknown protocol 'HTTP2'", id="capitals"),
+        pytest.param(2, "unknown protocol 2", id="a_number"),
     ],
 )
 def test_an_unknown_protocol_in_the_endpoints_file_is_a_clear_error(written, reason):
     bodies = _with_protocol(mockb=written)
     docs = [ConfigDocument(SWIMLANES if role != "endpoints" else ENDPOINTS, body) for role, body in bodies.items()]
-    assert problems(docs) == [f"{ENDPOINTS}: LaneEndpoints.services.default/mockb.protocol: {reason}"]
+    assert problems(docs) == [f"{ENDPOINTS}: LaneEndpoints.services.default/mockb.protocol: {reason} "
+                              "(use one of: http1, http2, auto; gRPC and h2c are http2)"]
 
 
 def test_two_endpoints_files_naming_two_protocols_for_one_service_is_an_error():
