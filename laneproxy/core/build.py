@@ -841,7 +841,7 @@ def _merge_service(services: dict[str, _ServiceDecl], decl: _ServiceDecl, proble
         return
     kube, listed = (decl, existing) if decl.kube else (existing, decl)
     said, first = listed.ports[0].protocol, kube.ports[0]
-    if not kube.kube and said is not None and first.protocol not in (None, said):
+    if not kube.kube and said is not None and first.protocol is not None and first.protocol is not said:
         problems.add(listed.source, f"LaneEndpoints.services.{key}.protocol",
                      f"{said.value} here, {first.protocol.value} in {kube.source}")
     if said is not None:
