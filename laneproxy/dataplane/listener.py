@@ -26,6 +26,7 @@ from laneproxy.core.errors import DownstreamProtocolError, NoHealthyUpstreamErro
 from laneproxy.core.model import Endpoint, Route, RouteTable, ServiceRoutes
 from laneproxy.core.propagation import LaneSource, TraceLaneTable, resolve_lane, trace_key
 from laneproxy.core.routing import choose_ingress
+from laneproxy.dataplane import egress
 from laneproxy.dataplane.codec import DateCache
 from laneproxy.dataplane.downstream import DownstreamConnection
 from laneproxy.dataplane.exchange import RetryPolicy
@@ -296,8 +297,8 @@ class OutboundRole(Role):
                     # Service of no group, selector-less, ExternalName): on to where it was going.
                     route = passthrough_route(original)  # no outlier ejection: there is no other endpoint to try
                     return Target(original, path, overrides, self.stats.cluster(route.cluster), route, None, None)
-            elif routes is None:
-                raise NoRouteError(f"no service for host {host.decode('latin-1')!r}")
+            elif routes is None:  # egress: a host outside the mesh (ALLOW_ANY passes it on, REGISTRY_ONLY 502)
+                return egress.passthrough_target(self, exchange, host, path, overrides)
         group = routes.group
         if group is None:
             return self._target(routes.default, routes, path, overrides, None)
