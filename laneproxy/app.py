@@ -129,6 +129,7 @@ class ProxyApp:
             self._wire_mesh_observability(listener, trails)
             if self.access_log is not None:
                 listener.exchange_observers.append(self.access_log.record)
+                listener.connection_observers.append(self.access_log.record_connection)
             if self.tracing is not None:
                 listener.attach_tracer(self.tracing.for_listener(name))
             try:

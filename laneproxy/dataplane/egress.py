@@ -2,7 +2,7 @@
 
 Owns `CONNECT host:port` (apps with HTTPS_PROXY): the authority checked, the connection opened to the
 host it names, `200` and a byte tunnel once it is open, the connect failure answered 503 (UF); and the
-plain-HTTP request for a host no service names (apps with HTTP_PROXY): a passthrough target to that host
+plain-HTTP proxy request (absolute-form, from apps with HTTP_PROXY) for a host no service names: a passthrough target to that host
 under ALLOW_ANY (Istio's default), a 502 under REGISTRY_ONLY (Istio's BlackHoleCluster). Both are counted
 on Istio's PassthroughCluster.
 
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from laneproxy.core import headers as h
 from laneproxy.core.errors import DownstreamProtocolError, EgressBlockedError, NoRouteError, UpstreamConnectError
 from laneproxy.core.model import Endpoint, Route
-from laneproxy.dataplane.tunnel import Tunnel
+from laneproxy.dataplane.tunnel import OpeningEnd, Tunnel
 
 if TYPE_CHECKING:
     from laneproxy.core.model import RouteTable
@@ -75,11 +75,15 @@ def _is_this_listener(listener: Listener, host: str, port: int) -> bool:
     return port == bound_port and (host == bound_host or host.lower() in _LOOPBACK)
 
 
-def passthrough_target(role: Role, exchange: Exchange, authority: bytes, path: bytes,
+def passthrough_target(role: Role, exchange: Exchange, absolute: bytes | None, authority: bytes, path: bytes,
                        overrides: dict[bytes, bytes]) -> Target:
-    """A plain-HTTP request for a host no service names: on to that host (ALLOW_ANY), or 502 (REGISTRY_ONLY)."""
+    """A proxy request (absolute-form target, as HTTP_PROXY clients send) for a host no service names: on to that
+    host (ALLOW_ANY), or 502 (REGISTRY_ONLY). A request sent to the listener itself for an unknown Host is
+    Envoy's 404: it asked this proxy for a route, not to go somewhere."""
     from laneproxy.dataplane.listener import Target
 
+    if absolute is None:
+        raise NoRouteError(f"no service for host {authority.decode('latin-1')!r}")
     listener = exchange.listener
     if listener.settings.outbound_traffic_policy == REGISTRY_ONLY:
         raise EgressBlockedError(f"{authority.decode('latin-1')} is not a mesh service")
@@ -90,23 +94,6 @@ def passthrough_target(role: Role, exchange: Exchange, authority: bytes, path: b
     route = Route(PASSTHROUGH_CLUSTER, None, None, PASSTHROUGH_CLUSTER, (endpoint,))
     overrides.setdefault(h.HOST, authority)
     return Target(endpoint, path, overrides, role.stats.cluster(PASSTHROUGH_CLUSTER), route, None, None)
-
-
-class _Opening(asyncio.Protocol):
-    """The destination's side while the client is told the tunnel is open: whatever it says first is kept."""
-
-    def __init__(self) -> None:
-        self.early: list[bytes] = []
-        self.lost = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.pause_reading()  # type: ignore[attr-defined]  # nothing is read until the tunnel exists
-
-    def data_received(self, data: bytes) -> None:
-        self.early.append(data)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
 
 
 def connect(exchange: Exchange) -> None:
@@ -142,7 +129,7 @@ async def _open(exchange: Exchange, host: str, port: int) -> None:
     loop = listener.loop
     routed = exchange.routed
     assert routed is not None
-    opening = _Opening()
+    opening = OpeningEnd()
     try:
         async with asyncio.timeout(listener.settings.timeouts.connect or None):
             transport, _ = await loop.create_connection(lambda: opening, host, port)
@@ -173,4 +160,4 @@ async def _open(exchange: Exchange, host: str, port: int) -> None:
     tunnel = Tunnel(loop, down_transport, transport, idle_timeout=listener.settings.tunnel_idle_timeout,  # type: ignore[arg-type]
                     on_closed=ended)
     exchange.finish_tunnelled()
-    tunnel.start(to_upstream=early, to_downstream=b"".join(opening.early))
+    tunnel.start(to_upstream=early)

@@ -25,6 +25,7 @@ from laneproxy.dataplane import codec
 
 if TYPE_CHECKING:
     from laneproxy.dataplane.exchange import Exchange
+    from laneproxy.observability.stats import TcpStats
     from laneproxy.dataplane.upstream import UpstreamConnection
 
 # Per side: what may wait in a transport's write buffer before the other side stops being read.
@@ -51,6 +52,12 @@ class TunnelEnd(asyncio.Protocol):
         self.received += len(data)
         tunnel = self.tunnel
         tunnel.last_activity = tunnel.loop.time()
+        stats = tunnel.stats
+        if stats is not None:  # Envoy's TCP proxy counts bytes as they pass, not when the connection ends
+            if self is tunnel.downstream:
+                stats.rx_bytes += len(data)
+            else:
+                stats.tx_bytes += len(data)
         peer = self.peer.transport
         if not peer.is_closing():
             peer.write(data)
@@ -87,7 +94,7 @@ class Tunnel:
     """Two transports joined: `downstream` is the client's side, `upstream` the destination's."""
 
     __slots__ = ("loop", "downstream", "upstream", "idle_timeout", "last_activity", "started", "timer", "closed",
-                 "on_closed", "error", "paused_total", "idle_expired")
+                 "on_closed", "error", "paused_total", "idle_expired", "stats")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, downstream: asyncio.Transport, upstream: asyncio.Transport, *,
                  idle_timeout: float, on_closed: Callable[[Tunnel], None] | None = None) -> None:
@@ -103,6 +110,7 @@ class Tunnel:
         self.error: Exception | None = None
         self.paused_total = 0  # times a side stopped being read for the other's full buffer
         self.idle_expired = False
+        self.stats: TcpStats | None = None  # tcp.<prefix>.* of a passed-through connection
 
     @property
     def received(self) -> int:
@@ -151,6 +159,20 @@ class Tunnel:
             end.transport.close()
         if self.on_closed is not None:
             self.on_closed(self)
+
+
+class OpeningEnd(asyncio.Protocol):
+    """A destination's side while its connection opens, before its tunnel exists: not read, so whatever it says
+    first (a server-first banner) waits in the kernel for the tunnel."""
+
+    def __init__(self) -> None:
+        self.lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.pause_reading()  # type: ignore[attr-defined]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
 
 
 # -- HTTP/1.1 upgrades ------------------------------------------------------------------------------------------
