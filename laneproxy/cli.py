@@ -386,6 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="capture only these (default: all)")
     capture.add_argument("--exclude-outbound-ports", default="", metavar="P,P", help="leave these alone (non-HTTP)")
     capture.add_argument("--exclude-outbound-cidrs", default="", metavar="CIDR,CIDR", help="leave these alone")
+    capture.add_argument("--api-server", default=os.environ.get("KUBERNETES_SERVICE_HOST") or None, metavar="IP",
+                         help="the Kubernetes API server, never captured (default: $KUBERNETES_SERVICE_HOST)")
+    capture.add_argument("--capture-dns", action="store_true", help="capture TCP port 53 too (default: left alone)")
 
     verdict = commands.add_parser("verdict", help="ask Prometheus whether a lane is healthy against its baseline: "
                                                   "pass (exit 0), fail (1) or inconclusive (3)")
@@ -651,7 +654,8 @@ def _capture(args: argparse.Namespace) -> int:
             proxy_uid=args.proxy_uid, proxy_gid=args.proxy_uid, inbound_ports=parse_ports(args.inbound_ports),
             include_outbound_ports=parse_ports(args.include_outbound_ports),
             exclude_outbound_ports=parse_ports(args.exclude_outbound_ports),
-            exclude_outbound_cidrs=parse_cidrs(args.exclude_outbound_cidrs)))
+            exclude_outbound_cidrs=parse_cidrs(args.exclude_outbound_cidrs), api_server=args.api_server,
+            capture_dns=args.capture_dns))
         sys.stdout.write(rules)
         if args.apply:
             apply_rules(rules, args.iptables_restore)

@@ -67,7 +67,7 @@ def require_root() -> None:
 
 def test_rules_exempt_the_proxy_and_loopback_before_redirecting_the_rest():
     rules = nat_rules(CaptureSettings(inbound_ports=(8000,), exclude_outbound_ports=(5432,),
-                                      exclude_outbound_cidrs=("10.0.0.0/8",)))
+                                      exclude_outbound_cidrs=("10.0.0.0/8",), api_server="10.96.0.1"))
     lines = rules.splitlines()
     output = [line for line in lines if line.startswith("-A LANEPROXY_OUTPUT")]
     assert output == [
@@ -75,10 +75,14 @@ def test_rules_exempt_the_proxy_and_loopback_before_redirecting_the_rest():
         "-A LANEPROXY_OUTPUT -m owner --gid-owner 1337 -j RETURN",
         "-A LANEPROXY_OUTPUT -o lo -j RETURN",
         "-A LANEPROXY_OUTPUT -d 127.0.0.1/32 -j RETURN",
+        "-A LANEPROXY_OUTPUT -d 10.96.0.1/32 -j RETURN",  # the API server
         "-A LANEPROXY_OUTPUT -d 10.0.0.0/8 -j RETURN",
+        "-A LANEPROXY_OUTPUT -p tcp --dport 53 -j RETURN",  # DNS over TCP
         "-A LANEPROXY_OUTPUT -p tcp --dport 5432 -j RETURN",
         "-A LANEPROXY_OUTPUT -j LANEPROXY_REDIRECT",
     ]
+    dns = nat_rules(CaptureSettings(capture_dns=True, api_server="fd00::1"))
+    assert "--dport 53" not in dns and "fd00::1" not in dns
     assert "-A LANEPROXY_INBOUND -p tcp --dport 8000 -j LANEPROXY_IN_REDIRECT" in lines
     assert "-A LANEPROXY_REDIRECT -p tcp -j REDIRECT --to-ports 15001" in lines
     assert "-A LANEPROXY_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006" in lines
@@ -93,6 +97,7 @@ def test_rules_exempt_the_proxy_and_loopback_before_redirecting_the_rest():
     (dict(exclude_outbound_ports=(70000,)), "outside"),
     (dict(exclude_outbound_cidrs=("fd00::/8",)), "IPv6"),
     (dict(exclude_outbound_cidrs=("ten/8",)), "not a CIDR"),
+    (dict(api_server="kubernetes.default"), "not an IP address"),
 ])
 def test_settings_that_would_loop_or_mean_nothing_are_refused(settings, message):
     with pytest.raises(CaptureError, match=message):
