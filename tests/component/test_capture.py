@@ -449,3 +449,20 @@ def test_a_server_first_protocol_passes_through_once_the_silent_client_times_out
                                 uid=APP_UID))
     assert result.stdout.strip() == "220 banner.outside.example ready | 250 got HELO pod", result
     assert tcp_numbers(pod)[0] - connections == 1
+
+
+def test_an_http2_preface_is_passed_through_as_tcp_while_there_is_no_http2_codec(captured_pod):
+    pod = captured_pod
+    connections, _, _ = tcp_numbers(pod)
+    client = ("import socket, sys\n"
+              "with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10) as conn:\n"
+              "    conn.sendall(b'PRI * HTTP/2.0\\r\\n\\r\\nSM\\r\\n\\r\\n')\n"
+              "    answer = b''\n"
+              "    while answer.count(b'\\n') < 2:\n"
+              "        answer += conn.recv(1024)\n"
+              "print(answer.decode().replace('\\r\\n', ' | '))")
+    result = run(*pod.exec_argv(pod.pod, sys.executable, "-c", client, "outside.example", str(BANNER_PORT),
+                                uid=APP_UID))
+    # The banner server saw the preface's first line as it was sent: nothing on the way spoke HTTP to it.
+    assert result.stdout.startswith("220 banner.outside.example ready | 250 got PRI * HTTP/2.0 | "), result
+    assert tcp_numbers(pod)[0] - connections == 1
