@@ -97,6 +97,17 @@ def servers():
 
 
 @pytest.fixture(scope="module")
+def sidecar(tmp_path_factory: pytest.TempPathFactory, servers):
+    """mockb's canary pod's sidecar: its inbound listener in front of the app (the canary WebSocket server)."""
+    services = {f"default/{service}": {lane: [servers.ports[(service, lane)]] for lane in LANES}
+                for service in ("mocka", "mockb")}
+    endpoints = endpoints_file(tmp_path_factory.mktemp("websocket-inbound") / "endpoints.yaml", services)
+    process = ProxyProcess(SWIMLANES, endpoints, inbound_app=servers.ports[("mockb", "canary")]).start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
 def proxy(tmp_path_factory: pytest.TempPathFactory, servers):
     services = {f"default/{service}": {lane: [servers.ports[(service, lane)]] for lane in LANES}
                 for service in ("mocka", "mockb")}
@@ -123,6 +134,17 @@ async def test_a_websocket_is_routed_by_lane_and_keeps_it_for_the_whole_conversa
         for _ in range(3):
             await ws.send("lane?")
             assert await ws.recv() == f"{service} {lane} {lane}"
+
+
+async def test_the_inbound_sidecar_tunnels_a_websocket_to_its_app_and_passes_the_lane_on(sidecar):
+    sock = socket.create_connection(("127.0.0.1", sidecar.inbound_port))
+    async with connect("ws://mockb:8000/ws", sock=sock, additional_headers={"x-asm-prefer-tag": "canary"}) as ws:
+        await ws.send("lane?")
+        assert await ws.recv() == "mockb canary canary"
+        big = bytes(range(256)) * (4 * 1024)
+        await ws.send(big)
+        assert await asyncio.wait_for(ws.recv(), 10) == big
+    assert ws.close_code == 1000
 
 
 @pytest.mark.parametrize("listener", ["gateway", "outbound"])
