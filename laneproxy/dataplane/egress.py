@@ -14,6 +14,7 @@ address is refused, so it cannot loop).
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import TYPE_CHECKING
 
 from laneproxy.core import headers as h
@@ -56,9 +57,22 @@ def split_authority(authority: bytes, default_port: int | None) -> tuple[str, in
         port = int(port_text)
     else:
         raise DownstreamProtocolError(f"invalid port in authority {text!r}")
-    if not host or any(c in host for c in " /?#@\\") or not host.isascii():
+    if not _valid_host(host, bracketed=text.startswith("[")):
         raise DownstreamProtocolError(f"invalid host in authority {text!r}")
     return host, port
+
+
+_NAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+_V6 = re.compile(r"[0-9A-Fa-f:.]{2,45}")
+
+
+def _valid_host(host: str, *, bracketed: bool) -> bool:
+    """A DNS name (labels of 1-63 characters, 253 in all), an IPv4 address, or a bracketed IPv6 address:
+    anything else would fail in the resolver's IDNA step rather than as a clean 400."""
+    if bracketed:
+        return bool(_V6.fullmatch(host))
+    name = host[:-1] if host.endswith(".") else host
+    return 0 < len(name) <= 253 and all(_NAME.fullmatch(label) for label in name.split("."))
 
 
 def _in_mesh(table: RouteTable, host: str, port: int) -> bool:
@@ -133,7 +147,7 @@ async def _open(exchange: Exchange, host: str, port: int) -> None:
     try:
         async with asyncio.timeout(listener.settings.timeouts.connect or None):
             transport, _ = await loop.create_connection(lambda: opening, host, port)
-    except (OSError, TimeoutError) as exc:
+    except (OSError, TimeoutError, ValueError) as exc:  # ValueError: a name the resolver's IDNA step refuses
         routed.cluster_stats.cx_connect_fail += 1
         error = UpstreamConnectError(f"{host}:{port}: {getattr(exc, 'strerror', None) or exc or 'timeout'}")
         exchange.keep_alive = False

@@ -138,9 +138,17 @@ def test_registry_only_answers_both_with_a_clear_502_and_opens_no_connection(clo
 
 
 @pytest.mark.parametrize("authority", [b"localhost:https", b"localhost:99999", b"localhost:0", b"localhost:",
-                                       b"localhost:1" + b"0" * 40, b"localhost", b":443", b"local host:443"])
+                                       b"localhost:1" + b"0" * 40, b"localhost", b":443", b"local host:443",
+                                       b"a..b:443", b"x" * 64 + b".example:443", b"[::1:443", b"[zz::1]:443",
+                                       b"l\xc3\xb6cal:443", b"localhost:+443", b"localhost:4\xd9\xa33"])
 async def test_a_connect_to_something_that_is_not_host_and_port_gets_400_and_opens_nothing(proxy, authority):
     raw = b"CONNECT " + authority + b" HTTP/1.1\r\nHost: " + authority + b"\r\n\r\nGET / HTTP/1.1\r\n\r\n"
+    response, closed = await exchange_until_close(proxy.outbound_port, raw, timeout=5)
+    assert response.startswith(b"HTTP/1.1 400 ") and closed, response
+
+
+async def test_a_proxy_request_for_a_name_the_resolver_would_refuse_gets_400_and_opens_nothing(proxy):
+    raw = b"GET http://a..b/ HTTP/1.1\r\nHost: a..b\r\nConnection: close\r\n\r\n"
     response, closed = await exchange_until_close(proxy.outbound_port, raw, timeout=5)
     assert response.startswith(b"HTTP/1.1 400 ") and closed, response
 
