@@ -174,4 +174,4 @@ async def _open(exchange: Exchange, host: str, port: int) -> None:
     tunnel = Tunnel(loop, down_transport, transport, idle_timeout=listener.settings.tunnel_idle_timeout,  # type: ignore[arg-type]
                     on_closed=ended)
     exchange.finish_tunnelled()
-    tunnel.start(to_upstream=early)
+    tunnel.start(to_upstream=early, to_downstream=opening.said)

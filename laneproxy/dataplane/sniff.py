@@ -145,6 +145,8 @@ class SniffingConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.decided:
+            # Passing through, its destination still connecting: kept for it (reading is paused, so one read at most).
+            self.buffer += data
             return
         self.buffer += data
         kind = classify(self.buffer)
@@ -177,6 +179,9 @@ class SniffingConnection(asyncio.Protocol):
         else:
             # HTTP/2 and TLS are opaque here; a half-closed HTTP/1 client is passed on as it is.
             sni = client_hello_sni(self.buffer) if kind == TLS else None
+            transport = self.transport
+            if transport is not None and not transport.is_closing():
+                transport.pause_reading()  # nothing more is read until the destination is there to take it
             self.listener.loop.create_task(self._pass_through(kind, sni))
 
     def _to_http(self) -> None:
@@ -200,8 +205,6 @@ class SniffingConnection(asyncio.Protocol):
         tcp.cx_active += 1
         cluster.cx_total += 1
         started = loop.time()
-        if not transport.is_closing():
-            transport.pause_reading()  # nothing more is read until the destination is there to take it
         opening = OpeningEnd()
         try:
             async with asyncio.timeout(listener.settings.timeouts.connect or None):
@@ -227,10 +230,12 @@ class SniffingConnection(asyncio.Protocol):
         tunnel = Tunnel(loop, transport, upstream, idle_timeout=listener.settings.tunnel_idle_timeout,  # type: ignore[arg-type]
                         on_closed=ended)
         tunnel.stats = tcp
-        tunnel.start(to_upstream=self.buffer)
+        tunnel.start(to_upstream=self.buffer, to_downstream=opening.said)
         self.buffer = b""
         if self.client_ended:
             tunnel.downstream.eof_received()
+        if opening.lost:
+            tunnel.close()  # the destination hung up before the tunnel existed: what it said is delivered first
 
     def _log(self, kind: str, sni: str | None, started: float, received: int, sent: int, flags: str) -> None:
         observers = self.listener.connection_observers

@@ -162,14 +162,27 @@ class Tunnel:
 
 
 class OpeningEnd(asyncio.Protocol):
-    """A destination's side while its connection opens, before its tunnel exists: not read, so whatever it says
-    first (a server-first banner) waits in the kernel for the tunnel."""
+    """A destination's side while its connection opens, before its tunnel exists: what it says first (a server-first
+    banner) is kept for the tunnel, and reading stops after that read. (uvloop starts reading a new outgoing
+    connection after `connection_made` whatever it asked there: the first read cannot be refused, only kept.)"""
 
     def __init__(self) -> None:
         self.lost = False
+        self.transport: asyncio.Transport | None = None
+        self.early: list[bytes] = []
+
+    @property
+    def said(self) -> bytes:
+        return b"".join(self.early)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
         transport.pause_reading()  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        self.early.append(data)
+        if self.transport is not None:
+            self.transport.pause_reading()  # bounded: nothing more until the tunnel takes over
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
