@@ -207,6 +207,30 @@ def test_a_tunnel_whose_destination_stops_reading_holds_the_client_back_and_the_
     assert peak - baseline < 16 * MIB, f"the proxy grew by {(peak - baseline) / MIB:.1f} MiB"
 
 
+async def test_a_server_that_speaks_first_is_heard_through_a_connect_tunnel(proxy):
+    """The greeting arrives while the tunnel is being set up: it must wait for the client, not be lost."""
+    async def greet(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 greetings\r\n")
+        line = await reader.readline()
+        writer.write(b"250 " + line)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(greet, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        for _ in range(20):
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.outbound_port)
+            writer.write(b"CONNECT 127.0.0.1:%d HTTP/1.1\r\nHost: x\r\n\r\n" % port)
+            assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)).startswith(b"HTTP/1.1 200 ")
+            assert await asyncio.wait_for(reader.readline(), 10) == b"220 greetings\r\n"
+            writer.write(b"HELO\r\n")
+            assert await asyncio.wait_for(reader.read(), 10) == b"250 HELO\r\n"
+            writer.close()
+    finally:
+        server.close()
+
+
 async def test_an_idle_tunnel_is_closed_after_the_tunnel_idle_timeout(tmp_path, origins):
     plain, _ = origins
     process = start_proxy(tmp_path, "--tunnel-idle-timeout", "1")
