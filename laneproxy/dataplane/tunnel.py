@@ -33,12 +33,14 @@ WRITE_HIGH_WATER = 256 * 1024
 WRITE_LOW_WATER = 64 * 1024
 # The most a tunnel holds in memory per direction: a full write buffer plus one read (uvloop reads up to 256 KiB).
 BOUND_PER_DIRECTION = WRITE_HIGH_WATER + 256 * 1024
+# A closed tunnel still flushes what it holds for a side; a side that reads none of it within this is reset.
+FLUSH_GRACE = 30.0
 
 
 class TunnelEnd(asyncio.Protocol):
     """One side of a tunnel: what it reads goes to the other side's transport."""
 
-    __slots__ = ("tunnel", "transport", "peer", "received", "ended", "paused")
+    __slots__ = ("tunnel", "transport", "peer", "received", "ended", "paused", "lost")
 
     def __init__(self, tunnel: Tunnel, transport: asyncio.Transport) -> None:
         self.tunnel = tunnel
@@ -47,6 +49,7 @@ class TunnelEnd(asyncio.Protocol):
         self.received = 0
         self.ended = False  # EOF read from this side
         self.paused = False  # this side's reading is paused for the peer's full write buffer
+        self.lost = False
 
     def data_received(self, data: bytes) -> None:
         self.received += len(data)
@@ -73,7 +76,12 @@ class TunnelEnd(asyncio.Protocol):
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
         self.tunnel.close(exc)
+
+    def abort_unflushed(self) -> None:
+        if not self.lost:
+            self.transport.abort()  # it never read what was left for it: the memory is not kept for it any longer
 
     def pause_writing(self) -> None:
         # This side's write buffer is full: stop reading what would be written to it.
@@ -156,7 +164,12 @@ class Tunnel:
         if self.timer is not None:
             self.timer.cancel()
         for end in (self.downstream, self.upstream):
+            if end.lost:
+                continue
+            flushing = end.transport.get_write_buffer_size() > 0
             end.transport.close()
+            if flushing:
+                self.loop.call_later(FLUSH_GRACE, end.abort_unflushed)
         if self.on_closed is not None:
             self.on_closed(self)
 
