@@ -1,13 +1,15 @@
 """Captured connections: telling the protocol from the first bytes, as Istio's protocol sniffing does.
 
-Owns what the outbound listener does with a connection iptables redirected to it (SO_ORIGINAL_DST): an
+Owns what a sidecar listener does with a connection iptables redirected to it (SO_ORIGINAL_DST): an
 HTTP/1.x request line goes to the HTTP codec and is proxied with lanes; a TLS ClientHello (its SNI read
 for the access log), the HTTP/2 preface (there is no HTTP/2 codec here yet) and anything else are passed
-through as raw TCP to the original destination; so is a client that says nothing for the detection
-timeout (server-first protocols: MySQL, SMTP, a banner). Passed-through connections are counted as
-Envoy's TCP proxy counts them (`tcp.PassthroughCluster.*`, connect failures on the cluster) and get
-one access-log line each when they end. A connection that was not redirected (an app using the
-listener as HTTP_PROXY) is HTTP at once, without waiting.
+through as raw TCP; so is a client that says nothing for the detection timeout (server-first protocols:
+MySQL, SMTP, a banner). The outbound listener passes them to their original destination
+(`tcp.PassthroughCluster.*`), the inbound listener to the app's port they were sent to (a Redis or MySQL
+port the app declares is captured like its HTTP port: `tcp.inbound|<port>||.*`). They are counted as
+Envoy's TCP proxy counts them (connect failures on the cluster) and get one access-log line each when
+they end. A connection that was not redirected (an app using the listener as HTTP_PROXY, a direct
+caller) is HTTP at once, without waiting.
 
 The classification functions are pure and bounded: at most `SNIFF_LIMIT` bytes are held while deciding.
 This module never parses HTTP itself and never reads a byte of a passed-through stream after the first.
@@ -19,12 +21,12 @@ import asyncio
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from laneproxy.core.model import Endpoint
 from laneproxy.dataplane.downstream import DownstreamConnection
 from laneproxy.dataplane.egress import PASSTHROUGH_CLUSTER
 from laneproxy.dataplane.tunnel import OpeningEnd, Tunnel
 
 if TYPE_CHECKING:
-    from laneproxy.core.model import Endpoint
     from laneproxy.dataplane.listener import Listener
 
 HTTP = "http"
@@ -112,21 +114,37 @@ class PassedConnection:
 
 
 def protocol_for(listener: Listener) -> asyncio.Protocol:
-    """The outbound listener's protocol factory: captured connections are sniffed, others are HTTP at once."""
-    if listener.role.name == "outbound":
+    """A sidecar listener's protocol factory: captured connections are sniffed, others are HTTP at once."""
+    if listener.role.name in ("outbound", "inbound"):
         return SniffingConnection(listener)
     return DownstreamConnection(listener)
+
+
+def passthrough_destination(listener: Listener, original: Endpoint) -> tuple[Endpoint, str]:
+    """Where a captured connection that is not HTTP goes, and the name it is counted under.
+
+    Outbound: its original destination, Istio's PassthroughCluster. Inbound: the app's port it was sent to,
+    on the app's address (as the inbound listener's HTTP goes), counted as that port's inbound cluster.
+    """
+    if listener.role.name == "inbound":
+        app = listener.settings.app
+        host = app.host if app is not None else original.host
+        return Endpoint(host, original.port), f"inbound|{original.port}||"
+    return original, PASSTHROUGH_CLUSTER
 
 
 class SniffingConnection(asyncio.Protocol):
     """A connection accepted by the outbound listener until its protocol is known."""
 
-    __slots__ = ("listener", "transport", "original", "buffer", "timer", "client_ended", "decided")
+    __slots__ = ("listener", "transport", "original", "buffer", "timer", "client_ended", "decided", "destination",
+                 "cluster")
 
     def __init__(self, listener: Listener) -> None:
         self.listener = listener
         self.transport: asyncio.Transport | None = None
         self.original: Endpoint | None = None
+        self.destination: Endpoint | None = None
+        self.cluster = PASSTHROUGH_CLUSTER
         self.buffer = b""
         self.timer: asyncio.TimerHandle | None = None
         self.client_ended = False
@@ -138,8 +156,9 @@ class SniffingConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         self.original = original_destination(transport)
         if self.original is None:
-            self._to_http()  # not captured: an app that uses this listener as its HTTP proxy
+            self._to_http()  # not captured: an app that uses this listener as its HTTP proxy, or a direct caller
             return
+        self.destination, self.cluster = passthrough_destination(self.listener, self.original)
         timeout = self.listener.settings.protocol_detection_timeout
         self.timer = self.listener.loop.call_later(timeout, self._decide, TCP) if timeout > 0 else None
 
@@ -195,12 +214,12 @@ class SniffingConnection(asyncio.Protocol):
             connection.data_received(self.buffer)
 
     async def _pass_through(self, kind: str, sni: str | None) -> None:
-        listener, transport, original = self.listener, self.transport, self.original
-        assert transport is not None and original is not None
+        listener, transport, destination = self.listener, self.transport, self.destination
+        assert transport is not None and destination is not None
         loop = listener.loop
         stats = listener.proxy_stats
-        tcp = stats.tcp(PASSTHROUGH_CLUSTER)
-        cluster = stats.cluster(PASSTHROUGH_CLUSTER)
+        tcp = stats.tcp(self.cluster)
+        cluster = stats.cluster(self.cluster)
         tcp.cx_total += 1
         tcp.cx_active += 1
         cluster.cx_total += 1
@@ -208,7 +227,7 @@ class SniffingConnection(asyncio.Protocol):
         opening = OpeningEnd()
         try:
             async with asyncio.timeout(listener.settings.timeouts.connect or None):
-                upstream, _ = await loop.create_connection(lambda: opening, original.host, original.port)
+                upstream, _ = await loop.create_connection(lambda: opening, destination.host, destination.port)
         except (OSError, TimeoutError):
             cluster.cx_connect_fail += 1
             tcp.cx_active -= 1
@@ -245,7 +264,7 @@ class SniffingConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername") if transport is not None else None
         record = PassedConnection(
             protocol=kind, flags=flags, received=received, sent=sent, duration=self.listener.loop.time() - started,
-            upstream=self.original.address if self.original is not None else None, cluster=PASSTHROUGH_CLUSTER,
+            upstream=self.destination.address if self.destination is not None else None, cluster=self.cluster,
             sni=sni, client=f"{peer[0]}:{peer[1]}" if peer else None, listener=self.listener.name)
         for observer in observers:
             observer(record)

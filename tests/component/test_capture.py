@@ -40,6 +40,7 @@ POD_IP, CLIENT_IP = "10.99.0.2", "10.99.0.1"
 MOCKB_SERVICE_IP = "10.96.0.20"  # a Service's cluster IP: nothing listens there
 APP_UID, PROXY_UID = 1000, 1337
 TLS_PORT, REDIS_PORT, BANNER_PORT = 9443, 6379, 2525
+APP_REDIS_PORT = 6380  # the pod's own Redis, a port the app declares: captured inbound like its HTTP ports
 
 BANNER_SERVER = """
 import socket, sys, threading
@@ -233,6 +234,8 @@ class CapturedPod:
         self.spawn("redis", client, "redis-server", "--bind", CLIENT_IP, "--port", str(REDIS_PORT), "--save", "",
                    "--appendonly", "no", "--protected-mode", "no", "--dir", str(self.workdir))
         self.spawn("banner", client, sys.executable, "-c", BANNER_SERVER, CLIENT_IP, str(BANNER_PORT))
+        self.spawn("app-redis", pod, "redis-server", "--bind", "0.0.0.0", "--port", str(APP_REDIS_PORT), "--save", "",
+                   "--appendonly", "no", "--protected-mode", "no", "--dir", str(self.workdir))
 
         self.spawn("mockb-v1", pod, *self.laneproxy("mock", "--listen", "127.0.0.1:18001"),
                    env={"app": "mockb", "version": "v1"})
@@ -247,10 +250,11 @@ class CapturedPod:
                    env={"app": "mocka-metrics", "version": "v1"})
         self.spawn("sidecar", pod, *self.laneproxy(
             "run", "--config", str(self.workdir / "swimlanes.yaml"), "--config", str(self.workdir / "endpoints.yaml"),
-            "--inbound", "0.0.0.0:15006", "--app", "127.0.0.1:8000", "--app-ports", "8000,9090",
+            "--inbound", "0.0.0.0:15006", "--app", "127.0.0.1:8000", "--app-ports", f"8000,9090,{APP_REDIS_PORT}",
             "--outbound", "127.0.0.1:15001", "--admin", "127.0.0.1:15000", "--access-log", "stdout"), uid=PROXY_UID)
         # The init container's job, with the ports injection finds in the app containers.
-        applied = run(*self.exec_argv(pod, *self.laneproxy("capture", "--apply", "--inbound-ports", "8000,9090")))
+        applied = run(*self.exec_argv(pod, *self.laneproxy("capture", "--apply", "--inbound-ports",
+                                                            f"8000,9090,{APP_REDIS_PORT}")))
         self.rules = applied.stdout
         self.wait_ready()
         return self
@@ -261,7 +265,7 @@ class CapturedPod:
         deadline = time.monotonic() + 30
         while True:
             ready = run(*self.exec_argv(self.pod, *probe, "127.0.0.1:18001", "127.0.0.1:18002", "127.0.0.1:8000", "127.0.0.1:9090",
-                                        "127.0.0.1:15006", "127.0.0.1:15001"), check=False).returncode == 0
+                                        "127.0.0.1:15006", "127.0.0.1:15001", f"127.0.0.1:{APP_REDIS_PORT}"), check=False).returncode == 0
             ready = ready and run(*self.exec_argv(self.client, *probe, f"{CLIENT_IP}:{TLS_PORT}",
                                                   f"{CLIENT_IP}:{REDIS_PORT}", f"{CLIENT_IP}:{BANNER_PORT}"),
                                   check=False).returncode == 0
@@ -466,3 +470,13 @@ def test_an_http2_preface_is_passed_through_as_tcp_while_there_is_no_http2_codec
     # The banner server saw the preface's first line as it was sent: nothing on the way spoke HTTP to it.
     assert result.stdout.startswith("220 banner.outside.example ready | 250 got PRI * HTTP/2.0 | "), result
     assert tcp_numbers(pod)[0] - connections == 1
+
+
+def test_a_non_http_port_the_app_declares_is_captured_inbound_and_passed_to_the_app_as_tcp(captured_pod):
+    pod = captured_pod
+    name = f"tcp.inbound|{APP_REDIS_PORT}||.downstream_cx_total"
+    before = pod.stats().get(name, 0)
+    answers = [run(*pod.exec_argv(pod.client, "redis-cli", "-h", POD_IP, "-p", str(APP_REDIS_PORT), *command)).stdout.strip()
+               for command in (["PING"], ["SET", "pod", "mocka"], ["GET", "pod"])]
+    assert answers == ["PONG", "OK", "mocka"]
+    assert pod.stats()[name] - before == 3, "the client's connections did not go through the inbound listener"
