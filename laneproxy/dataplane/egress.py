@@ -149,12 +149,14 @@ async def _open(exchange: Exchange, host: str, port: int) -> None:
             transport, _ = await loop.create_connection(lambda: opening, host, port)
     except (OSError, TimeoutError, ValueError) as exc:  # ValueError: a name the resolver's IDNA step refuses
         routed.cluster_stats.cx_connect_fail += 1
-        error = UpstreamConnectError(f"{host}:{port}: {getattr(exc, 'strerror', None) or exc or 'timeout'}")
+        if exchange.finished:
+            return  # the client left while the connection was being opened: recorded already
+        reason = getattr(exc, "strerror", None) or str(exc) or "connect timeout"
         exchange.keep_alive = False
-        exchange.reply_locally(error.with_cause(exc))
+        exchange.reply_locally(UpstreamConnectError(f"{host}:{port}: {reason}").with_cause(exc))
         return
     downstream = exchange.downstream
-    if exchange.finished or downstream.closed or downstream.transport is None or opening.lost:
+    if exchange.finished or downstream.closed or downstream.transport is None:
         transport.close()
         if not exchange.finished:
             exchange.cancel()
@@ -175,3 +177,5 @@ async def _open(exchange: Exchange, host: str, port: int) -> None:
                     on_closed=ended)
     exchange.finish_tunnelled()
     tunnel.start(to_upstream=early, to_downstream=opening.said)
+    if opening.lost:
+        tunnel.close()  # the destination hung up before the tunnel existed: what it said is delivered first
