@@ -167,6 +167,7 @@ class ProxyApp:
             recorder = IstioRecorder(self.istio, "destination" if inbound else "source", self.workload,
                                      self.settings.own_lane, self.store)
             listener.exchange_observers.append(recorder.record)
+            listener.connection_observers.append(recorder.record_connection)
             # A proxy that does not know its workload has nothing to tell its peers: it sends no header,
             # so the next proxy sees exactly what an Envoy without Istio's metadata exchange would send.
             known = self.workload.name != "unknown"

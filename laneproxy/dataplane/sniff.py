@@ -99,7 +99,8 @@ def client_hello_sni(data: bytes) -> str | None:
 
 @dataclass(frozen=True, slots=True)
 class PassedConnection:
-    """A connection passed through as TCP or TLS, once it ended: what its access-log line says."""
+    """A connection passed through as TCP or TLS: once its destination connected (`closed` False), and once it
+    ended, with what its access-log line says."""
 
     protocol: str  # tls, h2, tcp
     flags: str  # Envoy's response flags: UF (destination refused), DC (client left first), `-`
@@ -111,6 +112,7 @@ class PassedConnection:
     sni: str | None
     client: str | None
     listener: str
+    closed: bool = True
 
 
 def protocol_for(listener: Listener) -> asyncio.Protocol:
@@ -232,23 +234,24 @@ class SniffingConnection(asyncio.Protocol):
             cluster.cx_connect_fail += 1
             tcp.cx_active -= 1
             transport.abort()  # as Envoy's TCP proxy resets a client whose destination cannot be reached
-            self._log(kind, sni, started, 0, 0, "UF")
+            self._report(kind, sni, started, 0, 0, "UF")
             return
         if transport.is_closing():
             upstream.close()
             tcp.cx_active -= 1
-            self._log(kind, sni, started, 0, 0, "DC")
+            self._report(kind, sni, started, 0, 0, "DC")
             return
 
         def ended(tunnel: Tunnel) -> None:
             tcp.cx_active -= 1
             if tunnel.idle_expired:
                 tcp.idle_timeout += 1
-            self._log(kind, sni, started, tunnel.received, tunnel.sent, "-")
+            self._report(kind, sni, started, tunnel.received, tunnel.sent, "-")
 
         tunnel = Tunnel(loop, transport, upstream, idle_timeout=listener.settings.tunnel_idle_timeout,  # type: ignore[arg-type]
                         on_closed=ended)
         tunnel.stats = tcp
+        self._report(kind, sni, started, 0, 0, "-", closed=False)  # opened: Istio's connections_opened
         tunnel.start(to_upstream=self.buffer, to_downstream=opening.said)
         self.buffer = b""
         if self.client_ended:
@@ -256,7 +259,8 @@ class SniffingConnection(asyncio.Protocol):
         if opening.lost:
             tunnel.close()  # the destination hung up before the tunnel existed: what it said is delivered first
 
-    def _log(self, kind: str, sni: str | None, started: float, received: int, sent: int, flags: str) -> None:
+    def _report(self, kind: str, sni: str | None, started: float, received: int, sent: int, flags: str, *,
+             closed: bool = True) -> None:
         observers = self.listener.connection_observers
         if not observers:
             return
@@ -265,7 +269,7 @@ class SniffingConnection(asyncio.Protocol):
         record = PassedConnection(
             protocol=kind, flags=flags, received=received, sent=sent, duration=self.listener.loop.time() - started,
             upstream=self.destination.address if self.destination is not None else None, cluster=self.cluster,
-            sni=sni, client=f"{peer[0]}:{peer[1]}" if peer else None, listener=self.listener.name)
+            sni=sni, client=f"{peer[0]}:{peer[1]}" if peer else None, listener=self.listener.name, closed=closed)
         for observer in observers:
             observer(record)
 

@@ -198,6 +198,8 @@ class AccessLog:
 
     def record_connection(self, connection: PassedConnection) -> None:
         """A passed-through connection's line (register as a listener's connection observer)."""
+        if not connection.closed:
+            return  # one line per connection, when it ends
         entry = connection_entry(connection, wall_now=self.wall_clock())
         if not self.pending:
             self.loop.call_soon(self.flush)

@@ -444,6 +444,11 @@ def test_redis_cli_against_redis_server_passes_through_as_tcp(captured_pod):
     assert after[1] - received >= len("*1\r\n$4\r\nPING\r\n") and after[2] - sent >= len("+PONG\r\n")
     log = (pod.workdir / "sidecar.log").read_text()
     assert f'"- - TCP" 0 - ' in log and f'"{CLIENT_IP}:{REDIS_PORT}"' in log
+    # Istio's TCP metrics, as the sidecar's Prometheus endpoint reports them (on by default).
+    closed = [line for line in pod.admin("/stats/prometheus")[1].splitlines()
+              if line.startswith("istio_tcp_connections_closed_total{") and 'reporter="source"' in line
+              and 'destination_service="PassthroughCluster"' in line and 'response_flags="-"' in line]
+    assert closed and float(closed[0].rsplit(" ", 1)[1]) >= 3, closed
 
 
 def test_a_server_first_protocol_passes_through_once_the_silent_client_times_out_detection(captured_pod):
