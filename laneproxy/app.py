@@ -21,8 +21,7 @@ from laneproxy.core.errors import LaneProxyError
 from laneproxy.core.model import Endpoint
 from laneproxy.core.propagation import TraceLaneTable
 from laneproxy.core.store import RouteTableStore
-from laneproxy.core.balance import RandomPicker
-from laneproxy.dataplane.health import EndpointSelector, FailedHops, OutlierDetector
+from laneproxy.core.balance import EndpointSelector, FailedHops, OutlierDetector, RandomPicker
 from laneproxy.dataplane.listener import GatewayRole, InboundRole, Listener, OutboundRole
 from laneproxy.dataplane.upstream import UpstreamPools
 from laneproxy.dataplane.route_trail import RouteTrails
@@ -104,7 +103,7 @@ class ProxyApp:
         self.outliers = OutlierDetector(consecutive_5xx=settings.outlier.consecutive_5xx,
                                         ejection_seconds=settings.outlier.ejection_seconds,
                                         max_ejection_percent=settings.outlier.max_ejection_percent, clock=loop.time)
-        selector = EndpointSelector(picker, self.outliers)
+        selector = EndpointSelector(picker, self.outliers, random.random)
         self._start_observability(loop)
         roles = []
         if settings.gateway:
@@ -113,7 +112,7 @@ class ProxyApp:
             if settings.app is None:
                 raise StartupError("--inbound needs --app: the address of the local application")
             roles.append(("inbound", settings.inbound,
-                          InboundRole(self.stats, EndpointSelector(picker, None), Endpoint(settings.app.host, settings.app.port),
+                          InboundRole(self.stats, EndpointSelector(picker, None, random.random), Endpoint(settings.app.host, settings.app.port),
                                       self.traces, settings.app_ports)))
         if settings.outbound:
             roles.append(("outbound", settings.outbound, OutboundRole(self.stats, selector, self.traces, settings.own_lane)))

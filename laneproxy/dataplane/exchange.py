@@ -27,53 +27,20 @@ from laneproxy.core.errors import (
     UpstreamResetError,
     UpstreamTimeoutError,
 )
+from laneproxy.core.retry import IDEMPOTENT, REPLAY_LIMIT
 from laneproxy.dataplane import codec
 from laneproxy.dataplane.route_trail import TRAIL_HOPS
 
 if TYPE_CHECKING:
+    from laneproxy.core.retry import RetryPolicy
     from laneproxy.dataplane.downstream import DownstreamConnection
     from laneproxy.dataplane.listener import Listener, Target
     from laneproxy.dataplane.upstream import UpstreamConnection, UpstreamPool
 
 _NO_BODY_STATUS = frozenset({204, 304})
-_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _CHUNKED = b"transfer-encoding: chunked\r\n"
 _CLOSE = b"connection: close\r\n"
-# Request body bytes kept after they went upstream, so that a request the next proxy never forwarded
-# (its app refused the connection) can go to another endpoint, POSTs included. Beyond this, no replay.
-_REPLAY_LIMIT = 64 * 1024
-
-
-class RetryPolicy:
-    """How many retries a request may take and on what; parsed once per request only when overridden."""
-
-    __slots__ = ("max_retries", "retry_on", "status_codes")
-
-    def __init__(self, max_retries: int, retry_on: frozenset[str], status_codes: frozenset[int]) -> None:
-        self.max_retries = max_retries
-        self.retry_on = retry_on
-        self.status_codes = status_codes
-
-    def with_overrides(self, max_retries: bytes | None, retry_on: bytes | None) -> RetryPolicy:
-        """Apply `x-envoy-max-retries` / `x-envoy-retry-on` from a trusted caller; bad values are ignored."""
-        count = self.max_retries
-        if max_retries is not None and max_retries.strip().isdigit():
-            count = min(int(max_retries), 10)
-        on = self.retry_on
-        if retry_on is not None:
-            on = frozenset(token.strip().decode("latin-1") for token in retry_on.split(b",") if token.strip())
-        return RetryPolicy(count, on, self.status_codes)
-
-    def on_failure(self, kind: str) -> bool:
-        """kind: connect-failure or reset."""
-        on = self.retry_on
-        return kind in on or "5xx" in on or (kind == "connect-failure" and "gateway-error" in on)
-
-    def on_status(self, status: int) -> bool:
-        on = self.retry_on
-        return (("5xx" in on and status >= 500) or ("gateway-error" in on and status in (502, 503, 504))
-                or ("retriable-status-codes" in on and status in self.status_codes))
 
 
 class Exchange:
@@ -128,7 +95,7 @@ class Exchange:
         self.trail_key: bytes | None = None  # the trace the trail is kept under (inbound: answered and closed)
         self.trace: bytes | None = None  # the swimlane trace key, set by the role (sidecar listeners)
         self.failed_hop: bytes | None = None  # flags of a later hop's failure this 5xx carries (x-laneproxy-failed-hop)
-        self.replay: list[bytes] | None = []  # body bytes sent upstream, while within _REPLAY_LIMIT; None past it
+        self.replay: list[bytes] | None = []  # body bytes sent upstream, while within REPLAY_LIMIT; None past it
         self.replay_bytes = 0
 
     # request side, driven by the downstream parser ---------------------------------------------
@@ -171,7 +138,7 @@ class Exchange:
 
     def _keep_for_replay(self, data: bytes) -> None:
         self.replay_bytes += len(data)
-        if self.replay_bytes > _REPLAY_LIMIT:
+        if self.replay_bytes > REPLAY_LIMIT:
             self.replay = None
         else:
             self.replay.append(data)  # type: ignore[union-attr]
@@ -290,7 +257,7 @@ class Exchange:
     def _retryable(self) -> bool:
         # A streamed body is gone once sent: only bodiless idempotent requests are replayed.
         return (self.attempts <= self.retry.max_retries and not self.has_body and self.request_complete
-                and not self.response_started and self.method in _IDEMPOTENT and not self.finished)
+                and not self.response_started and self.method in IDEMPOTENT and not self.finished)
 
     def _unsent_retryable(self) -> bool:
         # The connection never opened, so nothing reached the upstream and every body byte received so far

@@ -25,12 +25,12 @@ from laneproxy.core import headers as h
 from laneproxy.core.errors import DownstreamProtocolError, NoHealthyUpstreamError, NoRouteError
 from laneproxy.core.model import Endpoint, Route, RouteTable, ServiceRoutes
 from laneproxy.core.propagation import LaneSource, TraceLaneTable, resolve_lane, trace_key
+from laneproxy.core.retry import RetryPolicy
 from laneproxy.core.routing import choose_ingress
 from laneproxy.dataplane.codec import DateCache
 from laneproxy.dataplane.downstream import DownstreamConnection
-from laneproxy.dataplane.exchange import RetryPolicy
 from laneproxy.dataplane.header_policy import RequestHeaderPolicy, response_headers
-from laneproxy.dataplane.health import EndpointSelector, FailedHops
+from laneproxy.core.balance import EndpointSelector, FailedHops
 from laneproxy.dataplane.route_trail import TRAIL_HOPS, RouteTrails, hop
 
 if TYPE_CHECKING:
