@@ -106,14 +106,3 @@ def response_head(status: int, header_pairs: Iterable[tuple[bytes, bytes]], reas
         parts += (name, b": ", value, CRLF)
     parts.append(CRLF)
     return b"".join(parts)
-
-
-def local_reply(status: int, body: bytes, *, date: bytes, server: bytes, close: bool, extra=()) -> bytes:
-    """A complete response written by the proxy itself, shaped like Envoy's local replies."""
-    pairs = [(h.CONTENT_LENGTH, b"%d" % len(body))]
-    if body:
-        pairs.append((h.CONTENT_TYPE, b"text/plain"))
-    pairs += [(h.DATE, date), (h.SERVER, server), *extra]
-    if close:
-        pairs.append((h.CONNECTION, b"close"))
-    return response_head(status, pairs) + body

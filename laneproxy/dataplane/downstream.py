@@ -25,7 +25,7 @@ import httptools
 
 from laneproxy.core import headers as h
 from laneproxy.core.errors import DownstreamProtocolError, HeadersTooLargeError, LocalReplyError, RequestTimeoutError
-from laneproxy.dataplane import codec
+from laneproxy.dataplane import codec, local_reply
 from laneproxy.dataplane.exchange import Exchange
 
 if TYPE_CHECKING:
@@ -432,8 +432,8 @@ class DownstreamConnection(asyncio.Protocol):
         self.input_done, self.unparsed = True, None  # never feed the broken stream again
         broken, self.parsing = self.parsing, None
         waiting, self.to_begin = self.to_begin, None
-        reply = codec.local_reply(error.status, error.body.encode(), date=self.listener.dates.value(),
-                                  server=self.listener.server_name, close=True)
+        reply = local_reply.http1(local_reply.build(error, date=self.listener.dates.value(),
+                                                    server=self.listener.server_name), close=True)
         for exchange in self.queue:
             exchange.cancel()
         self.queue.clear()

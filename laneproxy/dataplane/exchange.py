@@ -28,7 +28,7 @@ from laneproxy.core.errors import (
     UpstreamTimeoutError,
 )
 from laneproxy.core.retry import IDEMPOTENT, REPLAY_LIMIT
-from laneproxy.dataplane import codec
+from laneproxy.dataplane import codec, local_reply
 from laneproxy.dataplane.route_trail import TRAIL_HOPS
 
 if TYPE_CHECKING:
@@ -461,14 +461,10 @@ class Exchange:
         listener = self.listener
         close = not self.keep_alive or self.downstream.closes_after_this_response()
         # The outbound listener answers the app for the next hop: say so, for apps that pass headers on.
-        flag = error.flag.encode()
-        extra = ((h.X_LANEPROXY_FAILED_HOP, flag),) if error.status >= 500 and listener.marks_local_replies else ()
-        if error.forwarded_nothing:
-            extra += ((h.X_LANEPROXY_NOT_FORWARDED, flag),)
-        self.downstream.write(codec.local_reply(
-            error.status, error.body.encode(), date=listener.dates.value(), server=listener.server_name, close=close,
-            extra=extra,
-        ))
+        reply = local_reply.build(error, date=listener.dates.value(), server=listener.server_name,
+                                  grpc=local_reply.is_grpc(self.headers),
+                                  marks=local_reply.marks(error, about_later_hop=listener.marks_local_replies))
+        self.downstream.write(local_reply.http1(reply, close=close))
         self.keep_alive = not close
         self._finish()
 

@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING, Callable
 import httptools
 
 from laneproxy.core import headers as h
-from laneproxy.core.errors import DownstreamProtocolError, NoHealthyUpstreamError, NoRouteError
+from laneproxy.core.errors import DownstreamProtocolError, NoHealthyUpstreamError
 from laneproxy.core.model import Endpoint, Route, RouteTable, ServiceRoutes
-from laneproxy.core.propagation import LaneSource, TraceLaneTable, resolve_lane, trace_key
+from laneproxy.core.decision import INBOUND, OUTBOUND, PASSTHROUGH_CLUSTER, RequestMeta, RouteDecision, decide
+from laneproxy.core.propagation import LaneSource, TraceLaneTable, trace_key
 from laneproxy.core.retry import RetryPolicy
-from laneproxy.core.routing import choose_ingress
 from laneproxy.dataplane.codec import DateCache
 from laneproxy.dataplane.downstream import DownstreamConnection
 from laneproxy.dataplane.header_policy import RequestHeaderPolicy, response_headers
@@ -91,6 +91,10 @@ def header_value(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | Non
     return None
 
 
+def _no_draw() -> float:
+    return 0.0  # only the gateway's weighted ingress draws; the other roles' decisions use no randomness
+
+
 class Role:
     """How one kind of listener turns a request into a Target; subclasses implement `choose`."""
 
@@ -104,6 +108,8 @@ class Role:
         self.tracer: ExchangeTracer | None = None
         self.peer_header: bytes | None = None  # this workload, sent upstream for Istio's metrics (app wires it)
         self.trails: RouteTrails | None = None  # "where did this request go", when configured
+        self.traces: TraceLaneTable | None = None  # sidecars: the trace -> lane table the decision reads or fills
+        self.random_value: Callable[[], float] = _no_draw  # the gateway's weighted ingress draws
 
     def trace_value(self, exchange: Exchange, table: RouteTable) -> bytes | None:
         """The swimlane trace key of a request (the first group's trace header), for the route trail."""
@@ -130,9 +136,6 @@ class Role:
             self.tracer.start(exchange, target, table)
         return target
 
-    def choose(self, exchange: Exchange, table: RouteTable) -> Target:
-        raise NotImplementedError
-
     def follow_trail(self, exchange: Exchange, target: Target, table: RouteTable) -> None:
         """Outbound: a call in a trace whose trail is open adds its hop and asks the next sidecar for its own."""
         trails = self.trails
@@ -146,12 +149,35 @@ class Role:
             exchange.trail = trail
             target.overrides[h.X_LANEPROXY_ROUTE] = b"1"
 
+    def meta(self, exchange: Exchange, path: bytes, authority: bytes | None) -> RequestMeta:
+        """The request as routing sees it, whatever the codec."""
+        return RequestMeta(self.name, authority or exchange.host, path, exchange.headers)
+
+    def choose(self, exchange: Exchange, table: RouteTable) -> Target:
+        """Ask core.decision where the request goes, then pick a healthy endpoint of that route."""
+        path, authority = split_target(exchange)
+        decision = decide(table, self.meta(exchange, path, authority), self.traces, self.random_value())
+        self.count(decision)
+        if decision.trace is not None:
+            exchange.trace = decision.trace  # before the endpoint is chosen: a `no healthy upstream` is remembered
+        overrides = dict(decision.upstream_headers)
+        if authority is not None:
+            overrides[h.HOST] = authority
+        if decision.routes is None and decision.route.cluster == PASSTHROUGH_CLUSTER:
+            # No outlier ejection: there is no other endpoint to try.
+            route = decision.route
+            return Target(route.endpoints[0], path, overrides, self.stats.cluster(route.cluster), route, None, None)
+        return self._target(decision, path, overrides)
+
+    def count(self, decision: RouteDecision) -> None:
+        """Count what the decision says about lanes (the outbound listener counts where lanes came from)."""
+
     def static_routes(self) -> tuple[Route, ...]:
         """Routes this role serves that are not in the route table (shown by /clusters and /stats)."""
         return ()
 
-    def _target(self, route: Route, routes: ServiceRoutes | None, path: bytes, overrides: dict[bytes, bytes],
-                source: LaneSource | None) -> Target:
+    def _target(self, decision: RouteDecision, path: bytes, overrides: dict[bytes, bytes]) -> Target:
+        route, routes = decision.route, decision.routes
         try:
             endpoint, route, spilled = self.selector.choose(route, routes)
         except NoHealthyUpstreamError:
@@ -166,7 +192,8 @@ class Role:
                 lanes.fallbacks[(route.service, route.lane_asked, route.lane_used)] += 1
                 if spilled:
                     lanes.spills[(route.service, route.lane_asked, route.lane_used)] += 1
-        return Target(endpoint, path, overrides, self.stats.cluster(route.cluster), route, routes, source)
+        return Target(endpoint, path, overrides, self.stats.cluster(route.cluster), route, routes,
+                      decision.lane_source)
 
 
 class GatewayRole(Role):
@@ -190,19 +217,6 @@ class GatewayRole(Role):
         if token is not None and header_value(exchange.headers, h.X_LANEPROXY_ROUTE) == token:
             exchange.trail = [hop(target.route)]
             target.overrides[h.X_LANEPROXY_ROUTE] = b"1"
-
-    def choose(self, exchange: Exchange, table: RouteTable) -> Target:
-        path, authority = split_target(exchange)
-        host = authority or exchange.host or b""
-        headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in exchange.headers}
-        decision = choose_ingress(table, host.decode("latin-1"), path.split(b"?", 1)[0].decode("latin-1"),
-                                  headers, self.random_value())
-        overrides = {decision.group.route_header_key: decision.lane.encode()} if decision.lane else {}
-        if authority is not None:
-            overrides[h.HOST] = authority
-        return self._target(decision.route, table.routes.get(decision.route.service), path, overrides,
-                            LaneSource.ROUTE_HEADER)
-
 
 class InboundRole(Role):
     """In front of the local app: remember trace -> lane, then hand the request to the app unchanged."""
@@ -242,25 +256,9 @@ class InboundRole(Role):
             exchange.trail = trails.open(key)
             exchange.trail_key = key
 
-    def choose(self, exchange: Exchange, table: RouteTable) -> Target:
-        path, authority = split_target(exchange)
-        for group in table.groups.values():
-            if group.trace_header is None:
-                continue
-            route_header, trace_header = group.route_header_key, group.trace_header_key
-            lane = trace = None
-            for name, value in exchange.headers:
-                if name == route_header:
-                    lane = value
-                elif name == trace_header:
-                    trace = value
-            key = trace_key(trace_header, trace) if trace else None
-            if key is not None and exchange.trace is None:
-                exchange.trace = key  # to recognise the app's 5xx for a call that failed further on
-            if lane and key is not None and table.is_lane(lane.decode("latin-1")):
-                self.traces.remember(key, lane)
-        overrides = {h.HOST: authority} if authority is not None else {}
-        return self._target(self.route_for(exchange), None, path, overrides, None)
+    def meta(self, exchange: Exchange, path: bytes, authority: bytes | None) -> RequestMeta:
+        return RequestMeta(INBOUND, authority or exchange.host, path, exchange.headers,
+                           local_route=self.route_for(exchange))
 
 
 class OutboundRole(Role):
@@ -277,59 +275,17 @@ class OutboundRole(Role):
         self.traces = traces
         self.own_lane = own_lane.encode() if own_lane else None
 
-    def choose(self, exchange: Exchange, table: RouteTable) -> Target:
-        path, authority = split_target(exchange)
-        host = authority or exchange.host
-        if not host:
-            raise NoRouteError("no host")
-        overrides = {h.HOST: authority} if authority is not None else {}
-        routes = table.hosts.get(host) or table.hosts.get(host.lower())
-        if routes is None or routes.passthrough:
-            # Asked only here, so a request for a group's service never pays for the system call.
-            original = original_destination(exchange.downstream.transport)
-            if original is not None:
-                by_address = table.hosts.get(original.address.encode()) if routes is None else None
-                if by_address is not None and not by_address.passthrough:
-                    routes = by_address  # called by ClusterIP under another Host: the service, in its lane
-                else:
-                    # Captured by iptables on its way to a host no group takes over (no service at all, a
-                    # Service of no group, selector-less, ExternalName): on to where it was going.
-                    route = passthrough_route(original)  # no outlier ejection: there is no other endpoint to try
-                    return Target(original, path, overrides, self.stats.cluster(route.cluster), route, None, None)
-            elif routes is None:
-                raise NoRouteError(f"no service for host {host.decode('latin-1')!r}")
-        group = routes.group
-        if group is None:
-            return self._target(routes.default, routes, path, overrides, None)
-        route_header = group.route_header_key
-        trace_header = group.trace_header_key
-        if group.permissive:
-            route_value = trace_value = baggage_value = None
-            for name, value in exchange.headers:
-                if name == route_header:
-                    route_value = value
-                elif name == trace_header:
-                    trace_value = value
-                elif name == h.BAGGAGE:
-                    baggage_value = value
-            lane, source = resolve_lane(route_value, trace_value, baggage_value, trace_header=trace_header,
-                                        route_header=route_header, traces=self.traces)
-        else:
-            lane, source = self.own_lane, LaneSource.OWN_LANE
-            trace_value = header_value(exchange.headers, trace_header) if trace_header is not None else None
-        if trace_value and trace_header is not None:
-            # Before the endpoint is chosen: a `no healthy upstream` is remembered for this trace too (FailedHops).
-            exchange.trace = trace_key(trace_header, trace_value)
-        route = routes.route_for(lane)
-        self.stats.lanes.lane_sources[source.value] += 1
-        if route.lane_asked is not None:
-            # The lane asked travels on, even across a fallback hop, so the next hop returns to it.
-            overrides[route_header] = route.lane_asked_value
-        return self._target(route, routes, path, overrides, source)
+    def meta(self, exchange: Exchange, path: bytes, authority: bytes | None) -> RequestMeta:
+        transport = exchange.downstream.transport
+        return RequestMeta(OUTBOUND, authority or exchange.host, path, exchange.headers, own_lane=self.own_lane,
+                           original_destination=lambda: original_destination(transport))
+
+    def count(self, decision: RouteDecision) -> None:
+        if decision.group is not None and decision.lane_source is not None:
+            self.stats.lanes.lane_sources[decision.lane_source.value] += 1
 
 
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h: the destination a connection had before REDIRECT
-PASSTHROUGH_CLUSTER = "PassthroughCluster"  # Istio's name for traffic to destinations outside the mesh
 
 
 def original_destination(transport: asyncio.BaseTransport | None) -> Endpoint | None:
@@ -351,10 +307,6 @@ def original_destination(transport: asyncio.BaseTransport | None) -> Endpoint | 
     if original == tuple(transport.get_extra_info("sockname")[:2]):
         return None  # not redirected: passing it on would loop back here
     return Endpoint(*original)
-
-
-def passthrough_route(endpoint: Endpoint) -> Route:
-    return Route(PASSTHROUGH_CLUSTER, None, None, PASSTHROUGH_CLUSTER, (endpoint,))
 
 
 class Listener:
