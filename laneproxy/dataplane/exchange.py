@@ -477,20 +477,15 @@ class Exchange:
             connection.abandon()
         self._finish()
 
+    @property
+    def protocol(self) -> str:
+        return "HTTP/1.%d" % self.http_minor
+
     def _finish(self) -> None:
         self.finished = True
         self.deadline = 0.0
         self.pending_body = None
         if self.pending_bytes:
             self._release_pending()
-        routed = self.routed
-        if routed is not None and self.counted_active:
-            stats = routed.cluster_stats
-            stats.rq_active -= 1
-            if self.response_status:
-                stats.rq_by_code[self.response_status] += 1
-            elapsed_ms = (self.listener.loop.time() - self.start) * 1000.0
-            stats.rq_time_ms_sum += elapsed_ms
-            stats.rq_time_count += 1
         self.listener.on_exchange_done(self)
         self.downstream.exchange_done(self)

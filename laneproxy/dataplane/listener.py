@@ -32,6 +32,7 @@ from laneproxy.dataplane.downstream import DownstreamConnection
 from laneproxy.dataplane.header_policy import RequestHeaderPolicy, response_headers
 from laneproxy.core.balance import EndpointSelector, FailedHops
 from laneproxy.dataplane.route_trail import TRAIL_HOPS, RouteTrails, hop
+from laneproxy.observability.recorder import ExchangeRecorder
 
 if TYPE_CHECKING:
     from laneproxy.core.store import RouteTableStore
@@ -339,7 +340,8 @@ class Listener:
         self.trust_envoy_headers = role.name != "gateway"
         self.draining = False
         self.address_tag = ""  # `0.0.0.0_8080` once bound
-        self.exchange_observers: list[Callable[[Exchange], None]] = []  # access log, tracing, Istio's metrics
+        # Counts each finished exchange once, then hands it to the access log, tracing and Istio's metrics.
+        self.recorder = ExchangeRecorder(self.stats, loop.time)
         self.reads_peer = False  # an upstream's peer header is read from responses (Istio's source reporter)
         self.response_peer: bytes | None = None  # inbound: this workload, answered to the caller
         # The app's calls that failed further on (outbound records, inbound marks the app's 5xx): see FailedHops.
@@ -403,34 +405,16 @@ class Listener:
         return overrides
 
     def on_exchange_done(self, exchange: Exchange) -> None:
-        stats = self.stats
         status = exchange.response_status
-        stats.rq_total += 1
-        stats.rq_by_class[status // 100] += 1
-        elapsed_ms = (self.loop.time() - exchange.start) * 1000.0
-        stats.rq_time.record(elapsed_ms)
-        error = exchange.error
-        routed = exchange.routed
-        if routed is not None:
-            host = routed.host_stats
-            if host is not None:
-                host.rq_active -= 1
-                # A retry may have moved the request to another endpoint: the outcome is the last one's.
-                _count_host_result(routed.cluster_stats.host(routed.endpoint), status,
-                                   error.flag if error is not None else None)
-            if error is None and status:
-                routed.cluster_stats.rq_time.record(elapsed_ms)
-        elif error is not None and error.flag == "NR":
-            stats.no_route += 1
         if status >= 500 and exchange.trace is not None and self.failed_hops is not None and self.role.name == "outbound":
+            error = exchange.error
             self.failed_hops.remember(exchange.trace, error.flag.encode() if error is not None
                                       else exchange.failed_hop or b"-")
-        for observer in self.exchange_observers:
-            observer(exchange)
+        self.recorder.record(exchange)
 
     def attach_tracer(self, tracer: ExchangeTracer) -> None:
         self.role.tracer = tracer
-        self.exchange_observers.append(tracer.finish)
+        self.recorder.observers.append(tracer.finish)
 
     def active_requests(self) -> int:
         """Requests received and not yet answered, pipelined ones included (downstream_rq_active)."""
@@ -467,21 +451,4 @@ class Listener:
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()
-
-
-def _count_host_result(host: HostStats, status: int, flag: str | None) -> None:
-    """Envoy's per-host outcome: a connect failure never reached the host; 5xx, resets and timeouts are errors."""
-    if flag == "UF":
-        host.cx_connect_fail += 1
-        host.rq_error += 1
-        return
-    if flag is None and status == 0:
-        return  # the client left; nothing to say about the host
-    host.rq_total += 1
-    if flag is not None or status >= 500:
-        host.rq_error += 1
-        if flag == "UT":
-            host.rq_timeout += 1
-    else:
-        host.rq_success += 1
 
