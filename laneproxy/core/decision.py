@@ -145,7 +145,8 @@ def _outbound(table: RouteTable, request: RequestMeta, traces: TraceLaneTable | 
         lane, source = _permissive_lane(route_value, key, baggage_value, route_header, traces)
     route = routes.route_for(lane)
     # The lane asked travels on, even across a fallback hop, so the next hop returns to it.
-    upstream = {route_header: route.lane_asked_value} if route.lane_asked is not None else {}
+    asked = route.lane_asked_value
+    upstream = {route_header: asked} if asked is not None else {}
     return RouteDecision(route, routes, lane, source, upstream, key, group, None, traces is not None)
 
 

@@ -124,9 +124,9 @@ class RequestHeaderPolicy:
                 values.append(value)
         chosen = {}
         for name, values in sent.items():
-            value = edge_trace_value(name, values, trust=self.trust_client_trace_id, bits=self.trace_bits)
-            if value is not None:
-                chosen[name] = value
+            edge_value = edge_trace_value(name, values, trust=self.trust_client_trace_id, bits=self.trace_bits)
+            if edge_value is not None:
+                chosen[name] = edge_value
         if chosen:
             exchange.headers = [(n, v) for n, v in exchange.headers if n not in chosen]
             exchange.headers.extend(chosen.items())

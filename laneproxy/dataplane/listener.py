@@ -62,7 +62,7 @@ class Target:
         self.request_id: bytes | None = None  # x-request-id as sent upstream
         self.timeout: float | None = None  # route timeout in seconds, x-envoy-upstream-rq-timeout-ms applied
         self.service_time_ms: int | None = None  # x-envoy-upstream-service-time, once the response head is in
-        self.span = None  # the OpenTelemetry span, when tracing is on
+        self.span: object = None  # the OpenTelemetry span, when tracing is on
 
 
 def split_target(exchange: Exchange) -> tuple[bytes, bytes | None]:
@@ -331,7 +331,7 @@ class Listener:
         self.buffer_limit = settings.per_connection_buffer_limit_bytes
         self.connections: set[DownstreamConnection] = set()
         self.server: asyncio.AbstractServer | None = None
-        self.sweeper: asyncio.Task | None = None
+        self.sweeper: asyncio.Task[None] | None = None
         self.now = loop.time()  # a coarse clock for timeouts, advanced by the sweeper
         retries = settings.retries
         self.retry_policy = RetryPolicy(retries.max_retries, frozenset(retries.retry_on),
@@ -359,7 +359,7 @@ class Listener:
                                                     reuse_port=reuse_port or None, backlog=1024)
         self.address_tag = f"{host}_{self.server.sockets[0].getsockname()[1]}"  # Envoy's listener_address tag
         self.sweeper = self.loop.create_task(self._sweep(), name=f"{self.name}-timeouts")
-        return self.server.sockets[0].getsockname()[1]
+        return int(self.server.sockets[0].getsockname()[1])
 
     async def _sweep(self) -> None:
         """Advance the coarse clock and enforce per-connection timeouts, without a timer per request."""

@@ -304,7 +304,7 @@ class UpstreamPool:
             return connection
         return None
 
-    def connect(self, on_done: Callable[[UpstreamConnection | None, LocalReplyError | None], None]) -> asyncio.Task:
+    def connect(self, on_done: Callable[[UpstreamConnection | None, LocalReplyError | None], None]) -> asyncio.Task[None]:
         """Open a new connection in the background and call `on_done(connection, error)`."""
         self.pending += 1
         return self._loop.create_task(self._connect(on_done))
