@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 from laneproxy.core import headers as h
 
@@ -48,7 +48,7 @@ def write_headers(
         parts += (name, b": ", value, CRLF)
 
 
-def write_response_headers(parts: list[bytes], header_list: list[tuple[bytes, bytes]],
+def write_response_headers(parts: list[bytes], header_list: Sequence[tuple[bytes, bytes]],
                            overrides: Mapping[bytes, bytes]) -> bool:
     """One pass over an upstream response's headers: drop hop-by-hop ones, apply overrides; True if it has a length.
 

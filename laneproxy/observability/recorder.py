@@ -58,6 +58,8 @@ class FinishedExchange(Protocol):
     def error(self) -> LocalReplyError | None: ...
     @property
     def protocol(self) -> str: ...  # "HTTP/1.1", "HTTP/2": the downstream's
+    @property
+    def response_started(self) -> bool: ...  # the upstream's response head went to the client
 
     method: bytes
     target: bytes
@@ -65,7 +67,6 @@ class FinishedExchange(Protocol):
     headers: list[tuple[bytes, bytes]]
     start: float  # loop time the request began
     response_status: int  # 0 when the client left before any response
-    response_started: bool
     request_bytes: int
     response_bytes: int
     peer: bytes | None
