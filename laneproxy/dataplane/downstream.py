@@ -29,6 +29,7 @@ from laneproxy.core import headers as h
 from laneproxy.core.errors import DownstreamProtocolError, HeadersTooLargeError, LocalReplyError, RequestTimeoutError
 from laneproxy.dataplane import codec, local_reply
 from laneproxy.dataplane.exchange import Exchange
+from laneproxy.dataplane.http2 import PREFACE, Http2Connection
 
 if TYPE_CHECKING:
     from laneproxy.dataplane.listener import Listener
@@ -58,7 +59,7 @@ class DownstreamConnection(asyncio.Protocol):
         "connection_tokens", "expect_continue", "max_retries", "retry_on", "head_since", "last_activity",
         "transfer_codings", "in_trailers", "to_begin", "deferred_reply", "head_pending", "heads_begun",
         "buffered", "upstream_full", "input_done", "unparsed", "unparsed_from", "feed_scheduled",
-        "pending_head", "response_chunked",
+        "pending_head", "response_chunked", "sniffed",
     )
 
     def __init__(self, listener: Listener) -> None:
@@ -99,6 +100,7 @@ class DownstreamConnection(asyncio.Protocol):
         self.feed_scheduled = False
         self.pending_head: bytes | None = None  # the active response's head, held to go out with its first body bytes
         self.response_chunked = False  # the active response is re-framed chunked (its length is unknown)
+        self.sniffed: bytes | None = b""  # the first bytes, until they tell HTTP/2's preface from HTTP/1.x; then None
 
     # asyncio.Protocol -------------------------------------------------------------------------
 
@@ -108,7 +110,35 @@ class DownstreamConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_activity = self.listener.now
+        if self.sniffed is not None:
+            # The first bytes: HTTP/2 with prior knowledge starts with its 24-byte preface, which no HTTP/1.x
+            # request does. Fewer bytes that could still be the preface wait for more (24 at most).
+            seen = self.sniffed + data
+            if seen[:24] == PREFACE[:len(seen)]:
+                if len(seen) < len(PREFACE):
+                    self.sniffed = seen
+                    return
+                self.sniffed = None
+                self._become_http2(seen)
+                return
+            self.sniffed = None
+            data = seen
         self._feed(data, 0, whole_if_room=True)
+
+    def _become_http2(self, data: bytes) -> None:
+        """Hand the connection to the HTTP/2 codec, which takes the transport and the bytes read so far."""
+        transport = self.transport
+        if transport is None:
+            return
+        self.closed = True  # this object is done; the listener counts the connection once, as HTTP/2
+        connection = Http2Connection(self.listener, transport)
+        transport.set_protocol(connection)  # type: ignore[arg-type]
+        self.listener.connection_upgraded(self, connection)
+        connection.data_received(data)
+
+    def request_count(self) -> int:
+        """Requests received and not yet answered, pipelined ones included."""
+        return (self.active is not None) + len(self.queue)
 
     def _feed(self, data: bytes, start: int, *, whole_if_room: bool) -> None:
         """Parse data[start:]; keep what is left when reading must stop (the queue or the buffer is full)."""
@@ -457,7 +487,8 @@ class DownstreamConnection(asyncio.Protocol):
     @property
     def idle(self) -> bool:
         """No request of this client is in flight: nothing received since its last response (not even part of a head)."""
-        return self.active is None and self.parsing is None and self.head_pending < 0 and self.unparsed is None
+        return (self.active is None and self.parsing is None and self.head_pending < 0 and self.unparsed is None
+                and not self.sniffed)
 
     def closes_after_this_response(self) -> bool:
         """Draining, and no further request of this client has begun to arrive: the response being written says

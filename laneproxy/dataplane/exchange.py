@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
     from laneproxy.core.retry import RetryPolicy
     from laneproxy.dataplane.listener import Listener, Target
-    from laneproxy.dataplane.upstream import UpstreamConnection, UpstreamPool
+    from laneproxy.dataplane.upstream import UpstreamPool
 
 
 class ResponseState(Enum):
@@ -82,7 +82,6 @@ class DownstreamStream(Protocol):
 class UpstreamStream(Protocol):
     """The upstream side of one attempt: a pooled HTTP/1.1 connection lent to the exchange, or an HTTP/2 stream."""
 
-    pool: UpstreamPool
     reused: bool  # it carried a request before (a keep-alive connection the upstream may have closed meanwhile)
 
     @property
@@ -104,7 +103,7 @@ class Exchange:
     __slots__ = (
         "downstream", "listener", "method", "target", "http_minor", "headers", "host", "keep_alive",
         "request_chunked", "has_body", "request_complete", "pending_body", "upstream", "routed",
-        "state", "head_sent", "response_keep_alive", "response_status", "protocol", "trailers",
+        "state", "head_sent", "response_keep_alive", "grpc_timeout", "response_status", "protocol", "trailers",
         "deadline", "start", "connection_tokens", "error", "expect_continue", "retry", "attempts",
         "last_activity", "counted_active", "request_bytes", "response_bytes",
         "pending_bytes", "peer", "trail", "trail_key", "trace", "failed_hop", "replay", "replay_bytes",
@@ -138,6 +137,7 @@ class Exchange:
         self.response_keep_alive = False  # the upstream connection may carry another request (HTTP/1.1 upstreams)
         self.response_status = 0
         self.trailers: list[tuple[bytes, bytes]] | None = None  # request trailers (HTTP/2, gRPC), sent at the end
+        self.grpc_timeout: float | None = None  # the deadline a gRPC client asked for (grpc-timeout): the route timeout
         self.deadline = 0.0  # route timeout, loop time; 0 when not armed (the listener's sweeper enforces it)
         self.start = 0.0
         self.error: LocalReplyError | None = None
@@ -230,6 +230,9 @@ class Exchange:
             stats.rq_active += 1
             self.counted_active = True
         self.attempts += 1
+        if self._upstream_http2():
+            self._dispatch_http2()
+            return
         pool = self.listener.pools.get(routed.endpoint.host, routed.endpoint.port)
         connection = pool.take_idle()
         if connection is not None:
@@ -241,12 +244,38 @@ class Exchange:
             return
         self._open_connection(pool)
 
+    def _upstream_http2(self) -> bool:
+        """The service port's protocol (Route.protocol, as Istio selects it) if it names one, else the client's."""
+        assert self.routed is not None
+        protocol = getattr(self.routed.route, "protocol", "auto")
+        if protocol == "http2":
+            return True
+        if protocol == "http1":
+            return False
+        return self.protocol == "HTTP/2"
+
+    def _dispatch_http2(self) -> None:
+        """A stream on a multiplexed connection to the endpoint, opening one when none has room."""
+        routed = self.routed
+        assert routed is not None
+        pool = self.listener.h2_pools.get(routed.endpoint.host, routed.endpoint.port)
+        stream = pool.take_stream()
+        if stream is not None:
+            self._attach(stream)
+            return
+        if pool.pending >= self.listener.settings.circuit_breakers.max_pending_requests:
+            routed.cluster_stats.rq_overflow += 1
+            self.reply_locally(UpstreamOverflowError("max pending requests"))
+            return
+        if pool.connect(self._on_connected):
+            routed.cluster_stats.cx_total += 1  # Envoy counts every connection attempt
+
     def _open_connection(self, pool: UpstreamPool) -> None:
         assert self.routed is not None
         self.routed.cluster_stats.cx_total += 1  # Envoy counts every connection attempt
         pool.connect(self._on_connected)
 
-    def _on_connected(self, connection: UpstreamConnection | None, error: LocalReplyError | None) -> None:
+    def _on_connected(self, connection: UpstreamStream | None, error: LocalReplyError | None) -> None:
         routed = self.routed
         assert routed is not None
         if connection is None:
@@ -294,6 +323,8 @@ class Exchange:
             routed = self.routed
             timeout = routed.timeout if routed is not None and routed.timeout is not None else \
                 self.listener.settings.timeouts.route
+            if self.grpc_timeout is not None:
+                timeout = self.grpc_timeout  # as Envoy with max_grpc_timeout: the caller's deadline is the route's
             if timeout > 0:
                 # No timer object per request: the listener's sweeper compares deadlines a few times a second.
                 self.deadline = self.listener.loop.time() + timeout

@@ -29,6 +29,8 @@ from laneproxy.core.propagation import LaneSource, TraceLaneTable, trace_key
 from laneproxy.core.retry import RetryPolicy
 from laneproxy.dataplane.codec import DateCache
 from laneproxy.dataplane.downstream import DownstreamConnection
+from laneproxy.dataplane.http2 import Http2Connection
+from laneproxy.dataplane.http2_upstream import Http2Pools
 from laneproxy.dataplane.header_policy import RequestHeaderPolicy, response_headers
 from laneproxy.core.balance import EndpointSelector, FailedHops
 from laneproxy.dataplane.route_trail import TRAIL_HOPS, RouteTrails, hop
@@ -319,6 +321,9 @@ class Listener:
         self.role = role
         self.store = store
         self.pools = pools
+        # HTTP/2 upstreams: multiplexed connections per endpoint (gRPC, or a port that says http2).
+        self.h2_pools = Http2Pools(loop, connect_timeout=settings.timeouts.connect,
+                                   max_response_head_bytes=settings.max_response_headers_kb * 1024)
         self.proxy_stats = stats
         self.stats = stats.listener(name)
         self.settings = settings
@@ -329,7 +334,7 @@ class Listener:
         self.max_header_count = settings.max_request_headers_count
         self.max_pipelined = settings.max_pipelined_requests
         self.buffer_limit = settings.per_connection_buffer_limit_bytes
-        self.connections: set[DownstreamConnection] = set()
+        self.connections: set[DownstreamConnection | Http2Connection] = set()
         self.server: asyncio.AbstractServer | None = None
         self.sweeper: asyncio.Task[None] | None = None
         self.now = loop.time()  # a coarse clock for timeouts, advanced by the sweeper
@@ -379,9 +384,20 @@ class Listener:
         if self.draining:
             connection.draining = True
 
-    def connection_closed(self, connection: DownstreamConnection) -> None:
+    def connection_closed(self, connection: DownstreamConnection | Http2Connection) -> None:
         self.connections.discard(connection)
         self.stats.cx_active -= 1
+        if isinstance(connection, Http2Connection):
+            self.stats.cx_http2_active -= 1
+
+    def connection_upgraded(self, old: DownstreamConnection, new: Http2Connection) -> None:
+        """A connection that began with HTTP/2's preface: the same client connection, now HTTP/2's."""
+        self.connections.discard(old)
+        self.connections.add(new)
+        self.stats.cx_http2 += 1
+        self.stats.cx_http2_active += 1
+        # Draining: the new connection is served and gets its GOAWAY after its first response (as an HTTP/1.1
+        # one gets `Connection: close` on it), so a client never sees a GOAWAY before its first stream.
 
     def response_overrides(self, exchange: Exchange) -> dict[bytes, bytes]:
         milliseconds = int((self.loop.time() - exchange.start) * 1000.0)
@@ -418,7 +434,7 @@ class Listener:
 
     def active_requests(self) -> int:
         """Requests received and not yet answered, pipelined ones included (downstream_rq_active)."""
-        return sum((connection.active is not None) + len(connection.queue) for connection in self.connections)
+        return sum(connection.request_count() for connection in self.connections)
 
     def resume(self) -> None:
         """Undo `drain` for new connections (after /healthcheck/ok); drained connections still close."""
@@ -448,6 +464,7 @@ class Listener:
     async def stop(self) -> None:
         if self.sweeper is not None:
             self.sweeper.cancel()
+        self.h2_pools.close()
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()

@@ -91,6 +91,8 @@ class ExchangeRecorder:
         status = exchange.response_status
         elapsed_ms = (self.clock() - exchange.start) * 1000.0
         stats.rq_total += 1
+        if exchange.protocol == "HTTP/2":
+            stats.rq_http2 += 1
         stats.rq_by_class[status // 100] += 1
         stats.rq_time.record(elapsed_ms)
         error = exchange.error

@@ -14,7 +14,7 @@ from laneproxy.observability.stats import ProxyStats
 ENDPOINT = Endpoint("10.0.0.1", 8000)
 
 
-def exchange(stats: ProxyStats, *, status: int, error=None, routed: bool = True):
+def exchange(stats: ProxyStats, *, status: int, error=None, routed: bool = True, protocol: str = "HTTP/1.1"):
     cluster = stats.cluster("outbound|8000|base|mockb")
     target = None
     if routed:
@@ -22,7 +22,8 @@ def exchange(stats: ProxyStats, *, status: int, error=None, routed: bool = True)
         host = cluster.host(ENDPOINT)
         host.rq_active += 1
         target = SimpleNamespace(cluster_stats=cluster, host_stats=host, endpoint=ENDPOINT)
-    return SimpleNamespace(response_status=status, start=10.0, error=error, routed=target, counted_active=routed)
+    return SimpleNamespace(response_status=status, start=10.0, error=error, routed=target, counted_active=routed,
+                           protocol=protocol)
 
 
 @pytest.mark.parametrize(
@@ -52,3 +53,12 @@ def test_a_request_no_route_serves_counts_as_no_route_on_its_listener_and_touche
     recorder.record(exchange(stats, status=404, error=NoRouteError(), routed=False))
     assert (stats.listener("gateway").no_route, stats.listener("gateway").rq_by_class[4]) == (1, 1)
     assert stats.cluster("outbound|8000|base|mockb").rq_by_code[404] == 0
+
+
+def test_http2_streams_are_counted_as_http2_requests_and_the_rest_as_http1():
+    stats = ProxyStats()
+    recorder = ExchangeRecorder(stats.listener("gateway"), clock=lambda: 10.0)
+    for protocol in ("HTTP/2", "HTTP/2", "HTTP/1.1"):
+        recorder.record(exchange(stats, status=200, protocol=protocol))
+    records = {record.name: record.value for record in stats.listener("gateway").records()}
+    assert (records["http.gateway.downstream_rq_http2_total"], records["http.gateway.downstream_rq_http1_total"]) == (2, 1)
