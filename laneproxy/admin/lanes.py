@@ -1,7 +1,7 @@
 """/lanes and /route: the running lookup table, and where one request would go and why.
 
 /lanes is the table: service x lane -> the lane that serves it, its cluster and endpoints, and
-whether that is a fallback. /route answers for one request described in the query
+whether that is a fallback; each service with its port's upstream protocol (http1, http2 or auto). /route answers for one request described in the query
 (`?host=mockb&path=/mock&header=x-asm-prefer-tag:canary&listener=outbound`), using the same pure
 routing functions as the data plane; with endpoints ejected it adds `health`: each lane of the chain's
 healthy fraction and the lane that fallback chains and spill pick for the draw `random`. It never touches live state: the trace-id -> lane table is not
@@ -28,6 +28,7 @@ def lanes_document(table: RouteTable) -> dict:
         services[key] = {
             "group": routes.group.name if routes.group else None,
             "port": routes.service.port,
+            "protocol": routes.service.protocol.value,
             "lanes": {
                 lane.decode(): {
                     "lane_used": route.lane_used,
@@ -69,6 +70,7 @@ def _route_document(route: Route, ejected: frozenset) -> dict:
         "fallback": route.fallback,
         "fallback_chain": list(route.chain),
         "cluster": route.cluster,
+        "protocol": route.protocol.value,
         "endpoints": [endpoint.address for endpoint in route.endpoints],
         "ejected_endpoints": [endpoint.address for endpoint in route.endpoints if endpoint in ejected],
     }

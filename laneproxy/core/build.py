@@ -37,6 +37,7 @@ from laneproxy.core.model import (
     ServiceRoutes,
     StringMatch,
     SwimLaneGroup,
+    UpstreamProtocol,
 )
 
 SWIMLANE_API = "istio.alibabacloud.com/v1"
@@ -54,6 +55,10 @@ FALLBACK_CHAIN_ANNOTATION = "laneproxy.dev/fallback-chain"
 # spill-below: "0.5": below half of its endpoints healthy, the lane keeps healthy/0.5 of its traffic.
 SPILL_BELOW_ANNOTATION = "laneproxy.dev/spill-below"
 ALL_SERVICES = "*"
+# Istio's protocol names that mean HTTP/2 on the wire (its `IsHTTP2`), and Kubernetes' standard appProtocol
+# for HTTP/2 over cleartext; bare `h2c` too, which people write for it.
+_HTTP2_PROTOCOLS = frozenset({"grpc", "grpc-web", "http2"})
+_H2C_APP_PROTOCOLS = frozenset({"kubernetes.io/h2c", "h2c"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,6 +267,7 @@ class _PortDecl:
     port: int
     target: int | str | None  # a number, or a container port name resolved per pod
     endpoints: list[Endpoint]
+    protocol: UpstreamProtocol | None = None  # None: not said (a LaneEndpoints file without `protocol`): auto
 
 
 @dataclass(slots=True)
@@ -506,6 +512,35 @@ def _parse_address(fields: _Fields, path: str, value: Any) -> Endpoint | None:
     return Endpoint(host, int(port_text))
 
 
+def select_protocol(port_name: str, app_protocol: str | None) -> UpstreamProtocol:
+    """A Kubernetes Service port's upstream protocol, selected as Istio selects it.
+
+    `appProtocol`, when set, decides alone (the port name is not read); else the port name does. Either is
+    read up to its first '-' (`grpc-api` is grpc), after a `grpc-web` prefix check; grpc, grpc-web and http2
+    are HTTP/2, and so is the appProtocol `kubernetes.io/h2c` (or `h2c`). Anything else, and no name at all,
+    is the downstream's protocol (auto), as the issue asks: Istio would send HTTP/1.1 to a port named `http`.
+    """
+    name = (app_protocol or port_name).lower()
+    if app_protocol and name in _H2C_APP_PROTOCOLS:
+        return UpstreamProtocol.HTTP2
+    if name.startswith("grpc-web"):
+        return UpstreamProtocol.HTTP2
+    return UpstreamProtocol.HTTP2 if name.split("-", 1)[0] in _HTTP2_PROTOCOLS else UpstreamProtocol.AUTO
+
+
+def _endpoints_protocol(fields: _Fields) -> UpstreamProtocol | None:
+    """A LaneEndpoints service's `protocol`: http1, http2 or auto; absent: not said (auto)."""
+    value = fields.body.get("protocol")
+    if value is None:
+        return None
+    try:
+        return UpstreamProtocol(value)
+    except ValueError:
+        choices = ", ".join(protocol.value for protocol in UpstreamProtocol)
+        fields.fail("protocol", f"unknown protocol {value!r} (use one of: {choices}; gRPC and h2c are http2)")
+        return None
+
+
 def _endpoints_decls(doc: ConfigDocument, problems: _Problems) -> list[_ServiceDecl]:
     root = _Fields(problems, doc.source, "LaneEndpoints", doc.body)
     services = root.body.get("services")
@@ -544,7 +579,7 @@ def _endpoints_decls(doc: ConfigDocument, problems: _Problems) -> list[_ServiceD
                 labels = MappingProxyType({TRAFFIC_TAG_LABEL: str(tag)})
                 endpoints.append(Endpoint(endpoint.host, endpoint.port, labels))
         decls.append(_ServiceDecl(doc.source, namespace or DEFAULT_NAMESPACE, name,
-                                  [_PortDecl("", port, None, endpoints)], None))
+                                  [_PortDecl("", port, None, endpoints, _endpoints_protocol(fields))], None))
     return decls
 
 
@@ -566,7 +601,9 @@ def _kube_service_decl(doc: ConfigDocument, problems: _Problems) -> _ServiceDecl
         if not (number or isinstance(target, str) and target):
             fields.fail("targetPort", f"expected a port number from 1 to 65535 or a port name, got {target!r}")
             target = port
-        ports.append(_PortDecl(fields.string("name", "") or "", port, target, []))
+        port_name = fields.string("name", "") or ""
+        protocol = select_protocol(port_name, fields.string("appProtocol"))
+        ports.append(_PortDecl(port_name, port, target, [], protocol))
     if name is None or not ports:
         return None
     selector = spec.string_map("selector") or None
@@ -714,11 +751,11 @@ def build(documents: Iterable[ConfigDocument], *, version: str, namespace: str =
             if api != ENDPOINTS_API:
                 problems.add(doc.source, "LaneEndpoints.apiVersion", f"expected {ENDPOINTS_API}, got {api!r}")
             for decl in _endpoints_decls(doc, problems):
-                _merge_service(services, decl)
+                _merge_service(services, decl, problems)
         elif kind == "Service" and api == "v1":
             kube_decl = _kube_service_decl(doc, problems)
             if kube_decl is not None:
-                _merge_service(services, kube_decl)
+                _merge_service(services, kube_decl, problems)
         elif kind == "Pod" and api == "v1":
             pod = _pod_decl(doc, problems)
             if pod is not None:
@@ -793,13 +830,23 @@ def build_skipping(documents: Iterable[ConfigDocument], *, version: str, namespa
                      frozenset(at_last_good))
 
 
-def _merge_service(services: dict[str, _ServiceDecl], decl: _ServiceDecl) -> None:
-    """A Kubernetes Service defines the ports; addresses a LaneEndpoints file lists join its first port."""
+def _merge_service(services: dict[str, _ServiceDecl], decl: _ServiceDecl, problems: _Problems) -> None:
+    """A Kubernetes Service defines the ports; addresses a LaneEndpoints file lists join its first port, and
+    the protocol the file names (an operator's override) replaces that port's. Two files naming two protocols
+    for one service is a problem."""
     key = f"{decl.namespace}/{decl.name}"
     existing = services.get(key)
     if existing is None:
         services[key] = decl
-    elif decl.kube:
+        return
+    kube, listed = (decl, existing) if decl.kube else (existing, decl)
+    said, first = listed.ports[0].protocol, kube.ports[0]
+    if not kube.kube and said is not None and first.protocol is not None and first.protocol is not said:
+        problems.add(listed.source, f"LaneEndpoints.services.{key}.protocol",
+                     f"{said.value} here, {first.protocol.value} in {kube.source}")
+    if said is not None:
+        first.protocol = said
+    if decl.kube:
         decl.ports[0].endpoints.extend(existing.ports[0].endpoints)
         services[key] = decl
     else:
@@ -872,7 +919,8 @@ def _assemble(
                 service_decls[key] = _ServiceDecl(group.source, ns, name, [_PortDecl("", DEFAULT_SERVICE_PORT, None, [])],
                                                   None)
     # One Service per port: each port has its own endpoints (its own target port) and its own clusters.
-    by_port = {key: [Service(d.namespace, d.name, p.port, _unique(p.endpoints)) for p in d.ports]
+    by_port = {key: [Service(d.namespace, d.name, p.port, _unique(p.endpoints), p.protocol or UpstreamProtocol.AUTO)
+                     for p in d.ports]
                for key, d in sorted(service_decls.items())}
     services = {key: ports[0] for key, ports in by_port.items()}
 
@@ -1015,7 +1063,8 @@ def _names(names: Iterable[str]) -> str:
 def _service_routes(service: Service, group: SwimLaneGroup | None, passthrough: bool = False) -> ServiceRoutes:
     """Precompute the route for every lane of the service's group, fallback included."""
     if group is None:
-        default = Route(service.key, None, None, _cluster_name(service, None), service.endpoints)
+        default = Route(service.key, None, None, _cluster_name(service, None), service.endpoints,
+                        protocol=service.protocol)
         return ServiceRoutes(service, None, MappingProxyType({}), default, passthrough)
     members: dict[str, tuple[Endpoint, ...]] = {}
     for lane in group.lanes.values():
@@ -1028,10 +1077,10 @@ def _service_routes(service: Service, group: SwimLaneGroup | None, passthrough: 
         # The first lane of the chain with endpoints serves; with none, the last one (and its 503).
         used = next((name for name in (lane.name, *chain) if members.get(name)), chain[-1] if chain else lane.name)
         by_lane[lane.name.encode()] = Route(service.key, lane.name, used, _cluster_name(service, used),
-                                            members.get(used, ()), chain)
+                                            members.get(used, ()), chain, service.protocol)
     base = group.fallback_target
     if base is not None and base.encode() in by_lane:
         default = by_lane[base.encode()]
     else:
-        default = Route(service.key, None, None, _cluster_name(service, None), ())
+        default = Route(service.key, None, None, _cluster_name(service, None), (), protocol=service.protocol)
     return ServiceRoutes(service, group, MappingProxyType(by_lane), default)

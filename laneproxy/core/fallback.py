@@ -58,7 +58,7 @@ def choose_lane(route: Route, routes: ServiceRoutes | None, healthy: Healthy, ra
         if not alive:
             continue
         served = own if lane == route.lane_asked else Route(route.service, route.lane_asked, lane, own.cluster,
-                                                              own.endpoints, route.chain)
+                                                              own.endpoints, route.chain, own.protocol)
         last = LaneChoice(served, alive, spilled)
         threshold = lanes[lane].spill_below if lane in lanes else 0.0
         keep = 1.0 if threshold <= 0.0 else min(1.0, len(alive) / len(own.endpoints) / threshold)

@@ -31,14 +31,27 @@ class Endpoint:
         return all(self.labels.get(key) == value for key, value in selector.items())
 
 
+class UpstreamProtocol(str, Enum):
+    """The protocol spoken to a service port's endpoints, as Istio selects it (see build.select_protocol)."""
+
+    HTTP1 = "http1"
+    HTTP2 = "http2"
+    AUTO = "auto"  # the downstream's protocol: HTTP/2 upstream for an HTTP/2 request, HTTP/1.1 for HTTP/1.1
+
+    def for_downstream(self, downstream: UpstreamProtocol) -> UpstreamProtocol:
+        """The protocol of the upstream request when the downstream one arrived in `downstream` (http1 or http2)."""
+        return downstream if self is UpstreamProtocol.AUTO else self
+
+
 @dataclass(frozen=True, slots=True)
 class Service:
-    """A Kubernetes-style service: `namespace/name`, its port and every endpoint of every lane."""
+    """A Kubernetes-style service: `namespace/name`, its port, the port's protocol and every endpoint of every lane."""
 
     namespace: str
     name: str
     port: int
     endpoints: tuple[Endpoint, ...] = ()
+    protocol: UpstreamProtocol = UpstreamProtocol.AUTO
 
     @property
     def key(self) -> str:
@@ -161,7 +174,7 @@ class SwimLaneGroup:
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    """The resolved answer for (service, lane asked): the lane that serves it and its endpoints."""
+    """The resolved answer for (service, lane asked): the lane that serves it, its endpoints and their protocol."""
 
     service: str
     lane_asked: str | None
@@ -173,6 +186,8 @@ class Route:
     # chain, or the group's fallback target); empty in strict mode and outside any group. Not part of a
     # route's identity: two routes to the same endpoints of the same lane are equal, however they got there.
     chain: tuple[str, ...] = field(default=(), compare=False)
+    # What the endpoints speak (the service port's protocol): the upstream codec's choice, per request.
+    protocol: UpstreamProtocol = UpstreamProtocol.AUTO
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lane_asked_value", self.lane_asked.encode() if self.lane_asked else None)

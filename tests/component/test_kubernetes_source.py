@@ -655,6 +655,23 @@ async def test_services_are_read_as_kube_proxy_serves_them(cluster: Cluster, kub
                                    header_params={"Accept": "application/json"}, response_types_map={"200": "object"})
 
 
+async def test_a_service_ports_app_protocol_and_name_select_its_upstream_protocol(cluster: Cluster, kubeconfig: Path) -> None:
+    """appProtocol and port names as the API server stores them reach the table: HTTP/2 ports, the rest auto."""
+    await start_seed(cluster, BASE)
+    labels = {TEST_LABEL[0]: TEST_LABEL[1]}
+    await cluster.apply({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "rpc", "namespace": NAMESPACE,
+                                                                             "labels": labels},
+                         "spec": {"selector": {"app": "rpc"}, "ports": [
+                             {"name": "http", "port": 8000},
+                             {"name": "grpc-api", "port": 9000},
+                             {"name": "web", "port": 9001, "appProtocol": "kubernetes.io/h2c"},
+                             {"name": "grpc-legacy", "port": 9002, "appProtocol": "http"}]}})
+    async with running_source(kubeconfig) as (store, _):
+        await eventually(lambda: store.ready and b"rpc:9002" in store.current.hosts, what="every port of rpc")
+        protocols = {port: store.current.hosts[b"rpc:%d" % port].service.protocol.value for port in (8000, 9000, 9001, 9002)}
+    assert protocols == {8000: "auto", 9000: "http2", 9001: "http2", 9002: "auto"}
+
+
 # ---------------------------------------------------------------------------------------------
 # Faults
 
