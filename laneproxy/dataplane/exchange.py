@@ -103,7 +103,7 @@ class Exchange:
     __slots__ = (
         "downstream", "listener", "method", "target", "http_minor", "headers", "host", "keep_alive",
         "request_chunked", "has_body", "request_complete", "pending_body", "upstream", "routed",
-        "state", "head_sent", "response_keep_alive", "grpc_timeout", "response_status", "protocol", "trailers",
+        "state", "head_sent", "response_keep_alive", "grpc_timeout", "deadline_timer", "response_status", "protocol", "trailers",
         "deadline", "start", "connection_tokens", "error", "expect_continue", "retry", "attempts",
         "last_activity", "counted_active", "request_bytes", "response_bytes",
         "pending_bytes", "peer", "trail", "trail_key", "trace", "failed_hop", "replay", "replay_bytes",
@@ -138,6 +138,7 @@ class Exchange:
         self.response_status = 0
         self.trailers: list[tuple[bytes, bytes]] | None = None  # request trailers (HTTP/2, gRPC), sent at the end
         self.grpc_timeout: float | None = None  # the deadline a gRPC client asked for (grpc-timeout): the route timeout
+        self.deadline_timer: asyncio.TimerHandle | None = None  # a gRPC deadline is kept to the millisecond
         self.deadline = 0.0  # route timeout, loop time; 0 when not armed (the listener's sweeper enforces it)
         self.start = 0.0
         self.error: LocalReplyError | None = None
@@ -328,6 +329,15 @@ class Exchange:
             if timeout > 0:
                 # No timer object per request: the listener's sweeper compares deadlines a few times a second.
                 self.deadline = self.listener.loop.time() + timeout
+                if self.grpc_timeout is not None:
+                    # A caller's deadline also runs in the app, which answers DEADLINE_EXCEEDED itself the moment it
+                    # passes: the proxy answers first, as Envoy's timer does, so it gets a timer of its own.
+                    self.deadline_timer = self.listener.loop.call_at(self.deadline, self._deadline_passed)
+
+    def _deadline_passed(self) -> None:
+        self.deadline_timer = None
+        if self.deadline and self.state is not ResponseState.DONE:
+            self.on_timeout()
 
     def on_timeout(self) -> None:
         self.deadline = 0.0
@@ -368,6 +378,9 @@ class Exchange:
         assert routed is not None
         self.upstream = None
         self.deadline = 0.0
+        if self.deadline_timer is not None:  # the next attempt arms its own
+            self.deadline_timer.cancel()
+            self.deadline_timer = None
         try:
             routed.endpoint, _ = self.listener.role.selector.select(routed.route, routed.routes)
         except NoHealthyUpstreamError as error:
@@ -540,6 +553,9 @@ class Exchange:
     def _finish(self) -> None:
         self.state = ResponseState.DONE
         self.deadline = 0.0
+        if self.deadline_timer is not None:
+            self.deadline_timer.cancel()
+            self.deadline_timer = None
         self.pending_body = None
         if self.pending_bytes:
             self._release_pending()

@@ -4,8 +4,9 @@ Owns the shape of Envoy's local replies: status, `content-type: text/plain` body
 the mesh marks (`x-laneproxy-failed-hop` on an outbound listener's 5xx, `x-laneproxy-not-forwarded`
 when nothing went further), and for a gRPC request (`content-type: application/grpc...`) Envoy's
 "trailers-only" answer: HTTP 200 with `grpc-status` and `grpc-message` in the headers and no body
-(no route 12 UNIMPLEMENTED, no healthy upstream / connect failure / overflow 14 UNAVAILABLE, route
-timeout 4 DEADLINE_EXCEEDED, otherwise Envoy's HTTP->gRPC status mapping). `LocalReply` is codec
+(Envoy's HTTP->gRPC status mapping: no route 12 UNIMPLEMENTED; no healthy upstream, connect failure,
+overflow and the route timeout, a caller's `grpc-timeout` included, 14 UNAVAILABLE, as real Envoy 1.40
+answers them in tests/component/test_grpc_local_replies.py). `LocalReply` is codec
 neutral (status, headers, body); `http1` serialises it for HTTP/1.1 and `h2_headers` gives the
 HTTP/2 header block. It never decides whether a request fails, never counts and never writes to a socket.
 """
@@ -16,7 +17,7 @@ from typing import Iterable, NamedTuple, Sequence
 from urllib.parse import quote
 
 from laneproxy.core import headers as h
-from laneproxy.core.errors import LocalReplyError, UpstreamTimeoutError
+from laneproxy.core.errors import LocalReplyError
 from laneproxy.dataplane.codec import response_head
 
 GRPC_CONTENT_TYPE = b"application/grpc"
@@ -50,9 +51,7 @@ def is_grpc(headers: Iterable[tuple[bytes, bytes]]) -> bool:
 
 
 def grpc_status(error: LocalReplyError) -> int:
-    """The gRPC status Envoy answers a gRPC caller for this failure."""
-    if isinstance(error, UpstreamTimeoutError):
-        return DEADLINE_EXCEEDED  # Envoy's router answers a route timeout of a gRPC call this way
+    """The gRPC status Envoy answers a gRPC caller for this failure (a route timeout's 504 too: 14, not 4)."""
     return _HTTP_TO_GRPC.get(error.status, UNKNOWN)
 
 

@@ -170,13 +170,14 @@ def grpc_headers(authority: bytes, path: bytes, extra: list[tuple[bytes, bytes]]
             (b"content-type", b"application/grpc"), (b"te", b"trailers"), *extra]
 
 
-def test_grpc_timeout_is_the_route_timeout_and_expiry_is_answered_deadline_exceeded(sidecar, silent):
+def test_grpc_timeout_is_the_route_timeout_and_expiry_is_answered_unavailable_as_envoy_does(sidecar, silent):
     cluster = "cluster.outbound|8000||mockd.default.svc.cluster.local"
     streams = silent.streams
     response, trailers, data, elapsed = raw_call(
         sidecar.outbound_port, grpc_headers(b"mockd", b"/lanetest.Echo/Slow", [(b"grpc-timeout", b"300m")]),
         b"\x00\x00\x00\x00\x01x")
-    assert (response[b":status"], response[b"grpc-status"], trailers, data) == (b"200", b"4", {}, b"")
+    assert (response[b":status"], response[b"grpc-status"], response[b"grpc-message"], trailers, data) == (
+        b"200", b"14", b"upstream request timeout", {}, b"")
     assert silent.streams == streams + 1
     assert elapsed < 2.0, "the proxy waited the 15 s route timeout instead of the caller's deadline"
     assert sidecar.stat(f"{cluster}.upstream_rq_timeout") == 1

@@ -39,7 +39,7 @@ def parsed(raw: bytes) -> tuple[int, dict[bytes, bytes], bytes]:
 @pytest.mark.parametrize(
     ("error", "grpc_status"),
     [(NoRouteError(), b"12"), (NoHealthyUpstreamError(), b"14"), (UpstreamConnectError(), b"14"),
-     (UpstreamOverflowError(), b"14"), (UpstreamResetError(), b"14"), (UpstreamTimeoutError(), b"4"),
+     (UpstreamOverflowError(), b"14"), (UpstreamResetError(), b"14"), (UpstreamTimeoutError(), b"14"),
      (DownstreamProtocolError(), b"13")],
     ids=["no-route", "no-healthy-upstream", "connect-failure", "overflow", "reset", "route-timeout", "bad-request"],
 )
