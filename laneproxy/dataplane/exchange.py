@@ -53,7 +53,10 @@ class ResponseState(Enum):
     DONE = "done"  # finished: answered, reset or abandoned; nothing more is sent or counted
 
 
-_UNANSWERED = frozenset({ResponseState.WAITING, ResponseState.DISCARDING})  # the client has seen nothing yet
+# Module-level names for the states: an Enum member looked up on its class costs a descriptor call per use.
+_WAITING, _DISCARDING, _STARTED, _DONE = (ResponseState.WAITING, ResponseState.DISCARDING, ResponseState.STARTED,
+                                          ResponseState.DONE)
+_UNANSWERED = frozenset({_WAITING, _DISCARDING})  # the client has seen nothing yet
 
 
 class DownstreamStream(Protocol):
@@ -132,7 +135,7 @@ class Exchange:
         self.pending_bytes = 0  # counted against the client connection's buffer limit until sent or dropped
         self.upstream: UpstreamStream | None = None
         self.routed: Target | None = None
-        self.state = ResponseState.WAITING
+        self.state = _WAITING
         self.head_sent = False  # the upstream's response head went to the client: stays true once DONE
         self.response_keep_alive = False  # the upstream connection may carry another request (HTTP/1.1 upstreams)
         self.response_status = 0
@@ -157,7 +160,7 @@ class Exchange:
 
     @property
     def finished(self) -> bool:
-        return self.state is ResponseState.DONE
+        return self.state is _DONE
 
     @property
     def response_started(self) -> bool:
@@ -180,7 +183,7 @@ class Exchange:
         self._dispatch()
 
     def on_request_body(self, data: bytes) -> None:
-        if self.state is ResponseState.DONE:
+        if self.state is _DONE:
             return  # answered already (a local reply or an early response): drain and drop
         self.last_activity = self.listener.now
         self.request_bytes += len(data)
@@ -209,7 +212,7 @@ class Exchange:
 
     def on_request_complete(self) -> None:
         self.request_complete = True
-        if self.state is ResponseState.DONE:
+        if self.state is _DONE:
             return
         upstream = self.upstream
         if upstream is not None and upstream.connected:
@@ -285,7 +288,7 @@ class Exchange:
             if not self._retry_if("connect-failure"):
                 self._fail_upstream(error or UpstreamResetError())
             return
-        if self.state is ResponseState.DONE:  # the client left while we were connecting
+        if self.state is _DONE:  # the client left while we were connecting
             connection.give_back(reusable=True)
             return
         self._attach(connection)
@@ -320,7 +323,7 @@ class Exchange:
 
     def _arm_timer(self) -> None:
         if not self.deadline and self.request_complete and self.upstream is not None \
-                and self.state is not ResponseState.DONE:
+                and self.state is not _DONE:
             routed = self.routed
             timeout = routed.timeout if routed is not None and routed.timeout is not None else \
                 self.listener.settings.timeouts.route
@@ -336,7 +339,7 @@ class Exchange:
 
     def _deadline_passed(self) -> None:
         self.deadline_timer = None
-        if self.deadline and self.state is not ResponseState.DONE:
+        if self.deadline and self.state is not _DONE:
             self.on_timeout()
 
     def on_timeout(self) -> None:
@@ -404,7 +407,7 @@ class Exchange:
         """The upstream connection failed or closed before the response was complete."""
         connection = self.upstream
         if (connection is not None and connection.reused and not received_any and self.request_complete
-                and not self.has_body and self.state is not ResponseState.STARTED and self.routed is not None):
+                and not self.has_body and self.state is not _STARTED and self.routed is not None):
             # A keep-alive connection the upstream had already closed: the request never reached it.
             self.upstream = None
             self._open_connection(self.listener.pools.get(self.routed.endpoint.host, self.routed.endpoint.port))
@@ -418,14 +421,14 @@ class Exchange:
         self._fail_upstream(error if isinstance(error, LocalReplyError) else UpstreamResetError(str(error)))
 
     def _fail_upstream(self, error: LocalReplyError) -> None:
-        if self.state is ResponseState.DONE:
+        if self.state is _DONE:
             return
         if self.attempts > 1 and isinstance(error, (UpstreamConnectError, UpstreamResetError)):
             error = error.after_retries()
         connection, self.upstream = self.upstream, None
         if connection is not None:
             connection.abandon()
-        if self.state is ResponseState.STARTED:
+        if self.state is _STARTED:
             # Headers are out: the only honest signal left is to reset the client's stream (before
             # _finish, which would end it cleanly and make a cut body look complete).
             self.error = error
@@ -470,12 +473,12 @@ class Exchange:
                 outliers.failed_hop_responses += 1
         if status >= 500 and ((self._retryable() and self.retry.on_status(status)) or (
                 not_forwarded and self._replayable() and self.retry.on_failure("connect-failure"))):
-            self.state = ResponseState.DISCARDING
+            self.state = _DISCARDING
             self.response_keep_alive = keep_alive
             return
         self.response_status = status
         self.response_keep_alive = keep_alive
-        self.state = ResponseState.STARTED
+        self.state = _STARTED
         self.head_sent = True
         if self.listener.reads_peer or self.trail is not None:
             self._read_mesh_headers(headers)
@@ -494,7 +497,7 @@ class Exchange:
                 self.trail.append(value.decode("latin-1"))
 
     def on_response_body(self, data: bytes) -> None:
-        if self.state is not ResponseState.STARTED:
+        if self.state is not _STARTED:
             return
         self.last_activity = self.listener.now
         self.response_bytes += len(data)
@@ -502,21 +505,21 @@ class Exchange:
 
     def flush_head(self) -> None:
         """The upstream read ended after the head: send it now rather than wait for body bytes."""
-        if self.state is ResponseState.STARTED:
+        if self.state is _STARTED:
             self.downstream.flush_head()
 
     def on_response_trailers(self, trailers: list[tuple[bytes, bytes]]) -> None:
         """Response trailers (`grpc-status`): they end the response, before on_response_complete."""
-        if self.state is ResponseState.STARTED:
+        if self.state is _STARTED:
             self.downstream.send_trailers(trailers)
 
     def on_response_complete(self) -> None:
         state = self.state
-        if state is ResponseState.DONE or state is ResponseState.WAITING:
+        if state is _DONE or state is _WAITING:
             return  # a 1xx ended: the final response follows on the same upstream stream
         connection, self.upstream = self.upstream, None
-        if state is ResponseState.DISCARDING:
-            self.state = ResponseState.WAITING
+        if state is _DISCARDING:
+            self.state = _WAITING
             if connection is not None:
                 connection.give_back(reusable=self.response_keep_alive)
             self._retry()
@@ -543,7 +546,7 @@ class Exchange:
 
     def cancel(self) -> None:
         """The client went away: stop everything and release what can be released."""
-        if self.state is ResponseState.DONE:
+        if self.state is _DONE:
             return
         connection, self.upstream = self.upstream, None
         if connection is not None:
@@ -551,7 +554,7 @@ class Exchange:
         self._finish()
 
     def _finish(self) -> None:
-        self.state = ResponseState.DONE
+        self.state = _DONE
         self.deadline = 0.0
         if self.deadline_timer is not None:
             self.deadline_timer.cancel()

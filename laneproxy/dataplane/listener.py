@@ -103,6 +103,7 @@ class Role:
 
     name = "role"
     edge = False  # faces external clients: strips their x-envoy-* headers, appends to x-forwarded-for
+    counts_sources = False  # the outbound listener counts where each request's lane came from
 
     def __init__(self, stats: ProxyStats, selector: EndpointSelector) -> None:
         self.stats = stats
@@ -160,10 +161,11 @@ class Role:
         """Ask core.decision where the request goes, then pick a healthy endpoint of that route."""
         path, authority = split_target(exchange)
         decision = decide(table, self.meta(exchange, path, authority), self.traces, self.random_value())
-        self.count(decision)
+        if self.counts_sources and decision.group is not None and decision.lane_source is not None:
+            self.stats.lanes.lane_sources[decision.lane_source.value] += 1
         if decision.trace is not None:
             exchange.trace = decision.trace  # before the endpoint is chosen: a `no healthy upstream` is remembered
-        overrides = dict(decision.upstream_headers)
+        overrides = decision.upstream_headers  # a new dict per decision: this request's to change
         if authority is not None:
             overrides[h.HOST] = authority
         if decision.routes is None and decision.route.cluster == PASSTHROUGH_CLUSTER:
@@ -171,9 +173,6 @@ class Role:
             route = decision.route
             return Target(route.endpoints[0], path, overrides, self.stats.cluster(route.cluster), route, None, None)
         return self._target(decision, path, overrides)
-
-    def count(self, decision: RouteDecision) -> None:
-        """Count what the decision says about lanes (the outbound listener counts where lanes came from)."""
 
     def static_routes(self) -> tuple[Route, ...]:
         """Routes this role serves that are not in the route table (shown by /clusters and /stats)."""
@@ -260,8 +259,7 @@ class InboundRole(Role):
             exchange.trail_key = key
 
     def meta(self, exchange: Exchange, path: bytes, authority: bytes | None) -> RequestMeta:
-        return RequestMeta(INBOUND, authority or exchange.host, path, exchange.headers,
-                           local_route=self.route_for(exchange))
+        return RequestMeta(INBOUND, authority or exchange.host, path, exchange.headers, None, self.route_for(exchange))
 
 
 class OutboundRole(Role):
@@ -271,6 +269,7 @@ class OutboundRole(Role):
     """
 
     name = "outbound"
+    counts_sources = True
 
     def __init__(self, stats: ProxyStats, selector: EndpointSelector, traces: TraceLaneTable,
                  own_lane: str | None) -> None:
@@ -280,12 +279,9 @@ class OutboundRole(Role):
 
     def meta(self, exchange: Exchange, path: bytes, authority: bytes | None) -> RequestMeta:
         transport = exchange.downstream.transport
-        return RequestMeta(OUTBOUND, authority or exchange.host, path, exchange.headers, own_lane=self.own_lane,
-                           original_destination=lambda: original_destination(transport))
-
-    def count(self, decision: RouteDecision) -> None:
-        if decision.group is not None and decision.lane_source is not None:
-            self.stats.lanes.lane_sources[decision.lane_source.value] += 1
+        # Positional: this runs once per request, and a NamedTuple built from keywords costs half as much again.
+        return RequestMeta(OUTBOUND, authority or exchange.host, path, exchange.headers, self.own_lane, None,
+                           lambda: original_destination(transport))
 
 
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h: the destination a connection had before REDIRECT
