@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Callable, NamedTuple, Sequence
 
 from laneproxy.core import headers as h
-from laneproxy.core.errors import NoRouteError
+from laneproxy.core.errors import NoRouteError, OutsideMeshError
 from laneproxy.core.model import Endpoint, Route, RouteTable, ServiceRoutes, SwimLaneGroup
 from laneproxy.core.propagation import LaneSource, TraceLaneTable, lane_from_baggage, trace_key
 from laneproxy.core.routing import choose_ingress
@@ -123,7 +123,7 @@ def _outbound(table: RouteTable, request: RequestMeta, traces: TraceLaneTable | 
                 # Service of no group, selector-less, ExternalName): on to where it was going.
                 return RouteDecision(passthrough_route(original), None, None, None, {}, None, None)
         elif routes is None:
-            raise NoRouteError(f"no service for host {host.decode('latin-1')!r}")
+            raise OutsideMeshError(f"no service for host {host.decode('latin-1')!r}")
     group = routes.group
     if group is None:
         return RouteDecision(routes.default, routes, None, None, {}, None, None)

@@ -45,6 +45,10 @@ class NoRouteError(LocalReplyError):
     status, flag, body = 404, "NR", ""
 
 
+class OutsideMeshError(NoRouteError):
+    """A request for a host no service names, from a client that was not captured: egress decides what follows."""
+
+
 class NoHealthyUpstreamError(LocalReplyError):
     status, flag, body = 503, "UH", "no healthy upstream"
     forwarded_nothing = True
@@ -82,6 +86,13 @@ class RequestTimeoutError(LocalReplyError):
     """The client did not finish sending its request (head or body) in time."""
 
     status, flag, body = 408, "SI", "request timeout"
+
+
+class EgressBlockedError(LocalReplyError):
+    """A host outside the mesh under the REGISTRY_ONLY outbound traffic policy: Istio's BlackHoleCluster
+    answers 502 with a direct response (no response flag); the body says why."""
+
+    status, flag, body = 502, "-", "egress to a host outside the mesh is blocked (outbound traffic policy REGISTRY_ONLY)"
 
 
 class DownstreamProtocolError(LocalReplyError):

@@ -27,7 +27,7 @@ import httptools
 
 from laneproxy.core import headers as h
 from laneproxy.core.errors import DownstreamProtocolError, HeadersTooLargeError, LocalReplyError, RequestTimeoutError
-from laneproxy.dataplane import codec, local_reply
+from laneproxy.dataplane import codec, egress, local_reply, tunnel
 from laneproxy.dataplane.exchange import Exchange
 from laneproxy.dataplane.http2 import PREFACE, Http2Connection
 
@@ -58,7 +58,7 @@ class DownstreamConnection(asyncio.Protocol):
         "content_length", "parsing", "active", "queue", "closed", "draining", "reading_paused", "writing_paused",
         "connection_tokens", "expect_continue", "max_retries", "retry_on", "head_since", "last_activity",
         "transfer_codings", "in_trailers", "to_begin", "deferred_reply", "head_pending", "heads_begun",
-        "buffered", "upstream_full", "input_done", "unparsed", "unparsed_from", "feed_scheduled",
+        "buffered", "upstream_full", "input_done", "unparsed", "unparsed_from", "feed_scheduled", "tunnel_early",
         "pending_head", "response_chunked", "sniffed",
     )
 
@@ -101,6 +101,7 @@ class DownstreamConnection(asyncio.Protocol):
         self.pending_head: bytes | None = None  # the active response's head, held to go out with its first body bytes
         self.response_chunked = False  # the active response is re-framed chunked (its length is unknown)
         self.sniffed: bytes | None = b""  # the first bytes, until they tell HTTP/2's preface from HTTP/1.x; then None
+        self.tunnel_early: bytes | None = None  # tunnels: what the client sent after an upgrade or CONNECT head
 
     # asyncio.Protocol -------------------------------------------------------------------------
 
@@ -161,6 +162,8 @@ class DownstreamConnection(asyncio.Protocol):
             stop = data.find(_HEAD_END, start)
             stop = end if stop < 0 else stop + len(_HEAD_END)
             if not self._parse(view[start:stop]):
+                if self.tunnel_early is not None:
+                    self.tunnel_early += bytes(view[stop:])  # tunnels: the rest of this read follows the head
                 return
             start = stop
 
@@ -175,8 +178,10 @@ class DownstreamConnection(asyncio.Protocol):
             error = cause.error if isinstance(cause, _RejectRequestError) else DownstreamProtocolError(str(exc))
             self._reject(error)
             return False
-        except httptools.HttpParserUpgrade:
+        except httptools.HttpParserUpgrade as exc:
             upgraded = True
+            # tunnels: held, never parsed, never sent before the 101 (at most one read: reading stops below)
+            self.tunnel_early = bytes(memoryview(data)[exc.args[0]:])
         except httptools.HttpParserError as exc:
             self._reject(DownstreamProtocolError(str(exc)))
             return False
@@ -194,8 +199,9 @@ class DownstreamConnection(asyncio.Protocol):
                 self._reject(HeadersTooLargeError())
                 return False
         if upgraded:
-            # Forwarded without the upgrade (no tunnels yet), answered once, then the connection closes;
-            # the exchange was told not to keep it alive. Whatever follows the head is dropped.
+            # An upgrade the proxy tunnels waits for the 101 with what followed its head (tunnel_early); any
+            # other (h2c) is forwarded without the upgrade. Either way, answered once unless 101, then closed:
+            # the exchange was told not to keep it alive, and nothing after the head is ever parsed.
             self.input_done = True
             self.pause_reading()
         # Nothing goes upstream before the bytes that arrived with the head have parsed: a broken chunk
@@ -306,7 +312,7 @@ class DownstreamConnection(asyncio.Protocol):
             raise _RejectRequestError(DownstreamProtocolError("more than one Host header"))
         if minor == 1 and self.host is None and not self.url.startswith(b"http://"):
             raise _RejectRequestError(DownstreamProtocolError("HTTP/1.1 request without a Host header"))
-        if method == b"CONNECT":
+        if method == b"CONNECT" and not egress.accepts_connect(self.listener):
             raise _RejectRequestError(DownstreamProtocolError("CONNECT is not supported"))
         upgrade = parser.should_upgrade()  # llhttp sets it before this callback; the exception comes after
         if upgrade and (self.chunked or self.content_length):
@@ -323,6 +329,9 @@ class DownstreamConnection(asyncio.Protocol):
             self.chunked, self.chunked or self.content_length, self.connection_tokens,
             self.expect_continue and minor == 1, retry,
         )
+        if upgrade:  # tunnels: CONNECT, or an upgrade this proxy tunnels (websocket); None strips it (h2c)
+            exchange.upgrade = b"CONNECT" if method == b"CONNECT" else tunnel.upgrade_token(
+                codec.header_value(self.headers, h.UPGRADE), self.listener.settings.upgrade_types)
         self.parsing = exchange
         if self.active is None:
             self.active = exchange

@@ -33,7 +33,7 @@ from laneproxy.core.errors import (
     UpstreamTimeoutError,
 )
 from laneproxy.core.retry import IDEMPOTENT, REPLAY_LIMIT
-from laneproxy.dataplane import local_reply
+from laneproxy.dataplane import egress, local_reply, tunnel
 from laneproxy.dataplane.route_trail import TRAIL_HOPS
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
     from laneproxy.core.retry import RetryPolicy
     from laneproxy.dataplane.listener import Listener, Target
-    from laneproxy.dataplane.upstream import UpstreamPool
+    from laneproxy.dataplane.upstream import UpstreamConnection, UpstreamPool
 
 
 class ResponseState(Enum):
@@ -110,6 +110,7 @@ class Exchange:
         "deadline", "start", "connection_tokens", "error", "expect_continue", "retry", "attempts",
         "last_activity", "counted_active", "request_bytes", "response_bytes",
         "pending_bytes", "peer", "trail", "trail_key", "trace", "failed_hop", "replay", "replay_bytes",
+        "upgrade",
     )
 
     def __init__(self, downstream: DownstreamStream, method: bytes, target: bytes, http_minor: int,
@@ -157,6 +158,7 @@ class Exchange:
         self.failed_hop: bytes | None = None  # flags of a later hop's failure this 5xx carries (x-laneproxy-failed-hop)
         self.replay: list[bytes] | None = []  # body bytes sent upstream, while within REPLAY_LIMIT; None past it
         self.replay_bytes = 0
+        self.upgrade: bytes | None = None  # tunnels: the protocol asked (websocket), or CONNECT
 
     @property
     def finished(self) -> bool:
@@ -173,11 +175,16 @@ class Exchange:
         """Route the request and start forwarding it (called when it is this exchange's turn)."""
         listener = self.listener
         self.start = listener.loop.time()
+        if self.method == b"CONNECT":  # tunnels: a CONNECT goes where it says (egress), not through a route
+            egress.connect(self)
+            return
         try:
             self.routed = listener.role.prepare(self, listener.store.current)
         except LocalReplyError as error:
             self.reply_locally(error)
             return
+        if self.upgrade is not None:  # tunnels: the upgrade headers go upstream with the request
+            tunnel.ask_upgrade(self)
         if self.expect_continue and not self.request_complete:
             self.downstream.send_continue()  # once, from the proxy; the upstream never sees the Expect
         self._dispatch()
@@ -487,6 +494,17 @@ class Exchange:
             # httptools cannot be told a response to HEAD has no body: finish here, never reuse.
             self.response_keep_alive = False
             self.on_response_complete()
+
+    def on_switching_protocols(self, connection: UpstreamConnection, from_upstream: bytes) -> None:
+        """tunnels: the upstream answered this upgrade request 101; record the exchange, then join the sockets."""
+        start = tunnel.switch_protocols(self, connection, from_upstream)
+        self._finish()
+        if start is not None:
+            start()
+
+    def finish_tunnelled(self) -> None:
+        """tunnels: the exchange ends at its 101 or CONNECT 200 (recorded once); its sockets now belong to a tunnel."""
+        self._finish()
 
     def _read_mesh_headers(self, headers: list[tuple[bytes, bytes]]) -> None:
         """The headers the next proxy answered with for this one: who it is, and where the request went next."""

@@ -22,11 +22,12 @@ from typing import TYPE_CHECKING, Callable
 import httptools
 
 from laneproxy.core import headers as h
-from laneproxy.core.errors import DownstreamProtocolError, NoHealthyUpstreamError
+from laneproxy.core.errors import DownstreamProtocolError, NoHealthyUpstreamError, OutsideMeshError
 from laneproxy.core.model import Endpoint, Route, RouteTable, ServiceRoutes
 from laneproxy.core.decision import INBOUND, OUTBOUND, PASSTHROUGH_CLUSTER, RequestMeta, RouteDecision, decide
 from laneproxy.core.propagation import LaneSource, TraceLaneTable, trace_key
 from laneproxy.core.retry import RetryPolicy
+from laneproxy.dataplane import egress, sniff
 from laneproxy.dataplane.codec import DateCache
 from laneproxy.dataplane.downstream import DownstreamConnection
 from laneproxy.dataplane.http2 import Http2Connection
@@ -283,6 +284,16 @@ class OutboundRole(Role):
         return RequestMeta(OUTBOUND, authority or exchange.host, path, exchange.headers, self.own_lane, None,
                            lambda: original_destination(transport))
 
+    def choose(self, exchange: Exchange, table: RouteTable) -> Target:
+        try:
+            return super().choose(exchange, table)
+        except OutsideMeshError:
+            # egress: a proxy request for a host outside the mesh (ALLOW_ANY passes it on, REGISTRY_ONLY refuses)
+            path, authority = split_target(exchange)
+            host = authority or exchange.host or b""
+            overrides = {h.HOST: authority} if authority is not None else {}
+            return egress.passthrough_target(self, exchange, authority, host, path, overrides)
+
 
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h: the destination a connection had before REDIRECT
 
@@ -348,11 +359,12 @@ class Listener:
         # The app's calls that failed further on (outbound records, inbound marks the app's 5xx): see FailedHops.
         self.failed_hops: FailedHops | None = None
         self.marks_local_replies = role.name == "outbound"  # its local replies are about a later hop
+        self.connection_observers: list[Callable[[sniff.PassedConnection], None]] = []  # passed-through connections' log
         role.header_policy = RequestHeaderPolicy(edge=role.edge, route_timeout=settings.timeouts.route,
                                                  trust_client_trace_id=settings.trust_client_trace_id)
 
-    def protocol(self) -> DownstreamConnection:
-        return DownstreamConnection(self)
+    def protocol(self) -> asyncio.Protocol:
+        return sniff.protocol_for(self)  # captured connections: HTTP, or passed through as TCP/TLS
 
     async def start(self, host: str, port: int, *, reuse_port: bool = False) -> int:
         """Bind and serve, and start the timeout sweeper: the only way a listener starts (workers pass reuse_port)."""

@@ -125,9 +125,15 @@ def test_a_stream_for_a_lane_the_service_lacks_falls_back_to_base_and_keeps_aski
 
 def test_a_deadline_that_expires_is_deadline_exceeded(sidecar):
     chan = channel(sidecar.outbound_port, "mockc")
+    started = time.monotonic()
     with pytest.raises(grpc.RpcError) as raised:
         method(chan, "Slow")(b"3", timeout=0.5)
-    assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    # The caller's own deadline fires first, unless a loaded host delays it past the proxy's timer for the same
+    # grpc-timeout, which answers as Envoy does (14, `upstream request timeout`): either way, well before 3 s.
+    error = raised.value
+    assert (error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            or (error.code(), error.details()) == (grpc.StatusCode.UNAVAILABLE, "upstream request timeout")), error
+    assert time.monotonic() - started < 2.0
     chan.close()
 
 
