@@ -33,9 +33,15 @@ demo: $(RUNTIME)
 crds: $(RUNTIME)
 	$(VENV)/bin/laneproxy crds --write deploy/crds
 
-test: $(STAMP)
-	$(VENV)/bin/lint-imports
+# Static checks first (seconds): the import contracts, ruff, and mypy --strict on core and dataplane
+# (pyproject.toml's [tool.mypy] names the files), then the suite.
+test: $(STAMP) lint
 	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/ruff check laneproxy tests/unit
+	$(VENV)/bin/mypy
 
 unit: $(STAMP)
 	$(PY) -m pytest tests/unit

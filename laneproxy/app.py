@@ -21,8 +21,7 @@ from laneproxy.core.errors import LaneProxyError
 from laneproxy.core.model import Endpoint
 from laneproxy.core.propagation import TraceLaneTable
 from laneproxy.core.store import RouteTableStore
-from laneproxy.core.balance import RandomPicker
-from laneproxy.dataplane.health import EndpointSelector, FailedHops, OutlierDetector
+from laneproxy.core.balance import EndpointSelector, FailedHops, OutlierDetector, RandomPicker
 from laneproxy.dataplane.listener import GatewayRole, InboundRole, Listener, OutboundRole
 from laneproxy.dataplane.upstream import UpstreamPools
 from laneproxy.dataplane.route_trail import RouteTrails
@@ -104,7 +103,7 @@ class ProxyApp:
         self.outliers = OutlierDetector(consecutive_5xx=settings.outlier.consecutive_5xx,
                                         ejection_seconds=settings.outlier.ejection_seconds,
                                         max_ejection_percent=settings.outlier.max_ejection_percent, clock=loop.time)
-        selector = EndpointSelector(picker, self.outliers)
+        selector = EndpointSelector(picker, self.outliers, random.random)
         self._start_observability(loop)
         roles = []
         if settings.gateway:
@@ -113,7 +112,7 @@ class ProxyApp:
             if settings.app is None:
                 raise StartupError("--inbound needs --app: the address of the local application")
             roles.append(("inbound", settings.inbound,
-                          InboundRole(self.stats, EndpointSelector(picker, None), Endpoint(settings.app.host, settings.app.port),
+                          InboundRole(self.stats, EndpointSelector(picker, None, random.random), Endpoint(settings.app.host, settings.app.port),
                                       self.traces, settings.app_ports)))
         if settings.outbound:
             roles.append(("outbound", settings.outbound, OutboundRole(self.stats, selector, self.traces, settings.own_lane)))
@@ -128,7 +127,7 @@ class ProxyApp:
             listener.failed_hops = failed_hops
             self._wire_mesh_observability(listener, trails)
             if self.access_log is not None:
-                listener.exchange_observers.append(self.access_log.record)
+                listener.recorder.observers.append(self.access_log.record)
                 listener.connection_observers.append(self.access_log.record_connection)
             if self.tracing is not None:
                 listener.attach_tracer(self.tracing.for_listener(name))
@@ -166,7 +165,7 @@ class ProxyApp:
         if wanted.istio_metrics:
             recorder = IstioRecorder(self.istio, "destination" if inbound else "source", self.workload,
                                      self.settings.own_lane, self.store)
-            listener.exchange_observers.append(recorder.record)
+            listener.recorder.observers.append(recorder.record)
             listener.connection_observers.append(recorder.record_connection)
             # A proxy that does not know its workload has nothing to tell its peers: it sends no header,
             # so the next proxy sees exactly what an Envoy without Istio's metadata exchange would send.

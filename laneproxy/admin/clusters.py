@@ -21,7 +21,7 @@ from laneproxy.admin.exposition import Pacer, indented_json, cluster_order
 from laneproxy.observability.inventory import cluster_members
 
 if TYPE_CHECKING:
-    from laneproxy.app import ProxyApp
+    from laneproxy.admin.proxy import RunningProxy
     from laneproxy.core.model import Endpoint
     from laneproxy.observability.stats import ClusterStats
 
@@ -40,7 +40,7 @@ class ClusterView:
     hosts: tuple[HostView, ...]
 
 
-def cluster_views(proxy: ProxyApp, pattern: re.Pattern[str] | None = None) -> list[ClusterView]:
+def cluster_views(proxy: RunningProxy, pattern: re.Pattern[str] | None = None) -> list[ClusterView]:
     static = tuple(route for listener in proxy.listeners for route in listener.role.static_routes())
     members = cluster_members(proxy.store.current, static)
     stats = proxy.stats.clusters
@@ -48,7 +48,7 @@ def cluster_views(proxy: ProxyApp, pattern: re.Pattern[str] | None = None) -> li
             for name in sorted(set(members) | set(stats)) if pattern is None or pattern.search(name) is not None]
 
 
-def cluster_view(proxy: ProxyApp, name: str, members: tuple[Endpoint, ...],
+def cluster_view(proxy: RunningProxy, name: str, members: tuple[Endpoint, ...],
                  cluster: ClusterStats | None) -> ClusterView:
     """One cluster: the endpoints the table lists, then any other host that served traffic."""
     ejected = proxy.outliers.ejected
@@ -71,7 +71,7 @@ def cluster_view(proxy: ProxyApp, name: str, members: tuple[Endpoint, ...],
     return ClusterView(name, tuple(hosts))
 
 
-def _thresholds(proxy: ProxyApp) -> dict[str, int]:
+def _thresholds(proxy: RunningProxy) -> dict[str, int]:
     breakers, retries = proxy.settings.circuit_breakers, proxy.settings.retries
     return {"max_connections": breakers.max_connections, "max_pending_requests": breakers.max_pending_requests,
             "max_requests": breakers.max_requests, "max_retries": retries.max_retries}

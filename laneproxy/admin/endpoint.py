@@ -19,7 +19,7 @@ from laneproxy.observability.inventory import CatalogCache
 if TYPE_CHECKING:
     from prometheus_client.registry import CollectorRegistry
 
-    from laneproxy.app import ProxyApp
+    from laneproxy.admin.proxy import RunningProxy
     from laneproxy.core.model import RouteTable
 
 
@@ -37,7 +37,7 @@ class AdminContext:
 
     __slots__ = ("proxy", "registry", "endpoints", "table_updated_at", "catalogs")
 
-    def __init__(self, proxy: ProxyApp, registry: CollectorRegistry, endpoints: tuple[AdminEndpoint, ...]) -> None:
+    def __init__(self, proxy: RunningProxy, registry: CollectorRegistry, endpoints: tuple[AdminEndpoint, ...]) -> None:
         self.proxy = proxy
         self.registry = registry
         self.endpoints = endpoints

@@ -11,15 +11,15 @@ it matters, and for weighted ingress the random draw is the `random` parameter (
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiohttp import web
 
 from laneproxy.admin.endpoint import AdminEndpoint, context, text
-from laneproxy.core import headers as h
 from laneproxy.core.errors import LocalReplyError
 from laneproxy.core.fallback import choose_lane, healthy_fraction, own_route
-from laneproxy.core.model import Route, RouteTable, ServiceRoutes
-from laneproxy.core.propagation import LaneSource, lane_from_baggage
-from laneproxy.core.routing import choose_ingress, service_routes_for_host
+from laneproxy.core.decision import RequestMeta, decide, reason
+from laneproxy.core.model import Endpoint, Route, RouteTable, ServiceRoutes
 
 
 def lanes_document(table: RouteTable) -> dict:
@@ -96,61 +96,37 @@ def _health_document(route: Route, routes: ServiceRoutes | None, ejected: frozen
 
 def explain_route(table: RouteTable, *, listener: str, host: str, path: str, headers: dict[str, str],
                   random_value: float = 0.5, own_lane: str | None = None,
-                  ejected: frozenset = frozenset()) -> dict:
-    """Where a request with this host, path and headers would go from `listener`, and why. Pure."""
-    answer: dict = {"listener": listener, "table_version": table.version, "host": host, "path": path}
+                  ejected: frozenset[Endpoint] = frozenset()) -> dict[str, Any]:
+    """Where a request with this host, path and headers would go from `listener`, and why.
+
+    Pure, and the data plane's own decision (core.decision.decide) without the trace table.
+    """
+    answer: dict[str, Any] = {"listener": listener, "table_version": table.version, "host": host, "path": path}
+    request = RequestMeta(listener, host.encode(), path.encode(),
+                          [(name.encode(), value.encode()) for name, value in headers.items()],
+                          own_lane=own_lane.encode() if own_lane else None)
     try:
-        if listener == "gateway":
-            decision = choose_ingress(table, host, path.split("?", 1)[0], headers, random_value)
-            answer.update(lane=decision.lane, reason=decision.reason, group=decision.group.name,
-                          route=_route_document(decision.route, ejected),
-                          headers_set_upstream={decision.group.route_header: decision.lane} if decision.lane else {})
-            if decision.reason == "weighted":
-                answer["random"] = random_value
-            if ejected:
-                answer["health"] = _health_document(decision.route, table.routes.get(decision.route.service), ejected,
-                                                    random_value)
-            return answer
-        routes = service_routes_for_host(table, host.encode())
-        group = routes.group
-        if group is None:
-            answer.update(lane=None, reason="the service is in no swimlane group: every endpoint serves it",
-                          route=_route_document(routes.default, ejected), headers_set_upstream={})
-            return answer
-        if not group.permissive:
-            lane, source = own_lane, LaneSource.OWN_LANE
-            reason = f"strict mode: this sidecar's own lane ({own_lane or 'none'})"
-        else:
-            lane, source, reason = _permissive_lane(group.route_header, group.trace_header, headers)
-        route = routes.route_for(lane.encode() if lane else None)
-        if route.fallback and route.lane_asked is not None:
-            reason += f"; {route.service} has no {route.lane_asked} endpoints, so this hop falls back to {route.lane_used}"
-        answer.update(lane=lane, lane_source=source.value, reason=reason, group=group.name,
-                      route=_route_document(route, ejected),
-                      headers_set_upstream={group.route_header: route.lane_asked} if route.lane_asked else {})
-        if ejected:
-            answer["health"] = _health_document(route, routes, ejected, random_value)
-        return answer
+        decision = decide(table, request, None, random_value)
     except LocalReplyError as error:
         answer.update(local_reply={"status": error.status, "response_flags": error.flag, "body": error.body,
                                    "detail": error.detail})
         return answer
-
-
-def _permissive_lane(route_header: str, trace_header: str | None, headers: dict[str, str]):
-    lane = headers.get(route_header)
-    if lane:
-        return lane, LaneSource.ROUTE_HEADER, f"the {route_header} header asks for {lane}"
-    baggage = headers.get(h.BAGGAGE.decode())
-    from_baggage = lane_from_baggage(baggage.encode(), route_header.encode()) if baggage else None
-    note = ""
-    if trace_header and headers.get(trace_header):
-        note = (f"; /route does not consult the trace table: if {trace_header}={headers[trace_header]} was seen "
-                "with a lane on this sidecar's inbound listener, a real request would take that lane")
-    if from_baggage:
-        lane = from_baggage.decode("latin-1")
-        return lane, LaneSource.BAGGAGE, f"W3C baggage carries {route_header}={lane}" + note
-    return None, LaneSource.BASELINE, "no lane asked: the baseline" + note
+    route, group = decision.route, decision.group
+    answer.update(lane=decision.lane.decode("latin-1") if decision.lane else None)
+    if decision.lane_source is not None and listener != "gateway":
+        answer.update(lane_source=decision.lane_source.value)
+    answer.update(reason=reason(decision, request))
+    if group is not None:
+        answer.update(group=group.name)
+    answer.update(route=_route_document(route, ejected),
+                  headers_set_upstream={name.decode("latin-1"): value.decode("latin-1")
+                                        for name, value in decision.upstream_headers.items()})
+    if decision.reason == "weighted":
+        answer["random"] = random_value
+    if ejected and (group is not None or listener == "gateway"):
+        routes = decision.routes if listener != "gateway" else table.routes.get(route.service)
+        answer["health"] = _health_document(route, routes, ejected, random_value)
+    return answer
 
 
 def _query(request: web.Request) -> tuple[str, str, dict[str, str], float]:

@@ -25,7 +25,7 @@ from laneproxy.admin.stats import answer_stats
 from laneproxy.observability.inventory import CatalogCache
 
 if TYPE_CHECKING:
-    from laneproxy.app import ProxyApp
+    from laneproxy.admin.proxy import RunningProxy
 
 log = logging.getLogger("laneproxy.metrics")
 
@@ -35,7 +35,7 @@ APP_METRICS_LIMIT = 16 << 20  # bytes of app metrics merged per scrape
 SESSION_KEY = web.AppKey("laneproxy_app_metrics_session", aiohttp.ClientSession)
 
 
-def build_metrics_app(proxy: ProxyApp) -> web.Application:
+def build_metrics_app(proxy: RunningProxy) -> web.Application:
     catalogs = CatalogCache()  # its own: the admin's is rebuilt on the admin's schedule
     proxy.store.subscribe(catalogs.invalidate)
     app_url = proxy.settings.observability.app_metrics
@@ -73,7 +73,7 @@ def build_metrics_app(proxy: ProxyApp) -> web.Application:
 
 
 class MetricsServer:
-    def __init__(self, proxy: ProxyApp) -> None:
+    def __init__(self, proxy: RunningProxy) -> None:
         self.runner = web.AppRunner(build_metrics_app(proxy), access_log=None)
 
     async def start(self, host: str, port: int) -> int:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 if TYPE_CHECKING:
-    from laneproxy.app import ProxyApp
+    from laneproxy.admin.proxy import RunningProxy
 
 log = logging.getLogger("laneproxy.lifecycle")
 
@@ -40,7 +40,7 @@ MAX_WAITERS = 16  # one hook per container is all a pod sends; more are refused 
 class StopWaiter:
     """Decides when the pod's containers may be stopped, from what the proxy sees."""
 
-    def __init__(self, proxy: ProxyApp, *, clock: Callable[[], float] = time.monotonic,
+    def __init__(self, proxy: RunningProxy, *, clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep, tick: float = 0.1) -> None:
         self.proxy = proxy
         self.pod = proxy.settings.pod
@@ -107,7 +107,7 @@ class StopWaiter:
 class PodHooksServer:
     """The lifecycle listener: one aiohttp app with the stop wait."""
 
-    def __init__(self, proxy: ProxyApp) -> None:
+    def __init__(self, proxy: RunningProxy) -> None:
         self.waiter = StopWaiter(proxy)
         self.waiting = 0
         self.runner: web.AppRunner | None = None

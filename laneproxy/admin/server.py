@@ -22,7 +22,7 @@ from laneproxy.observability.inventory import all_records
 from laneproxy.observability.prometheus import build_registry
 
 if TYPE_CHECKING:
-    from laneproxy.app import ProxyApp
+    from laneproxy.admin.proxy import RunningProxy
 
 log = logging.getLogger("laneproxy.admin")
 
@@ -42,7 +42,7 @@ def _handler(endpoint: AdminEndpoint):
     return handle
 
 
-def build_admin_app(proxy: ProxyApp) -> web.Application:
+def build_admin_app(proxy: RunningProxy) -> web.Application:
     endpoints = admin_endpoints()
 
     @web.middleware
@@ -65,7 +65,7 @@ def build_admin_app(proxy: ProxyApp) -> web.Application:
 
 
 class AdminServer:
-    def __init__(self, proxy: ProxyApp) -> None:
+    def __init__(self, proxy: RunningProxy) -> None:
         self.runner = web.AppRunner(build_admin_app(proxy), access_log=None)
         self.port = 0
 

@@ -23,12 +23,12 @@ from laneproxy.observability.prometheus import metric_families, render, with_ist
 from laneproxy.observability.stats import QUANTILES, Histogram, StatKind, StatRecord
 
 if TYPE_CHECKING:
-    from laneproxy.app import ProxyApp
+    from laneproxy.admin.proxy import RunningProxy
 
 __all__ = ["StatsQueryError", "histogram_summary", "process_view", "select", "format_text", "format_json"]
 
 
-def process_view(proxy: ProxyApp) -> ProcessView:
+def process_view(proxy: RunningProxy) -> ProcessView:
     """Gather what the inventory reads, refreshing the gauges that are computed rather than counted."""
     for listener in proxy.listeners:
         listener.stats.rq_active = listener.active_requests()
@@ -49,7 +49,7 @@ def process_view(proxy: ProxyApp) -> ProcessView:
     )
 
 
-def _outlier_counters(proxy: ProxyApp) -> dict[str, int]:
+def _outlier_counters(proxy: RunningProxy) -> dict[str, int]:
     outliers = getattr(proxy, "outliers", None)  # absent until the proxy has started its listeners
     if outliers is None:
         return {}
@@ -113,7 +113,7 @@ async def _answer(request: web.Request, output: str) -> web.StreamResponse:
     return await answer_stats(request, admin.proxy, admin.catalogs, output)
 
 
-async def answer_stats(request: web.Request, proxy: ProxyApp, catalogs, output: str,
+async def answer_stats(request: web.Request, proxy: RunningProxy, catalogs, output: str,
                        trailer=None) -> web.StreamResponse:
     """/stats in one format, streamed; shared by the admin API and the read-only metrics listener."""
     try:

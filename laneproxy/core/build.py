@@ -340,7 +340,7 @@ def _request_match(fields: _Fields) -> RequestMatch:
     if not isinstance(raw_headers, dict):
         fields.fail("headers", "expected a mapping of header name to match")
         raw_headers = {}
-    for name, spec in raw_headers.items():
+    for name in raw_headers:
         if not isinstance(name, str) or not _TOKEN.match(name):
             fields.fail(f"headers.{name}", "not a valid header name")
             continue
@@ -548,7 +548,7 @@ def _endpoints_decls(doc: ConfigDocument, problems: _Problems) -> list[_ServiceD
         root.fail("services", "required: a mapping of namespace/name to {port, lanes}")
         return []
     decls = []
-    for key, spec in services.items():
+    for key in services:
         fields = root.sub("services").sub(str(key))
         namespace, _, name = str(key).rpartition("/")
         if not name:
@@ -653,7 +653,7 @@ def _pod_decl(doc: ConfigDocument, problems: _Problems) -> _PodDecl | None:
     for path, element in status.items("conditions"):
         condition = root.at(path, element)
         ready = ready or (condition.string("type") == "Ready" and condition.string("status") == "True")
-    ports = {}
+    ports: dict[str, int] = {}
     for path, element in root.sub("spec").items("containers"):
         container = root.at(path, element)
         for port_path, port_element in container.items("ports"):
@@ -732,7 +732,7 @@ def build(documents: Iterable[ConfigDocument], *, version: str, namespace: str =
     for doc in documents:
         api, kind = doc.body.get("apiVersion"), doc.body.get("kind")
         schema = DOCUMENT_SCHEMAS.get(kind) if isinstance(kind, str) else None
-        if schema is not None:
+        if schema is not None and isinstance(kind, str):
             read_kinds.get(doc.source, set()).add(kind)
             name = (doc.body.get("metadata") or {}).get("name") if isinstance(doc.body.get("metadata"), dict) else None
             prefix = f"{kind}({name})" if isinstance(name, str) and kind != "LaneEndpoints" else kind
@@ -753,9 +753,9 @@ def build(documents: Iterable[ConfigDocument], *, version: str, namespace: str =
             for decl in _endpoints_decls(doc, problems):
                 _merge_service(services, decl, problems)
         elif kind == "Service" and api == "v1":
-            decl = _kube_service_decl(doc, problems)
-            if decl is not None:
-                _merge_service(services, decl, problems)
+            kube_decl = _kube_service_decl(doc, problems)
+            if kube_decl is not None:
+                _merge_service(services, kube_decl, problems)
         elif kind == "Pod" and api == "v1":
             pod = _pod_decl(doc, problems)
             if pod is not None:
@@ -887,9 +887,9 @@ def _attach_endpoints(services: dict[str, _ServiceDecl], pods: list[_PodDecl], s
                     continue
                 for port in decl.ports:
                     target = port.target
-                    number = pod.ports.get(target) if isinstance(target, str) else target
-                    if number:
-                        port.endpoints.append(Endpoint(pod.ip, int(number), MappingProxyType(dict(pod.labels))))
+                    pod_port: int | None = pod.ports.get(target) if isinstance(target, str) else target
+                    if pod_port:
+                        port.endpoints.append(Endpoint(pod.ip, int(pod_port), MappingProxyType(dict(pod.labels))))
 
 
 def _assemble(
@@ -950,11 +950,11 @@ def _assemble(
         for lane in members:
             lane_prefix = f"ASMSwimLane({lane.name})"
             lane_rules = []
-            for path, rule_name, host, hosts, match, dest_path in lane.rules:
+            for _path, rule_name, host, rule_hosts, match, dest_path in lane.rules:
                 key = _service_key_for_host(host, namespace)
                 if key not in decl.services:
                     problems.add(lane.source, dest_path, f"{host!r} is not a service of group {decl.name!r}")
-                lane_rules.append(IngressRule(lane.name, rule_name, hosts, match, key))
+                lane_rules.append(IngressRule(lane.name, rule_name, rule_hosts, match, key))
             weight_destination = None
             if lane.weight_host:
                 weight_destination = _service_key_for_host(lane.weight_host, namespace)
@@ -1002,25 +1002,25 @@ def _assemble(
     hosts: dict[bytes, ServiceRoutes] = {}
     other_ports: list[ServiceRoutes] = []
     for key, ports in by_port.items():
-        decl = service_decls[key]
-        group = groups.get(group_of_service.get(key, ""))
+        service_decl = service_decls[key]
+        service_group = groups.get(group_of_service.get(key, ""))
         # Only a group's services are taken over; any other Service answers as it does without laneproxy.
-        passthrough = group is None and decl.kube
-        per_port = [_service_routes(service, group, passthrough) for service in ports]
+        passthrough = service_group is None and service_decl.kube
+        per_port = [_service_routes(service, service_group, passthrough) for service in ports]
         routes[key] = per_port[0]
         other_ports.extend(per_port[1:])
         # A name without a port is port 80 if the service has it, else its primary port.
         bare = next((r for r in per_port if r.service.port == 80), per_port[0])
-        for name in _host_names(ports[0], namespace):
-            hosts.setdefault(name, bare)
+        for host_name in _host_names(ports[0], namespace):
+            hosts.setdefault(host_name, bare)
         for service_routes in per_port:
-            for name in _host_names(ports[0], namespace):
-                hosts.setdefault(b"%s:%d" % (name, service_routes.service.port), service_routes)
-            if decl.cluster_ip:
+            for host_name in _host_names(ports[0], namespace):
+                hosts.setdefault(b"%s:%d" % (host_name, service_routes.service.port), service_routes)
+            if service_decl.cluster_ip:
                 # A client that calls the ClusterIP (Host: ip:port, or the captured original destination).
-                hosts.setdefault(b"%s:%d" % (decl.cluster_ip.encode(), service_routes.service.port), service_routes)
-        if decl.cluster_ip:
-            hosts.setdefault(decl.cluster_ip.encode(), bare)
+                hosts.setdefault(b"%s:%d" % (service_decl.cluster_ip.encode(), service_routes.service.port), service_routes)
+        if service_decl.cluster_ip:
+            hosts.setdefault(service_decl.cluster_ip.encode(), bare)
     return RouteTable(
         version=version,
         services=MappingProxyType(services),

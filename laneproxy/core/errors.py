@@ -45,6 +45,10 @@ class NoRouteError(LocalReplyError):
     status, flag, body = 404, "NR", ""
 
 
+class OutsideMeshError(NoRouteError):
+    """A request for a host no service names, from a client that was not captured: egress decides what follows."""
+
+
 class NoHealthyUpstreamError(LocalReplyError):
     status, flag, body = 503, "UH", "no healthy upstream"
     forwarded_nothing = True

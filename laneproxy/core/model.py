@@ -10,9 +10,9 @@ import re
 from dataclasses import dataclass, field
 from enum import Enum
 from types import MappingProxyType
-from typing import Mapping
+from typing import Any, Mapping
 
-EMPTY_MAPPING: Mapping = MappingProxyType({})
+EMPTY_MAPPING: Mapping[Any, Any] = MappingProxyType({})  # shared by every empty field: immutable
 
 
 @dataclass(frozen=True, slots=True)

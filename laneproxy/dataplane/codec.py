@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 from laneproxy.core import headers as h
 
@@ -56,7 +56,7 @@ def write_headers(
         parts += (name, b": ", value, CRLF)
 
 
-def write_response_headers(parts: list[bytes], header_list: list[tuple[bytes, bytes]],
+def write_response_headers(parts: list[bytes], header_list: Sequence[tuple[bytes, bytes]],
                            overrides: Mapping[bytes, bytes], dropped: frozenset[bytes] = h.NOT_FORWARDED) -> bool:
     """One pass over an upstream response's headers: drop `dropped` (hop-by-hop and per-hop ones), apply
     overrides; True if it has a length.
@@ -115,14 +115,3 @@ def response_head(status: int, header_pairs: Iterable[tuple[bytes, bytes]], reas
         parts += (name, b": ", value, CRLF)
     parts.append(CRLF)
     return b"".join(parts)
-
-
-def local_reply(status: int, body: bytes, *, date: bytes, server: bytes, close: bool, extra=()) -> bytes:
-    """A complete response written by the proxy itself, shaped like Envoy's local replies."""
-    pairs = [(h.CONTENT_LENGTH, b"%d" % len(body))]
-    if body:
-        pairs.append((h.CONTENT_TYPE, b"text/plain"))
-    pairs += [(h.DATE, date), (h.SERVER, server), *extra]
-    if close:
-        pairs.append((h.CONNECTION, b"close"))
-    return response_head(status, pairs) + body

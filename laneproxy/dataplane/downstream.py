@@ -1,9 +1,11 @@
-"""A client connection to one of laneproxy's listeners: HTTP/1.1 request parsing and response ordering.
+"""A client connection to one of laneproxy's listeners: the HTTP/1.1 codec, request parsing and response ordering.
 
 Owns the downstream side of the wire: strict parsing with httptools (llhttp rejects conflicting
 framing, bad chunk sizes, obs-fold and whitespace before colons), header limits, Host checks,
-pipelined requests answered in order with a bounded queue, keep-alive and closing, and the
-backpressure between this socket and the exchange's upstream socket.
+pipelined requests answered in order with a bounded queue, keep-alive and closing, response framing
+(the head held to go out with the first body bytes, chunked where the length is unknown, `Connection:
+close`), and the backpressure between this socket and the exchange's upstream. It is the
+`DownstreamStream` of the exchange whose response is being written (only that one writes).
 
 Memory a client controls is bounded here: an incomplete head is cut off with 431 once it passes the
 head limit (counted per read, since httptools keeps a header value it has not finished in memory);
@@ -19,20 +21,25 @@ import asyncio
 import socket
 import struct
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import httptools
 
 from laneproxy.core import headers as h
 from laneproxy.core.errors import DownstreamProtocolError, HeadersTooLargeError, LocalReplyError, RequestTimeoutError
-from laneproxy.dataplane import codec, egress, tunnel
+from laneproxy.dataplane import codec, egress, local_reply, tunnel
 from laneproxy.dataplane.exchange import Exchange
+from laneproxy.dataplane.http2 import PREFACE, Http2Connection
 
 if TYPE_CHECKING:
     from laneproxy.dataplane.listener import Listener
 
 
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
+_NO_BODY_STATUS = frozenset({204, 304})
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_CHUNKED = b"transfer-encoding: chunked\r\n"
+_CLOSE = b"connection: close\r\n"
 _HEAD_END = b"\r\n\r\n"  # the strict parser ends every head here (bare LF is rejected)
 _REQUEST_LINE_SLACK = 256  # method, version and separators: an incomplete head never counts more than a complete one
 
@@ -52,6 +59,7 @@ class DownstreamConnection(asyncio.Protocol):
         "connection_tokens", "expect_continue", "max_retries", "retry_on", "head_since", "last_activity",
         "transfer_codings", "in_trailers", "to_begin", "deferred_reply", "head_pending", "heads_begun",
         "buffered", "upstream_full", "input_done", "unparsed", "unparsed_from", "feed_scheduled", "tunnel_early",
+        "pending_head", "response_chunked", "sniffed",
     )
 
     def __init__(self, listener: Listener) -> None:
@@ -90,6 +98,9 @@ class DownstreamConnection(asyncio.Protocol):
         self.unparsed: bytes | None = None  # the rest of a read, kept while reading is paused
         self.unparsed_from = 0
         self.feed_scheduled = False
+        self.pending_head: bytes | None = None  # the active response's head, held to go out with its first body bytes
+        self.response_chunked = False  # the active response is re-framed chunked (its length is unknown)
+        self.sniffed: bytes | None = b""  # the first bytes, until they tell HTTP/2's preface from HTTP/1.x; then None
         self.tunnel_early: bytes | None = None  # tunnels: what the client sent after an upgrade or CONNECT head
 
     # asyncio.Protocol -------------------------------------------------------------------------
@@ -100,7 +111,35 @@ class DownstreamConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_activity = self.listener.now
+        if self.sniffed is not None:
+            # The first bytes: HTTP/2 with prior knowledge starts with its 24-byte preface, which no HTTP/1.x
+            # request does. Fewer bytes that could still be the preface wait for more (24 at most).
+            seen = self.sniffed + data
+            if seen[:24] == PREFACE[:len(seen)]:
+                if len(seen) < len(PREFACE):
+                    self.sniffed = seen
+                    return
+                self.sniffed = None
+                self._become_http2(seen)
+                return
+            self.sniffed = None
+            data = seen
         self._feed(data, 0, whole_if_room=True)
+
+    def _become_http2(self, data: bytes) -> None:
+        """Hand the connection to the HTTP/2 codec, which takes the transport and the bytes read so far."""
+        transport = self.transport
+        if transport is None:
+            return
+        self.closed = True  # this object is done; the listener counts the connection once, as HTTP/2
+        connection = Http2Connection(self.listener, transport)
+        transport.set_protocol(connection)  # type: ignore[arg-type]
+        self.listener.connection_upgraded(self, connection)
+        connection.data_received(data)
+
+    def request_count(self) -> int:
+        """Requests received and not yet answered, pipelined ones included."""
+        return (self.active is not None) + len(self.queue)
 
     def _feed(self, data: bytes, start: int, *, whole_if_room: bool) -> None:
         """Parse data[start:]; keep what is left when reading must stop (the queue or the buffer is full)."""
@@ -192,14 +231,14 @@ class DownstreamConnection(asyncio.Protocol):
     def pause_writing(self) -> None:
         self.writing_paused = True
         active = self.active
-        if active is not None and active.upstream is not None and active.upstream.transport is not None:
-            active.upstream.transport.pause_reading()
+        if active is not None and active.upstream is not None:
+            active.upstream.pause_reading()
 
     def resume_writing(self) -> None:
         self.writing_paused = False
         active = self.active
-        if active is not None and active.upstream is not None and active.upstream.transport is not None:
-            active.upstream.transport.resume_reading()
+        if active is not None and active.upstream is not None:
+            active.upstream.resume_reading()
         self.resume_reading()
 
     # httptools callbacks ----------------------------------------------------------------------
@@ -311,7 +350,63 @@ class DownstreamConnection(asyncio.Protocol):
         if exchange is not None:
             exchange.on_request_complete()
 
-    # called by exchanges ------------------------------------------------------------------------
+    # DownstreamStream: called by the active exchange ----------------------------------------------
+
+    def send_continue(self) -> None:
+        self.write(_CONTINUE)
+
+    def send_head(self, exchange: Exchange, status: int, reason: bytes, headers: Sequence[tuple[bytes, bytes]],
+                  overrides: dict[bytes, bytes]) -> None:
+        parts = [b"HTTP/1.1 %d " % status, reason or codec.reason_phrase(status), codec.CRLF]
+        has_length = codec.write_response_headers(parts, headers, overrides, exchange.listener.response_dropped)
+        head_only = exchange.method == b"HEAD" or status in _NO_BODY_STATUS
+        self.response_chunked = False
+        if not has_length and not head_only:
+            if exchange.http_minor >= 1:
+                self.response_chunked = True
+                parts.append(_CHUNKED)
+            else:
+                exchange.keep_alive = False  # HTTP/1.0 client: the end of the body is the end of the connection
+        if not exchange.keep_alive or self.closes_after_this_response():
+            exchange.keep_alive = False
+            parts.append(_CLOSE)
+        parts.append(codec.CRLF)
+        self.pending_head = b"".join(parts)
+
+    def send_data(self, data: bytes) -> None:
+        head, self.pending_head = self.pending_head, None
+        if self.response_chunked:
+            parts = codec.chunk(data)
+            if head is not None:
+                parts.insert(0, head)
+            self.writelines(parts)
+        elif head is not None:
+            self.writelines([head, data])
+        else:
+            self.write(data)
+
+    def flush_head(self) -> None:
+        head, self.pending_head = self.pending_head, None
+        if head is not None:
+            self.write(head)
+
+    def send_trailers(self, trailers: Sequence[tuple[bytes, bytes]]) -> None:
+        """An HTTP/1.1 client gets no trailers (Envoy's default): the last chunk ends the body."""
+
+    def end(self) -> None:
+        head, self.pending_head = self.pending_head, None
+        if self.response_chunked:
+            self.write(codec.LAST_CHUNK if head is None else head + codec.LAST_CHUNK)
+        elif head is not None:
+            self.write(head)
+
+    def send_local_reply(self, exchange: Exchange, reply: local_reply.LocalReply) -> None:
+        close = not exchange.keep_alive or self.closes_after_this_response()
+        self.write(local_reply.http1(reply, close=close))
+        exchange.keep_alive = not close
+
+    def reset(self) -> None:
+        self.abort()
 
     def write(self, data: bytes) -> None:
         if not self.closed and self.transport is not None:
@@ -401,7 +496,8 @@ class DownstreamConnection(asyncio.Protocol):
     @property
     def idle(self) -> bool:
         """No request of this client is in flight: nothing received since its last response (not even part of a head)."""
-        return self.active is None and self.parsing is None and self.head_pending < 0 and self.unparsed is None
+        return (self.active is None and self.parsing is None and self.head_pending < 0 and self.unparsed is None
+                and not self.sniffed)
 
     def closes_after_this_response(self) -> bool:
         """Draining, and no further request of this client has begun to arrive: the response being written says
@@ -441,8 +537,8 @@ class DownstreamConnection(asyncio.Protocol):
         self.input_done, self.unparsed = True, None  # never feed the broken stream again
         broken, self.parsing = self.parsing, None
         waiting, self.to_begin = self.to_begin, None
-        reply = codec.local_reply(error.status, error.body.encode(), date=self.listener.dates.value(),
-                                  server=self.listener.server_name, close=True)
+        reply = local_reply.http1(local_reply.build(error, date=self.listener.dates.value(),
+                                                    server=self.listener.server_name), close=True)
         for exchange in self.queue:
             exchange.cancel()
         self.queue.clear()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from laneproxy.core import headers as h
 from laneproxy.core.errors import DownstreamProtocolError, EgressBlockedError, NoRouteError, UpstreamConnectError
@@ -24,6 +24,7 @@ from laneproxy.dataplane.tunnel import OpeningEnd, Tunnel
 
 if TYPE_CHECKING:
     from laneproxy.core.model import RouteTable
+    from laneproxy.dataplane.downstream import DownstreamConnection
     from laneproxy.dataplane.exchange import Exchange
     from laneproxy.dataplane.listener import Listener, Role, Target
 
@@ -82,7 +83,7 @@ def _in_mesh(table: RouteTable, host: str, port: int) -> bool:
 
 
 def _is_this_listener(listener: Listener, host: str, port: int) -> bool:
-    server = listener.server
+    server = cast("asyncio.Server | None", listener.server)
     if server is None or not server.sockets:
         return False
     bound_host, bound_port = server.sockets[0].getsockname()[:2]
@@ -155,7 +156,7 @@ async def _open(exchange: Exchange, host: str, port: int) -> None:
         exchange.keep_alive = False
         exchange.reply_locally(UpstreamConnectError(f"{host}:{port}: {reason}").with_cause(exc))
         return
-    downstream = exchange.downstream
+    downstream = cast("DownstreamConnection", exchange.downstream)  # CONNECT is HTTP/1.1's
     if exchange.finished or downstream.closed or downstream.transport is None:
         transport.close()
         if not exchange.finished:
@@ -163,7 +164,7 @@ async def _open(exchange: Exchange, host: str, port: int) -> None:
         return
     routed.cluster_stats.rq_total += 1
     exchange.response_status = 200
-    exchange.response_started = True
+    exchange.head_sent = True
     down_transport = downstream.transport
     down_transport.write(b"HTTP/1.1 200 OK\r\ndate: %s\r\nserver: %s\r\n\r\n"
                          % (listener.dates.value(), listener.server_name))

@@ -1,21 +1,26 @@
-"""One proxied request/response: from the parsed request head to the last byte of the response.
+"""One proxied request/response, whatever the codec: from the parsed request head to the last byte of the response.
 
 Owns forwarding: asking the listener's role where the request goes, borrowing an upstream
-connection, streaming the request body up and the response down with backpressure, re-framing
-(chunked where the length is unknown), stripping hop-by-hop headers, `Expect: 100-continue`
-(answered once, by the proxy), circuit breaking, retries with `x-envoy-attempt-count` (any method
+stream, streaming the request body up and the response down with backpressure, stripping
+hop-by-hop headers, `Expect: 100-continue` (answered once, by the proxy), circuit breaking, retries with `x-envoy-attempt-count` (any method
 when nothing reached the upstream: a failed connect, or a 503 the next proxy marked
 `x-laneproxy-not-forwarded`, replaying up to 64 KiB of body; each retry avoids the endpoints already tried
 and waits a jittered back-off first, as core.attempts says), passive health (outlier) reports that
 skip 5xx marked `x-laneproxy-failed-hop`, the route and stream-idle timeouts, and turning failures
-into local replies (marked as above). Callback-driven: a coroutine runs only while a new upstream
-connection is being opened.
+into local replies (marked as above, written by local_reply). Callback-driven: a coroutine runs
+only while a new upstream connection is being opened.
+
+It never touches bytes on a wire: the client side is a `DownstreamStream` (an HTTP/1.1 connection's
+current response, or an HTTP/2 stream) and the upstream side an `UpstreamStream` (a pooled HTTP/1.1
+connection, or an HTTP/2 stream); each codec frames, and each reports back through the callbacks
+below. The response side's progress is one named state (`ResponseState`).
 """
 
 from __future__ import annotations
 
 import random
-from typing import TYPE_CHECKING
+from enum import Enum
+from typing import TYPE_CHECKING, Protocol, Sequence
 
 from laneproxy.core import attempts
 from laneproxy.core import headers as h
@@ -30,78 +35,101 @@ from laneproxy.core.errors import (
     UpstreamResetError,
     UpstreamTimeoutError,
 )
-from laneproxy.dataplane import codec, egress, tunnel
+from laneproxy.core.retry import IDEMPOTENT, REPLAY_LIMIT
+from laneproxy.dataplane import egress, local_reply, tunnel
 from laneproxy.dataplane.route_trail import TRAIL_HOPS
 
 if TYPE_CHECKING:
-    from laneproxy.dataplane.downstream import DownstreamConnection
+    import asyncio
+
+    from laneproxy.core.model import Endpoint
+    from laneproxy.core.retry import RetryPolicy
     from laneproxy.dataplane.listener import Listener, Target
     from laneproxy.dataplane.upstream import UpstreamConnection, UpstreamPool
 
-_NO_BODY_STATUS = frozenset({204, 304})
-_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-_CHUNKED = b"transfer-encoding: chunked\r\n"
-_CLOSE = b"connection: close\r\n"
-# Request body bytes kept after they went upstream, so that a request the next proxy never forwarded
-# (its app refused the connection) can go to another endpoint, POSTs included. Beyond this, no replay.
-_REPLAY_LIMIT = 64 * 1024
+
+class ResponseState(Enum):
+    """How far the response to the client has got."""
+
+    WAITING = "waiting"  # nothing sent to the client yet (routing, connecting, forwarding the request)
+    DISCARDING = "discarding"  # an upstream answer that will be retried is being swallowed
+    STARTED = "started"  # the response head went to the client (or is held to go with the first body bytes)
+    DONE = "done"  # finished: answered, reset or abandoned; nothing more is sent or counted
 
 
-class RetryPolicy:
-    """How many retries a request may take and on what; parsed once per request only when overridden."""
+# Module-level names for the states: an Enum member looked up on its class costs a descriptor call per use.
+_WAITING, _DISCARDING, _STARTED, _DONE = (ResponseState.WAITING, ResponseState.DISCARDING, ResponseState.STARTED,
+                                          ResponseState.DONE)
+_UNANSWERED = frozenset({_WAITING, _DISCARDING})  # the client has seen nothing yet
 
-    __slots__ = ("max_retries", "retry_on", "status_codes")
 
-    def __init__(self, max_retries: int, retry_on: frozenset[str], status_codes: frozenset[int]) -> None:
-        self.max_retries = max_retries
-        self.retry_on = retry_on
-        self.status_codes = status_codes
+class DownstreamStream(Protocol):
+    """The client side of one exchange: an HTTP/1.1 connection's response in turn, or an HTTP/2 stream."""
 
-    def with_overrides(self, max_retries: bytes | None, retry_on: bytes | None) -> RetryPolicy:
-        """Apply `x-envoy-max-retries` / `x-envoy-retry-on` from a trusted caller; bad values are ignored."""
-        count = self.max_retries
-        if max_retries is not None and max_retries.strip().isdigit():
-            count = min(int(max_retries), 10)
-        on = self.retry_on
-        if retry_on is not None:
-            on = frozenset(token.strip().decode("latin-1") for token in retry_on.split(b",") if token.strip())
-        return RetryPolicy(count, on, self.status_codes)
+    @property
+    def listener(self) -> Listener: ...
+    @property
+    def transport(self) -> asyncio.Transport | None: ...  # the client's connection (peer address, capture)
 
-    def on_failure(self, kind: str) -> bool:
-        """kind: connect-failure or reset."""
-        on = self.retry_on
-        return kind in on or "5xx" in on or (kind == "connect-failure" and "gateway-error" in on)
+    def send_continue(self) -> None: ...
+    def send_head(self, exchange: Exchange, status: int, reason: bytes, headers: Sequence[tuple[bytes, bytes]],
+                  overrides: dict[bytes, bytes]) -> None: ...
+    def send_data(self, data: bytes) -> None: ...
+    def flush_head(self) -> None: ...  # the upstream read ended after the head: send it without waiting for body
+    def send_trailers(self, trailers: Sequence[tuple[bytes, bytes]]) -> None: ...
+    def end(self) -> None: ...
+    def send_local_reply(self, exchange: Exchange, reply: local_reply.LocalReply) -> None: ...
+    def reset(self) -> None: ...  # the response cannot be completed honestly: the client must see a reset
+    def hold(self, size: int) -> None: ...  # request body bytes held until an upstream takes them
+    def release(self, size: int) -> None: ...
+    def upstream_backpressure(self, full: bool) -> None: ...  # stop (or resume) reading the request body
+    def exchange_done(self, exchange: Exchange) -> None: ...
 
-    def on_status(self, status: int) -> bool:
-        on = self.retry_on
-        return (("5xx" in on and status >= 500) or ("gateway-error" in on and status in (502, 503, 504))
-                or ("retriable-status-codes" in on and status in self.status_codes))
+
+class UpstreamStream(Protocol):
+    """The upstream side of one attempt: a pooled HTTP/1.1 connection lent to the exchange, or an HTTP/2 stream."""
+
+    reused: bool  # it carried a request before (a keep-alive connection the upstream may have closed meanwhile)
+
+    @property
+    def connected(self) -> bool: ...
+
+    def send_request(self, method: bytes, path: bytes, headers: Sequence[tuple[bytes, bytes]], skip: frozenset[bytes],
+                     overrides: dict[bytes, bytes], attempt: int, chunked: bool, body: Sequence[bytes],
+                     complete: bool) -> None: ...
+    def lend(self, exchange: Exchange) -> None: ...  # it reports the response to this exchange from now on
+    def send_body(self, data: bytes) -> None: ...
+    def end_request(self) -> None: ...
+    def pause_reading(self) -> None: ...  # the client is not taking the response: stop reading it
+    def resume_reading(self) -> None: ...
+    def give_back(self, reusable: bool) -> None: ...
+    def abandon(self) -> None: ...
 
 
 class Exchange:
     __slots__ = (
         "downstream", "listener", "method", "target", "http_minor", "headers", "host", "keep_alive",
         "request_chunked", "has_body", "request_complete", "pending_body", "upstream", "routed",
-        "response_started", "response_chunked", "response_keep_alive", "response_status", "finished",
+        "state", "head_sent", "response_keep_alive", "grpc_timeout", "deadline_timer", "response_status", "protocol", "trailers",
         "deadline", "start", "connection_tokens", "error", "expect_continue", "retry", "attempts",
-        "discarding", "last_activity", "counted_active", "request_bytes", "response_bytes", "pending_head",
+        "last_activity", "counted_active", "request_bytes", "response_bytes",
         "pending_bytes", "peer", "trail", "trail_key", "trace", "failed_hop", "replay", "replay_bytes", "tried",
         "upgrade",
     )
 
-    def __init__(self, downstream: DownstreamConnection, method: bytes, target: bytes, http_minor: int,
+    def __init__(self, downstream: DownstreamStream, method: bytes, target: bytes, http_minor: int,
                  headers: list[tuple[bytes, bytes]], host: bytes | None, keep_alive: bool, request_chunked: bool,
                  has_body: bool, connection_tokens: set[bytes] | None, expect_continue: bool,
-                 retry: RetryPolicy) -> None:
+                 retry: RetryPolicy, protocol: str | None = None) -> None:
         self.downstream = downstream
         self.listener: Listener = downstream.listener
         self.method = method
         self.target = target
-        self.http_minor = http_minor
+        self.http_minor = http_minor  # HTTP/1.x: 1 or 0; an HTTP/2 stream says 1 (chunk-free, keep-alive semantics)
+        self.protocol = protocol or ("HTTP/1.1" if http_minor else "HTTP/1.0")  # the downstream's, for the access log
         self.headers = headers
         self.host = host
-        self.keep_alive = keep_alive
+        self.keep_alive = keep_alive  # HTTP/1.x: the client's connection may carry another request after this one
         self.request_chunked = request_chunked
         self.has_body = has_body
         self.connection_tokens = connection_tokens
@@ -110,19 +138,19 @@ class Exchange:
         self.request_complete = False
         self.pending_body: list[bytes] | None = None
         self.pending_bytes = 0  # counted against the client connection's buffer limit until sent or dropped
-        self.upstream: UpstreamConnection | None = None
+        self.upstream: UpstreamStream | None = None
         self.routed: Target | None = None
-        self.response_started = False
-        self.response_chunked = False
-        self.response_keep_alive = False
+        self.state = _WAITING
+        self.head_sent = False  # the upstream's response head went to the client: stays true once DONE
+        self.response_keep_alive = False  # the upstream connection may carry another request (HTTP/1.1 upstreams)
         self.response_status = 0
-        self.finished = False
+        self.trailers: list[tuple[bytes, bytes]] | None = None  # request trailers (HTTP/2, gRPC), sent at the end
+        self.grpc_timeout: float | None = None  # the deadline a gRPC client asked for (grpc-timeout): the route timeout
+        self.deadline_timer: asyncio.TimerHandle | None = None  # a gRPC deadline is kept to the millisecond
         self.deadline = 0.0  # route timeout, loop time; 0 when not armed (the listener's sweeper enforces it)
-        self.pending_head: bytes | None = None  # the response head, held to go out in one write with the body
         self.start = 0.0
         self.error: LocalReplyError | None = None
         self.attempts = 0
-        self.discarding = False  # swallowing a response that will be retried
         self.last_activity = downstream.listener.now
         self.counted_active = False
         self.request_bytes = 0  # body bytes as decoded, for the access log
@@ -132,12 +160,21 @@ class Exchange:
         self.trail_key: bytes | None = None  # the trace the trail is kept under (inbound: answered and closed)
         self.trace: bytes | None = None  # the swimlane trace key, set by the role (sidecar listeners)
         self.failed_hop: bytes | None = None  # flags of a later hop's failure this 5xx carries (x-laneproxy-failed-hop)
-        self.replay: list[bytes] | None = []  # body bytes sent upstream, while within _REPLAY_LIMIT; None past it
+        self.replay: list[bytes] | None = []  # body bytes sent upstream, while within REPLAY_LIMIT; None past it
         self.replay_bytes = 0
-        self.tried: tuple = ()  # endpoints of the attempts that failed, avoided by the retries
+        self.tried: tuple[Endpoint, ...] = ()  # endpoints of the attempts that failed, avoided by the retries
         self.upgrade: bytes | None = None  # tunnels: the protocol asked (websocket), or CONNECT
 
-    # request side, driven by the downstream parser ---------------------------------------------
+    @property
+    def finished(self) -> bool:
+        return self.state is _DONE
+
+    @property
+    def response_started(self) -> bool:
+        """The upstream's response head went to the client (so a failure from now on is a reset)."""
+        return self.head_sent
+
+    # request side, driven by the downstream codec ----------------------------------------------
 
     def begin(self) -> None:
         """Route the request and start forwarding it (called when it is this exchange's turn)."""
@@ -154,16 +191,16 @@ class Exchange:
         if self.upgrade is not None:  # tunnels: the upgrade headers go upstream with the request
             tunnel.ask_upgrade(self)
         if self.expect_continue and not self.request_complete:
-            self.downstream.write(_CONTINUE)  # once, from the proxy; the upstream never sees the Expect
+            self.downstream.send_continue()  # once, from the proxy; the upstream never sees the Expect
         self._dispatch()
 
     def on_request_body(self, data: bytes) -> None:
-        if self.finished:
+        if self.state is _DONE:
             return  # answered already (a local reply or an early response): drain and drop
         self.last_activity = self.listener.now
         self.request_bytes += len(data)
         upstream = self.upstream
-        if upstream is None or upstream.transport is None:
+        if upstream is None or not upstream.connected:
             if self.pending_body is None:
                 self.pending_body = []
             self.pending_body.append(data)
@@ -172,29 +209,26 @@ class Exchange:
             return
         if self.replay is not None:
             self._keep_for_replay(data)
-        if self.request_chunked:
-            parts = codec.chunk(data)
-            upstream.pool.tx_bytes += sum(map(len, parts))
-            upstream.transport.writelines(parts)
-        else:
-            upstream.pool.tx_bytes += len(data)
-            upstream.transport.write(data)
+        upstream.send_body(data)
 
     def _keep_for_replay(self, data: bytes) -> None:
         self.replay_bytes += len(data)
-        if self.replay_bytes > _REPLAY_LIMIT:
+        if self.replay_bytes > REPLAY_LIMIT:
             self.replay = None
         else:
             self.replay.append(data)  # type: ignore[union-attr]
 
+    def on_request_trailers(self, trailers: list[tuple[bytes, bytes]]) -> None:
+        """Request trailers (HTTP/2, gRPC): they go upstream with the end of the request."""
+        self.trailers = trailers
+
     def on_request_complete(self) -> None:
         self.request_complete = True
-        if self.finished:
+        if self.state is _DONE:
             return
         upstream = self.upstream
-        if upstream is not None and upstream.transport is not None and self.request_chunked:
-            upstream.pool.tx_bytes += len(codec.LAST_CHUNK)
-            upstream.transport.write(codec.LAST_CHUNK)
+        if upstream is not None and upstream.connected:
+            upstream.end_request()
         self._arm_timer()
 
     # upstream side ---------------------------------------------------------------------------
@@ -212,6 +246,9 @@ class Exchange:
             stats.rq_active += 1
             self.counted_active = True
         self.attempts += 1
+        if self._upstream_http2():
+            self._dispatch_http2()
+            return
         pool = self.listener.pools.get(routed.endpoint.host, routed.endpoint.port)
         connection = pool.take_idle()
         if connection is not None:
@@ -223,12 +260,38 @@ class Exchange:
             return
         self._open_connection(pool)
 
+    def _upstream_http2(self) -> bool:
+        """The service port's protocol (Route.protocol, as Istio selects it) if it names one, else the client's."""
+        assert self.routed is not None
+        protocol = getattr(self.routed.route, "protocol", "auto")
+        if protocol == "http2":
+            return True
+        if protocol == "http1":
+            return False
+        return self.protocol == "HTTP/2"
+
+    def _dispatch_http2(self) -> None:
+        """A stream on a multiplexed connection to the endpoint, opening one when none has room."""
+        routed = self.routed
+        assert routed is not None
+        pool = self.listener.h2_pools.get(routed.endpoint.host, routed.endpoint.port)
+        stream = pool.take_stream()
+        if stream is not None:
+            self._attach(stream)
+            return
+        if pool.pending >= self.listener.settings.circuit_breakers.max_pending_requests:
+            routed.cluster_stats.rq_overflow += 1
+            self.reply_locally(UpstreamOverflowError("max pending requests"))
+            return
+        if pool.connect(self._on_connected):
+            routed.cluster_stats.cx_total += 1  # Envoy counts every connection attempt
+
     def _open_connection(self, pool: UpstreamPool) -> None:
         assert self.routed is not None
         self.routed.cluster_stats.cx_total += 1  # Envoy counts every connection attempt
         pool.connect(self._on_connected)
 
-    def _on_connected(self, connection: UpstreamConnection | None, error: LocalReplyError | None) -> None:
+    def _on_connected(self, connection: UpstreamStream | None, error: LocalReplyError | None) -> None:
         routed = self.routed
         assert routed is not None
         if connection is None:
@@ -237,40 +300,31 @@ class Exchange:
             if not self._retry_if("connect-failure"):
                 self._fail_upstream(error or UpstreamResetError())
             return
-        if self.finished:  # the client left while we were connecting
+        if self.state is _DONE:  # the client left while we were connecting
             connection.give_back(reusable=True)
             return
         self._attach(connection)
 
-    def _attach(self, connection: UpstreamConnection) -> None:
+    def _attach(self, connection: UpstreamStream) -> None:
         self.upstream = connection
         connection.lend(self)
-        transport = connection.transport
         routed = self.routed
-        assert transport is not None and routed is not None
+        assert connection.connected and routed is not None
         routed.cluster_stats.rq_total += 1  # an upstream request exists once it has a connection
         self.last_activity = self.listener.now
-        parts = [self.method, b" ", routed.path, b" HTTP/1.1\r\n"]
         skip = h.NOT_FORWARDED if self.connection_tokens is None else h.NOT_FORWARDED | self.connection_tokens
         if self.expect_continue:
             skip = skip | {h.EXPECT}
-        codec.write_headers(parts, self.headers, skip, routed.overrides)
-        parts += (h.X_ENVOY_ATTEMPT_COUNT, b": %d\r\n" % self.attempts)
-        if self.request_chunked:
-            parts.append(_CHUNKED)
-        parts.append(codec.CRLF)
         pending = self.pending_body
+        body: Sequence[bytes] = ()
         if pending:
             self.pending_body = None
-            for data in pending:
-                parts += codec.chunk(data) if self.request_chunked else (data,)
-                if self.replay is not None:
+            body = pending
+            if self.replay is not None:
+                for data in pending:
                     self._keep_for_replay(data)
-        if self.request_complete and self.request_chunked:
-            parts.append(codec.LAST_CHUNK)
-        payload = b"".join(parts)
-        connection.pool.tx_bytes += len(payload)
-        transport.write(payload)
+        connection.send_request(self.method, routed.path, self.headers, skip, routed.overrides, self.attempts,
+                                self.request_chunked, body, self.request_complete)
         if self.pending_bytes:
             self._release_pending()
         self._arm_timer()
@@ -280,13 +334,25 @@ class Exchange:
         self.downstream.release(held)
 
     def _arm_timer(self) -> None:
-        if not self.deadline and self.request_complete and self.upstream is not None and not self.finished:
+        if not self.deadline and self.request_complete and self.upstream is not None \
+                and self.state is not _DONE:
             routed = self.routed
             timeout = routed.timeout if routed is not None and routed.timeout is not None else \
                 self.listener.settings.timeouts.route
+            if self.grpc_timeout is not None:
+                timeout = self.grpc_timeout  # as Envoy with max_grpc_timeout: the caller's deadline is the route's
             if timeout > 0:
                 # No timer object per request: the listener's sweeper compares deadlines a few times a second.
                 self.deadline = self.listener.loop.time() + timeout
+                if self.grpc_timeout is not None:
+                    # A caller's deadline also runs in the app, which answers DEADLINE_EXCEEDED itself the moment it
+                    # passes: the proxy answers first, as Envoy's timer does, so it gets a timer of its own.
+                    self.deadline_timer = self.listener.loop.call_at(self.deadline, self._deadline_passed)
+
+    def _deadline_passed(self) -> None:
+        self.deadline_timer = None
+        if self.deadline and self.state is not _DONE:
+            self.on_timeout()
 
     def on_timeout(self) -> None:
         self.deadline = 0.0
@@ -301,19 +367,19 @@ class Exchange:
     def _retryable(self) -> bool:
         # A streamed body is gone once sent: only bodiless idempotent requests are replayed.
         return (self.attempts <= self.retry.max_retries and not self.has_body and self.request_complete
-                and not self.response_started and self.method in _IDEMPOTENT and not self.finished)
+                and self.state in _UNANSWERED and self.method in IDEMPOTENT)
 
     def _unsent_retryable(self) -> bool:
         # The connection never opened, so nothing reached the upstream and every body byte received so far
         # is still held in pending_body (reading stops at the per-connection buffer limit): any method,
         # POST included, may go again, even while its body is still arriving.
-        return self.attempts <= self.retry.max_retries and not self.response_started and not self.finished
+        return self.attempts <= self.retry.max_retries and self.state in _UNANSWERED
 
     def _replayable(self) -> bool:
         # The next proxy answered that it never sent the request on: the whole body is still here
         # (kept for replay), so any method may go again.
         return (self.attempts <= self.retry.max_retries and self.request_complete and self.replay is not None
-                and not self.response_started and not self.finished)
+                and self.state in _UNANSWERED)
 
     def _retry_if(self, kind: str) -> bool:
         retryable = self._unsent_retryable() if kind == "connect-failure" else self._retryable()
@@ -327,6 +393,9 @@ class Exchange:
         assert routed is not None
         self.upstream = None
         self.deadline = 0.0
+        if self.deadline_timer is not None:  # the next attempt arms its own
+            self.deadline_timer.cancel()
+            self.deadline_timer = None
         self.tried = tried = (*self.tried, routed.endpoint)
         selector = self.listener.role.selector
         try:
@@ -356,7 +425,7 @@ class Exchange:
         """The upstream connection failed or closed before the response was complete."""
         connection = self.upstream
         if (connection is not None and connection.reused and not received_any and self.request_complete
-                and not self.has_body and not self.response_started and self.routed is not None):
+                and not self.has_body and self.state is not _STARTED and self.routed is not None):
             # A keep-alive connection the upstream had already closed: the request never reached it.
             self.upstream = None
             self._open_connection(self.listener.pools.get(self.routed.endpoint.host, self.routed.endpoint.port))
@@ -370,18 +439,18 @@ class Exchange:
         self._fail_upstream(error if isinstance(error, LocalReplyError) else UpstreamResetError(str(error)))
 
     def _fail_upstream(self, error: LocalReplyError) -> None:
-        if self.finished:
+        if self.state is _DONE:
             return
         if self.attempts > 1 and isinstance(error, (UpstreamConnectError, UpstreamResetError)):
             error = error.after_retries()
         connection, self.upstream = self.upstream, None
         if connection is not None:
             connection.abandon()
-        if self.response_started:
-            # Headers are out: the only honest signal left is to reset the client's connection (before
-            # _finish, which would close it cleanly and make a cut body look complete).
+        if self.state is _STARTED:
+            # Headers are out: the only honest signal left is to reset the client's stream (before
+            # _finish, which would end it cleanly and make a cut body look complete).
             self.error = error
-            self.downstream.abort()
+            self.downstream.reset()
             self._finish()
             return
         self.reply_locally(error)
@@ -422,29 +491,16 @@ class Exchange:
                 outliers.failed_hop_responses += 1
         if status >= 500 and ((self._retryable() and self.retry.on_status(status)) or (
                 not_forwarded and self._replayable() and self.retry.on_failure("connect-failure"))):
-            self.discarding = True
+            self.state = _DISCARDING
             self.response_keep_alive = keep_alive
             return
         self.response_status = status
         self.response_keep_alive = keep_alive
-        self.response_started = True
+        self.state = _STARTED
+        self.head_sent = True
         if self.listener.reads_peer or self.trail is not None:
             self._read_mesh_headers(headers)
-        overrides = self.listener.response_overrides(self)
-        parts = [b"HTTP/1.1 %d " % status, reason or codec.reason_phrase(status), codec.CRLF]
-        has_length = codec.write_response_headers(parts, headers, overrides, self.listener.response_dropped)
-        head_only = self.method == b"HEAD" or status in _NO_BODY_STATUS
-        if not has_length and not head_only:
-            if self.http_minor >= 1:
-                self.response_chunked = True
-                parts.append(_CHUNKED)
-            else:
-                self.keep_alive = False  # HTTP/1.0 client: the end of the body is the end of the connection
-        if not self.keep_alive or self.downstream.closes_after_this_response():
-            self.keep_alive = False
-            parts.append(_CLOSE)
-        parts.append(codec.CRLF)
-        self.pending_head = b"".join(parts)
+        self.downstream.send_head(self, status, reason, headers, self.listener.response_overrides(self))
         if self.method == b"HEAD":
             # httptools cannot be told a response to HEAD has no body: finish here, never reuse.
             self.response_keep_alive = False
@@ -470,44 +526,34 @@ class Exchange:
                 self.trail.append(value.decode("latin-1"))
 
     def on_response_body(self, data: bytes) -> None:
-        if self.finished or self.discarding:
+        if self.state is not _STARTED:
             return
         self.last_activity = self.listener.now
         self.response_bytes += len(data)
-        head, self.pending_head = self.pending_head, None
-        if self.response_chunked:
-            parts = codec.chunk(data)
-            if head is not None:
-                parts.insert(0, head)
-            self.downstream.writelines(parts)
-        elif head is not None:
-            self.downstream.writelines([head, data])
-        else:
-            self.downstream.write(data)
+        self.downstream.send_data(data)
 
     def flush_head(self) -> None:
         """The upstream read ended after the head: send it now rather than wait for body bytes."""
-        head, self.pending_head = self.pending_head, None
-        if head is not None:
-            self.downstream.write(head)
+        if self.state is _STARTED:
+            self.downstream.flush_head()
+
+    def on_response_trailers(self, trailers: list[tuple[bytes, bytes]]) -> None:
+        """Response trailers (`grpc-status`): they end the response, before on_response_complete."""
+        if self.state is _STARTED:
+            self.downstream.send_trailers(trailers)
 
     def on_response_complete(self) -> None:
-        if self.finished:
-            return
+        state = self.state
+        if state is _DONE or state is _WAITING:
+            return  # a 1xx ended: the final response follows on the same upstream stream
         connection, self.upstream = self.upstream, None
-        if self.discarding:
-            self.discarding = False
+        if state is _DISCARDING:
+            self.state = _WAITING
             if connection is not None:
                 connection.give_back(reusable=self.response_keep_alive)
             self._retry()
             return
-        if not self.response_started:
-            return  # a 1xx ended
-        head, self.pending_head = self.pending_head, None
-        if self.response_chunked:
-            self.downstream.write(codec.LAST_CHUNK if head is None else head + codec.LAST_CHUNK)
-        elif head is not None:
-            self.downstream.write(head)
+        self.downstream.end()
         if connection is not None:
             connection.give_back(reusable=self.response_keep_alive and self.request_complete)
         self._finish()
@@ -520,22 +566,17 @@ class Exchange:
         if self.has_body and not self.request_complete:
             self.keep_alive = False  # an unread body would be taken for the next request
         listener = self.listener
-        close = not self.keep_alive or self.downstream.closes_after_this_response()
         # The outbound listener answers the app for the next hop: say so, for apps that pass headers on.
-        flag = error.flag.encode()
-        extra = ((h.X_LANEPROXY_FAILED_HOP, flag),) if error.status >= 500 and listener.marks_local_replies else ()
-        if error.forwarded_nothing and not listener.edge_of_mesh:
-            extra += ((h.X_LANEPROXY_NOT_FORWARDED, flag),)
-        self.downstream.write(codec.local_reply(
-            error.status, error.body.encode(), date=listener.dates.value(), server=listener.server_name, close=close,
-            extra=extra,
-        ))
-        self.keep_alive = not close
+        reply = local_reply.build(error, date=listener.dates.value(), server=listener.server_name,
+                                  grpc=local_reply.is_grpc(self.headers),
+                                  marks=local_reply.marks(error, about_later_hop=listener.marks_local_replies,
+                                                          edge_of_mesh=listener.edge_of_mesh))
+        self.downstream.send_local_reply(self, reply)
         self._finish()
 
     def cancel(self) -> None:
         """The client went away: stop everything and release what can be released."""
-        if self.finished:
+        if self.state is _DONE:
             return
         connection, self.upstream = self.upstream, None
         if connection is not None:
@@ -543,19 +584,13 @@ class Exchange:
         self._finish()
 
     def _finish(self) -> None:
-        self.finished = True
+        self.state = _DONE
         self.deadline = 0.0
+        if self.deadline_timer is not None:
+            self.deadline_timer.cancel()
+            self.deadline_timer = None
         self.pending_body = None
         if self.pending_bytes:
             self._release_pending()
-        routed = self.routed
-        if routed is not None and self.counted_active:
-            stats = routed.cluster_stats
-            stats.rq_active -= 1
-            if self.response_status:
-                stats.rq_by_code[self.response_status] += 1
-            elapsed_ms = (self.listener.loop.time() - self.start) * 1000.0
-            stats.rq_time_ms_sum += elapsed_ms
-            stats.rq_time_count += 1
         self.listener.on_exchange_done(self)
         self.downstream.exchange_done(self)

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Callable
 
 from laneproxy.core import headers as h
 from laneproxy.core.propagation import valid_traceparent
+from laneproxy.core.retry import timeout_milliseconds
 
 if TYPE_CHECKING:
     from laneproxy.core.model import RouteTable
@@ -75,10 +76,6 @@ def edge_trace_value(name: bytes, sent: list[bytes], *, trust: bool, bits: Calla
     if trust and len(sent) == 1 and sent[0]:
         return None
     return uuid4_bytes(bits(128))
-
-
-def _milliseconds(value: bytes) -> int | None:
-    return int(value) if value.isdigit() and len(value) < 10 else None
 
 
 # What `inspect` found: (x-request-id, x-forwarded-for, x-forwarded-proto present, x-envoy-upstream-rq-timeout-ms)
@@ -127,9 +124,9 @@ class RequestHeaderPolicy:
                 values.append(value)
         chosen = {}
         for name, values in sent.items():
-            value = edge_trace_value(name, values, trust=self.trust_client_trace_id, bits=self.trace_bits)
-            if value is not None:
-                chosen[name] = value
+            edge_value = edge_trace_value(name, values, trust=self.trust_client_trace_id, bits=self.trace_bits)
+            if edge_value is not None:
+                chosen[name] = edge_value
         if chosen:
             exchange.headers = [(n, v) for n, v in exchange.headers if n not in chosen]
             exchange.headers.extend(chosen.items())
@@ -179,7 +176,7 @@ class RequestHeaderPolicy:
         expected = self.expected_timeout
         target.timeout = self.route_timeout
         if timeout_value is not None:
-            milliseconds = _milliseconds(timeout_value)
+            milliseconds = timeout_milliseconds(timeout_value)
             if milliseconds is not None:
                 target.timeout = milliseconds / 1000.0
                 expected = b"%d" % milliseconds if milliseconds > 0 else None

@@ -22,17 +22,20 @@ from typing import TYPE_CHECKING, Callable
 import httptools
 
 from laneproxy.core import headers as h
-from laneproxy.core.errors import DownstreamProtocolError, NoHealthyUpstreamError, NoRouteError
+from laneproxy.core.errors import DownstreamProtocolError, NoHealthyUpstreamError, OutsideMeshError
 from laneproxy.core.model import Endpoint, Route, RouteTable, ServiceRoutes
-from laneproxy.core.propagation import LaneSource, TraceLaneTable, resolve_lane, trace_key
-from laneproxy.core.routing import choose_ingress
+from laneproxy.core.decision import INBOUND, OUTBOUND, PASSTHROUGH_CLUSTER, RequestMeta, RouteDecision, decide
+from laneproxy.core.propagation import LaneSource, TraceLaneTable, trace_key
+from laneproxy.core.retry import RetryPolicy
 from laneproxy.dataplane import egress, sniff
 from laneproxy.dataplane.codec import DateCache
 from laneproxy.dataplane.downstream import DownstreamConnection
-from laneproxy.dataplane.exchange import RetryPolicy
+from laneproxy.dataplane.http2 import Http2Connection
+from laneproxy.dataplane.http2_upstream import Http2Pools
 from laneproxy.dataplane.header_policy import RequestHeaderPolicy, response_headers
-from laneproxy.dataplane.health import EndpointSelector, FailedHops
+from laneproxy.core.balance import EndpointSelector, FailedHops
 from laneproxy.dataplane.route_trail import TRAIL_HOPS, RouteTrails, hop
+from laneproxy.observability.recorder import ExchangeRecorder
 
 if TYPE_CHECKING:
     from laneproxy.core.store import RouteTableStore
@@ -62,7 +65,7 @@ class Target:
         self.request_id: bytes | None = None  # x-request-id as sent upstream
         self.timeout: float | None = None  # route timeout in seconds, x-envoy-upstream-rq-timeout-ms applied
         self.service_time_ms: int | None = None  # x-envoy-upstream-service-time, once the response head is in
-        self.span = None  # the OpenTelemetry span, when tracing is on
+        self.span: object = None  # the OpenTelemetry span, when tracing is on
 
 
 def split_target(exchange: Exchange) -> tuple[bytes, bytes | None]:
@@ -92,11 +95,16 @@ def header_value(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | Non
     return None
 
 
+def _no_draw() -> float:
+    return 0.0  # only the gateway's weighted ingress draws; the other roles' decisions use no randomness
+
+
 class Role:
     """How one kind of listener turns a request into a Target; subclasses implement `choose`."""
 
     name = "role"
     edge = False  # faces external clients: strips their x-envoy-* headers, appends to x-forwarded-for
+    counts_sources = False  # the outbound listener counts where each request's lane came from
 
     def __init__(self, stats: ProxyStats, selector: EndpointSelector) -> None:
         self.stats = stats
@@ -105,6 +113,8 @@ class Role:
         self.tracer: ExchangeTracer | None = None
         self.peer_header: bytes | None = None  # this workload, sent upstream for Istio's metrics (app wires it)
         self.trails: RouteTrails | None = None  # "where did this request go", when configured
+        self.traces: TraceLaneTable | None = None  # sidecars: the trace -> lane table the decision reads or fills
+        self.random_value: Callable[[], float] = _no_draw  # the gateway's weighted ingress draws
 
     def trace_value(self, exchange: Exchange, table: RouteTable) -> bytes | None:
         """The swimlane trace key of a request (the first group's trace header), for the route trail."""
@@ -131,9 +141,6 @@ class Role:
             self.tracer.start(exchange, target, table)
         return target
 
-    def choose(self, exchange: Exchange, table: RouteTable) -> Target:
-        raise NotImplementedError
-
     def follow_trail(self, exchange: Exchange, target: Target, table: RouteTable) -> None:
         """Outbound: a call in a trace whose trail is open adds its hop and asks the next sidecar for its own."""
         trails = self.trails
@@ -147,12 +154,33 @@ class Role:
             exchange.trail = trail
             target.overrides[h.X_LANEPROXY_ROUTE] = b"1"
 
+    def meta(self, exchange: Exchange, path: bytes, authority: bytes | None) -> RequestMeta:
+        """The request as routing sees it, whatever the codec."""
+        return RequestMeta(self.name, authority or exchange.host, path, exchange.headers)
+
+    def choose(self, exchange: Exchange, table: RouteTable) -> Target:
+        """Ask core.decision where the request goes, then pick a healthy endpoint of that route."""
+        path, authority = split_target(exchange)
+        decision = decide(table, self.meta(exchange, path, authority), self.traces, self.random_value())
+        if self.counts_sources and decision.group is not None and decision.lane_source is not None:
+            self.stats.lanes.lane_sources[decision.lane_source.value] += 1
+        if decision.trace is not None:
+            exchange.trace = decision.trace  # before the endpoint is chosen: a `no healthy upstream` is remembered
+        overrides = decision.upstream_headers  # a new dict per decision: this request's to change
+        if authority is not None:
+            overrides[h.HOST] = authority
+        if decision.routes is None and decision.route.cluster == PASSTHROUGH_CLUSTER:
+            # No outlier ejection: there is no other endpoint to try.
+            route = decision.route
+            return Target(route.endpoints[0], path, overrides, self.stats.cluster(route.cluster), route, None, None)
+        return self._target(decision, path, overrides)
+
     def static_routes(self) -> tuple[Route, ...]:
         """Routes this role serves that are not in the route table (shown by /clusters and /stats)."""
         return ()
 
-    def _target(self, route: Route, routes: ServiceRoutes | None, path: bytes, overrides: dict[bytes, bytes],
-                source: LaneSource | None) -> Target:
+    def _target(self, decision: RouteDecision, path: bytes, overrides: dict[bytes, bytes]) -> Target:
+        route, routes = decision.route, decision.routes
         try:
             endpoint, route, spilled = self.selector.choose(route, routes)
         except NoHealthyUpstreamError:
@@ -167,7 +195,8 @@ class Role:
                 lanes.fallbacks[(route.service, route.lane_asked, route.lane_used)] += 1
                 if spilled:
                     lanes.spills[(route.service, route.lane_asked, route.lane_used)] += 1
-        return Target(endpoint, path, overrides, self.stats.cluster(route.cluster), route, routes, source)
+        return Target(endpoint, path, overrides, self.stats.cluster(route.cluster), route, routes,
+                      decision.lane_source)
 
 
 class GatewayRole(Role):
@@ -191,19 +220,6 @@ class GatewayRole(Role):
         if token is not None and header_value(exchange.headers, h.X_LANEPROXY_ROUTE) == token:
             exchange.trail = [hop(target.route)]
             target.overrides[h.X_LANEPROXY_ROUTE] = b"1"
-
-    def choose(self, exchange: Exchange, table: RouteTable) -> Target:
-        path, authority = split_target(exchange)
-        host = authority or exchange.host or b""
-        headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in exchange.headers}
-        decision = choose_ingress(table, host.decode("latin-1"), path.split(b"?", 1)[0].decode("latin-1"),
-                                  headers, self.random_value())
-        overrides = {decision.group.route_header_key: decision.lane.encode()} if decision.lane else {}
-        if authority is not None:
-            overrides[h.HOST] = authority
-        return self._target(decision.route, table.routes.get(decision.route.service), path, overrides,
-                            LaneSource.ROUTE_HEADER)
-
 
 class InboundRole(Role):
     """In front of the local app: remember trace -> lane, then hand the request to the app unchanged."""
@@ -243,25 +259,8 @@ class InboundRole(Role):
             exchange.trail = trails.open(key)
             exchange.trail_key = key
 
-    def choose(self, exchange: Exchange, table: RouteTable) -> Target:
-        path, authority = split_target(exchange)
-        for group in table.groups.values():
-            if group.trace_header is None:
-                continue
-            route_header, trace_header = group.route_header_key, group.trace_header_key
-            lane = trace = None
-            for name, value in exchange.headers:
-                if name == route_header:
-                    lane = value
-                elif name == trace_header:
-                    trace = value
-            key = trace_key(trace_header, trace) if trace else None
-            if key is not None and exchange.trace is None:
-                exchange.trace = key  # to recognise the app's 5xx for a call that failed further on
-            if lane and key is not None and table.is_lane(lane.decode("latin-1")):
-                self.traces.remember(key, lane)
-        overrides = {h.HOST: authority} if authority is not None else {}
-        return self._target(self.route_for(exchange), None, path, overrides, None)
+    def meta(self, exchange: Exchange, path: bytes, authority: bytes | None) -> RequestMeta:
+        return RequestMeta(INBOUND, authority or exchange.host, path, exchange.headers, None, self.route_for(exchange))
 
 
 class OutboundRole(Role):
@@ -271,6 +270,7 @@ class OutboundRole(Role):
     """
 
     name = "outbound"
+    counts_sources = True
 
     def __init__(self, stats: ProxyStats, selector: EndpointSelector, traces: TraceLaneTable,
                  own_lane: str | None) -> None:
@@ -278,59 +278,24 @@ class OutboundRole(Role):
         self.traces = traces
         self.own_lane = own_lane.encode() if own_lane else None
 
+    def meta(self, exchange: Exchange, path: bytes, authority: bytes | None) -> RequestMeta:
+        transport = exchange.downstream.transport
+        # Positional: this runs once per request, and a NamedTuple built from keywords costs half as much again.
+        return RequestMeta(OUTBOUND, authority or exchange.host, path, exchange.headers, self.own_lane, None,
+                           lambda: original_destination(transport))
+
     def choose(self, exchange: Exchange, table: RouteTable) -> Target:
-        path, authority = split_target(exchange)
-        host = authority or exchange.host
-        if not host:
-            raise NoRouteError("no host")
-        overrides = {h.HOST: authority} if authority is not None else {}
-        routes = table.hosts.get(host) or table.hosts.get(host.lower())
-        if routes is None or routes.passthrough:
-            # Asked only here, so a request for a group's service never pays for the system call.
-            original = original_destination(exchange.downstream.transport)
-            if original is not None:
-                by_address = table.hosts.get(original.address.encode()) if routes is None else None
-                if by_address is not None and not by_address.passthrough:
-                    routes = by_address  # called by ClusterIP under another Host: the service, in its lane
-                else:
-                    # Captured by iptables on its way to a host no group takes over (no service at all, a
-                    # Service of no group, selector-less, ExternalName): on to where it was going.
-                    route = passthrough_route(original)  # no outlier ejection: there is no other endpoint to try
-                    return Target(original, path, overrides, self.stats.cluster(route.cluster), route, None, None)
-            elif routes is None:  # egress: a proxy request for a host outside the mesh (ALLOW_ANY passes it on)
-                return egress.passthrough_target(self, exchange, authority, host, path, overrides)
-        group = routes.group
-        if group is None:
-            return self._target(routes.default, routes, path, overrides, None)
-        route_header = group.route_header_key
-        trace_header = group.trace_header_key
-        if group.permissive:
-            route_value = trace_value = baggage_value = None
-            for name, value in exchange.headers:
-                if name == route_header:
-                    route_value = value
-                elif name == trace_header:
-                    trace_value = value
-                elif name == h.BAGGAGE:
-                    baggage_value = value
-            lane, source = resolve_lane(route_value, trace_value, baggage_value, trace_header=trace_header,
-                                        route_header=route_header, traces=self.traces)
-        else:
-            lane, source = self.own_lane, LaneSource.OWN_LANE
-            trace_value = header_value(exchange.headers, trace_header) if trace_header is not None else None
-        if trace_value and trace_header is not None:
-            # Before the endpoint is chosen: a `no healthy upstream` is remembered for this trace too (FailedHops).
-            exchange.trace = trace_key(trace_header, trace_value)
-        route = routes.route_for(lane)
-        self.stats.lanes.lane_sources[source.value] += 1
-        if route.lane_asked is not None:
-            # The lane asked travels on, even across a fallback hop, so the next hop returns to it.
-            overrides[route_header] = route.lane_asked_value
-        return self._target(route, routes, path, overrides, source)
+        try:
+            return super().choose(exchange, table)
+        except OutsideMeshError:
+            # egress: a proxy request for a host outside the mesh (ALLOW_ANY passes it on, REGISTRY_ONLY refuses)
+            path, authority = split_target(exchange)
+            host = authority or exchange.host or b""
+            overrides = {h.HOST: authority} if authority is not None else {}
+            return egress.passthrough_target(self, exchange, authority, host, path, overrides)
 
 
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h: the destination a connection had before REDIRECT
-PASSTHROUGH_CLUSTER = "PassthroughCluster"  # Istio's name for traffic to destinations outside the mesh
 
 
 def original_destination(transport: asyncio.BaseTransport | None) -> Endpoint | None:
@@ -354,10 +319,6 @@ def original_destination(transport: asyncio.BaseTransport | None) -> Endpoint | 
     return Endpoint(*original)
 
 
-def passthrough_route(endpoint: Endpoint) -> Route:
-    return Route(PASSTHROUGH_CLUSTER, None, None, PASSTHROUGH_CLUSTER, (endpoint,))
-
-
 class Listener:
     """A listening socket with its role and everything its exchanges share."""
 
@@ -367,6 +328,9 @@ class Listener:
         self.role = role
         self.store = store
         self.pools = pools
+        # HTTP/2 upstreams: multiplexed connections per endpoint (gRPC, or a port that says http2).
+        self.h2_pools = Http2Pools(loop, connect_timeout=settings.timeouts.connect,
+                                   max_response_head_bytes=settings.max_response_headers_kb * 1024)
         self.proxy_stats = stats
         self.stats = stats.listener(name)
         self.settings = settings
@@ -377,9 +341,9 @@ class Listener:
         self.max_header_count = settings.max_request_headers_count
         self.max_pipelined = settings.max_pipelined_requests
         self.buffer_limit = settings.per_connection_buffer_limit_bytes
-        self.connections: set[DownstreamConnection] = set()
+        self.connections: set[DownstreamConnection | Http2Connection] = set()
         self.server: asyncio.AbstractServer | None = None
-        self.sweeper: asyncio.Task | None = None
+        self.sweeper: asyncio.Task[None] | None = None
         self.now = loop.time()  # a coarse clock for timeouts, advanced by the sweeper
         retries = settings.retries
         self.retry_policy = RetryPolicy(retries.max_retries, frozenset(retries.retry_on),
@@ -388,7 +352,8 @@ class Listener:
         self.trust_envoy_headers = role.name != "gateway"
         self.draining = False
         self.address_tag = ""  # `0.0.0.0_8080` once bound
-        self.exchange_observers: list[Callable[[Exchange], None]] = []  # access log, tracing, Istio's metrics
+        # Counts each finished exchange once, then hands it to the access log, tracing and Istio's metrics.
+        self.recorder = ExchangeRecorder(self.stats, loop.time)
         self.reads_peer = False  # an upstream's peer header is read from responses (Istio's source reporter)
         self.response_peer: bytes | None = None  # inbound: this workload, answered to the caller
         # The app's calls that failed further on (outbound records, inbound marks the app's 5xx): see FailedHops.
@@ -410,7 +375,7 @@ class Listener:
                                                     reuse_port=reuse_port or None, backlog=1024)
         self.address_tag = f"{host}_{self.server.sockets[0].getsockname()[1]}"  # Envoy's listener_address tag
         self.sweeper = self.loop.create_task(self._sweep(), name=f"{self.name}-timeouts")
-        return self.server.sockets[0].getsockname()[1]
+        return int(self.server.sockets[0].getsockname()[1])
 
     async def _sweep(self) -> None:
         """Advance the coarse clock and enforce per-connection timeouts, without a timer per request."""
@@ -430,9 +395,20 @@ class Listener:
         if self.draining:
             connection.draining = True
 
-    def connection_closed(self, connection: DownstreamConnection) -> None:
+    def connection_closed(self, connection: DownstreamConnection | Http2Connection) -> None:
         self.connections.discard(connection)
         self.stats.cx_active -= 1
+        if isinstance(connection, Http2Connection):
+            self.stats.cx_http2_active -= 1
+
+    def connection_upgraded(self, old: DownstreamConnection, new: Http2Connection) -> None:
+        """A connection that began with HTTP/2's preface: the same client connection, now HTTP/2's."""
+        self.connections.discard(old)
+        self.connections.add(new)
+        self.stats.cx_http2 += 1
+        self.stats.cx_http2_active += 1
+        # Draining: the new connection is served and gets its GOAWAY after its first response (as an HTTP/1.1
+        # one gets `Connection: close` on it), so a client never sees a GOAWAY before its first stream.
 
     def response_overrides(self, exchange: Exchange) -> dict[bytes, bytes]:
         milliseconds = int((self.loop.time() - exchange.start) * 1000.0)
@@ -456,38 +432,20 @@ class Listener:
         return overrides
 
     def on_exchange_done(self, exchange: Exchange) -> None:
-        stats = self.stats
         status = exchange.response_status
-        stats.rq_total += 1
-        stats.rq_by_class[status // 100] += 1
-        elapsed_ms = (self.loop.time() - exchange.start) * 1000.0
-        stats.rq_time.record(elapsed_ms)
-        error = exchange.error
-        routed = exchange.routed
-        if routed is not None:
-            host = routed.host_stats
-            if host is not None:
-                host.rq_active -= 1
-                # A retry may have moved the request to another endpoint: the outcome is the last one's.
-                _count_host_result(routed.cluster_stats.host(routed.endpoint), status,
-                                   error.flag if error is not None else None)
-            if error is None and status:
-                routed.cluster_stats.rq_time.record(elapsed_ms)
-        elif error is not None and error.flag == "NR":
-            stats.no_route += 1
         if status >= 500 and exchange.trace is not None and self.failed_hops is not None and self.role.name == "outbound":
+            error = exchange.error
             self.failed_hops.remember(exchange.trace, error.flag.encode() if error is not None
                                       else exchange.failed_hop or b"-")
-        for observer in self.exchange_observers:
-            observer(exchange)
+        self.recorder.record(exchange)
 
     def attach_tracer(self, tracer: ExchangeTracer) -> None:
         self.role.tracer = tracer
-        self.exchange_observers.append(tracer.finish)
+        self.recorder.observers.append(tracer.finish)
 
     def active_requests(self) -> int:
         """Requests received and not yet answered, pipelined ones included (downstream_rq_active)."""
-        return sum((connection.active is not None) + len(connection.queue) for connection in self.connections)
+        return sum(connection.request_count() for connection in self.connections)
 
     def resume(self) -> None:
         """Undo `drain` for new connections (after /healthcheck/ok); drained connections still close."""
@@ -517,24 +475,8 @@ class Listener:
     async def stop(self) -> None:
         if self.sweeper is not None:
             self.sweeper.cancel()
+        self.h2_pools.close()
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()
-
-
-def _count_host_result(host: HostStats, status: int, flag: str | None) -> None:
-    """Envoy's per-host outcome: a connect failure never reached the host; 5xx, resets and timeouts are errors."""
-    if flag == "UF":
-        host.cx_connect_fail += 1
-        host.rq_error += 1
-        return
-    if flag is None and status == 0:
-        return  # the client left; nothing to say about the host
-    host.rq_total += 1
-    if flag is not None or status >= 500:
-        host.rq_error += 1
-        if flag == "UT":
-            host.rq_timeout += 1
-    else:
-        host.rq_success += 1
 

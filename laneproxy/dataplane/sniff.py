@@ -1,9 +1,8 @@
 """Captured connections: telling the protocol from the first bytes, as Istio's protocol sniffing does.
 
 Owns what a sidecar listener does with a connection iptables redirected to it (SO_ORIGINAL_DST): an
-HTTP/1.x request line goes to the HTTP codec and is proxied with lanes; a TLS ClientHello (its SNI read
-for the access log), the HTTP/2 preface (there is no HTTP/2 codec here yet) and anything else are passed
-through as raw TCP; so is a client that says nothing for the detection timeout (server-first protocols:
+HTTP/1.x request line and the HTTP/2 preface go to the HTTP codec and are proxied with lanes; a TLS
+ClientHello (its SNI read for the access log) and anything else are passed through as raw TCP; so is a client that says nothing for the detection timeout (server-first protocols:
 MySQL, SMTP, a banner). The outbound listener passes them to their original destination
 (`tcp.PassthroughCluster.*`), the inbound listener to the app's port they were sent to (a Redis or MySQL
 port the app declares is captured like its HTTP port: `tcp.inbound|<port>||.*`). They are counted as
@@ -195,10 +194,10 @@ class SniffingConnection(asyncio.Protocol):
         self.decided = True
         if self.timer is not None:
             self.timer.cancel()
-        if kind == HTTP and not self.client_ended:
-            self._to_http()
+        if kind in (HTTP, HTTP2) and not self.client_ended:
+            self._to_http()  # the HTTP codec tells HTTP/2's preface from HTTP/1.x and proxies either with lanes
         else:
-            # HTTP/2 and TLS are opaque here; a half-closed HTTP/1 client is passed on as it is.
+            # TLS is opaque here; a half-closed HTTP client is passed on as it is.
             sni = client_hello_sni(self.buffer) if kind == TLS else None
             transport = self.transport
             if transport is not None and not transport.is_closing():

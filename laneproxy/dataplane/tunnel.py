@@ -18,12 +18,13 @@ after an upgrade request's head stay with the downstream connection until the up
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, cast
 
 from laneproxy.core import headers as h
 from laneproxy.dataplane import codec
 
 if TYPE_CHECKING:
+    from laneproxy.dataplane.downstream import DownstreamConnection
     from laneproxy.dataplane.exchange import Exchange
     from laneproxy.observability.stats import TcpStats
     from laneproxy.dataplane.upstream import UpstreamConnection
@@ -231,7 +232,7 @@ def switch_protocols(exchange: Exchange, connection: UpstreamConnection,
     client is gone. The client's and the upstream's connection objects get their `connection_lost`
     once the tunnel ends, so listener and pool count them until then.
     """
-    downstream = exchange.downstream
+    downstream = cast("DownstreamConnection", exchange.downstream)  # upgrades are HTTP/1.1's
     listener = exchange.listener
     down_transport, up_transport = downstream.transport, connection.transport
     connection.sink = None
@@ -244,7 +245,7 @@ def switch_protocols(exchange: Exchange, connection: UpstreamConnection,
         if name == h.UPGRADE:
             upgrade = value
     exchange.response_status = 101
-    exchange.response_started = True
+    exchange.head_sent = True
     overrides = listener.response_overrides(exchange)
     overrides[h.CONNECTION] = b"upgrade"
     overrides[h.UPGRADE] = upgrade

@@ -1,8 +1,9 @@
 """Upstream HTTP/1.1 connections and the keep-alive pool of each endpoint.
 
-Owns connecting, parsing responses with httptools, and handing connections back for reuse. It
-knows nothing of lanes or routes: an Exchange borrows a connection, receives the response
-callbacks, and returns it. A pooled connection is reused only after a complete response to a
+Owns connecting, writing requests (head, body re-framed chunked where its length is unknown,
+`x-envoy-attempt-count`), parsing responses with httptools, and handing connections back for
+reuse. It knows nothing of lanes or routes: an Exchange borrows a connection (its `UpstreamStream`),
+receives the response callbacks, and returns it. A pooled connection is reused only after a complete response to a
 complete request; anything else closes it.
 
 An upstream is not trusted to frame its responses honestly, because a pooled connection carries
@@ -40,12 +41,14 @@ import httptools
 
 from laneproxy.core import headers as h
 from laneproxy.core.errors import LocalReplyError, UpstreamConnectError, UpstreamProtocolError
+from laneproxy.dataplane import codec
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
 
 _PEEK_EVENTS = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP | getattr(select, "POLLRDHUP", 0)
 _STATUS_LINE_BYTES = len(b"HTTP/1.1 200 \r\n")
+_CHUNKED = b"transfer-encoding: chunked\r\n"
 
 
 def _chunked_last(value: bytes) -> bool:
@@ -58,8 +61,7 @@ class ResponseSink(Protocol):
 
     def on_response_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], keep_alive: bool) -> None: ...
     def on_response_body(self, data: bytes) -> None: ...
-    pending_head: bytes | None
-    def flush_head(self) -> None: ...
+    def flush_head(self) -> None: ...  # a read ended: a head held for body bytes goes out now
     def on_response_complete(self) -> None: ...
     def on_upstream_error(self, error: Exception, received_any: bool) -> None: ...
     def on_switching_protocols(self, connection: UpstreamConnection, from_upstream: bytes) -> None: ...
@@ -69,7 +71,8 @@ class ResponseSink(Protocol):
 
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = ("pool", "transport", "parser", "sink", "headers", "reason", "received_any", "closed", "reused",
-                 "until_close", "framed", "chunked", "feeding", "returning", "head_open", "head_bytes", "head_raw", "poller")
+                 "until_close", "framed", "chunked", "feeding", "returning", "head_open", "head_bytes", "head_raw", "poller",
+                 "request_chunked")
 
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
@@ -90,6 +93,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.head_bytes = 0  # of the head being parsed: status line, names and values, 4 per header line
         self.head_raw = 0  # every byte of the reads that ended with the head still unfinished
         self.poller: select.poll | None = None  # asks the kernel about this socket without reading it
+        self.request_chunked = False  # the request being sent is re-framed chunked
 
     # asyncio.Protocol -------------------------------------------------------------------------
 
@@ -146,7 +150,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._fail(error)
             return
         sink = self.sink
-        if sink is not None and sink.pending_head is not None:
+        if sink is not None:
             sink.flush_head()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -222,6 +226,57 @@ class UpstreamConnection(asyncio.Protocol):
         self.until_close = False
         if self.sink is not None:
             self.sink.on_response_complete()
+
+    # UpstreamStream: the request, written by the exchange that borrowed the connection -----------
+
+    @property
+    def connected(self) -> bool:
+        return self.transport is not None
+
+    def send_request(self, method: bytes, path: bytes, headers: Sequence[tuple[bytes, bytes]], skip: frozenset[bytes],
+                     overrides: dict[bytes, bytes], attempt: int, chunked: bool, body: Sequence[bytes],
+                     complete: bool) -> None:
+        """The request head with what body has arrived so far (and its end, if complete), in one write."""
+        self.request_chunked = chunked
+        parts = [method, b" ", path, b" HTTP/1.1\r\n"]
+        codec.write_headers(parts, headers, skip, overrides)
+        parts += (h.X_ENVOY_ATTEMPT_COUNT, b": %d\r\n" % attempt)
+        if chunked:
+            parts.append(_CHUNKED)
+        parts.append(codec.CRLF)
+        for data in body:
+            parts += codec.chunk(data) if chunked else (data,)
+        if complete and chunked:
+            parts.append(codec.LAST_CHUNK)
+        payload = b"".join(parts)
+        self.pool.tx_bytes += len(payload)
+        assert self.transport is not None
+        self.transport.write(payload)
+
+    def send_body(self, data: bytes) -> None:
+        transport = self.transport
+        assert transport is not None
+        if self.request_chunked:
+            parts = codec.chunk(data)
+            self.pool.tx_bytes += sum(map(len, parts))
+            transport.writelines(parts)
+        else:
+            self.pool.tx_bytes += len(data)
+            transport.write(data)
+
+    def end_request(self) -> None:
+        if self.request_chunked and self.transport is not None:
+            self.pool.tx_bytes += len(codec.LAST_CHUNK)
+            self.transport.write(codec.LAST_CHUNK)
+
+    def pause_reading(self) -> None:
+        """The client is not taking the response: stop reading it (the kernel's window pushes back upstream)."""
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None:
+            self.transport.resume_reading()
 
     # lending ----------------------------------------------------------------------------------
 
@@ -311,7 +366,7 @@ class UpstreamPool:
             return connection
         return None
 
-    def connect(self, on_done: Callable[[UpstreamConnection | None, LocalReplyError | None], None]) -> asyncio.Task:
+    def connect(self, on_done: Callable[[UpstreamConnection | None, LocalReplyError | None], None]) -> asyncio.Task[None]:
         """Open a new connection in the background and call `on_done(connection, error)`."""
         self.pending += 1
         return self._loop.create_task(self._connect(on_done))

@@ -29,8 +29,7 @@ from laneproxy.core import headers as h
 if TYPE_CHECKING:
     import asyncio
 
-    from laneproxy.dataplane.exchange import Exchange
-    from laneproxy.dataplane.sniff import PassedConnection
+    from laneproxy.observability.recorder import FinishedExchange, PassedConnectionFacts
 
 FORMATS = ("text", "json")
 
@@ -81,7 +80,7 @@ def _text(value: bytes | None) -> str | None:
     return None if value is None else value.decode("latin-1")
 
 
-def response_flags(exchange: Exchange) -> str:
+def response_flags(exchange: FinishedExchange) -> str:
     error = exchange.error
     if error is not None:
         return error.flag
@@ -90,7 +89,7 @@ def response_flags(exchange: Exchange) -> str:
     return "-"
 
 
-def access_entry(exchange: Exchange, *, wall_now: float, loop_now: float) -> AccessEntry:
+def access_entry(exchange: FinishedExchange, *, wall_now: float, loop_now: float) -> AccessEntry:
     """The entry of a finished exchange; `wall_now`/`loop_now` are the same instant on both clocks."""
     routed = exchange.routed
     overrides = routed.overrides if routed is not None else {}
@@ -114,7 +113,7 @@ def access_entry(exchange: Exchange, *, wall_now: float, loop_now: float) -> Acc
         start_time=envoy_time(wall_now - (loop_now - exchange.start)),
         method=exchange.method.decode("latin-1"),
         path=path.decode("latin-1"),
-        protocol=f"HTTP/1.{exchange.http_minor}",
+        protocol=exchange.protocol,
         response_code=exchange.response_status,
         response_flags=response_flags(exchange),
         bytes_received=bytes_received,
@@ -134,7 +133,7 @@ def access_entry(exchange: Exchange, *, wall_now: float, loop_now: float) -> Acc
     )
 
 
-def connection_entry(connection: PassedConnection, *, wall_now: float) -> AccessEntry:
+def connection_entry(connection: PassedConnectionFacts, *, wall_now: float) -> AccessEntry:
     """The line of a connection passed through as TCP or TLS (no request: method, path and code are Envoy's `-`/0).
 
     The SNI stands where a request's authority does in the text format, as the name the client asked for.
@@ -190,13 +189,13 @@ class AccessLog:
             return cls(sys.stderr, loop, log_format=log_format)
         return cls(open(destination, "a", encoding="utf-8"), loop, log_format=log_format, close_sink=True)
 
-    def record(self, exchange: Exchange) -> None:
+    def record(self, exchange: FinishedExchange) -> None:
         entry = access_entry(exchange, wall_now=self.wall_clock(), loop_now=self.loop.time())
         if not self.pending:
             self.loop.call_soon(self.flush)
         self.pending.append(self.format(entry))
 
-    def record_connection(self, connection: PassedConnection) -> None:
+    def record_connection(self, connection: PassedConnectionFacts) -> None:
         """A passed-through connection's line (register as a listener's connection observer)."""
         if not connection.closed:
             return  # one line per connection, when it ends

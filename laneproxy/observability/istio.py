@@ -34,8 +34,7 @@ from laneproxy.observability.stats import Histogram, StatKind, StatRecord
 
 if TYPE_CHECKING:
     from laneproxy.core.model import RouteTable
-    from laneproxy.dataplane.exchange import Exchange
-    from laneproxy.dataplane.sniff import PassedConnection
+    from laneproxy.observability.recorder import FinishedExchange, PassedConnectionFacts
     from laneproxy.settings import WorkloadSettings
 
 UNKNOWN = "unknown"
@@ -255,7 +254,7 @@ class IstioRecorder:
         self.store = store
         self._services: dict[str, tuple[str, str, str]] = {}  # service key -> its three labels, per process
 
-    def record(self, exchange: Exchange) -> None:
+    def record(self, exchange: FinishedExchange) -> None:
         routed = exchange.routed
         error = exchange.error
         status = exchange.response_status
@@ -284,7 +283,7 @@ class IstioRecorder:
         series.request_bytes.record(exchange.request_bytes)
         series.response_bytes.record(exchange.response_bytes)
 
-    def record_connection(self, connection: PassedConnection) -> None:
+    def record_connection(self, connection: PassedConnectionFacts) -> None:
         """A connection passed through as TCP or TLS: opened when its destination connected, closed when it ended."""
         if self.reporter == "destination":
             source, destination = UNKNOWN_WORKLOAD, self.own
@@ -309,7 +308,7 @@ class IstioRecorder:
             labels = self._services[service] = _service_labels(service, self.store.current)
         return labels
 
-    def _inbound_facts(self, exchange: Exchange) -> tuple[str, str | None, bytes | None]:
+    def _inbound_facts(self, exchange: FinishedExchange) -> tuple[str, str | None, bytes | None]:
         """(the service the request was for, the lane it asked, the caller's peer header) at the inbound listener."""
         table = self.store.current
         host = exchange.host

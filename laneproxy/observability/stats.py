@@ -237,22 +237,38 @@ def cluster_records(name: str, stats: ClusterStats | None, *, membership_total: 
                      "envoy_cluster_upstream_rq_time", cluster_tag)
 
 
+class Http2Stats:
+    """Envoy's `http2.*` codec counters of one listener's HTTP/2 clients: resets, GOAWAYs, floods, bombs."""
+
+    __slots__ = ("rx_reset", "tx_reset", "goaway_sent", "header_overflow", "too_many_streams", "rx_messaging_error",
+                 "premature_reset", "outbound_control_flood")
+
+    def __init__(self) -> None:
+        self.reset_counters()
+
+    def reset_counters(self) -> None:
+        self.rx_reset = self.tx_reset = self.goaway_sent = self.header_overflow = self.too_many_streams = 0
+        self.rx_messaging_error = self.premature_reset = self.outbound_control_flood = 0
+
+
 class ListenerStats:
     """Downstream counters of one listener, reported as `http.<prefix>.*` (the HTTP connection manager's)."""
 
     __slots__ = ("prefix", "rq_total", "rq_by_class", "cx_total", "cx_active", "rq_active", "cx_protocol_error",
-                 "no_route", "rq_time")
+                 "no_route", "rq_time", "rq_http2", "cx_http2", "cx_http2_active", "http2")
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
         self.rq_total = self.cx_total = self.cx_active = self.rq_active = self.cx_protocol_error = 0
-        self.no_route = 0
+        self.no_route = self.rq_http2 = self.cx_http2 = self.cx_http2_active = 0
         self.rq_by_class: Counter[int] = Counter()
         self.rq_time = Histogram()  # downstream_rq_time: first request byte to last response byte
+        self.http2 = Http2Stats()
 
     def reset_counters(self) -> None:
-        self.rq_total = self.cx_total = self.cx_protocol_error = self.no_route = 0
+        self.rq_total = self.cx_total = self.cx_protocol_error = self.no_route = self.rq_http2 = self.cx_http2 = 0
         self.rq_by_class.clear()
+        self.http2.reset_counters()
 
     def records(self) -> Iterator[StatRecord]:
         prefix = f"http.{self.prefix}."
@@ -264,20 +280,27 @@ class ListenerStats:
 
         yield counter("downstream_rq_total", self.rq_total)
         yield counter("downstream_rq_completed", self.rq_total)
-        yield counter("downstream_rq_http1_total", self.rq_total)
+        yield counter("downstream_rq_http1_total", self.rq_total - self.rq_http2)
+        yield counter("downstream_rq_http2_total", self.rq_http2)
         for klass in range(1, 6):
             count = self.rq_by_class[klass]
             yield StatRecord(f"{prefix}downstream_rq_{klass}xx", StatKind.COUNTER, count, count > 0,
                              "envoy_http_downstream_rq_xx", (("envoy_response_code_class", str(klass)), *tag))
         yield counter("downstream_cx_total", self.cx_total)
-        yield counter("downstream_cx_http1_total", self.cx_total)
+        yield counter("downstream_cx_http1_total", self.cx_total - self.cx_http2)
+        yield counter("downstream_cx_http2_total", self.cx_http2)
+        for name in Http2Stats.__slots__:
+            value = getattr(self.http2, name)
+            yield StatRecord(f"{prefix}http2.{name}", StatKind.COUNTER, value, value > 0, f"envoy_http_http2_{name}", tag)
         yield counter("downstream_cx_protocol_error", self.cx_protocol_error)
         yield counter("no_route", self.no_route)
         yield counter("rq_total", self.rq_total)  # the router's count: every request reaches routing here
         yield StatRecord(prefix + "downstream_cx_active", StatKind.GAUGE, self.cx_active, used,
                          "envoy_http_downstream_cx_active", tag)
-        yield StatRecord(prefix + "downstream_cx_http1_active", StatKind.GAUGE, self.cx_active, used,
-                         "envoy_http_downstream_cx_http1_active", tag)
+        yield StatRecord(prefix + "downstream_cx_http1_active", StatKind.GAUGE, self.cx_active - self.cx_http2_active,
+                         used, "envoy_http_downstream_cx_http1_active", tag)
+        yield StatRecord(prefix + "downstream_cx_http2_active", StatKind.GAUGE, self.cx_http2_active,
+                         self.cx_http2 > 0, "envoy_http_downstream_cx_http2_active", tag)
         yield StatRecord(prefix + "downstream_rq_active", StatKind.GAUGE, self.rq_active, used,
                          "envoy_http_downstream_rq_active", tag)
         yield StatRecord(prefix + "downstream_rq_time", StatKind.HISTOGRAM, self.rq_time, self.rq_time.count > 0,

@@ -32,8 +32,7 @@ if TYPE_CHECKING:
     from opentelemetry.trace import Span, Tracer
 
     from laneproxy.core.model import RouteTable
-    from laneproxy.dataplane.exchange import Exchange
-    from laneproxy.dataplane.listener import Target
+    from laneproxy.observability.recorder import FinishedExchange, RoutedRequest
 
 EXPORTERS = ("none", "console", "otlp", "file:PATH")
 
@@ -139,7 +138,7 @@ class ExchangeTracer:
         self.kind = SpanKind.CLIENT if role == "outbound" else SpanKind.SERVER
         self.empty_context = Context()
 
-    def _parent(self, exchange: Exchange, table: RouteTable | None):
+    def _parent(self, exchange: FinishedExchange, table: RouteTable | None):
         traceparent = None
         for name, value in exchange.headers:
             if name == h.TRACEPARENT:
@@ -157,7 +156,7 @@ class ExchangeTracer:
         return self.empty_context
 
     @staticmethod
-    def _trace_keys(exchange: Exchange, table: RouteTable) -> list[bytes]:
+    def _trace_keys(exchange: FinishedExchange, table: RouteTable) -> list[bytes]:
         keys = []
         for group in table.groups.values():
             if group.trace_header is None:
@@ -171,7 +170,7 @@ class ExchangeTracer:
                     break
         return keys
 
-    def _start_span(self, exchange: Exchange, table: RouteTable | None) -> Span:
+    def _start_span(self, exchange: FinishedExchange, table: RouteTable | None) -> Span:
         loop_now = exchange.listener.loop.time()
         start_ns = time.time_ns() - int((loop_now - exchange.start) * 1e9)
         authority = (exchange.host or b"").decode("latin-1")
@@ -184,7 +183,7 @@ class ExchangeTracer:
         return self.tracer.start_span(name, context=self._parent(exchange, table), kind=self.kind,
                                       attributes=attributes, start_time=start_ns)
 
-    def start(self, exchange: Exchange, target: Target, table: RouteTable) -> None:
+    def start(self, exchange: FinishedExchange, target: RoutedRequest, table: RouteTable) -> None:
         """Open the span of a routed request and write its traceparent into the upstream headers."""
         span = self._start_span(exchange, table)
         route = target.route
@@ -209,7 +208,7 @@ class ExchangeTracer:
             for key in self._trace_keys(exchange, table):
                 self.tracing.contexts.remember(key, traceparent)
 
-    def finish(self, exchange: Exchange) -> None:
+    def finish(self, exchange: FinishedExchange) -> None:
         """The exchange observer: end the span; a request answered before routing gets a span here."""
         from opentelemetry.trace import Status, StatusCode
 

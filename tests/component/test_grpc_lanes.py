@@ -5,9 +5,8 @@ gRPC peer (grpc_peers.py) that calls the next service through its sidecar's outb
 by `:authority` (`mockb:8000`) and forwarding only the trace header, as the HTTP mock does. The seed's
 swimlanes, with the ingress rules matching the gRPC service's path instead of `/mock`.
 
-These are issue 12's gRPC acceptance cases. laneproxy has no HTTP/2 listener yet, so each is an expected
-failure (strict: the day one passes, pytest says so and its marker must go). Only the rig itself is checked
-now: every app answers on its own port, and the gateway's table routes the gRPC path by lane.
+These are issue 12's gRPC acceptance cases, run through laneproxy's HTTP/2 codec; the rig itself is
+checked too: every app answers on its own port, and the gateway's table routes the gRPC path by lane.
 """
 
 from __future__ import annotations
@@ -28,8 +27,11 @@ from proxyrig import SWIMLANES
 
 BASE_CHAIN = b"mocka(version: v1, ip: 127.0.0.1)-> mockb(version: v1, ip: 127.0.0.1)-> mockc(version: v1, ip: 127.0.0.1)"
 CANARY_CHAIN = b"mocka(version: v2, ip: 127.0.0.1)-> mockb(version: v1, ip: 127.0.0.1)-> mockc(version: v2, ip: 127.0.0.1)"
-NO_H2 = pytest.mark.xfail(strict=True, reason="laneproxy has no HTTP/2 listener yet (issue 12's codec): the gateway "
-                                              "refuses the h2c preface; remove this marker when it passes")
+# The gateway replaces a client's trace id with a fresh one unless --trust-client-trace-id (test_edge_trace_ids,
+# the seed's guard against a client choosing another user's lane key), for HTTP/2 as for HTTP/1.1; this case
+# expects the client's id to reach the app. Kept as an expected failure for the lead to settle which is meant.
+CLIENT_TRACE_ID = pytest.mark.xfail(strict=True, reason="the gateway replaces the client's trace id (edge policy, "
+                                                        "--trust-client-trace-id off), for HTTP/2 as for HTTP/1.1")
 
 
 def grpc_swimlanes(path) -> None:
@@ -98,7 +100,6 @@ def test_the_gateway_routes_the_grpc_path_by_lane_as_its_table_says(grpc_cluster
     assert (answer["lane"], answer["route"]["service"], answer["route"]["lane_used"]) == (used, "default/mocka", used)
 
 
-@NO_H2
 @pytest.mark.parametrize(
     ("metadata", "expected"),
     [
@@ -115,14 +116,12 @@ def test_a_unary_call_takes_the_chain_its_lane_implies(gateway, metadata, expect
     assert (answer.code, answer.messages) == (grpc.StatusCode.OK, [expected])
 
 
-@NO_H2
 def test_a_server_stream_is_served_by_the_lane_asked(gateway):
     answer = server_stream(gateway, 100, metadata=[("x-asm-prefer-tag", "canary"), ("my-request-id", "20010")])
     assert answer.code is grpc.StatusCode.OK
     assert answer.messages == [f"mocka(version: v2, ip: 127.0.0.1) #{i}".encode() for i in range(100)]
 
 
-@NO_H2
 def test_a_bidirectional_stream_echoes_every_message_in_its_lane(gateway):
     sent = [f"message {i}".encode() for i in range(1000)]
     answer = chat(gateway, sent, metadata=[("x-asm-prefer-tag", "canary"), ("my-request-id", "20011")])
@@ -130,7 +129,6 @@ def test_a_bidirectional_stream_echoes_every_message_in_its_lane(gateway):
     assert answer.initial["x-served-by"] == "mocka(version: v2, ip: 127.0.0.1)"
 
 
-@NO_H2
 def test_a_4_mib_message_crosses_the_gateway_and_comes_back_whole(gateway):
     payload = bytes(range(256)) * (4 * 2**20 // 256)
     answer = unary(gateway, "Echo", payload, metadata=[("x-asm-prefer-tag", "base")])
@@ -138,7 +136,6 @@ def test_a_4_mib_message_crosses_the_gateway_and_comes_back_whole(gateway):
     assert answer.trailing["x-served-by"] == "mocka(version: v1, ip: 127.0.0.1)"
 
 
-@NO_H2
 def test_a_deadline_that_expires_is_deadline_exceeded_and_reaches_the_app_as_a_cancellation(grpc_cluster, gateway):
     _, apps = grpc_cluster
     before = apps[("mocka", "v2")].cancelled
@@ -151,7 +148,6 @@ def test_a_deadline_that_expires_is_deadline_exceeded_and_reaches_the_app_as_a_c
     assert apps[("mocka", "v2")].cancelled == before + 1
 
 
-@NO_H2
 def test_a_thousand_concurrent_calls_on_one_connection_never_leak_between_lanes(gateway):
     lanes = ["canary", "base", None]
     requests = []
@@ -167,7 +163,7 @@ def test_a_thousand_concurrent_calls_on_one_connection_never_leak_between_lanes(
     assert wrong == []
 
 
-@NO_H2
+@CLIENT_TRACE_ID
 def test_the_gateway_passes_the_lane_it_chose_and_the_trace_id_on_to_the_app(gateway):
     answer = unary(gateway, "Metadata", b"", metadata=[("x-asm-prefer-tag", "nightly"), ("my-request-id", "20020")])
     assert answer.code is grpc.StatusCode.OK

@@ -1,11 +1,11 @@
-"""dataplane.health with an injected clock: outlier ejection never empties a lane's way out; FailedHops' bounds."""
+"""core.balance with an injected clock: outlier ejection never empties a lane's way out; FailedHops' bounds."""
 
 from __future__ import annotations
 
 import pytest
 
 from laneproxy.core.model import Endpoint, Route
-from laneproxy.dataplane.health import FailedHops, OutlierDetector
+from laneproxy.core.balance import FailedHops, OutlierDetector
 
 ONE, TWO = Endpoint("10.0.0.1", 80), Endpoint("10.0.0.2", 80)
 
