@@ -133,11 +133,15 @@ def test_a_4_mib_message_crosses_the_gateway_and_comes_back_whole(gateway):
     assert answer.trailing["x-served-by"] == "mocka(version: v1, ip: 127.0.0.1)"
 
 
-def test_a_deadline_that_expires_is_deadline_exceeded_and_reaches_the_app_as_a_cancellation(grpc_cluster, gateway):
+def test_a_deadline_that_expires_ends_the_call_and_reaches_the_app_as_a_cancellation(grpc_cluster, gateway):
     _, apps = grpc_cluster
     before = apps[("mocka", "v2")].cancelled
     answer = unary(gateway, "Slow", b"10", metadata=[("x-asm-prefer-tag", "canary")], timeout=0.5)
-    assert answer.code is grpc.StatusCode.DEADLINE_EXCEEDED
+    # Two timers end at the same instant, as with Envoy: the client's own deadline (DEADLINE_EXCEEDED, raised by
+    # grpcio) and the proxy's, which honours grpc-timeout as the route timeout and answers as Envoy does (14,
+    # "upstream request timeout"; see test_grpc_local_replies). Either may win; nothing else is acceptable.
+    assert (answer.code is grpc.StatusCode.DEADLINE_EXCEEDED
+            or (answer.code is grpc.StatusCode.UNAVAILABLE and answer.details == "upstream request timeout")), answer
     for _ in range(500):  # the client's RST_STREAM travels through gateway and sidecar: wait for it, bounded
         if apps[("mocka", "v2")].cancelled > before:
             break
