@@ -44,7 +44,7 @@ LOAD_CORE, PROXY_CORE = (0, 1) if (os.cpu_count() or 1) >= 2 else (None, None)
 FIXED_HEADERS = {"Host": "bench", "my-request-id": tables.TRACE_ID}
 # The h2c and WebSocket rows' services (outside the swimlane group: one hop, no lane work on any proxy).
 H2C_HOST, WS_HOST = "bench-h2", "wsecho"
-NO_H2C = "laneproxy has no HTTP/2 listener yet (its listener does not answer the h2c preface)"
+NO_H2C = "laneproxy's outbound listener does not answer the h2c preface"
 NO_WEBSOCKET = "laneproxy does not pass WebSocket upgrades yet (its listener does not answer the upgrade with 101)"
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"  # /usr/sbin is not on every user's PATH
 
