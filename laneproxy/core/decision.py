@@ -20,7 +20,7 @@ from typing import Callable, NamedTuple, Sequence
 from laneproxy.core import headers as h
 from laneproxy.core.errors import NoRouteError, OutsideMeshError
 from laneproxy.core.model import Endpoint, Route, RouteTable, ServiceRoutes, SwimLaneGroup
-from laneproxy.core.propagation import LaneSource, TraceLaneTable, lane_from_baggage, trace_key
+from laneproxy.core.propagation import LaneSource, TraceLaneTable, lane_in_order, trace_key
 from laneproxy.core.routing import choose_ingress
 
 GATEWAY = "gateway"
@@ -142,28 +142,13 @@ def _outbound(table: RouteTable, request: RequestMeta, traces: TraceLaneTable | 
     if not group.permissive:
         lane, source = request.own_lane, LaneSource.OWN_LANE
     else:
-        lane, source = _permissive_lane(route_value, key, baggage_value, route_header, traces)
+        lane, source = lane_in_order(route_value, key, baggage_value, route_header, traces)
     route = routes.route_for(lane)
     # The lane asked travels on, even across a fallback hop, so the next hop returns to it.
     asked = route.lane_asked_value
     upstream = {route_header: asked} if asked is not None else {}
     return RouteDecision(route, routes, lane, source, upstream, key, group, None, traces is not None)
 
-
-def _permissive_lane(route_value: bytes | None, key: bytes | None, baggage_value: bytes | None, route_header: bytes,
-                     traces: TraceLaneTable | None) -> tuple[bytes | None, LaneSource]:
-    """In order: route header, trace table, baggage; else the baseline. Unknown lanes route like none."""
-    if route_value:
-        return route_value, LaneSource.ROUTE_HEADER
-    if key is not None and traces is not None:
-        lane = traces.lookup(key)
-        if lane is not None:
-            return lane, LaneSource.TRACE_TABLE
-    if baggage_value:
-        lane = lane_from_baggage(baggage_value, route_header)
-        if lane is not None:
-            return lane, LaneSource.BAGGAGE
-    return None, LaneSource.BASELINE
 
 
 def reason(decision: RouteDecision, request: RequestMeta) -> str:

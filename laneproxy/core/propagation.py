@@ -175,14 +175,19 @@ def resolve_lane(
     A None lane means the baseline. Values are not checked against configured lanes here: an unknown
     lane routes like no lane because the route table has no entry for it.
     """
+    key = trace_key(trace_header, trace_value) if trace_value and trace_header is not None else None
+    return lane_in_order(route_value, key, baggage_value, route_header, traces)
+
+
+def lane_in_order(route_value: bytes | None, key: bytes | None, baggage_value: bytes | None, route_header: bytes,
+                  traces: TraceLaneTable | None) -> tuple[bytes | None, LaneSource]:
+    """The permissive order once the trace key is known: route header, trace table, baggage; else the baseline."""
     if route_value:
         return route_value, LaneSource.ROUTE_HEADER
-    if trace_value and trace_header is not None:
-        key = trace_key(trace_header, trace_value)
-        if key is not None:
-            lane = traces.lookup(key)
-            if lane is not None:
-                return lane, LaneSource.TRACE_TABLE
+    if key is not None and traces is not None:
+        lane = traces.lookup(key)
+        if lane is not None:
+            return lane, LaneSource.TRACE_TABLE
     if baggage_value:
         lane = lane_from_baggage(baggage_value, route_header)
         if lane is not None:

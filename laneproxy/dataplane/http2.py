@@ -78,6 +78,41 @@ def response_headers(status: int, headers: Sequence[tuple[bytes, bytes]], overri
     return block
 
 
+def send_within_window(conn: h2.connection.H2Connection, stream_id: int, outbox: deque[bytes],
+                       trailers: Sequence[tuple[bytes, bytes]] | None, *, end: bool) -> tuple[int, bool]:
+    """Send from `outbox` what the stream's and the connection's windows allow, in frames no larger than the
+    peer's; once the outbox is empty and `end` is asked, end the stream (with `trailers` if there are any).
+
+    Returns (bytes sent, whether the stream was ended). Both directions use it: a client stream's response and
+    an upstream stream's request. A stream the peer reset, or a connection going away, drops the outbox.
+    """
+    sent = 0
+    ended = False
+    try:
+        while outbox:
+            window = min(conn.local_flow_control_window(stream_id), conn.max_outbound_frame_size)
+            if window <= 0:
+                break
+            data = outbox[0]
+            if len(data) <= window:
+                outbox.popleft()
+                conn.send_data(stream_id, data)
+                sent += len(data)
+            else:
+                outbox[0] = data[window:]
+                conn.send_data(stream_id, data[:window])
+                sent += window
+        if not outbox and end:
+            ended = True
+            if trailers:
+                conn.send_headers(stream_id, trailers, end_stream=True)
+            else:
+                conn.end_stream(stream_id)
+    except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+        outbox.clear()  # the peer reset the stream or is going away: nothing more to send on it
+    return sent, ended
+
+
 class Http2Stream:
     """One client stream: the `DownstreamStream` of its Exchange."""
 
@@ -195,28 +230,11 @@ class Http2Stream:
         if self.closed:
             return
         connection = self.connection
-        conn = connection.h2
         outbox = self.outbox
-        try:
-            while outbox:
-                window = min(conn.local_flow_control_window(self.stream_id), conn.max_outbound_frame_size)
-                if window <= 0:
-                    break
-                data = outbox[0]
-                if len(data) <= window:
-                    outbox.popleft()
-                    conn.send_data(self.stream_id, data)
-                else:
-                    outbox[0] = data[window:]
-                    conn.send_data(self.stream_id, data[:window])
-            if not outbox and self.end_pending and not self.response_ended:
-                self.response_ended = True
-                if self.trailers:
-                    conn.send_headers(self.stream_id, self.trailers, end_stream=True)
-                else:
-                    conn.end_stream(self.stream_id)
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-            outbox.clear()  # the client reset the stream or is going away: nothing more to send on it
+        _, ended = send_within_window(connection.h2, self.stream_id, outbox, self.trailers,
+                                      end=self.end_pending and not self.response_ended)
+        if ended:
+            self.response_ended = True
         connection.flush()
         exchange = self.exchange
         if self.response_ended and not outbox and (exchange is None or exchange.finished):

@@ -25,6 +25,7 @@ from h2.errors import ErrorCodes
 from h2.settings import SettingCodes
 
 from laneproxy.core import headers as h
+from laneproxy.dataplane.http2 import send_within_window
 from laneproxy.core.errors import LocalReplyError, UpstreamConnectError, UpstreamProtocolError, UpstreamResetError
 
 if TYPE_CHECKING:
@@ -120,29 +121,12 @@ class Http2UpstreamStream:
 
     def _pump(self) -> None:
         connection = self.connection
-        conn = connection.h2
         outbox = self.outbox
-        try:
-            while outbox:
-                window = min(conn.local_flow_control_window(self.stream_id), conn.max_outbound_frame_size)
-                if window <= 0:
-                    break
-                data = outbox[0]
-                if len(data) <= window:
-                    outbox.popleft()
-                    conn.send_data(self.stream_id, data)
-                else:
-                    outbox[0] = data[window:]
-                    conn.send_data(self.stream_id, data[:window])
-                self.pool.tx_bytes += min(len(data), window)
-            if not outbox and self.end_pending and not self.ended:
-                self.ended = True
-                if self.trailers:
-                    conn.send_headers(self.stream_id, self.trailers, end_stream=True)
-                else:
-                    conn.end_stream(self.stream_id)
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-            outbox.clear()
+        sent, ended = send_within_window(connection.h2, self.stream_id, outbox, self.trailers,
+                                         end=self.end_pending and not self.ended)
+        self.pool.tx_bytes += sent
+        if ended:
+            self.ended = True
         connection.flush()
         sink = self.sink
         if sink is None:
