@@ -102,13 +102,17 @@ class IncrementalTable:
 
     # -- contributions --------------------------------------------------------------------------
 
-    def _add(self, source: str, entries: Sequence[tuple[ConfigDocument, Declared]], affected: set[str]) -> None:
+    def _add(self, source: str, entries: Sequence[tuple[ConfigDocument, Declared]], affected: set[str], *,
+             declared: bool = False) -> None:
+        """Index a source's declarations; `affected` gets the services they may change (not those a service
+        declaration names, when `declared`: the caller compares those)."""
         rank = self.rank(source)
         for index, (_, found) in enumerate(entries):
             for entry, decl in enumerate(found.services):
                 key = f"{decl.namespace}/{decl.name}"
                 self.services_of.setdefault(key, {})[(rank, index, entry)] = decl
-                affected.add(key)
+                if not declared:
+                    affected.add(key)
             for entry, endpoint_slice in enumerate(found.slices):
                 key = f"{endpoint_slice.namespace}/{endpoint_slice.service}"
                 position = (rank, index, entry)
@@ -125,13 +129,15 @@ class IncrementalTable:
                 self.pods_by_name.setdefault((pod.namespace, pod.name), set()).add(position)
                 affected.update(self._keys_of_pod(pod))
 
-    def _remove(self, source: str, entries: Sequence[tuple[ConfigDocument, Declared]], affected: set[str]) -> None:
+    def _remove(self, source: str, entries: Sequence[tuple[ConfigDocument, Declared]], affected: set[str], *,
+                declared: bool = False) -> None:
         rank = self.rank(source)
         for index, (_, found) in enumerate(entries):
             for entry, decl in enumerate(found.services):
                 key = f"{decl.namespace}/{decl.name}"
                 _discard(self.services_of, key, (rank, index, entry))
-                affected.add(key)
+                if not declared:
+                    affected.add(key)
             for entry, endpoint_slice in enumerate(found.slices):
                 key = f"{endpoint_slice.namespace}/{endpoint_slice.service}"
                 position = (rank, index, entry)
@@ -230,13 +236,18 @@ class IncrementalTable:
                 return None
             plan.append((source, old, new))
         affected: set[str] = set()
+        # A file's LaneEndpoints declares many services: those whose declaration is as it was stay as they are.
+        declared = {f"{decl.namespace}/{decl.name}" for _, old, new in plan for _, found in (*old, *new)
+                    for decl in found.services}
+        before = {key: dict(self.services_of.get(key, {})) for key in declared}
         for source, old, new in plan:
-            self._remove(source, old, affected)
-            self._add(source, new, affected)
+            self._remove(source, old, affected, declared=True)
+            self._add(source, new, affected, declared=True)
             if new:
                 self.docs[source] = new
             else:
                 self.docs.pop(source, None)
+        affected.update(key for key in declared if not _same(before[key], self.services_of.get(key, {})))
         for key in affected:
             self._index_selector(key)
         for source, old, new in plan:  # a service whose selector changed picks up its pods in its own update
@@ -311,6 +322,20 @@ def _discard(index: dict, key: Any, value: Any) -> None:
         values.discard(value)
     if not values:
         del index[key]
+
+
+def _same(before: Mapping[Position, _ServiceDecl], after: Mapping[Position, _ServiceDecl]) -> bool:
+    """The same declarations, endpoint labels included (an endpoint's equality leaves its labels out)."""
+    if before.keys() != after.keys():
+        return False
+    for position, old in before.items():
+        new = after[position]
+        if old != new:
+            return False
+        for old_port, new_port in zip(old.ports, new.ports):
+            if any(a.labels != b.labels for a, b in zip(old_port.endpoints, new_port.endpoints)):
+                return False
+    return True
 
 
 def _swimlane_bodies(entries: Sequence[tuple[ConfigDocument, Declared]]) -> list[Mapping[str, Any]]:
