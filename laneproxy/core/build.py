@@ -901,8 +901,17 @@ def _attach_endpoints(services: dict[str, _ServiceDecl], pods: list[_PodDecl], s
     slices_of: dict[str, list[_SliceDecl]] = {}
     for endpoint_slice in slices:
         slices_of.setdefault(f"{endpoint_slice.namespace}/{endpoint_slice.service}", []).append(endpoint_slice)
+    # The pods carrying each label, in input order: a selector's candidates without reading every pod per service.
+    with_label: dict[tuple[str, str, str], list[_PodDecl]] = {}
+    for pod in pods:
+        for name, value in pod.labels.items():
+            with_label.setdefault((pod.namespace, name, value), []).append(pod)
     for key, decl in services.items():
-        _attach_key_endpoints(decl, slices_of.get(key, ()), pods, labels_of)
+        candidates: Iterable[_PodDecl] = ()
+        if decl.selector:
+            name, value = min(decl.selector.items())
+            candidates = with_label.get((decl.namespace, name, value), ())
+        _attach_key_endpoints(decl, slices_of.get(key, ()), candidates, labels_of)
 
 
 def _attach_key_endpoints(decl: _ServiceDecl, slices: Iterable[_SliceDecl], pods: Iterable[_PodDecl],
