@@ -266,7 +266,8 @@ class IncrementalTable:
 
     def _splice(self, fresh: Mapping[str, KeyRoutes | None], version: str) -> RouteTable:
         old_table = self.table
-        services, routes, hosts = dict(old_table.services), dict(old_table.routes), dict(old_table.hosts)
+        # mappingproxy.copy() is the dict's own copy (one C call); dict(proxy) would walk it key by key.
+        services, routes, hosts = old_table.services.copy(), old_table.routes.copy(), old_table.hosts.copy()
         keys_changed = multi_port = False
         offered_before: dict[bytes, set[str]] = {}
         offered_now: dict[bytes, set[str]] = {}
