@@ -6,6 +6,9 @@ does not validate keeps its last good version while the other files still update
 logged, the update is counted as rejected (`laneproxy.config.update_rejected`), the file as left out
 (`laneproxy.config.skipped_objects`). Where even that cannot be built (a file bad from the start,
 or a last good version the other files no longer agree with) the running table stays as it is.
+A changed file whose documents read cleanly, while every file is at its current version, is applied
+to the running table by core.incremental (only the services whose declarations changed are built
+again); the file is still read and parsed whole, off the event loop. Anything else is a full load.
 """
 
 from __future__ import annotations

@@ -3,8 +3,11 @@
 Owns talking to the API server and nothing else: list (from the watch cache, `resourceVersion=0`),
 then watch from the list's resourceVersion with bookmarks; relist on 410 Gone; reconnect with capped
 exponential backoff when a stream breaks or the server is away; a cache of the watched objects;
-coalescing bursts of events into one rebuild; publishing; and writing `status` on the swimlane
-objects it had to leave out. Credentials and TLS come from kubernetes_asyncio (a kubeconfig, or the
+coalescing bursts of events into one update; publishing; and writing `status` on the swimlane
+objects it had to leave out. An update of a few Services, Pods or EndpointSlices (each reflector knows
+which objects changed) replaces only their services in the running table (core.incremental), on the
+event loop; a change of a swimlane object, an object with a problem, a namespace followed or dropped,
+or a rejected update goes through the full build in a worker thread. Credentials and TLS come from kubernetes_asyncio (a kubeconfig, or the
 pod's service account), never from hand-written code.
 
 What it watches: the cluster-scoped `ASMSwimLaneGroup` and `ASMSwimLane` objects, and Services, Pods and
@@ -642,8 +645,8 @@ class KubernetesSource:
         self._kept_last_good: frozenset[str] = frozenset()
         self._published_at: float | None = None
         self.reflectors: dict[tuple[str, str | None], Reflector] = {}
-        self.rebuilds = 0
-        self.incremental_updates = 0  # updates applied by replacing only the changed services (no full build)
+        self.rebuilds = 0  # tables built, fully or incrementally
+        self.incremental_updates = 0  # of them, updates applied by replacing only the changed services
         # The running table's indexes, for an update that touches a few objects; None: the next one is a full build.
         self._incremental: IncrementalTable | None = None
         self._marks: dict[str, str] = {}  # source -> the resourceVersion mark the version was computed with
@@ -879,6 +882,7 @@ class KubernetesSource:
                 built = await build_off_loop(lambda: incremental.apply(changes, version=version))
             if built is not None and layout == self._layout:
                 self._incremental = incremental
+                self.rebuilds += 1
                 self.incremental_updates += 1
                 for source, documents in changes.items():
                     if documents:
