@@ -129,6 +129,7 @@ class ProxyApp:
             self._wire_mesh_observability(listener, trails)
             if self.access_log is not None:
                 listener.exchange_observers.append(self.access_log.record)
+                listener.connection_observers.append(self.access_log.record_connection)
             if self.tracing is not None:
                 listener.attach_tracer(self.tracing.for_listener(name))
             try:
@@ -166,6 +167,7 @@ class ProxyApp:
             recorder = IstioRecorder(self.istio, "destination" if inbound else "source", self.workload,
                                      self.settings.own_lane, self.store)
             listener.exchange_observers.append(recorder.record)
+            listener.connection_observers.append(recorder.record_connection)
             # A proxy that does not know its workload has nothing to tell its peers: it sends no header,
             # so the next proxy sees exactly what an Envoy without Istio's metadata exchange would send.
             known = self.workload.name != "unknown"

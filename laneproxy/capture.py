@@ -6,10 +6,11 @@ Owns the rule set, as Istio's istio-iptables writes it: the app's outbound TCP g
 text in `iptables-restore` format; `apply_rules` hands them to iptables-restore, which replaces the whole nat
 table of the namespace it runs in (a pod's namespace is laneproxy's alone: never run this on a host).
 
-IPv4 only: IPv6 traffic is not captured. Only HTTP/1.1 can pass the listeners: exclude ports that carry
-anything else (databases, TLS to external services) with `exclude_outbound_ports` or `exclude_outbound_cidrs`.
-A captured request whose Host names no known service is passed through to its original destination
-(SO_ORIGINAL_DST, see dataplane/listener.py).
+IPv4 only: IPv6 traffic is not captured. DNS over TCP (port 53) and the Kubernetes API server (its address
+from KUBERNETES_SERVICE_HOST, as the init container sees it) are never captured, as Istio leaves them alone.
+Everything else captured reaches the outbound listener, which tells the protocol from the first bytes
+(dataplane/sniff.py): HTTP/1.x is proxied with lanes, TLS and any other TCP are passed through to their
+original destination (SO_ORIGINAL_DST). Ports excluded here skip the sidecar entirely.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ class CaptureSettings:
     include_outbound_ports: tuple[int, ...] = ()  # empty: every destination port is captured
     exclude_outbound_ports: tuple[int, ...] = ()
     exclude_outbound_cidrs: tuple[str, ...] = ()
+    capture_dns: bool = False  # Istio captures DNS only with its DNS proxy; laneproxy has none: port 53 goes direct
+    api_server: str | None = None  # the Kubernetes API server's address, never captured
 
     def __post_init__(self) -> None:
         ports = (self.inbound_listener_port, self.outbound_listener_port, *self.inbound_ports,
@@ -60,6 +63,11 @@ class CaptureSettings:
                 raise CaptureError(f"not a CIDR: {cidr!r}") from exc
             if network.version != 4:
                 raise CaptureError(f"only IPv4 is captured, so an IPv6 exclusion means nothing: {cidr}")
+        if self.api_server is not None:
+            try:
+                ipaddress.ip_address(self.api_server)
+            except ValueError as exc:
+                raise CaptureError(f"the API server address is not an IP address: {self.api_server!r}") from exc
 
 
 def parse_ports(text: str | None) -> tuple[int, ...]:
@@ -110,7 +118,11 @@ def nat_rules(settings: CaptureSettings) -> str:
         f"-A {_OUTPUT} -o lo -j RETURN",
         f"-A {_OUTPUT} -d 127.0.0.1/32 -j RETURN",
     ]
+    if settings.api_server is not None and ":" not in settings.api_server:  # IPv6 is never captured anyway
+        lines.append(f"-A {_OUTPUT} -d {settings.api_server}/32 -j RETURN")
     lines += [f"-A {_OUTPUT} -d {cidr} -j RETURN" for cidr in settings.exclude_outbound_cidrs]
+    if not settings.capture_dns:
+        lines.append(f"-A {_OUTPUT} -p tcp --dport 53 -j RETURN")
     lines += [f"-A {_OUTPUT} -p tcp --dport {port} -j RETURN" for port in settings.exclude_outbound_ports]
     if settings.include_outbound_ports:
         lines += [f"-A {_OUTPUT} -p tcp --dport {port} -j {_REDIRECT}" for port in settings.include_outbound_ports]

@@ -270,6 +270,18 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--outlier-ejection-seconds", type=_seconds, default=30.0, help="how long an ejection lasts")
     limits.add_argument("--outlier-max-ejection-percent", type=_percent, default=10,
                         help="share of an endpoint set that may be ejected (at least one endpoint always may)")
+    tunnels = run.add_argument_group("tunnels and egress")
+    tunnels.add_argument("--outbound-traffic-policy", choices=["ALLOW_ANY", "REGISTRY_ONLY"],
+                         default=_checked_env("OUTBOUND_TRAFFIC_POLICY", "ALLOW_ANY", ["ALLOW_ANY", "REGISTRY_ONLY"]),
+                         help="hosts outside the mesh from the outbound listener: passed through (ALLOW_ANY), or "
+                              "answered 502 (REGISTRY_ONLY, Istio's BlackHoleCluster) (env LANEPROXY_OUTBOUND_TRAFFIC_POLICY)")
+    tunnels.add_argument("--upgrade-types", default="websocket", metavar="NAME,NAME",
+                         help="Upgrade protocols tunnelled after a 101 (others, such as h2c, are stripped)")
+    tunnels.add_argument("--tunnel-idle-timeout", type=_seconds, default=3600.0,
+                         help="seconds a tunnel (WebSocket, CONNECT, passed-through TCP) may carry nothing")
+    tunnels.add_argument("--protocol-detection-timeout", type=_seconds, default=0.1,
+                         help="seconds a captured connection waits for its client's first bytes before it is "
+                              "passed through as TCP (server-first protocols)")
     run.add_argument("--access-log", default=_env("ACCESS_LOG"), metavar="stdout|stderr|FILE",
                      help="write an access log line per request (off by default; env LANEPROXY_ACCESS_LOG)")
     run.add_argument("--access-log-format", choices=["text", "json"], default=_checked_env("ACCESS_LOG_FORMAT", "text", ["text", "json"]),
@@ -374,6 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="capture only these (default: all)")
     capture.add_argument("--exclude-outbound-ports", default="", metavar="P,P", help="leave these alone (non-HTTP)")
     capture.add_argument("--exclude-outbound-cidrs", default="", metavar="CIDR,CIDR", help="leave these alone")
+    capture.add_argument("--api-server", default=os.environ.get("KUBERNETES_SERVICE_HOST") or None, metavar="IP",
+                         help="the Kubernetes API server, never captured (default: $KUBERNETES_SERVICE_HOST)")
+    capture.add_argument("--capture-dns", action="store_true", help="capture TCP port 53 too (default: left alone)")
 
     verdict = commands.add_parser("verdict", help="ask Prometheus whether a lane is healthy against its baseline: "
                                                   "pass (exit 0), fail (1) or inconclusive (3)")
@@ -453,6 +468,9 @@ def settings_from_args(args: argparse.Namespace) -> ProxySettings:
         per_connection_buffer_limit_bytes=args.per_connection_buffer_limit_bytes,
         drain_seconds=args.drain_seconds, drain_limit_seconds=args.drain_limit_seconds,
         app_ports=_ports(args.app_ports),
+        outbound_traffic_policy=args.outbound_traffic_policy, tunnel_idle_timeout=args.tunnel_idle_timeout,
+        upgrade_types=tuple(name.strip().lower() for name in args.upgrade_types.split(",") if name.strip()),
+        protocol_detection_timeout=args.protocol_detection_timeout,
         pod=PodSettings(lifecycle=args.lifecycle, pod_ip=args.pod_ip or None, pod_name=args.pod_name or None,
                         stop_margin=args.stop_margin, stop_max=args.stop_max,
                         exit_with=tuple(name for name in args.exit_with.split(",") if name)),
@@ -636,7 +654,8 @@ def _capture(args: argparse.Namespace) -> int:
             proxy_uid=args.proxy_uid, proxy_gid=args.proxy_uid, inbound_ports=parse_ports(args.inbound_ports),
             include_outbound_ports=parse_ports(args.include_outbound_ports),
             exclude_outbound_ports=parse_ports(args.exclude_outbound_ports),
-            exclude_outbound_cidrs=parse_cidrs(args.exclude_outbound_cidrs)))
+            exclude_outbound_cidrs=parse_cidrs(args.exclude_outbound_cidrs), api_server=args.api_server,
+            capture_dns=args.capture_dns))
         sys.stdout.write(rules)
         if args.apply:
             apply_rules(rules, args.iptables_restore)

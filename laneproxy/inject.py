@@ -72,6 +72,11 @@ TOKEN_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"
 START_TIMEOUT_SECONDS = 120
 CAPTURE_IPTABLES = "iptables"
 CAPTURE_HTTP_PROXY = "http-proxy"
+# What apps reach directly when they use the sidecar as their proxy: loopback, the API server (kubelet expands
+# $(KUBERNETES_SERVICE_HOST), a service variable) and the link-local metadata endpoints (cloud instance metadata,
+# ECS task metadata): credentials and API calls never pass through the proxy.
+NO_PROXY = ("127.0.0.1,localhost,$(KUBERNETES_SERVICE_HOST),kubernetes.default.svc,kubernetes.default.svc.cluster.local,"
+            "169.254.169.254,169.254.170.2,metadata.google.internal")
 
 # kind -> path of the pod template inside the object (a Pod is its own template).
 POD_TEMPLATE_PATHS: dict[str, tuple[str, ...]] = {
@@ -203,7 +208,8 @@ def inject_pod(pod: dict, settings: SidecarSettings, workload: str | None = None
         for container in spec["containers"]:
             if container.get("name") != SIDECAR_NAME:
                 _ensure_env(container, {"HTTP_PROXY": proxy_url, "http_proxy": proxy_url,
-                                        "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"})
+                                        "HTTPS_PROXY": proxy_url, "https_proxy": proxy_url,  # CONNECT tunnels
+                                        "NO_PROXY": NO_PROXY, "no_proxy": NO_PROXY})
     if settings.native_sidecar:
         # Init containers start in order: right after the capture rules, before the app's own init containers
         # (which then already have a proxy), with a startup probe that holds the rest until the proxy is ready.

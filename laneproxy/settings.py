@@ -162,3 +162,14 @@ class ProxySettings:
     drain_limit_seconds: float = 25.0
     pod: PodSettings = field(default_factory=PodSettings)
     server_name: str = "envoy"
+    # Tunnels. Upgrades passed on and tunnelled after a 101 (Envoy's upgrade_configs); any other Upgrade
+    # header (h2c) is stripped. A tunnel (upgrade, CONNECT, passed-through TCP) with nothing moving either
+    # way this long is closed (Envoy's TCP proxy idle_timeout, 1 h).
+    upgrade_types: tuple[str, ...] = ("websocket",)
+    tunnel_idle_timeout: float = 3600.0
+    # The outbound listener's answer for a host outside the mesh (Istio's outboundTrafficPolicy): ALLOW_ANY
+    # passes it through (plain HTTP to the host it names, CONNECT to host:port); REGISTRY_ONLY answers 502.
+    outbound_traffic_policy: str = "ALLOW_ANY"
+    # A captured connection whose client says nothing this long is passed through as raw TCP (server-first
+    # protocols: MySQL, SMTP); Istio's protocolDetectionTimeout.
+    protocol_detection_timeout: float = 0.1

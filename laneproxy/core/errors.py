@@ -84,6 +84,13 @@ class RequestTimeoutError(LocalReplyError):
     status, flag, body = 408, "SI", "request timeout"
 
 
+class EgressBlockedError(LocalReplyError):
+    """A host outside the mesh under the REGISTRY_ONLY outbound traffic policy: Istio's BlackHoleCluster
+    answers 502 with a direct response (no response flag); the body says why."""
+
+    status, flag, body = 502, "-", "egress to a host outside the mesh is blocked (outbound traffic policy REGISTRY_ONLY)"
+
+
 class DownstreamProtocolError(LocalReplyError):
     status, flag, body = 400, "DPE", "Bad Request"
 

@@ -33,6 +33,14 @@ def connection_tokens(value: bytes) -> set[bytes]:
     return tokens - h.CONNECTION_CANNOT_REMOVE
 
 
+def header_value(header_list: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    """The first value of header `name` (lowercase), or None."""
+    for key, value in header_list:
+        if key == name:
+            return value
+    return None
+
+
 def write_headers(
     parts: list[bytes],
     header_list: Iterable[tuple[bytes, bytes]],

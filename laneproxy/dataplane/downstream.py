@@ -25,7 +25,7 @@ import httptools
 
 from laneproxy.core import headers as h
 from laneproxy.core.errors import DownstreamProtocolError, HeadersTooLargeError, LocalReplyError, RequestTimeoutError
-from laneproxy.dataplane import codec
+from laneproxy.dataplane import codec, egress, tunnel
 from laneproxy.dataplane.exchange import Exchange
 
 if TYPE_CHECKING:
@@ -51,7 +51,7 @@ class DownstreamConnection(asyncio.Protocol):
         "content_length", "parsing", "active", "queue", "closed", "draining", "reading_paused", "writing_paused",
         "connection_tokens", "expect_continue", "max_retries", "retry_on", "head_since", "last_activity",
         "transfer_codings", "in_trailers", "to_begin", "deferred_reply", "head_pending", "heads_begun",
-        "buffered", "upstream_full", "input_done", "unparsed", "unparsed_from", "feed_scheduled",
+        "buffered", "upstream_full", "input_done", "unparsed", "unparsed_from", "feed_scheduled", "tunnel_early",
     )
 
     def __init__(self, listener: Listener) -> None:
@@ -90,6 +90,7 @@ class DownstreamConnection(asyncio.Protocol):
         self.unparsed: bytes | None = None  # the rest of a read, kept while reading is paused
         self.unparsed_from = 0
         self.feed_scheduled = False
+        self.tunnel_early: bytes | None = None  # tunnels: what the client sent after an upgrade or CONNECT head
 
     # asyncio.Protocol -------------------------------------------------------------------------
 
@@ -122,6 +123,8 @@ class DownstreamConnection(asyncio.Protocol):
             stop = data.find(_HEAD_END, start)
             stop = end if stop < 0 else stop + len(_HEAD_END)
             if not self._parse(view[start:stop]):
+                if self.tunnel_early is not None:
+                    self.tunnel_early += bytes(view[stop:])  # tunnels: the rest of this read follows the head
                 return
             start = stop
 
@@ -136,8 +139,10 @@ class DownstreamConnection(asyncio.Protocol):
             error = cause.error if isinstance(cause, _RejectRequestError) else DownstreamProtocolError(str(exc))
             self._reject(error)
             return False
-        except httptools.HttpParserUpgrade:
+        except httptools.HttpParserUpgrade as exc:
             upgraded = True
+            # tunnels: held, never parsed, never sent before the 101 (at most one read: reading stops below)
+            self.tunnel_early = bytes(memoryview(data)[exc.args[0]:])
         except httptools.HttpParserError as exc:
             self._reject(DownstreamProtocolError(str(exc)))
             return False
@@ -155,8 +160,9 @@ class DownstreamConnection(asyncio.Protocol):
                 self._reject(HeadersTooLargeError())
                 return False
         if upgraded:
-            # Forwarded without the upgrade (no tunnels yet), answered once, then the connection closes;
-            # the exchange was told not to keep it alive. Whatever follows the head is dropped.
+            # An upgrade the proxy tunnels waits for the 101 with what followed its head (tunnel_early); any
+            # other (h2c) is forwarded without the upgrade. Either way, answered once unless 101, then closed:
+            # the exchange was told not to keep it alive, and nothing after the head is ever parsed.
             self.input_done = True
             self.pause_reading()
         # Nothing goes upstream before the bytes that arrived with the head have parsed: a broken chunk
@@ -267,7 +273,7 @@ class DownstreamConnection(asyncio.Protocol):
             raise _RejectRequestError(DownstreamProtocolError("more than one Host header"))
         if minor == 1 and self.host is None and not self.url.startswith(b"http://"):
             raise _RejectRequestError(DownstreamProtocolError("HTTP/1.1 request without a Host header"))
-        if method == b"CONNECT":
+        if method == b"CONNECT" and not egress.accepts_connect(self.listener):
             raise _RejectRequestError(DownstreamProtocolError("CONNECT is not supported"))
         upgrade = parser.should_upgrade()  # llhttp sets it before this callback; the exception comes after
         if upgrade and (self.chunked or self.content_length):
@@ -284,6 +290,9 @@ class DownstreamConnection(asyncio.Protocol):
             self.chunked, self.chunked or self.content_length, self.connection_tokens,
             self.expect_continue and minor == 1, retry,
         )
+        if upgrade:  # tunnels: CONNECT, or an upgrade this proxy tunnels (websocket); None strips it (h2c)
+            exchange.upgrade = b"CONNECT" if method == b"CONNECT" else tunnel.upgrade_token(
+                codec.header_value(self.headers, h.UPGRADE), self.listener.settings.upgrade_types)
         self.parsing = exchange
         if self.active is None:
             self.active = exchange

@@ -27,7 +27,7 @@ from laneproxy.core.errors import (
     UpstreamResetError,
     UpstreamTimeoutError,
 )
-from laneproxy.dataplane import codec
+from laneproxy.dataplane import codec, egress, tunnel
 from laneproxy.dataplane.route_trail import TRAIL_HOPS
 
 if TYPE_CHECKING:
@@ -84,6 +84,7 @@ class Exchange:
         "deadline", "start", "connection_tokens", "error", "expect_continue", "retry", "attempts",
         "discarding", "last_activity", "counted_active", "request_bytes", "response_bytes", "pending_head",
         "pending_bytes", "peer", "trail", "trail_key", "trace", "failed_hop", "replay", "replay_bytes",
+        "upgrade",
     )
 
     def __init__(self, downstream: DownstreamConnection, method: bytes, target: bytes, http_minor: int,
@@ -130,6 +131,7 @@ class Exchange:
         self.failed_hop: bytes | None = None  # flags of a later hop's failure this 5xx carries (x-laneproxy-failed-hop)
         self.replay: list[bytes] | None = []  # body bytes sent upstream, while within _REPLAY_LIMIT; None past it
         self.replay_bytes = 0
+        self.upgrade: bytes | None = None  # tunnels: the protocol asked (websocket), or CONNECT
 
     # request side, driven by the downstream parser ---------------------------------------------
 
@@ -137,11 +139,16 @@ class Exchange:
         """Route the request and start forwarding it (called when it is this exchange's turn)."""
         listener = self.listener
         self.start = listener.loop.time()
+        if self.method == b"CONNECT":  # tunnels: a CONNECT goes where it says (egress), not through a route
+            egress.connect(self)
+            return
         try:
             self.routed = listener.role.prepare(self, listener.store.current)
         except LocalReplyError as error:
             self.reply_locally(error)
             return
+        if self.upgrade is not None:  # tunnels: the upgrade headers go upstream with the request
+            tunnel.ask_upgrade(self)
         if self.expect_continue and not self.request_complete:
             self.downstream.write(_CONTINUE)  # once, from the proxy; the upstream never sees the Expect
         self._dispatch()
@@ -432,6 +439,17 @@ class Exchange:
             # httptools cannot be told a response to HEAD has no body: finish here, never reuse.
             self.response_keep_alive = False
             self.on_response_complete()
+
+    def on_switching_protocols(self, connection: UpstreamConnection, from_upstream: bytes) -> None:
+        """tunnels: the upstream answered this upgrade request 101; record the exchange, then join the sockets."""
+        start = tunnel.switch_protocols(self, connection, from_upstream)
+        self._finish()
+        if start is not None:
+            start()
+
+    def finish_tunnelled(self) -> None:
+        """tunnels: the exchange ends at its 101 or CONNECT 200 (recorded once); its sockets now belong to a tunnel."""
+        self._finish()
 
     def _read_mesh_headers(self, headers: list[tuple[bytes, bytes]]) -> None:
         """The headers the next proxy answered with for this one: who it is, and where the request went next."""

@@ -26,6 +26,7 @@ from laneproxy.core.errors import DownstreamProtocolError, NoHealthyUpstreamErro
 from laneproxy.core.model import Endpoint, Route, RouteTable, ServiceRoutes
 from laneproxy.core.propagation import LaneSource, TraceLaneTable, resolve_lane, trace_key
 from laneproxy.core.routing import choose_ingress
+from laneproxy.dataplane import egress, sniff
 from laneproxy.dataplane.codec import DateCache
 from laneproxy.dataplane.downstream import DownstreamConnection
 from laneproxy.dataplane.exchange import RetryPolicy
@@ -296,8 +297,8 @@ class OutboundRole(Role):
                     # Service of no group, selector-less, ExternalName): on to where it was going.
                     route = passthrough_route(original)  # no outlier ejection: there is no other endpoint to try
                     return Target(original, path, overrides, self.stats.cluster(route.cluster), route, None, None)
-            elif routes is None:
-                raise NoRouteError(f"no service for host {host.decode('latin-1')!r}")
+            elif routes is None:  # egress: a proxy request for a host outside the mesh (ALLOW_ANY passes it on)
+                return egress.passthrough_target(self, exchange, authority, host, path, overrides)
         group = routes.group
         if group is None:
             return self._target(routes.default, routes, path, overrides, None)
@@ -393,11 +394,12 @@ class Listener:
         # The app's calls that failed further on (outbound records, inbound marks the app's 5xx): see FailedHops.
         self.failed_hops: FailedHops | None = None
         self.marks_local_replies = role.name == "outbound"  # its local replies are about a later hop
+        self.connection_observers: list[Callable[[sniff.PassedConnection], None]] = []  # passed-through connections' log
         role.header_policy = RequestHeaderPolicy(edge=role.edge, route_timeout=settings.timeouts.route,
                                                  trust_client_trace_id=settings.trust_client_trace_id)
 
-    def protocol(self) -> DownstreamConnection:
-        return DownstreamConnection(self)
+    def protocol(self) -> asyncio.Protocol:
+        return sniff.protocol_for(self)  # captured connections: HTTP, or passed through as TCP/TLS
 
     async def start(self, host: str, port: int, *, reuse_port: bool = False) -> int:
         """Bind and serve, and start the timeout sweeper: the only way a listener starts (workers pass reuse_port)."""

@@ -62,6 +62,7 @@ class ResponseSink(Protocol):
     def flush_head(self) -> None: ...
     def on_response_complete(self) -> None: ...
     def on_upstream_error(self, error: Exception, received_any: bool) -> None: ...
+    def on_switching_protocols(self, connection: UpstreamConnection, from_upstream: bytes) -> None: ...
     def pause_upstream_writes(self) -> None: ...
     def resume_upstream_writes(self) -> None: ...
 
@@ -115,7 +116,13 @@ class UpstreamConnection(asyncio.Protocol):
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__
             error = cause if isinstance(cause, LocalReplyError) else UpstreamProtocolError(str(exc))
-        except httptools.HttpParserUpgrade:
+        except httptools.HttpParserUpgrade as exc:
+            sink = self.sink
+            if sink is not None and getattr(sink, "upgrade", None) is not None and self.parser.get_status_code() == 101:
+                # tunnels: the 101 the request asked for; what followed it in this read is the tunnel's
+                self.feeding = False
+                sink.on_switching_protocols(self, bytes(memoryview(data)[exc.args[0]:]))
+                return
             error = UpstreamProtocolError("101 Switching Protocols to a request that did not ask to upgrade")
         except httptools.HttpParserError as exc:
             error = UpstreamProtocolError(str(exc))

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     import asyncio
 
     from laneproxy.dataplane.exchange import Exchange
+    from laneproxy.dataplane.sniff import PassedConnection
 
 FORMATS = ("text", "json")
 
@@ -58,6 +59,9 @@ class AccessEntry:
     lane_used: str | None
     lane_source: str | None
     listener: str
+    requested_server_name: str | None = None  # a passed-through TLS connection's SNI
+
+
 
 
 def envoy_time(epoch_seconds: float) -> str:
@@ -130,6 +134,21 @@ def access_entry(exchange: Exchange, *, wall_now: float, loop_now: float) -> Acc
     )
 
 
+def connection_entry(connection: PassedConnection, *, wall_now: float) -> AccessEntry:
+    """The line of a connection passed through as TCP or TLS (no request: method, path and code are Envoy's `-`/0).
+
+    The SNI stands where a request's authority does in the text format, as the name the client asked for.
+    """
+    return AccessEntry(
+        start_time=envoy_time(wall_now - connection.duration), method="-", path="-",
+        protocol=connection.protocol.upper(), response_code=0, response_flags=connection.flags,
+        bytes_received=connection.received, bytes_sent=connection.sent, duration=int(connection.duration * 1000),
+        upstream_service_time=None, x_forwarded_for=connection.client, user_agent=None, request_id=None,
+        authority=connection.sni, upstream_host=connection.upstream, upstream_cluster=connection.cluster,
+        lane_asked=None, lane_used=None, lane_source=None, listener=connection.listener,
+        requested_server_name=connection.sni)
+
+
 def _dash(value: object) -> str:
     return "-" if value is None else str(value)
 
@@ -173,6 +192,15 @@ class AccessLog:
 
     def record(self, exchange: Exchange) -> None:
         entry = access_entry(exchange, wall_now=self.wall_clock(), loop_now=self.loop.time())
+        if not self.pending:
+            self.loop.call_soon(self.flush)
+        self.pending.append(self.format(entry))
+
+    def record_connection(self, connection: PassedConnection) -> None:
+        """A passed-through connection's line (register as a listener's connection observer)."""
+        if not connection.closed:
+            return  # one line per connection, when it ends
+        entry = connection_entry(connection, wall_now=self.wall_clock())
         if not self.pending:
             self.loop.call_soon(self.flush)
         self.pending.append(self.format(entry))

@@ -155,6 +155,8 @@ def other_records(view: ProcessView, *, active_clusters: int) -> Iterator[StatRe
     stats = view.stats
     for listener in stats.listeners.values():
         yield from listener.records()
+    for tcp in stats.tcp_proxies.values():
+        yield from tcp.records()
     yield from stats.lanes.records()
     yield from lane_info_records(view.table)
     if view.istio is not None:

@@ -1,7 +1,10 @@
 """Istio's standard metrics, recorded once per finished exchange, with Istio's names, labels and meaning.
 
 Owns `istio_requests_total`, `istio_request_duration_milliseconds`, `istio_request_bytes` and
-`istio_response_bytes` (https://istio.io/latest/docs/reference/config/metrics), the peer metadata two
+`istio_response_bytes` (https://istio.io/latest/docs/reference/config/metrics), the TCP metrics of
+connections passed through as TCP or TLS (`istio_tcp_connections_opened_total`, `_closed_total`,
+`istio_tcp_sent_bytes_total`, `istio_tcp_received_bytes_total`; the peer of such a connection is
+unknown, as no header carries it, and its destination service is the cluster it was counted under), the peer metadata two
 sidecars exchange so each side can name the other (Istio's metadata exchange, as one small header),
 and two labels of laneproxy's own: `lane_asked` (the lane the request asked for) and `lane_used`
 (the lane whose endpoint served it).
@@ -32,6 +35,7 @@ from laneproxy.observability.stats import Histogram, StatKind, StatRecord
 if TYPE_CHECKING:
     from laneproxy.core.model import RouteTable
     from laneproxy.dataplane.exchange import Exchange
+    from laneproxy.dataplane.sniff import PassedConnection
     from laneproxy.settings import WorkloadSettings
 
 UNKNOWN = "unknown"
@@ -51,6 +55,9 @@ ISTIO_LABELS: tuple[str, ...] = (
     "request_protocol", "response_code", "grpc_response_status", "response_flags", "connection_security_policy",
 )
 LANE_LABELS: tuple[str, ...] = ("lane_asked", "lane_used")
+# Istio's TCP metrics have the request metrics' labels but the response code and gRPC status.
+TCP_LABELS: tuple[str, ...] = tuple(label for label in ISTIO_LABELS
+                                    if label not in ("response_code", "grpc_response_status"))
 
 # A Kubernetes label value (what every field of the peer header must be): at most 63 characters.
 _LABEL_VALUE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?")
@@ -150,14 +157,25 @@ class RequestSeries:
         self.response_bytes = Histogram(BYTES_BOUNDS)
 
 
+class TcpSeries:
+    """The numbers of one TCP label set: connections opened and closed, bytes each way."""
+
+    __slots__ = ("labels", "opened", "closed", "sent", "received")
+
+    def __init__(self, labels: tuple[tuple[str, str], ...]) -> None:
+        self.labels = labels
+        self.opened = self.closed = self.sent = self.received = 0
+
+
 class IstioMetrics:
     """Every istio_* series of one process, keyed by the objects they were recorded with."""
 
-    __slots__ = ("series", "peers")
+    __slots__ = ("series", "peers", "tcp")
 
     def __init__(self) -> None:
         self.series: dict[tuple, RequestSeries] = {}
         self.peers = PeerCache()
+        self.tcp: dict[tuple, TcpSeries] = {}
 
     def records(self) -> Iterator[StatRecord]:
         families = (("istio_requests_total", StatKind.COUNTER, "count"),
@@ -171,10 +189,20 @@ class IstioMetrics:
                 # Envoy's text name for a stat with Istio's tags: `tag=.=value;.;...;.;family`.
                 name = "".join(f"{key}=.={tag};.;" for key, tag in series.labels) + family
                 yield StatRecord(name, kind, value, True, family, series.labels)
+        tcp = sorted(self.tcp.values(), key=lambda series: series.labels)
+        for family, attribute in (("istio_tcp_connections_opened_total", "opened"),
+                                  ("istio_tcp_connections_closed_total", "closed"),
+                                  ("istio_tcp_sent_bytes_total", "sent"),
+                                  ("istio_tcp_received_bytes_total", "received")):
+            for series in tcp:
+                name = "".join(f"{key}=.={tag};.;" for key, tag in series.labels) + family
+                yield StatRecord(name, StatKind.COUNTER, getattr(series, attribute), True, family, series.labels)
 
     def reset_counters(self) -> None:
         for series in self.series.values():
             series.count = 0
+        for tcp in self.tcp.values():
+            tcp.opened = tcp.closed = tcp.sent = tcp.received = 0
 
 
 def _service_labels(service: str, table: RouteTable | None) -> tuple[str, str, str]:
@@ -204,6 +232,14 @@ def series_labels(reporter: str, source: Workload, destination: Workload, servic
         lane_asked or "", lane_used or "",
     )
     return tuple(zip(ISTIO_LABELS + LANE_LABELS, values))
+
+
+def tcp_series_labels(reporter: str, source: Workload, destination: Workload, service: str,
+                      flags: str) -> tuple[tuple[str, str], ...]:
+    """The label pairs of one TCP series, in TCP_LABELS order (a request series' labels without code and status)."""
+    request = dict(series_labels(reporter, source, destination, (service, service, UNKNOWN), 0, flags, None, None))
+    request["request_protocol"] = "tcp"
+    return tuple((label, request[label]) for label in TCP_LABELS)
 
 
 class IstioRecorder:
@@ -247,6 +283,25 @@ class IstioRecorder:
         series.duration.record((exchange.listener.loop.time() - exchange.start) * 1000.0)
         series.request_bytes.record(exchange.request_bytes)
         series.response_bytes.record(exchange.response_bytes)
+
+    def record_connection(self, connection: PassedConnection) -> None:
+        """A connection passed through as TCP or TLS: opened when its destination connected, closed when it ended."""
+        if self.reporter == "destination":
+            source, destination = UNKNOWN_WORKLOAD, self.own
+        else:
+            source, destination = self.own, UNKNOWN_WORKLOAD
+        flags = connection.flags if connection.closed else "-"
+        key = (source, destination, connection.cluster, flags)
+        series = self.metrics.tcp.get(key)
+        if series is None:
+            series = self.metrics.tcp[key] = TcpSeries(tcp_series_labels(self.reporter, source, destination,
+                                                                         connection.cluster, flags))
+        if not connection.closed:
+            series.opened += 1
+            return
+        series.closed += 1
+        series.sent += connection.sent
+        series.received += connection.received
 
     def _service_labels(self, service: str) -> tuple[str, str, str]:
         labels = self._services.get(service)

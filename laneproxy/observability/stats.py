@@ -284,6 +284,29 @@ class ListenerStats:
                          "envoy_http_downstream_rq_time", tag)
 
 
+class TcpStats:
+    """Counters of connections passed through as TCP, reported as Envoy's TCP proxy reports them (`tcp.<prefix>.*`)."""
+
+    __slots__ = ("prefix", "cx_total", "cx_active", "rx_bytes", "tx_bytes", "idle_timeout")
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.cx_total = self.cx_active = self.rx_bytes = self.tx_bytes = self.idle_timeout = 0
+
+    def reset_counters(self) -> None:
+        self.cx_total = self.rx_bytes = self.tx_bytes = self.idle_timeout = 0
+
+    def records(self) -> Iterator[StatRecord]:
+        prefix = f"tcp.{self.prefix}."
+        tag = (("envoy_tcp_prefix", self.prefix),)
+        for stat, value in (("downstream_cx_total", self.cx_total), ("downstream_cx_rx_bytes_total", self.rx_bytes),
+                            ("downstream_cx_tx_bytes_total", self.tx_bytes), ("idle_timeout", self.idle_timeout)):
+            yield StatRecord(prefix + stat, StatKind.COUNTER, value, value > 0, "envoy_tcp_" + stat, tag)
+        # Not one of Envoy's TCP proxy stats (it has none for open connections); laneproxy's own gauge.
+        yield StatRecord(prefix + "downstream_cx_active", StatKind.GAUGE, self.cx_active, self.cx_total > 0,
+                         "laneproxy_tcp_downstream_cx_active", tag)
+
+
 class LaneStats:
     """laneproxy's own lane counters: requests per lane used, fallbacks per (service, from lane, to lane).
 
@@ -325,12 +348,19 @@ class LaneStats:
 class ProxyStats:
     """Every counter of one proxy process."""
 
-    __slots__ = ("clusters", "listeners", "lanes")
+    __slots__ = ("clusters", "listeners", "lanes", "tcp_proxies")
 
     def __init__(self) -> None:
         self.clusters: dict[str, ClusterStats] = {}
         self.listeners: dict[str, ListenerStats] = {}
         self.lanes = LaneStats()
+        self.tcp_proxies: dict[str, TcpStats] = {}
+
+    def tcp(self, prefix: str) -> TcpStats:
+        stats = self.tcp_proxies.get(prefix)
+        if stats is None:
+            stats = self.tcp_proxies[prefix] = TcpStats(prefix)
+        return stats
 
     def cluster(self, name: str) -> ClusterStats:
         stats = self.clusters.get(name)
@@ -350,4 +380,6 @@ class ProxyStats:
             cluster.reset_counters()
         for listener in self.listeners.values():
             listener.reset_counters()
+        for tcp in self.tcp_proxies.values():
+            tcp.reset_counters()
         self.lanes.reset_counters()

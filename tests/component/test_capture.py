@@ -6,7 +6,11 @@ sidecar (`laneproxy run` as uid 1337 with inbound and outbound listeners) and mo
 calls http://mockb:8000/ with no proxy configured: mockb resolves (the namespace's own /etc/hosts, which
 `ip netns exec` mounts) to a service address routed to a veth pair inside the pod namespace, whose counters
 prove that not one packet went that way: the nat rules sent every connection to the outbound listener.
-Needs root (creating namespaces); iptables and iproute2 come from tests/image/install_tools.sh.
+The client namespace also plays the world outside the mesh for protocols other than HTTP: a TLS server
+(`openssl s_server`, a throwaway CA from trustme), Debian's `redis-server`, and a server-first banner
+protocol (SMTP-like: the client waits for the greeting). The app's calls to them are captured like any
+other: the sidecar tells them apart by their first bytes (or their silence) and passes them through.
+Needs root (creating namespaces); iptables, iproute2, openssl and redis come from tests/image/install_tools.sh.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import time
 from pathlib import Path
 
 import pytest
+import trustme
 import yaml
 
 _REPO = Path(__file__).resolve().parents[2]
@@ -34,6 +39,49 @@ SWIMLANES = _REPO / "config" / "swimlanes.yaml"
 POD_IP, CLIENT_IP = "10.99.0.2", "10.99.0.1"
 MOCKB_SERVICE_IP = "10.96.0.20"  # a Service's cluster IP: nothing listens there
 APP_UID, PROXY_UID = 1000, 1337
+TLS_PORT, REDIS_PORT, BANNER_PORT = 9443, 6379, 2525
+APP_REDIS_PORT = 6380  # the pod's own Redis, a port the app declares: captured inbound like its HTTP ports
+
+BANNER_SERVER = """
+import socket, sys, threading
+listener = socket.create_server((sys.argv[1], int(sys.argv[2])))
+def serve(conn):
+    with conn:
+        conn.sendall(b"220 banner.outside.example ready\\r\\n")  # server-first: it speaks before the client
+        line = b""
+        while not line.endswith(b"\\n"):
+            data = conn.recv(1024)
+            if not data:
+                return
+            line += data
+        conn.sendall(b"250 got " + line)
+while True:
+    threading.Thread(target=serve, args=(listener.accept()[0],), daemon=True).start()
+"""
+
+BANNER_CLIENT = """
+import socket, sys
+with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10) as conn:
+    banner = conn.recv(1024)
+    conn.sendall(b"HELO pod\\r\\n")
+    reply = b""
+    while not reply.endswith(b"\\n"):
+        reply += conn.recv(1024)
+print(banner.decode().strip() + " | " + reply.decode().strip())
+"""
+
+TLS_CLIENT = """
+import socket, ssl, sys
+context = ssl.create_default_context(cafile=sys.argv[3])
+with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10) as raw:
+    with context.wrap_socket(raw, server_hostname=sys.argv[1]) as tls:
+        version = tls.version()
+        tls.sendall(b"GET / HTTP/1.0\\r\\n\\r\\n")
+        answer = b""
+        while chunk := tls.recv(65536):
+            answer += chunk
+print(version, answer.split(b"\\r\\n", 1)[0].decode())
+"""
 
 CLIENT = """
 import json, sys, urllib.request
@@ -67,7 +115,7 @@ def require_root() -> None:
 
 def test_rules_exempt_the_proxy_and_loopback_before_redirecting_the_rest():
     rules = nat_rules(CaptureSettings(inbound_ports=(8000,), exclude_outbound_ports=(5432,),
-                                      exclude_outbound_cidrs=("10.0.0.0/8",)))
+                                      exclude_outbound_cidrs=("10.0.0.0/8",), api_server="10.96.0.1"))
     lines = rules.splitlines()
     output = [line for line in lines if line.startswith("-A LANEPROXY_OUTPUT")]
     assert output == [
@@ -75,10 +123,14 @@ def test_rules_exempt_the_proxy_and_loopback_before_redirecting_the_rest():
         "-A LANEPROXY_OUTPUT -m owner --gid-owner 1337 -j RETURN",
         "-A LANEPROXY_OUTPUT -o lo -j RETURN",
         "-A LANEPROXY_OUTPUT -d 127.0.0.1/32 -j RETURN",
+        "-A LANEPROXY_OUTPUT -d 10.96.0.1/32 -j RETURN",  # the API server
         "-A LANEPROXY_OUTPUT -d 10.0.0.0/8 -j RETURN",
+        "-A LANEPROXY_OUTPUT -p tcp --dport 53 -j RETURN",  # DNS over TCP
         "-A LANEPROXY_OUTPUT -p tcp --dport 5432 -j RETURN",
         "-A LANEPROXY_OUTPUT -j LANEPROXY_REDIRECT",
     ]
+    dns = nat_rules(CaptureSettings(capture_dns=True, api_server="fd00::1"))
+    assert "--dport 53" not in dns and "fd00::1" not in dns
     assert "-A LANEPROXY_INBOUND -p tcp --dport 8000 -j LANEPROXY_IN_REDIRECT" in lines
     assert "-A LANEPROXY_REDIRECT -p tcp -j REDIRECT --to-ports 15001" in lines
     assert "-A LANEPROXY_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006" in lines
@@ -93,6 +145,7 @@ def test_rules_exempt_the_proxy_and_loopback_before_redirecting_the_rest():
     (dict(exclude_outbound_ports=(70000,)), "outside"),
     (dict(exclude_outbound_cidrs=("fd00::/8",)), "IPv6"),
     (dict(exclude_outbound_cidrs=("ten/8",)), "not a CIDR"),
+    (dict(api_server="kubernetes.default"), "not an IP address"),
 ])
 def test_settings_that_would_loop_or_mean_nothing_are_refused(settings, message):
     with pytest.raises(CaptureError, match=message):
@@ -162,14 +215,27 @@ class CapturedPod:
         run("ip", "-n", pod, "route", "add", "10.96.0.0/16", "dev", "svc0")
         self.hosts_dir.mkdir(parents=True, exist_ok=True)
         (self.hosts_dir / "hosts").write_text(f"127.0.0.1 localhost\n{MOCKB_SERVICE_IP} mockb\n"
-                                              f"{CLIENT_IP} outside.example\n")
+                                              f"{CLIENT_IP} outside.example tls.outside.example\n")
 
         endpoints = {"apiVersion": "laneproxy.dev/v1", "kind": "LaneEndpoints", "services": {
             "default/mockb": {"port": 8000, "lanes": {"base": ["127.0.0.1:18001"], "canary": ["127.0.0.1:18002"]}}}}
         (self.workdir / "endpoints.yaml").write_text(yaml.safe_dump(endpoints))
         shutil.copy(SWIMLANES, self.workdir / "swimlanes.yaml")
+        ca = trustme.CA()
+        ca.cert_pem.write_to_path(str(self.workdir / "ca.pem"))
+        issued = ca.issue_cert("tls.outside.example")
+        issued.cert_chain_pems[0].write_to_path(str(self.workdir / "tls.pem"))
+        issued.private_key_pem.write_to_path(str(self.workdir / "tls.key"))
         for path in self.workdir.iterdir():
             path.chmod(0o644)
+        # The world outside the mesh, beyond the pod's eth0: TLS, Redis and a server-first banner protocol.
+        self.spawn("tls-server", client, "openssl", "s_server", "-accept", f"{CLIENT_IP}:{TLS_PORT}", "-www",
+                   "-cert", str(self.workdir / "tls.pem"), "-key", str(self.workdir / "tls.key"))
+        self.spawn("redis", client, "redis-server", "--bind", CLIENT_IP, "--port", str(REDIS_PORT), "--save", "",
+                   "--appendonly", "no", "--protected-mode", "no", "--dir", str(self.workdir))
+        self.spawn("banner", client, sys.executable, "-c", BANNER_SERVER, CLIENT_IP, str(BANNER_PORT))
+        self.spawn("app-redis", pod, "redis-server", "--bind", "0.0.0.0", "--port", str(APP_REDIS_PORT), "--save", "",
+                   "--appendonly", "no", "--protected-mode", "no", "--dir", str(self.workdir))
 
         self.spawn("mockb-v1", pod, *self.laneproxy("mock", "--listen", "127.0.0.1:18001"),
                    env={"app": "mockb", "version": "v1"})
@@ -184,10 +250,11 @@ class CapturedPod:
                    env={"app": "mocka-metrics", "version": "v1"})
         self.spawn("sidecar", pod, *self.laneproxy(
             "run", "--config", str(self.workdir / "swimlanes.yaml"), "--config", str(self.workdir / "endpoints.yaml"),
-            "--inbound", "0.0.0.0:15006", "--app", "127.0.0.1:8000", "--app-ports", "8000,9090",
-            "--outbound", "127.0.0.1:15001", "--admin", "127.0.0.1:15000"), uid=PROXY_UID)
+            "--inbound", "0.0.0.0:15006", "--app", "127.0.0.1:8000", "--app-ports", f"8000,9090,{APP_REDIS_PORT}",
+            "--outbound", "127.0.0.1:15001", "--admin", "127.0.0.1:15000", "--access-log", "stdout"), uid=PROXY_UID)
         # The init container's job, with the ports injection finds in the app containers.
-        applied = run(*self.exec_argv(pod, *self.laneproxy("capture", "--apply", "--inbound-ports", "8000,9090")))
+        applied = run(*self.exec_argv(pod, *self.laneproxy("capture", "--apply", "--inbound-ports",
+                                                            f"8000,9090,{APP_REDIS_PORT}")))
         self.rules = applied.stdout
         self.wait_ready()
         return self
@@ -198,7 +265,10 @@ class CapturedPod:
         deadline = time.monotonic() + 30
         while True:
             ready = run(*self.exec_argv(self.pod, *probe, "127.0.0.1:18001", "127.0.0.1:18002", "127.0.0.1:8000", "127.0.0.1:9090",
-                                        "127.0.0.1:15006", "127.0.0.1:15001"), check=False).returncode == 0
+                                        "127.0.0.1:15006", "127.0.0.1:15001", f"127.0.0.1:{APP_REDIS_PORT}"), check=False).returncode == 0
+            ready = ready and run(*self.exec_argv(self.client, *probe, f"{CLIENT_IP}:{TLS_PORT}",
+                                                  f"{CLIENT_IP}:{REDIS_PORT}", f"{CLIENT_IP}:{BANNER_PORT}"),
+                                  check=False).returncode == 0
             ready = ready and self.admin("/ready")[0] == 200
             if ready:
                 return
@@ -317,12 +387,101 @@ def test_the_proxys_own_uid_is_never_captured(captured_pod):
     assert pod.stats()["http.outbound.downstream_rq_total"] == before["http.outbound.downstream_rq_total"]
 
 
-def test_the_outbound_listener_used_as_http_proxy_still_refuses_unknown_hosts(captured_pod):
+def test_the_outbound_listener_used_as_http_proxy_passes_hosts_outside_the_mesh_through(captured_pod):
     pod = captured_pod
-    # Not captured (loopback): no original destination to pass through to, so Envoy's 404 for no route.
+    # Not captured (loopback): a proxy request (absolute-form) for a host no service names goes to that host
+    # (ALLOW_ANY); one whose name resolves nowhere (no DNS in this namespace) is a connect failure, 503.
     proxy = "import urllib.request, sys\n" \
             "o = urllib.request.build_opener(urllib.request.ProxyHandler({'http': 'http://127.0.0.1:15001'}))\n" \
-            "try:\n o.open('http://nowhere.example:9000/', timeout=10)\nexcept urllib.error.HTTPError as e:\n" \
+            "print(o.open('http://outside.example:9000/', timeout=10).read().decode())\n" \
+            "try:\n o.open('http://nowhere.example:9000/', timeout=20)\nexcept urllib.error.HTTPError as e:\n" \
             " print(e.code)"
     result = run(*pod.exec_argv(pod.pod, sys.executable, "-c", proxy, uid=APP_UID))
-    assert result.stdout.strip() == "404"
+    assert result.stdout.split("\n")[:2] == [f"outside(version: v0, ip: {CLIENT_IP})", "503"], result
+
+
+# Other protocols, captured and told apart by their first bytes ---------------------------------------------------
+
+
+def tcp_numbers(pod: CapturedPod) -> tuple[int, int, int]:
+    stats = pod.stats()
+    return tuple(stats.get(f"tcp.PassthroughCluster.downstream_cx_{name}", 0)
+                 for name in ("total", "rx_bytes_total", "tx_bytes_total"))
+
+
+def test_tls_from_python_and_openssl_s_client_passes_through_with_its_sni_in_the_access_log(captured_pod):
+    pod = captured_pod
+    (connections, received, sent), packets = tcp_numbers(pod), pod.svc_packets()
+    ca = str(pod.workdir / "ca.pem")
+    python = run(*pod.exec_argv(pod.pod, sys.executable, "-c", TLS_CLIENT, "tls.outside.example", str(TLS_PORT), ca,
+                                uid=APP_UID))
+    assert python.stdout.split()[:3] == ["TLSv1.3", "HTTP/1.0", "200"], python
+    openssl = run(*pod.exec_argv(pod.pod, "openssl", "s_client", "-connect", f"tls.outside.example:{TLS_PORT}",
+                                 "-servername", "tls.outside.example", "-CAfile", ca, "-verify_return_error",
+                                 "-brief", "-ign_eof", uid=APP_UID), input="GET / HTTP/1.0\r\n\r\n")
+    assert "Verification: OK" in openssl.stderr and openssl.stdout.startswith("HTTP/1.0 200 ok"), openssl
+    after = tcp_numbers(pod)
+    assert after[0] - connections == 2, "both TLS connections went through the sidecar"
+    assert after[1] - received > 500 and after[2] - sent > 1000  # ClientHellos and requests; certificates and pages
+    deadline = time.monotonic() + 5
+    while (log := (pod.workdir / "sidecar.log").read_text()).count('"tls.outside.example"') < 2:
+        assert time.monotonic() < deadline, log[-2000:]
+        time.sleep(0.1)
+    line = [line for line in log.splitlines() if '"tls.outside.example"' in line][-1]
+    assert '"- - TLS" 0 - ' in line and f'"{CLIENT_IP}:{TLS_PORT}"' in line, line
+    assert pod.svc_packets() == packets
+
+
+def test_redis_cli_against_redis_server_passes_through_as_tcp(captured_pod):
+    pod = captured_pod
+    connections, received, sent = tcp_numbers(pod)
+    answers = [run(*pod.exec_argv(pod.pod, "redis-cli", "-h", "outside.example", "-p", str(REDIS_PORT), *command,
+                                  uid=APP_UID)).stdout.strip()
+               for command in (["PING"], ["SET", "lane", "canary"], ["GET", "lane"])]
+    assert answers == ["PONG", "OK", "canary"]
+    after = tcp_numbers(pod)
+    assert after[0] - connections == 3
+    assert after[1] - received >= len("*1\r\n$4\r\nPING\r\n") and after[2] - sent >= len("+PONG\r\n")
+    log = (pod.workdir / "sidecar.log").read_text()
+    assert f'"- - TCP" 0 - ' in log and f'"{CLIENT_IP}:{REDIS_PORT}"' in log
+    # Istio's TCP metrics, as the sidecar's Prometheus endpoint reports them (on by default).
+    closed = [line for line in pod.admin("/stats/prometheus")[1].splitlines()
+              if line.startswith("istio_tcp_connections_closed_total{") and 'reporter="source"' in line
+              and 'destination_service="PassthroughCluster"' in line and 'response_flags="-"' in line]
+    assert closed and float(closed[0].rsplit(" ", 1)[1]) >= 3, closed
+
+
+def test_a_server_first_protocol_passes_through_once_the_silent_client_times_out_detection(captured_pod):
+    pod = captured_pod
+    connections, _, _ = tcp_numbers(pod)
+    result = run(*pod.exec_argv(pod.pod, sys.executable, "-c", BANNER_CLIENT, "outside.example", str(BANNER_PORT),
+                                uid=APP_UID))
+    assert result.stdout.strip() == "220 banner.outside.example ready | 250 got HELO pod", result
+    assert tcp_numbers(pod)[0] - connections == 1
+
+
+def test_an_http2_preface_is_passed_through_as_tcp_while_there_is_no_http2_codec(captured_pod):
+    pod = captured_pod
+    connections, _, _ = tcp_numbers(pod)
+    client = ("import socket, sys\n"
+              "with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10) as conn:\n"
+              "    conn.sendall(b'PRI * HTTP/2.0\\r\\n\\r\\nSM\\r\\n\\r\\n')\n"
+              "    answer = b''\n"
+              "    while answer.count(b'\\n') < 2:\n"
+              "        answer += conn.recv(1024)\n"
+              "print(answer.decode().replace('\\r\\n', ' | '))")
+    result = run(*pod.exec_argv(pod.pod, sys.executable, "-c", client, "outside.example", str(BANNER_PORT),
+                                uid=APP_UID))
+    # The banner server saw the preface's first line as it was sent: nothing on the way spoke HTTP to it.
+    assert result.stdout.startswith("220 banner.outside.example ready | 250 got PRI * HTTP/2.0 | "), result
+    assert tcp_numbers(pod)[0] - connections == 1
+
+
+def test_a_non_http_port_the_app_declares_is_captured_inbound_and_passed_to_the_app_as_tcp(captured_pod):
+    pod = captured_pod
+    name = f"tcp.inbound|{APP_REDIS_PORT}||.downstream_cx_total"
+    before = pod.stats().get(name, 0)
+    answers = [run(*pod.exec_argv(pod.client, "redis-cli", "-h", POD_IP, "-p", str(APP_REDIS_PORT), *command)).stdout.strip()
+               for command in (["PING"], ["SET", "pod", "mocka"], ["GET", "pod"])]
+    assert answers == ["PONG", "OK", "mocka"]
+    assert pod.stats()[name] - before == 3, "the client's connections did not go through the inbound listener"

@@ -166,6 +166,14 @@ def test_http_proxy_alternative_needs_no_init_container_and_points_the_apps_at_t
     app_env = env_of(container(injected, "default"))
     assert app_env["HTTP_PROXY"] == app_env["http_proxy"] == "http://127.0.0.1:15001"
     assert app_env["NO_PROXY"] == "db.internal"
+    assert app_env["HTTPS_PROXY"] == app_env["https_proxy"] == "http://127.0.0.1:15001"  # CONNECT
+    # Without the app's own: loopback, the API server and the link-local metadata addresses go direct.
+    plain = env_of(container(inject_pod(seed_pod_spec(), SidecarSettings(image=SETTINGS.image, capture="http-proxy")),
+                             "default"))
+    direct = plain["NO_PROXY"].split(",")
+    assert plain["no_proxy"] == plain["NO_PROXY"]
+    assert {"127.0.0.1", "localhost", "$(KUBERNETES_SERVICE_HOST)", "kubernetes.default.svc", "169.254.169.254",
+            "169.254.170.2"} <= set(direct)
     assert inject_pod(injected, SidecarSettings(image=SETTINGS.image, capture="http-proxy")) == injected
     # The same choice per pod, by annotation; switching a pod back to capture removes nothing it needs.
     pod["metadata"]["annotations"] = {"laneproxy.dev/capture": "http-proxy"}

@@ -189,3 +189,37 @@ def test_without_a_peer_header_the_destination_is_what_the_endpoints_pod_labels_
     assert (labels["destination_app"], labels["destination_version"], labels["destination_canonical_revision"]) == \
         ("mockb", "v2", "v2")
     assert labels["destination_workload"] == "unknown"
+
+
+def passed(cluster: str, *, closed: bool, received: int = 0, sent: int = 0, flags: str = "-"):
+    from laneproxy.dataplane.sniff import PassedConnection
+
+    return PassedConnection(protocol="tcp", flags=flags, received=received, sent=sent, duration=1.0,
+                            upstream="10.0.0.9:6379", cluster=cluster, sni=None, client="10.0.0.2:40000",
+                            listener="outbound", closed=closed)
+
+
+def test_passed_through_connections_are_istios_tcp_metrics_opened_at_connect_and_closed_with_their_bytes():
+    metrics = IstioMetrics()
+    recorder = IstioRecorder(metrics, "source", ME, "canary", store())
+    recorder.record_connection(passed("PassthroughCluster", closed=False))
+    recorder.record_connection(passed("PassthroughCluster", closed=False))
+    families = {f.name: f for f in text_string_to_metric_families(render(metric_families(metrics.records())))}
+    assert [s.value for s in families["istio_tcp_connections_opened"].samples] == [2.0]
+    assert [s.value for s in families["istio_tcp_connections_closed"].samples] == [0.0]
+    recorder.record_connection(passed("PassthroughCluster", closed=True, received=30, sent=7))
+    recorder.record_connection(passed("PassthroughCluster", closed=True, flags="UF"))  # never opened
+    families = {f.name: f for f in text_string_to_metric_families(render(metric_families(metrics.records())))}
+    (opened,) = [s for s in families["istio_tcp_connections_opened"].samples if s.value]
+    labels = opened.labels
+    assert set(labels) == ISTIO_DOCUMENTED_LABELS - {"response_code", "grpc_response_status"}
+    assert (labels["reporter"], labels["source_workload"], labels["destination_workload"]) == ("source", "mocka-v2",
+                                                                                                  "unknown")
+    assert (labels["request_protocol"], labels["destination_service"], labels["response_flags"]) == (
+        "tcp", "PassthroughCluster", "-")
+    closed = {s.labels["response_flags"]: s.value for s in families["istio_tcp_connections_closed"].samples}
+    assert closed == {"-": 1.0, "UF": 1.0}
+    assert {s.labels["response_flags"]: s.value for s in families["istio_tcp_received_bytes"].samples} == {
+        "-": 30.0, "UF": 0.0}
+    assert {s.labels["response_flags"]: s.value for s in families["istio_tcp_sent_bytes"].samples} == {
+        "-": 7.0, "UF": 0.0}

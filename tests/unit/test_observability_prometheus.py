@@ -89,3 +89,17 @@ def test_the_collector_is_on_its_own_registry_never_the_default_one():
     assert set(prometheus_client.REGISTRY._names_to_collectors) == before
     assert registry is not prometheus_client.REGISTRY
     assert "envoy_cluster_upstream_rq_total" in render_registry(registry)
+
+
+def test_passed_through_connections_are_exposed_as_envoys_tcp_proxy_stats():
+    stats = traffic()
+    tcp = stats.tcp("PassthroughCluster")
+    tcp.cx_total, tcp.cx_active, tcp.rx_bytes, tcp.tx_bytes = 3, 1, 120, 4096
+    parsed = samples(exposition(stats))
+    prefix = frozenset({("envoy_tcp_prefix", "PassthroughCluster")})
+    assert parsed[("envoy_tcp_downstream_cx_total", prefix)] == 3
+    assert parsed[("envoy_tcp_downstream_cx_rx_bytes_total", prefix)] == 120
+    assert parsed[("envoy_tcp_downstream_cx_tx_bytes_total", prefix)] == 4096
+    assert parsed[("laneproxy_tcp_downstream_cx_active", prefix)] == 1
+    stats.reset_counters()
+    assert samples(exposition(stats))[("envoy_tcp_downstream_cx_total", prefix)] == 0
