@@ -216,7 +216,7 @@ def seed_world() -> World:
                   pod("p2", "mockb", "base", "10.0.0.3", True)])
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(change_st, min_size=1, max_size=12))
 def test_every_sequence_of_changes_gives_the_table_a_full_build_of_the_same_documents_gives(changes) -> None:
     world = seed_world()
