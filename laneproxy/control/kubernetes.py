@@ -58,8 +58,9 @@ from laneproxy.core.store import RouteTableStore, SourceHealth
 log = logging.getLogger("laneproxy.kubernetes")
 
 USER_AGENT = "laneproxy/kubernetes-source"
-# An update of up to this many objects is applied on the event loop (about 20 µs per object, less than the
-# thread hop costs); a larger one (a relist) in a worker thread, as a full build is.
+# An update of up to this many objects is applied on the event loop (a few ms at 10,000 services, most of it
+# one copy of the table's mappings; see loadtests/bench/table_update.py); a larger one (a relist) in a
+# worker thread, as a full build is.
 INLINE_UPDATE_LIMIT = 64
 
 
