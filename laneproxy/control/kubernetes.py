@@ -64,6 +64,11 @@ USER_AGENT = "laneproxy/kubernetes-source"
 INLINE_UPDATE_LIMIT = 64
 
 
+def _resource_version(body: Mapping[str, Any] | None) -> Any:
+    meta = body.get("metadata") if body is not None else None
+    return meta.get("resourceVersion") if isinstance(meta, dict) else None
+
+
 def _mark_bits(mark: str) -> int:
     return int.from_bytes(hashlib.blake2b(mark.encode(), digest_size=8).digest(), "big")
 
@@ -374,7 +379,10 @@ class Reflector:
                 raise ApiProtocolError(f"GET {self.path}: list without metadata.resourceVersion")
             break
         # Swapping the whole collection drops objects deleted while we were not watching.
-        self.changed.update(name for name, body in objects.items() if self.objects.get(name) is not body)
+        # An object listed at the resourceVersion already held is unchanged: a relist touches only what moved.
+        self.changed.update(name for name, body in objects.items()
+                            if name not in self.objects
+                            or _resource_version(self.objects[name]) != _resource_version(body))
         self.changed.update(self.objects.keys() - objects.keys())
         self.objects = objects
         self.resource_version = str(resource_version)
