@@ -14,7 +14,9 @@ It also owns the pod's lifecycle around the proxy:
   sidecar's lifecycle port, that returns once the pod has left the endpoints (as the sidecar's own table
   sees it) plus a margin for every other proxy to see it too, and no request is in flight; the sidecar's
   hook also waits for the app to close its port. So the app is stopped only when no caller can still pick
-  this pod, and the sidecar after the app (admin/pod_hooks.py owns the waiting).
+  this pod, and the sidecar after the app (admin/pod_hooks.py owns the waiting). The preStop wait and the
+  sidecar's drain share the pod's `terminationGracePeriodSeconds` (stop_budget), so the kubelet's SIGKILL
+  never cuts a drain short.
 - Jobs: their pods are injected only when they opt in (label `laneproxy-injection: enabled` on the pod
   itself); the sidecar then exits once the app containers have (it reads its own pod's status).
 - credentials: the app containers get no API token; the sidecar alone mounts a projected token of the pod's
@@ -129,10 +131,44 @@ class SidecarSettings:
     native_sidecar: bool = False
     # Seconds every other proxy gets to see that this pod left the endpoints before its app is stopped.
     stop_margin_seconds: float = 2.0
+    # The sidecar's minimum drain after SIGTERM (Istio's MINIMUM_DRAIN_DURATION); shortened for a short grace.
+    drain_seconds: float = 5.0
 
     def __post_init__(self) -> None:
         if self.capture not in (CAPTURE_IPTABLES, CAPTURE_HTTP_PROXY):
             raise InjectionError(f"capture must be {CAPTURE_IPTABLES} or {CAPTURE_HTTP_PROXY}, not {self.capture!r}")
+
+
+# Kubernetes' default terminationGracePeriodSeconds, and what is kept back from it for the kubelet's SIGKILL.
+DEFAULT_GRACE_SECONDS = 30
+KILL_MARGIN_SECONDS = 1
+
+
+@dataclass(frozen=True, slots=True)
+class StopBudget:
+    """How the pod's grace period is shared: the preStop wait, then the sidecar's drain, within the grace."""
+
+    stop_max: int  # the longest a preStop waits (LANEPROXY_STOP_MAX)
+    drain_seconds: int  # the minimum drain after SIGTERM (LANEPROXY_DRAIN_SECONDS)
+    drain_limit: int  # the latest exit after SIGTERM (LANEPROXY_DRAIN_LIMIT_SECONDS)
+
+
+def stop_budget(grace: object, drain_seconds: float = 5.0) -> StopBudget:
+    """Derived from the pod's terminationGracePeriodSeconds, as Istio derives terminationDrainDuration from it.
+
+    The kubelet counts the preStop hook inside the grace period and sends SIGKILL at its end, and the
+    sidecar's preStop ends at most `stop_max` after deletion, its drain at most `drain_limit` after that:
+    so stop_max + drain_limit stays a second under the grace. A third of it (at least the minimum drain)
+    goes to the drain, the rest to the preStop wait: 20 s and 9 s of the default 30 s. A grace shorter
+    than the minimum drain shortens the drain and leaves the preStop nothing. A missing or malformed
+    grace is Kubernetes' default.
+    """
+    if isinstance(grace, bool) or not isinstance(grace, (int, float)) or grace < 0:
+        grace = DEFAULT_GRACE_SECONDS
+    total = max(0, int(grace) - KILL_MARGIN_SECONDS)
+    minimum = max(0, int(drain_seconds))
+    drain_limit = min(total, max(minimum, total // 3))
+    return StopBudget(stop_max=total - drain_limit, drain_seconds=min(minimum, drain_limit), drain_limit=drain_limit)
 
 
 def is_job_pod(pod: dict) -> bool:
@@ -191,7 +227,9 @@ def inject_pod(pod: dict, settings: SidecarSettings, workload: str | None = None
     job = job or is_job_pod(injected)
 
     sidecar = sidecar_container(settings, app_port, inbound_ports,
-                                exit_with=[c.get("name", "") for c in app_containers] if job else None)
+                                exit_with=[c.get("name", "") for c in app_containers] if job else None,
+                                budget=stop_budget(spec.get("terminationGracePeriodSeconds", DEFAULT_GRACE_SECONDS),
+                                                   settings.drain_seconds))
     add_telemetry(sidecar, annotations, settings, workload or workload_of_pod(pod))
     token_mount = _token_for_sidecar_only(spec, app_containers)
     if token_mount is not None:
@@ -249,7 +287,8 @@ def _add_pre_stop(container: dict, settings: SidecarSettings, *, wait_for_app: b
 
 
 def sidecar_container(settings: SidecarSettings, app_port: int | None, inbound_ports: tuple[int, ...] = (),
-                      exit_with: list[str] | None = None) -> dict:
+                      exit_with: list[str] | None = None, budget: StopBudget | None = None) -> dict:
+    budget = budget or stop_budget(DEFAULT_GRACE_SECONDS, settings.drain_seconds)
     env = [
         {"name": "LANEPROXY_SOURCE", "value": "kubernetes"},
         {"name": "LANEPROXY_OUTBOUND", "value": f"127.0.0.1:{settings.outbound_port}"},
@@ -267,6 +306,10 @@ def sidecar_container(settings: SidecarSettings, app_port: int | None, inbound_p
         {"name": "LANEPROXY_POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
         {"name": "LANEPROXY_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "LANEPROXY_STOP_MARGIN", "value": f"{settings.stop_margin_seconds:g}"},
+        # Within the pod's terminationGracePeriodSeconds (stop_budget): the kubelet kills at its end.
+        {"name": "LANEPROXY_STOP_MAX", "value": str(budget.stop_max)},
+        {"name": "LANEPROXY_DRAIN_SECONDS", "value": str(budget.drain_seconds)},
+        {"name": "LANEPROXY_DRAIN_LIMIT_SECONDS", "value": str(budget.drain_limit)},
     ]
     ports = []
     if app_port is not None:

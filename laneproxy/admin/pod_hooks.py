@@ -1,6 +1,7 @@
 """The lifecycle port: what the kubelet's hooks ask an injected sidecar, on the pod's own address.
 
-Owns `GET /wait-for-stop`, the preStop hook of the app containers and of the sidecar (see inject.py). It
+Owns `GET /wait-for-stop`, the preStop hook of the app containers and of the sidecar (see inject.py), also
+as `//wait-for-stop`, the way kubelets before 1.26 ask for an HTTP hook's path. It
 answers 200 once it is safe to stop: this pod's address has left every endpoint set of the sidecar's own
 route table (the pod is deleted or not ready: the Kubernetes source drops it), then until no request has
 arrived at the inbound listener for `stop_margin` seconds (every other proxy and kube-proxy have seen it too:
@@ -134,8 +135,12 @@ class PodHooksServer:
             return web.Response(text="LIVE\n")
 
         app = web.Application()
-        app.router.add_get(WAIT_FOR_STOP_PATH, wait_for_stop)
-        app.router.add_get(READY_PATH, ready)
+        # Kubelets before 1.26 join "http://host:port/" and the hook's path, so `/wait-for-stop` arrives as
+        # `//wait-for-stop` (kubernetes#56770), and they take any answer, a 404 included, as the hook's success:
+        # without the second spelling the wait never ran and the app was stopped at once.
+        for path, handler in ((WAIT_FOR_STOP_PATH, wait_for_stop), (READY_PATH, ready)):
+            app.router.add_get(path, handler)
+            app.router.add_get("/" + path, handler)
         return app
 
     async def start(self, host: str, port: int) -> int:

@@ -57,8 +57,9 @@ def write_headers(
 
 
 def write_response_headers(parts: list[bytes], header_list: list[tuple[bytes, bytes]],
-                           overrides: Mapping[bytes, bytes]) -> bool:
-    """One pass over an upstream response's headers: drop hop-by-hop ones, apply overrides; True if it has a length.
+                           overrides: Mapping[bytes, bytes], dropped: frozenset[bytes] = h.NOT_FORWARDED) -> bool:
+    """One pass over an upstream response's headers: drop `dropped` (hop-by-hop and per-hop ones), apply
+    overrides; True if it has a length.
 
     A Connection header that names other headers (rare: nearly always `keep-alive` or `close`) makes
     those hop-by-hop too, and the head is written again with them skipped.
@@ -66,7 +67,7 @@ def write_response_headers(parts: list[bytes], header_list: list[tuple[bytes, by
     start = len(parts)
     has_length = False
     named: set[bytes] | None = None
-    hop_by_hop = h.NOT_FORWARDED
+    hop_by_hop = dropped
     for name, value in header_list:
         if name in hop_by_hop:
             if name == h.CONNECTION and value not in _PLAIN_CONNECTION:

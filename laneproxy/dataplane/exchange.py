@@ -5,7 +5,8 @@ connection, streaming the request body up and the response down with backpressur
 (chunked where the length is unknown), stripping hop-by-hop headers, `Expect: 100-continue`
 (answered once, by the proxy), circuit breaking, retries with `x-envoy-attempt-count` (any method
 when nothing reached the upstream: a failed connect, or a 503 the next proxy marked
-`x-laneproxy-not-forwarded`, replaying up to 64 KiB of body), passive health (outlier) reports that
+`x-laneproxy-not-forwarded`, replaying up to 64 KiB of body; each retry avoids the endpoints already tried
+and waits a jittered back-off first, as core.attempts says), passive health (outlier) reports that
 skip 5xx marked `x-laneproxy-failed-hop`, the route and stream-idle timeouts, and turning failures
 into local replies (marked as above). Callback-driven: a coroutine runs only while a new upstream
 connection is being opened.
@@ -13,8 +14,10 @@ connection is being opened.
 
 from __future__ import annotations
 
+import random
 from typing import TYPE_CHECKING
 
+from laneproxy.core import attempts
 from laneproxy.core import headers as h
 from laneproxy.core.errors import (
     LocalReplyError,
@@ -83,7 +86,7 @@ class Exchange:
         "response_started", "response_chunked", "response_keep_alive", "response_status", "finished",
         "deadline", "start", "connection_tokens", "error", "expect_continue", "retry", "attempts",
         "discarding", "last_activity", "counted_active", "request_bytes", "response_bytes", "pending_head",
-        "pending_bytes", "peer", "trail", "trail_key", "trace", "failed_hop", "replay", "replay_bytes",
+        "pending_bytes", "peer", "trail", "trail_key", "trace", "failed_hop", "replay", "replay_bytes", "tried",
         "upgrade",
     )
 
@@ -131,6 +134,7 @@ class Exchange:
         self.failed_hop: bytes | None = None  # flags of a later hop's failure this 5xx carries (x-laneproxy-failed-hop)
         self.replay: list[bytes] | None = []  # body bytes sent upstream, while within _REPLAY_LIMIT; None past it
         self.replay_bytes = 0
+        self.tried: tuple = ()  # endpoints of the attempts that failed, avoided by the retries
         self.upgrade: bytes | None = None  # tunnels: the protocol asked (websocket), or CONNECT
 
     # request side, driven by the downstream parser ---------------------------------------------
@@ -323,8 +327,10 @@ class Exchange:
         assert routed is not None
         self.upstream = None
         self.deadline = 0.0
+        self.tried = tried = (*self.tried, routed.endpoint)
+        selector = self.listener.role.selector
         try:
-            routed.endpoint, _ = self.listener.role.selector.select(routed.route, routed.routes)
+            routed.endpoint = attempts.select_untried(lambda: selector.select(routed.route, routed.routes)[0], tried)
         except NoHealthyUpstreamError as error:
             self.reply_locally(error)
             return
@@ -334,7 +340,11 @@ class Exchange:
             # What went upstream last time goes again, ahead of anything still waiting (nothing, once complete).
             self.pending_body = replay + (self.pending_body or [])
             self.replay, self.replay_bytes = [], 0
-        self._dispatch()
+        self.listener.loop.call_later(attempts.backoff_seconds(self.attempts, random.random()), self._dispatch_retry)
+
+    def _dispatch_retry(self) -> None:
+        if not self.finished:  # the client may have gone during the back-off
+            self._dispatch()
 
     def _report_failure(self) -> None:
         outliers = self.listener.role.selector.outliers
@@ -422,7 +432,7 @@ class Exchange:
             self._read_mesh_headers(headers)
         overrides = self.listener.response_overrides(self)
         parts = [b"HTTP/1.1 %d " % status, reason or codec.reason_phrase(status), codec.CRLF]
-        has_length = codec.write_response_headers(parts, headers, overrides)
+        has_length = codec.write_response_headers(parts, headers, overrides, self.listener.response_dropped)
         head_only = self.method == b"HEAD" or status in _NO_BODY_STATUS
         if not has_length and not head_only:
             if self.http_minor >= 1:
@@ -514,7 +524,7 @@ class Exchange:
         # The outbound listener answers the app for the next hop: say so, for apps that pass headers on.
         flag = error.flag.encode()
         extra = ((h.X_LANEPROXY_FAILED_HOP, flag),) if error.status >= 500 and listener.marks_local_replies else ()
-        if error.forwarded_nothing:
+        if error.forwarded_nothing and not listener.edge_of_mesh:
             extra += ((h.X_LANEPROXY_NOT_FORWARDED, flag),)
         self.downstream.write(codec.local_reply(
             error.status, error.body.encode(), date=listener.dates.value(), server=listener.server_name, close=close,

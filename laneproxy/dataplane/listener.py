@@ -394,6 +394,9 @@ class Listener:
         # The app's calls that failed further on (outbound records, inbound marks the app's 5xx): see FailedHops.
         self.failed_hops: FailedHops | None = None
         self.marks_local_replies = role.name == "outbound"  # its local replies are about a later hop
+        # The gateway's clients are outside the mesh: the failure marks stop there, read but not passed on.
+        self.edge_of_mesh = role.name == "gateway"
+        self.response_dropped = h.NOT_FORWARDED_TO_CLIENTS if self.edge_of_mesh else h.NOT_FORWARDED
         self.connection_observers: list[Callable[[sniff.PassedConnection], None]] = []  # passed-through connections' log
         role.header_policy = RequestHeaderPolicy(edge=role.edge, route_timeout=settings.timeouts.route,
                                                  trust_client_trace_id=settings.trust_client_trace_id)

@@ -427,12 +427,19 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             result = self.kubectl("get", "services", "--all-namespaces", "-o", "json", check=False, timeout=20)
             if result.returncode != 0:
                 continue
-            lines = []
+            addresses: dict[str, str] = {}
+            aliases: dict[str, str] = {}
             for svc in json.loads(result.stdout)["items"]:
+                name = f"{svc['metadata']['name']}.{svc['metadata']['namespace']}.svc.cluster.local"
                 ip = svc["spec"].get("clusterIP")
                 if ip and ip != "None":
-                    meta = svc["metadata"]
-                    lines.append(f"{ip} {meta['name']}.{meta['namespace']}.svc.cluster.local")
+                    addresses[name] = ip
+                elif svc["spec"].get("type") == "ExternalName":
+                    aliases[name] = str(svc["spec"].get("externalName", "")).rstrip(".")
+            # CoreDNS answers an ExternalName Service with a CNAME; a hosts file has none, so the alias gets the
+            # address of its target directly, for targets inside the cluster (nothing else is reachable here).
+            addresses.update({alias: addresses[target] for alias, target in aliases.items() if target in addresses})
+            lines = [f"{ip} {name}" for name, ip in addresses.items()]
             text = "\n".join(sorted(lines)) + "\n"
             if text != written:
                 hosts.write_text(text)

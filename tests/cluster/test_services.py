@@ -1,9 +1,10 @@
 """Service semantics as kube-proxy has them, on the real node, from inside an injected pod of the seed.
 
-In the swimlane group's namespace, next to the seed: a multi-port Service and a selector-less Service with
-manual Endpoints, neither in any group, answer from mocka's app (captured by its sidecar) exactly as from a pod
-without a sidecar; a call to mockb by its ClusterIP keeps its lane (a canary of mockb answers canary requests,
-the base answers the rest).
+In the swimlane group's namespace, next to the seed: a multi-port Service, a selector-less Service with
+manual Endpoints and an ExternalName Service naming the first, none in any group, answer from mocka's app
+(captured by its sidecar) exactly as from a pod without a sidecar; a call to mockb by its ClusterIP keeps its
+lane (a canary of mockb answers canary requests, the base answers the rest). A broken lane is in the seed
+story (tests/cluster/test_seed.py), created while it runs.
 """
 
 from __future__ import annotations
@@ -55,6 +56,10 @@ def objects(image: str) -> list[dict]:
                                                           {"name": "metrics", "port": 9090, "targetPort": 9090}]}},
         {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "manual", "namespace": NAMESPACE},
          "spec": {"ports": [{"name": "http", "port": 8000, "targetPort": 9090}]}},
+        # Another name for `multi` (DNS only: kube-proxy has no rule for it, the tier's DNS answers multi's address).
+        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "alias", "namespace": NAMESPACE},
+         "spec": {"type": "ExternalName", "externalName": f"multi.{NAMESPACE}.svc.cluster.local",
+                  "ports": [{"name": "http", "port": 8000}]}},
         # mockb's canary: the canary lane's mockb, reached by its ClusterIP with the lane header.
         {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "mockb-canary", "namespace": NAMESPACE},
          "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "mockb", "version": "v2"}},
@@ -84,7 +89,7 @@ def services(seed: Cluster) -> Iterator[Cluster]:
         pytest.fail(f"{exc}\n{cluster.diagnose(NAMESPACE)}")
     yield cluster
     cluster.kubectl("delete", "deployment/plain", "deployment/mockb-canary", "service/multi", "service/manual",
-                    "-n", NAMESPACE, "--wait=false", check=False)
+                    "service/alias", "-n", NAMESPACE, "--wait=false", check=False)
 
 
 def call(cluster: Cluster, pod: str, container: str, calls: list[tuple[str, dict]]) -> list[list]:
@@ -97,14 +102,16 @@ def test_services_of_no_group_answer_from_an_injected_pod_exactly_as_from_a_plai
     cluster = services
     (mocka,) = [p for p in pods(cluster, NAMESPACE, "app=mocka") if ready(p)][:1]
     (plain,) = pods(cluster, NAMESPACE, "app=plain")
-    calls = [("http://multi:8000/", {}), ("http://multi:9090/", {}), ("http://manual:8000/", {})]
+    calls = [("http://multi:8000/", {}), ("http://multi:9090/", {}), ("http://manual:8000/", {}),
+             ("http://alias:8000/", {}), ("http://alias:9090/", {})]
     injected = call(cluster, mocka["metadata"]["name"], "default", calls)
     bare = call(cluster, plain["metadata"]["name"], "web", calls)
     sys.stderr.write(f"\n[services] from mocka (injected): {injected}\n[services] from plain: {bare}\n")
     assert injected == bare
-    assert [status for status, _ in injected] == [200, 200, 200]
+    assert [status for status, _ in injected] == [200] * 5
     assert injected[0][1].startswith("plain-web(") and injected[1][1].startswith("plain-metrics(")
     assert injected[2][1].startswith("plain-metrics(")
+    assert injected[3][1].startswith("plain-web(") and injected[4][1].startswith("plain-metrics(")
 
 
 def test_a_call_to_mockb_by_its_cluster_ip_keeps_its_lane(services: Cluster):
@@ -120,40 +127,3 @@ def test_a_call_to_mockb_by_its_cluster_ip_keeps_its_lane(services: Cluster):
     for (url, headers), (status, body) in zip(calls, answers):
         expected = "v2" if headers["x-asm-prefer-tag"] == "canary" else "v1"
         assert status == 200 and body.startswith(f"mockb(version: {expected}"), (headers, status, body)
-
-
-def gateway_stat(cluster: Cluster, name: str) -> int:
-    (gateway,) = [p for p in pods(cluster, "istio-system", "app=ingressgateway") if ready(p)][:1]
-    script = "import urllib.request;print(urllib.request.urlopen('http://127.0.0.1:15000/stats',timeout=5).read().decode())"
-    out = cluster.kubectl("exec", "-n", "istio-system", gateway["metadata"]["name"], "-c", "gateway", "--", "python3",
-                          "-c", script, timeout=30).stdout
-    for line in out.splitlines():
-        key, _, value = line.partition(": ")
-        if key == name:
-            return int(value)
-    raise KeyError(name)
-
-
-def test_a_broken_lane_of_a_group_that_is_gone_is_left_out_and_says_why_on_itself(services: Cluster):
-    cluster = services
-    lane = {"apiVersion": "istio.alibabacloud.com/v1", "kind": "ASMSwimLane",
-            "metadata": {"name": "orphan", "labels": {"swimlane-group": "gone"}},
-            "spec": {"labelSelector": {"ASM_TRAFFIC_TAG": "orphan"}, "services": []}}
-    cluster.kubectl("apply", "-f", "-", stdin=json.dumps(lane))
-    try:
-        def status() -> dict:
-            return cluster.get_json("asmswimlanes.istio.alibabacloud.com", "orphan").get("status") or {}
-
-        wait_for(lambda: bool(status().get("error")), 60, "the broken lane's status")
-        skipped = gateway_stat(cluster, "laneproxy.config.skipped_objects")
-        (mocka,) = [p for p in pods(cluster, NAMESPACE, "app=mocka") if ready(p)][:1]
-        answers = call(cluster, mocka["metadata"]["name"], "default",
-                       [("http://mockb:8000/", {"x-asm-prefer-tag": "canary", "my-request-id": "93001"})])
-        sys.stderr.write(f"\n[services] broken lane status: {status()}; gateway skipped_objects {skipped}; "
-                         f"canary call {answers}\n")
-        assert "gone" in status()["error"] or "gone" in (status().get("validationMessage") or "")
-        assert skipped >= 1
-        # Updates still flow for everything else: the canary mockb created for this module is served.
-        assert answers[0][0] == 200 and answers[0][1].startswith("mockb(version: v2"), answers
-    finally:
-        cluster.kubectl("delete", "asmswimlanes.istio.alibabacloud.com", "orphan", "--wait=false", check=False)

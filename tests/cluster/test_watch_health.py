@@ -132,3 +132,92 @@ def test_a_watch_whose_packets_are_dropped_is_noticed_within_a_minute_and_no_upd
         for lane in ("base", "canary"):
             cluster.kubectl("delete", "asmswimlane", f"{lane}-{namespace}", check=False)
         cluster.kubectl("delete", "asmswimlanegroup", f"g-{namespace}", check=False)
+
+
+def test_a_namespace_the_watcher_may_not_read_counts_as_empty_and_holds_back_no_update(
+        cluster: Cluster, namespace: str, tmp_path) -> None:
+    """The group also names a Service in a namespace this watcher's service account may not read (403): the
+    source becomes ready anyway, reports that namespace as forbidden (logged, and in the stats' sync state),
+    and a pod that turns Ready meanwhile in the namespace it may read still reaches the table. RBAC as the
+    README suggests for narrowing: the swimlane kinds cluster-wide, Pods, Services and EndpointSlices only
+    through a RoleBinding in the namespace it may read."""
+    for crd in ("asmswimlanegroups.yaml", "asmswimlanes.yaml"):
+        cluster.kubectl("apply", "-f", str(REPO / "deploy" / "crds" / crd))
+    cluster.kubectl("wait", "--for=condition=established", "--timeout=60s",
+                    "crd/asmswimlanegroups.istio.alibabacloud.com", "crd/asmswimlanes.istio.alibabacloud.com")
+    closed = f"{namespace}-closed"
+    narrow = f"narrow-{namespace}"
+    read = [{"apiGroups": [""], "resources": ["pods", "services"], "verbs": ["get", "list", "watch"]},
+            {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]}]
+    subject = [{"kind": "ServiceAccount", "name": "narrow", "namespace": namespace}]
+    rbac = "rbac.authorization.k8s.io/v1"
+    service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "mocka", "namespace": namespace},
+               "spec": {"selector": {"app": "mocka"}, "ports": [{"name": "http", "port": 8000, "targetPort": "http"}]}}
+    group, *lanes = swimlanes(namespace)
+    group["spec"]["services"].append({"name": "mockd", "namespace": closed})
+    objects = [
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": closed}},
+        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "mockd", "namespace": closed},
+         "spec": {"selector": {"app": "mockd"}, "ports": [{"port": 8000}]}},
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "narrow", "namespace": namespace}},
+        {"apiVersion": rbac, "kind": "ClusterRole", "metadata": {"name": narrow}, "rules": [
+            {"apiGroups": ["istio.alibabacloud.com"], "resources": ["asmswimlanegroups", "asmswimlanes"],
+             "verbs": ["get", "list", "watch"]}]},
+        {"apiVersion": rbac, "kind": "ClusterRoleBinding", "metadata": {"name": narrow}, "subjects": subject,
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": narrow}},
+        {"apiVersion": rbac, "kind": "Role", "metadata": {"name": "narrow", "namespace": namespace}, "rules": read},
+        {"apiVersion": rbac, "kind": "RoleBinding", "metadata": {"name": "narrow", "namespace": namespace},
+         "subjects": subject, "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "narrow"}},
+        service, lane_deployment(namespace, cluster.image, "base"), group, *lanes,
+    ]
+    cluster.kubectl("apply", "-f", "-", stdin=json.dumps({"apiVersion": "v1", "kind": "List", "items": objects}))
+    try:
+        cluster.kubectl("rollout", "status", "deployment/mocka-base", "-n", namespace, "--timeout=120s", timeout=130)
+        request = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {"expirationSeconds": 3600}}
+        answer = cluster.kubectl("create", "--raw", f"/api/v1/namespaces/{namespace}/serviceaccounts/narrow/token",
+                                 "-f", "-", stdin=json.dumps(request))
+        kubeconfig = tmp_path / "narrow.json"
+        kubeconfig.write_text(json.dumps({
+            "apiVersion": "v1", "kind": "Config", "current-context": "narrow",
+            "clusters": [{"name": "node", "cluster": {"server": cluster.api.url,
+                                                      "certificate-authority": str(cluster.api.ca_path)}}],
+            "users": [{"name": "narrow", "user": {"token": json.loads(answer.stdout)["status"]["token"]}}],
+            "contexts": [{"name": "narrow", "context": {"cluster": "node", "user": "narrow"}}]}))
+
+        def canary_endpoints(store: RouteTableStore) -> list[str]:
+            routes = store.current.routes.get(f"{namespace}/mocka")
+            route = routes.by_lane.get(f"canary-{namespace}".encode()) if routes else None
+            return [e.address for e in route.endpoints] if route and route.lane_used == f"canary-{namespace}" else []
+
+        async def scenario() -> None:
+            store = RouteTableStore()
+            source = KubernetesSource(store, namespace=namespace, kubeconfig=str(kubeconfig))
+            await source.start()
+            try:
+                deadline = time.monotonic() + 60
+                while not store.ready:
+                    assert time.monotonic() < deadline, f"not ready with {closed} forbidden: {source.health()}"
+                    await asyncio.sleep(0.2)
+                closed_pods = source.reflectors[("Pod", closed)]
+                assert closed_pods.forbidden
+                assert (f"Pod.{closed}", "forbidden") in source.health().resources
+                began = time.monotonic()
+                await asyncio.to_thread(cluster.kubectl, "apply", "-f", "-",
+                                        stdin=json.dumps(lane_deployment(namespace, cluster.image, "canary")))
+                while not canary_endpoints(store):
+                    assert time.monotonic() - began < 90, f"the canary pod never reached the table: {source.health()}"
+                    await asyncio.sleep(0.3)
+                print(f"\n[watch-health] {closed} forbidden, counted as empty; sync state "
+                      f"{dict(source.health().resources)}; canary pod in the table after "
+                      f"{time.monotonic() - began:.1f}s")
+            finally:
+                await source.stop()
+
+        asyncio.run(scenario())
+    finally:
+        cluster.kubectl("delete", "clusterrolebinding", narrow, check=False)
+        cluster.kubectl("delete", "clusterrole", narrow, check=False)
+        for lane in ("base", "canary"):
+            cluster.kubectl("delete", "asmswimlane", f"{lane}-{namespace}", check=False)
+        cluster.kubectl("delete", "asmswimlanegroup", f"g-{namespace}", check=False)
+        cluster.kubectl("delete", "namespace", closed, "--wait=false", check=False)

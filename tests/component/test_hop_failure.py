@@ -20,7 +20,7 @@ from pathlib import Path
 
 import aiohttp
 
-from proxyrig import SWIMLANES, ProxyProcess, UpstreamThread, endpoints_file, free_port, stop_process
+from proxyrig import SWIMLANES, ProxyProcess, UpstreamThread, endpoints_file, exchange, free_port, stop_process
 
 OUTAGE_SECONDS = 3.0
 MAX_REQUESTS = 2000
@@ -144,3 +144,55 @@ async def test_mockbs_only_endpoint_gone_for_seconds_ejects_no_mocka_endpoint_an
         assert {(lane, served_by(body)) for lane, _, body in seen} == {("canary", "mocka/canary"), ("-", "mocka/base")}
     assert int(stats["laneproxy.outlier.failed_hop_responses"]) > 0, "no 503 reached the gateway marked"
     assert stats["laneproxy.outlier.ejections"] == "0"
+
+
+MARKS = (b"x-laneproxy-failed-hop", b"x-laneproxy-not-forwarded")
+
+
+def marks_in(response: bytes) -> list[bytes]:
+    head = response.split(b"\r\n\r\n", 1)[0].lower()
+    return [mark for mark in MARKS if mark in head]
+
+
+async def test_the_gateway_keeps_the_mesh_failure_marks_from_its_clients_while_still_acting_on_them(tmp_path: Path):
+    """The marks are for callers inside the mesh. Through the gateway, over a raw socket: a mocka sidecar
+    whose app is gone (its 503 is marked not-forwarded; the gateway retries it, then passes the 503 on), an
+    app answering 503 marked as a later hop's failure and a 200 onto which it copied both marks, and the
+    gateway's own connect failure: no response reaches the client with a mark, and the gateway still
+    counted the failed-hop 503 against no endpoint."""
+
+    def respond(request) -> bytes:
+        marks = b"x-laneproxy-failed-hop: UH\r\n"
+        if request.header(b"x-case") == b"copied":
+            return (b"HTTP/1.1 200 OK\r\n" + marks + b"x-laneproxy-not-forwarded: UF\r\ncontent-length: 2\r\n\r\nok")
+        return b"HTTP/1.1 503 Service Unavailable\r\n" + marks + b"content-length: 4\r\n\r\ndown"
+
+    endpoints = tmp_path / "endpoints.yaml"
+    get = b"GET /mock HTTP/1.1\r\nHost: gw\r\nx-asm-prefer-tag: base\r\nx-case: %s\r\nConnection: close\r\n\r\n"
+    answers: dict[str, bytes] = {}
+    with UpstreamThread(respond=respond) as app:
+        sidecar = ProxyProcess(SWIMLANES, endpoints, inbound_app=free_port())  # its app has closed its port
+        gateway = ProxyProcess(SWIMLANES, endpoints, gateway=True)
+        proxies = []
+        try:
+            for name, port in (("not-forwarded", sidecar.inbound_port), ("failed-hop", app.port),
+                               ("copied", app.port), ("connect-failure", free_port())):
+                endpoints_file(endpoints, {"default/mocka": {"base": [port]}})
+                if not proxies:
+                    proxies += [sidecar.start(), gateway.start()]
+                else:
+                    await asyncio.sleep(1.0)  # the gateway reads the endpoints file again (every 0.2 s)
+                answers[name] = await exchange(gateway.gateway_port, get % name.encode(), read_timeout=10)
+                if name == "not-forwarded":
+                    retried = sum(int(value) for key, _, value in (line.partition(": ") for line in gateway.admin(
+                        "/stats").decode().splitlines()) if key.endswith(".upstream_rq_retry"))
+            failed_hop_responses = gateway.stat("laneproxy.outlier.failed_hop_responses")
+        finally:
+            for proxy in proxies:
+                proxy.stop()
+    statuses = {name: response.split(b" ", 2)[1] for name, response in answers.items()}
+    assert statuses == {"not-forwarded": b"503", "failed-hop": b"503", "copied": b"200", "connect-failure": b"503"}, answers
+    assert {name: marks_in(response) for name, response in answers.items()} == {name: [] for name in answers}, answers
+    assert b"connection failure" in answers["not-forwarded"] and b"connection failure" in answers["connect-failure"]
+    assert retried == 2, "the gateway did not act on the not-forwarded mark (it retries such a 503)"
+    assert failed_hop_responses >= 1, "the gateway dropped the failed-hop mark without reading it"

@@ -19,10 +19,51 @@ from laneproxy.control.own_pod import ended
 from tests.component.proxyrig import SWIMLANES, ProxyProcess, UpstreamThread, endpoints_file, free_port
 
 
-def wait_for_stop(port: int, query: str = "") -> tuple[float, dict]:
+def wait_for_stop(port: int, query: str = "", path: str = "/wait-for-stop") -> tuple[float, dict]:
     began = time.monotonic()
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/wait-for-stop{query}", timeout=30) as response:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}{query}", timeout=30) as response:
         return time.monotonic() - began, json.loads(response.read())
+
+
+def kubelet_1_20_hook(port: int, path: str) -> tuple[float, bytes]:
+    """An HTTP lifecycle hook as kubelet 1.20 sends it: the URL is `"http://%s/%s" % (host:port, path)`, so a
+    path `/x` goes out as `//x`, and any answer counts as the hook's success (kubelet's runHTTPHandler)."""
+    began = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
+        connection.sendall(b"GET /%s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nUser-Agent: Go-http-client/1.1\r\n"
+                           b"Accept-Encoding: gzip\r\nConnection: close\r\n\r\n" % (path.encode(), port))
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+    return time.monotonic() - began, answer
+
+
+def test_the_stop_wait_runs_when_the_kubelet_asks_for_the_hook_path_with_two_slashes(tmp_path):
+    """The injected hook's path is `/wait-for-stop?app=1`; kubelet 1.20 asks for `//wait-for-stop?app=1`. Were it
+    a 404, the kubelet would stop the pod at once (it takes any answer as done) while callers still send."""
+    with UpstreamThread() as upstream:
+        endpoints = endpoints_file(tmp_path / "endpoints.yaml", {"default/mockb": {"base": [upstream.port]}})
+        lifecycle = free_port()
+        proxy = ProxyProcess(SWIMLANES, endpoints, outbound=True, extra=(
+            "--lifecycle", f"127.0.0.1:{lifecycle}", "--pod-ip", "127.0.0.1", "--stop-margin", "0.5",
+            "--stop-max", "20")).start()
+        try:
+            answered: list[tuple[float, bytes]] = []
+            waiter = threading.Thread(target=lambda: answered.append(kubelet_1_20_hook(lifecycle, "/wait-for-stop")),
+                                      daemon=True)
+            waiter.start()
+            time.sleep(1.5)
+            assert not answered, f"the hook returned while this pod was still an endpoint: {answered}"
+            endpoints_file(endpoints, {"default/mockb": {"base": []}})
+            waiter.join(timeout=15)
+            _, ready = kubelet_1_20_hook(lifecycle, "/ready")
+        finally:
+            proxy.stop()
+    assert answered, "the hook never returned after the pod left the endpoints"
+    seconds, answer = answered[0]
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+    assert seconds >= 1.5 and b'"timed_out": false' in answer, answer
+    assert ready.startswith(b"HTTP/1.1 200 "), ready[:200]
 
 
 def test_the_stop_wait_returns_only_after_the_pod_left_the_endpoints_and_the_margin(tmp_path):
