@@ -6,6 +6,9 @@ does not validate keeps its last good version while the other files still update
 logged, the update is counted as rejected (`laneproxy.config.update_rejected`), the file as left out
 (`laneproxy.config.skipped_objects`). Where even that cannot be built (a file bad from the start,
 or a last good version the other files no longer agree with) the running table stays as it is.
+A changed file whose documents read cleanly, while every file is at its current version, is applied
+to the running table by core.incremental (only the services whose declarations changed are built
+again); the file is still read and parsed whole, off the event loop. Anything else is a full load.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Mapping
 from laneproxy.control.building import build_off_loop, settle_heap
 from laneproxy.core.build import Built, ConfigDocument, build, build_skipping, content_version, parse_yaml
 from laneproxy.core.errors import ConfigInvalidError, ConfigProblem
+from laneproxy.core.incremental import IncrementalTable
 from laneproxy.core.store import RouteTableStore, SourceHealth
 
 # A file's text and documents, as last built into a published table.
@@ -91,6 +95,26 @@ def load_files_keeping(paths: tuple[str, ...], *, namespace: str, lenient: bool,
     return dataclasses.replace(built, table=table, skipped={path: tuple(kept[path]) for path in sorted(kept)}), current
 
 
+def read_changed(paths: tuple[str, ...], last_good: Mapping[str, FileVersion]) -> dict[str, FileVersion] | None:
+    """The files whose text differs from their version in the running table, parsed.
+
+    None where one cannot be read or parsed: the full load decides what to keep for it.
+    """
+    changed: dict[str, FileVersion] = {}
+    for path in paths:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            return None
+        if path in last_good and last_good[path][0] == text:
+            continue
+        try:
+            changed[path] = (text, tuple(parse_yaml(path, text)))
+        except ConfigInvalidError:
+            return None
+    return changed
+
+
 def _fingerprint(paths: tuple[str, ...]) -> tuple:
     marks = []
     for path in paths:
@@ -116,6 +140,9 @@ class FileSource:
         self._seen: tuple | None = None
         self._task: asyncio.Task | None = None
         self._last_good: dict[str, FileVersion] = {}
+        # The running table's indexes: a changed file replaces only the services its documents touch.
+        self._incremental: IncrementalTable | None = None
+        self.incremental_updates = 0
         self._matched_at: float | None = None  # when the table last matched every file as it is
         self._behind = False  # a file is kept at its last good version, or the last update was rejected
 
@@ -128,17 +155,44 @@ class FileSource:
             (f"file.{os.path.basename(path)}", "behind" if path in self.store.skipped else "current")
             for path in self.paths))
 
+    def _rank(self, source: str) -> int:
+        return self.paths.index(source)
+
+    def _apply_changed(self, incremental: IncrementalTable) -> tuple[Built, dict[str, FileVersion]] | None:
+        """The changed files applied to the running table, or None where that takes the full load."""
+        if incremental.skipped:
+            return None  # a file kept at its last good version may be good again, even with the same text as then
+        changed = read_changed(self.paths, self._last_good)
+        if changed is None:
+            return None
+        used = {**self._last_good, **changed}
+        version = content_version(used[path][0] for path in self.paths)
+        if not changed:
+            return Built(incremental.table, incremental.warnings, incremental.notices, incremental.skipped,
+                         incremental.kept_last_good), used
+        built = incremental.apply({path: documents for path, (_, documents) in changed.items()}, version=version)
+        return None if built is None else (built, used)
+
     async def load_once(self) -> bool:
         """Build from the files as they are now; True if a new table was published."""
         self._seen = await asyncio.to_thread(_fingerprint, self.paths)
-        try:
-            built, used = await build_off_loop(lambda: load_files_keeping(
-                self.paths, namespace=self.namespace, lenient=self.lenient, last_good=self._last_good))
-        except ConfigInvalidError as exc:
-            self.store.reject(exc)
-            self._behind = True
-            log.error("configuration rejected, keeping version %r:\n%s", self.store.current.version or "none", exc)
-            return False
+        incremental, self._incremental = self._incremental, None
+        applied = None
+        if incremental is not None and set(self._last_good) == set(self.paths):
+            applied = await build_off_loop(lambda: self._apply_changed(incremental))
+        if applied is not None:
+            assert incremental is not None
+            built, used = applied
+            self._incremental = incremental
+            self.incremental_updates += 1
+        else:
+            try:
+                built, used = await build_off_loop(lambda: self._load_all())
+            except ConfigInvalidError as exc:
+                self.store.reject(exc)
+                self._behind = True
+                log.error("configuration rejected, keeping version %r:\n%s", self.store.current.version or "none", exc)
+                return False
         table = built.table
         self._last_good = used
         self._behind = bool(built.skipped)
@@ -161,6 +215,13 @@ class FileSource:
         if built.skipped:
             self.store.reject(ConfigInvalidError([p for problems in built.skipped.values() for p in problems]))
         return changed
+
+    def _load_all(self) -> tuple[Built, dict[str, FileVersion]]:
+        """Every file read, parsed and built (a file that does not keeps its last good version); the indexes anew."""
+        built, used = load_files_keeping(self.paths, namespace=self.namespace, lenient=self.lenient,
+                                         last_good=self._last_good)
+        self._incremental = IncrementalTable(built, namespace=self.namespace, rank=self._rank, sources=self.paths)
+        return built, used
 
     async def start(self) -> None:
         self.store.health = self.health

@@ -3,8 +3,11 @@
 Owns talking to the API server and nothing else: list (from the watch cache, `resourceVersion=0`),
 then watch from the list's resourceVersion with bookmarks; relist on 410 Gone; reconnect with capped
 exponential backoff when a stream breaks or the server is away; a cache of the watched objects;
-coalescing bursts of events into one rebuild; publishing; and writing `status` on the swimlane
-objects it had to leave out. Credentials and TLS come from kubernetes_asyncio (a kubeconfig, or the
+coalescing bursts of events into one update; publishing; and writing `status` on the swimlane
+objects it had to leave out. An update of a few Services, Pods or EndpointSlices (each reflector knows
+which objects changed) replaces only their services in the running table (core.incremental), on the
+event loop; a change of a swimlane object, an object with a problem, a namespace followed or dropped,
+or a rejected update goes through the full build in a worker thread. Credentials and TLS come from kubernetes_asyncio (a kubeconfig, or the
 pod's service account), never from hand-written code.
 
 What it watches: the cluster-scoped `ASMSwimLaneGroup` and `ASMSwimLane` objects, and Services, Pods and
@@ -30,6 +33,7 @@ translated here, at the edge.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
@@ -46,13 +50,32 @@ from kubernetes_asyncio import config as kube_config
 from kubernetes_asyncio.config import ConfigException
 
 from laneproxy.control.building import build_off_loop, settle_heap
-from laneproxy.core.build import DEFAULT_NAMESPACE, SWIMLANE_API, ConfigDocument, build_skipping, content_version
+from laneproxy.core.build import DEFAULT_NAMESPACE, SWIMLANE_API, Built, ConfigDocument, build_skipping
+from laneproxy.core.incremental import IncrementalTable
 from laneproxy.core.errors import ConfigInvalidError, ConfigProblem, LaneProxyError
 from laneproxy.core.store import RouteTableStore, SourceHealth
 
 log = logging.getLogger("laneproxy.kubernetes")
 
 USER_AGENT = "laneproxy/kubernetes-source"
+# An update of up to this many objects is applied on the event loop (a few ms at 10,000 services, most of it
+# one copy of the table's mappings; see loadtests/bench/table_update.py); a larger one (a relist) in a
+# worker thread, as a full build is.
+INLINE_UPDATE_LIMIT = 64
+
+
+def _resource_version(body: Mapping[str, Any] | None) -> Any:
+    meta = body.get("metadata") if body is not None else None
+    return meta.get("resourceVersion") if isinstance(meta, dict) else None
+
+
+def _mark_bits(mark: str) -> int:
+    return int.from_bytes(hashlib.blake2b(mark.encode(), digest_size=8).digest(), "big")
+
+
+def _version(bits: int) -> str:
+    """A table version from the XOR of every object's mark: equal objects, equal version, kept up per change."""
+    return f"{bits:016x}"[:12]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,6 +321,7 @@ class Reflector:
         self.rng, self.clock = rng or random.Random(), clock
         self.path = kind.path(namespace)
         self.objects: dict[str, Mapping[str, Any]] = {}
+        self.changed: set[str] = set()  # names added, modified or deleted since the source last took them
         self.resource_version: str | None = None
         self.synced = False  # true from the first complete list on, also while reconnecting
         self.forbidden = False  # 403: counted as empty (a namespace the sidecar may not read) until allowed
@@ -355,6 +379,11 @@ class Reflector:
                 raise ApiProtocolError(f"GET {self.path}: list without metadata.resourceVersion")
             break
         # Swapping the whole collection drops objects deleted while we were not watching.
+        # An object listed at the resourceVersion already held is unchanged: a relist touches only what moved.
+        self.changed.update(name for name, body in objects.items()
+                            if name not in self.objects
+                            or _resource_version(self.objects[name]) != _resource_version(body))
+        self.changed.update(self.objects.keys() - objects.keys())
         self.objects = objects
         self.resource_version = str(resource_version)
         self.synced = True
@@ -416,8 +445,10 @@ class Reflector:
         if kind in ("ADDED", "MODIFIED"):
             name, body = self._complete(obj)
             self.objects[name] = body
+            self.changed.add(name)
         elif kind == "DELETED":
             self.objects.pop(str(meta.get("name")), None)
+            self.changed.add(str(meta.get("name")))
         else:
             log.warning("%s: ignoring watch event of unknown type %r", self.name, kind)
             return
@@ -502,6 +533,7 @@ class Reflector:
                       "namespace or deploy/rbac); every other namespace keeps updating", self.name, exc.message)
         had_objects = bool(self.objects) or not self.synced
         self.forbidden, self.synced, self.state = True, True, "forbidden"
+        self.changed.update(self.objects)
         self.objects, self.resource_version = {}, None
         self.confirmed_at = self.clock()
         if had_objects:
@@ -622,7 +654,13 @@ class KubernetesSource:
         self._kept_last_good: frozenset[str] = frozenset()
         self._published_at: float | None = None
         self.reflectors: dict[tuple[str, str | None], Reflector] = {}
-        self.rebuilds = 0
+        self.rebuilds = 0  # tables built, fully or incrementally
+        self.incremental_updates = 0  # of them, updates applied by replacing only the changed services
+        # The running table's indexes, for an update that touches a few objects; None: the next one is a full build.
+        self._incremental: IncrementalTable | None = None
+        self._marks: dict[str, str] = {}  # source -> the resourceVersion mark the version was computed with
+        self._mark_bits = 0
+        self._layout = 0  # counts collections followed and dropped: a full build started before one is not reused
         self.synced_after: float | None = None  # seconds from start to the first published table
         self._tasks: dict[tuple[str, str | None], asyncio.Task] = {}
         self._retiring: set[asyncio.Task] = set()  # watches of namespaces no group names any more, cancelled
@@ -750,6 +788,7 @@ class KubernetesSource:
             on_unauthorized=self._reload_credentials, rng=self.rng, clock=self.clock,
         )
         self.reflectors[key] = reflector
+        self._incremental, self._layout = None, self._layout + 1  # a new collection: the next table is a full build
         loop = asyncio.get_running_loop()
         self._tasks[key] = loop.create_task(reflector.run(), name=f"watch {reflector.name}")
         if self.store.ready:  # rebuild once its grace is over, even if it never lists
@@ -758,6 +797,7 @@ class KubernetesSource:
     def _unfollow(self, kind: ResourceKind, namespace: str) -> None:
         key = (kind.kind, namespace)
         self.reflectors.pop(key, None)
+        self._incremental, self._layout = None, self._layout + 1
         task = self._tasks.pop(key, None)
         if task is not None:
             task.cancel()
@@ -789,30 +829,103 @@ class KubernetesSource:
 
     # -- rebuilding -----------------------------------------------------------------------------
 
+    @staticmethod
+    def _source(kind: str, namespace: str | None, name: str) -> str:
+        return f"kubernetes:{kind}/{namespace}/{name}" if namespace else f"kubernetes:{kind}/{name}"
+
+    @staticmethod
+    def _mark(kind: str, namespace: str | None, name: str, body: Mapping[str, Any]) -> str:
+        where = f"{namespace}/{name}" if namespace else name
+        return f"{kind}/{where}@{body['metadata'].get('resourceVersion', '')}"
+
     def documents(self) -> tuple[list[ConfigDocument], str]:
-        """The cached objects as build.py's input, and a version: a hash of every object's resourceVersion."""
-        documents, marks = [], []
-        for (kind, namespace), reflector in sorted(self.reflectors.items(), key=lambda item: (item[0][0], item[0][1] or "")):
-            for name, body in sorted(reflector.objects.items()):
-                where = f"{namespace}/{name}" if namespace else name
-                documents.append(ConfigDocument(f"kubernetes:{kind}/{where}", body))
-                marks.append(f"{kind}/{where}@{body['metadata'].get('resourceVersion', '')}")
-        return documents, content_version(marks)
+        """The cached objects as build.py's input, ordered by source, and a version made of every object's
+        resourceVersion."""
+        documents, bits = [], 0
+        for (kind, namespace), reflector in self.reflectors.items():
+            for name, body in reflector.objects.items():
+                documents.append(ConfigDocument(self._source(kind, namespace, name), body))
+                bits ^= _mark_bits(self._mark(kind, namespace, name, body))
+        documents.sort(key=lambda document: document.source)
+        return documents, _version(bits)
+
+    def _take_changes(self) -> dict[str, tuple[ConfigDocument, ...]]:
+        """The objects changed since the last table (source -> its document, none if deleted); keeps the version."""
+        changes: dict[str, tuple[ConfigDocument, ...]] = {}
+        for (kind, namespace), reflector in self.reflectors.items():
+            for name in reflector.changed:
+                source = self._source(kind, namespace, name)
+                body = reflector.objects.get(name)
+                old = self._marks.pop(source, None)
+                if old is not None:
+                    self._mark_bits ^= _mark_bits(old)
+                if body is None:
+                    changes[source] = ()
+                    continue
+                mark = self._mark(kind, namespace, name, body)
+                self._marks[source] = mark
+                self._mark_bits ^= _mark_bits(mark)
+                changes[source] = (ConfigDocument(source, body),)
+            reflector.changed = set()
+        return changes
 
     async def rebuild(self) -> bool:
-        """Build from the cache as it is now and publish; True if a new table was published."""
+        """Apply what changed since the last table and publish; True if a new table was published.
+
+        A change of a few Services, Pods or EndpointSlices replaces only their services' routes
+        (core.incremental); anything else (a swimlane object, an object with a problem, a new namespace,
+        a rejected update) is a full build from the cache, which decides what is left out.
+        """
         if not self.synced:
             return False  # a partial view must never replace the served table (or make it ready)
+        if self._incremental is not None:
+            incremental, layout = self._incremental, self._layout
+            changes = self._take_changes()
+            if not changes:
+                return False
+            version = _version(self._mark_bits)
+            self._incremental = None  # until it is through: a failure below leaves a full build to the next rebuild
+            if len(changes) <= INLINE_UPDATE_LIMIT:
+                built = incremental.apply(changes, version=version)
+            else:
+                built = await build_off_loop(lambda: incremental.apply(changes, version=version))
+            if built is not None and layout == self._layout:
+                self._incremental = incremental
+                self.rebuilds += 1
+                self.incremental_updates += 1
+                for source, documents in changes.items():
+                    if documents:
+                        self._last_good[source] = documents[0]
+                    else:
+                        self._last_good.pop(source, None)
+                self._attempted = version
+                self._publish(built)
+                return True
+        return await self._rebuild_all()
+
+    async def _rebuild_all(self) -> bool:
+        for reflector in self.reflectors.values():
+            reflector.changed = set()
         documents, version = self.documents()
+        self._marks = {}
+        self._mark_bits = 0
+        for (kind, namespace), reflector in self.reflectors.items():
+            for name, body in reflector.objects.items():
+                mark = self._mark(kind, namespace, name, body)
+                self._marks[self._source(kind, namespace, name)] = mark
+                self._mark_bits ^= _mark_bits(mark)
         if version in (self.store.current.version, self._attempted):
             return False
         self._attempted = version
         self.rebuilds += 1
+        self._incremental, layout = None, self._layout
         try:
             # Off the event loop: a large namespace must not stall the sidecar's hot path.
             last_good = {doc.source: (self._last_good[doc.source],) for doc in documents if doc.source in self._last_good}
             built = await build_off_loop(lambda: build_skipping(documents, version=version, namespace=self.namespace,
                                                                 lenient=self.lenient, last_good=last_good))
+            incremental = await build_off_loop(lambda: IncrementalTable(built, namespace=self.namespace,
+                                                                        rank=lambda source: source))
         except ConfigInvalidError as exc:
             self.store.reject(exc)
             problems = str(exc)
@@ -821,6 +934,14 @@ class KubernetesSource:
                 log.error("configuration from Kubernetes rejected, keeping version %r:\n%s",
                           self.store.current.version or "none", exc)
             return False
+        # Objects changed while it built are applied to it next; a collection followed or dropped is not.
+        self._incremental = incremental if layout == self._layout else None
+        self._last_good = {doc.source: doc for doc in documents if doc.source not in built.skipped}
+        self._last_good.update((source, self._last_good_before(source, last_good)) for source in built.kept_last_good)
+        self._publish(built)
+        return True
+
+    def _publish(self, built: Built) -> None:
         table = built.table
         if built.warnings != self._logged_warnings:  # pod churn must not repeat the same report either
             self._logged_warnings = built.warnings
@@ -828,8 +949,6 @@ class KubernetesSource:
                 log.warning("%s (ignored: --lenient)", warning)
         first = not self.store.ready
         self._logged_problems = None
-        self._last_good = {doc.source: doc for doc in documents if doc.source not in built.skipped}
-        self._last_good.update((source, self._last_good_before(source, last_good)) for source in built.kept_last_good)
         self._kept_last_good = built.kept_last_good
         self._report_skipped(built.skipped)
         self.store.publish(table, built.skipped)
@@ -844,7 +963,6 @@ class KubernetesSource:
             log.info("first complete sync after %.2fs", self.synced_after)
         log.info("configuration version %s published (%d services, %d groups, namespaces %s)", table.version,
                  len(table.services), len(table.groups), ", ".join(self.namespaces) or "none")
-        return True
 
     @staticmethod
     def _last_good_before(source: str, last_good: Mapping[str, tuple[ConfigDocument, ...]]) -> ConfigDocument:

@@ -120,6 +120,8 @@ class Built:
     skipped: Mapping[str, tuple[ConfigProblem, ...]] = field(default_factory=lambda: MappingProxyType({}))
     # Those of them that are in the table at their last good version; the others are left out.
     kept_last_good: frozenset[str] = frozenset()
+    # The pieces of the table, for core.incremental to update it in place of a full build.
+    parts: Parts | None = field(default=None, compare=False, repr=False)
 
 
 def _suggestion(key: str, known: Iterable[str]) -> str:
@@ -712,6 +714,61 @@ def build_table(documents: Iterable[ConfigDocument], *, version: str, namespace:
 _SWIMLANE_KINDS = ("ASMSwimLaneGroup", "ASMSwimLane", "LaneEndpoints")
 
 
+@dataclass(frozen=True, slots=True)
+class Declared:
+    """What one document declares, before any other document is read. Never mutated by a build."""
+
+    kind: str
+    groups: tuple[_GroupDecl, ...] = ()
+    lanes: tuple[_LaneDecl, ...] = ()
+    services: tuple[_ServiceDecl, ...] = ()
+    pods: tuple[_PodDecl, ...] = ()
+    slices: tuple[_SliceDecl, ...] = ()
+
+
+def declare(doc: ConfigDocument, problems: _Problems, unknown: list[ConfigProblem]) -> Declared | None:
+    """One document's declarations, its problems into `problems` and its unknown fields into `unknown`.
+
+    None: a kind laneproxy does not read (the caller says so in a notice).
+    """
+    api, kind = doc.body.get("apiVersion"), doc.body.get("kind")
+    schema = DOCUMENT_SCHEMAS.get(kind) if isinstance(kind, str) else None
+    if schema is not None and isinstance(kind, str):
+        name = (doc.body.get("metadata") or {}).get("name") if isinstance(doc.body.get("metadata"), dict) else None
+        prefix = f"{kind}({name})" if isinstance(name, str) and kind != "LaneEndpoints" else kind
+        _unknown_fields(schema, doc.body, doc.source, prefix, unknown)
+    if kind in ("ASMSwimLaneGroup", "ASMSwimLane") and api != SWIMLANE_API:
+        problems.add(doc.source, f"{kind}.apiVersion", f"expected {SWIMLANE_API}, got {api!r}")
+        return Declared(str(kind))
+    if kind == "ASMSwimLaneGroup":
+        group = _group_decl(doc, problems)
+        return Declared(kind, groups=(group,) if group is not None else ())
+    if kind == "ASMSwimLane":
+        lane = _lane_decl(doc, problems)
+        return Declared(kind, lanes=(lane,) if lane is not None else ())
+    if kind == "LaneEndpoints":
+        if api != ENDPOINTS_API:
+            problems.add(doc.source, "LaneEndpoints.apiVersion", f"expected {ENDPOINTS_API}, got {api!r}")
+        return Declared(kind, services=tuple(_endpoints_decls(doc, problems)))
+    if kind == "Service" and api == "v1":
+        decl = _kube_service_decl(doc, problems)
+        return Declared(kind, services=(decl,) if decl is not None else ())
+    if kind == "Pod" and api == "v1":
+        pod = _pod_decl(doc, problems)
+        return Declared(kind, pods=(pod,) if pod is not None else ())
+    if kind == "EndpointSlice" and api in ("discovery.k8s.io/v1", "discovery.k8s.io/v1beta1"):
+        endpoint_slice = _slice_decl(doc, problems)
+        return Declared(kind, slices=(endpoint_slice,) if endpoint_slice is not None else ())
+    return None
+
+
+def _copy_service(decl: _ServiceDecl) -> _ServiceDecl:
+    """A declaration a merge may extend, leaving the document's own untouched."""
+    ports = [_PortDecl(p.name, p.port, p.target, list(p.endpoints), p.protocol) for p in decl.ports]
+    return _ServiceDecl(decl.source, decl.namespace, decl.name, ports, decl.selector, decl.kube, decl.cluster_ip,
+                        decl.external_name)
+
+
 def build(documents: Iterable[ConfigDocument], *, version: str, namespace: str = DEFAULT_NAMESPACE,
           lenient: bool = False, sources: Iterable[str] = ()) -> Built:
     """build_table, also returning the warnings and notices; raises ConfigInvalidError with every problem.
@@ -729,46 +786,25 @@ def build(documents: Iterable[ConfigDocument], *, version: str, namespace: str =
     services: dict[str, _ServiceDecl] = {}
     pods: list[_PodDecl] = []
     slices: list[_SliceDecl] = []
+    declared: list[tuple[ConfigDocument, Declared]] = []
     for doc in documents:
         api, kind = doc.body.get("apiVersion"), doc.body.get("kind")
-        schema = DOCUMENT_SCHEMAS.get(kind) if isinstance(kind, str) else None
-        if schema is not None and isinstance(kind, str):
+        if isinstance(kind, str) and kind in DOCUMENT_SCHEMAS:
             read_kinds.get(doc.source, set()).add(kind)
-            name = (doc.body.get("metadata") or {}).get("name") if isinstance(doc.body.get("metadata"), dict) else None
-            prefix = f"{kind}({name})" if isinstance(name, str) and kind != "LaneEndpoints" else kind
-            _unknown_fields(schema, doc.body, doc.source, prefix, unknown)
-        if kind in ("ASMSwimLaneGroup", "ASMSwimLane") and api != SWIMLANE_API:
-            problems.add(doc.source, f"{kind}.apiVersion", f"expected {SWIMLANE_API}, got {api!r}")
-        elif kind == "ASMSwimLaneGroup":
-            group = _group_decl(doc, problems)
-            if group is not None:
-                groups.append(group)
-        elif kind == "ASMSwimLane":
-            lane = _lane_decl(doc, problems)
-            if lane is not None:
-                lanes.append(lane)
-        elif kind == "LaneEndpoints":
-            if api != ENDPOINTS_API:
-                problems.add(doc.source, "LaneEndpoints.apiVersion", f"expected {ENDPOINTS_API}, got {api!r}")
-            for decl in _endpoints_decls(doc, problems):
-                _merge_service(services, decl, problems)
-        elif kind == "Service" and api == "v1":
-            kube_decl = _kube_service_decl(doc, problems)
-            if kube_decl is not None:
-                _merge_service(services, kube_decl, problems)
-        elif kind == "Pod" and api == "v1":
-            pod = _pod_decl(doc, problems)
-            if pod is not None:
-                pods.append(pod)
-        elif kind == "EndpointSlice" and api in ("discovery.k8s.io/v1", "discovery.k8s.io/v1beta1"):
-            endpoint_slice = _slice_decl(doc, problems)
-            if endpoint_slice is not None:
-                slices.append(endpoint_slice)
-        else:
+        found = declare(doc, problems, unknown)
+        if found is None:
             # Gateway, VirtualService, Deployment, Rollout... may share a file with ours; they are not ours to read.
             metadata = doc.body.get("metadata")
             name = metadata.get("name") if isinstance(metadata, dict) else None
             ignored.setdefault(doc.source, []).append((f"{kind}({name})" if name else str(kind), f"{api} {kind}"))
+            continue
+        declared.append((doc, found))
+        groups.extend(found.groups)
+        lanes.extend(found.lanes)
+        for decl in found.services:
+            _merge_service(services, _copy_service(decl), problems)
+        pods.extend(found.pods)
+        slices.extend(found.slices)
     for source in {**read_kinds, **ignored}:
         if source in read_kinds and not read_kinds[source] & set(_SWIMLANE_KINDS):
             listed = "; ignored: " + ", ".join(what for what, _ in ignored.get(source, ())) if source in ignored else ""
@@ -778,11 +814,12 @@ def build(documents: Iterable[ConfigDocument], *, version: str, namespace: str =
         for what, kind_name in ignored.get(source, ()):
             notices.append(ConfigProblem(source, what, f"ignored: laneproxy does not read {kind_name}"))
     _attach_endpoints(services, pods, slices)
-    table = _assemble(groups, lanes, services, problems, version=version, namespace=namespace)
+    parts = Parts(declared)
+    table = _assemble(groups, lanes, services, problems, version=version, namespace=namespace, parts=parts)
     errors = problems.items if lenient else unknown + problems.items
     if errors:
         raise ConfigInvalidError(errors)
-    return Built(table, tuple(unknown) if lenient else (), tuple(notices))
+    return Built(table, tuple(unknown) if lenient else (), tuple(notices), parts=parts)
 
 
 def build_skipping(documents: Iterable[ConfigDocument], *, version: str, namespace: str = DEFAULT_NAMESPACE,
@@ -827,7 +864,7 @@ def build_skipping(documents: Iterable[ConfigDocument], *, version: str, namespa
             continue
         return Built(built.table, built.warnings, built.notices,
                      MappingProxyType({source: tuple(problems) for source, problems in sorted(skipped.items())}),
-                     frozenset(at_last_good))
+                     frozenset(at_last_good), built.parts)
 
 
 def _merge_service(services: dict[str, _ServiceDecl], decl: _ServiceDecl, problems: _Problems) -> None:
@@ -864,32 +901,48 @@ def _attach_endpoints(services: dict[str, _ServiceDecl], pods: list[_PodDecl], s
     slices_of: dict[str, list[_SliceDecl]] = {}
     for endpoint_slice in slices:
         slices_of.setdefault(f"{endpoint_slice.namespace}/{endpoint_slice.service}", []).append(endpoint_slice)
+    # The pods carrying each label, in input order: a selector's candidates without reading every pod per service.
+    with_label: dict[tuple[str, str, str], list[_PodDecl]] = {}
+    for pod in pods:
+        for name, value in pod.labels.items():
+            with_label.setdefault((pod.namespace, name, value), []).append(pod)
     for key, decl in services.items():
-        if decl.external_name:
-            # No endpoints of its own: the name it stands for, as a client resolving it would reach it.
+        candidates: Iterable[_PodDecl] = ()
+        if decl.selector:
+            name, value = min(decl.selector.items())
+            candidates = with_label.get((decl.namespace, name, value), ())
+        _attach_key_endpoints(decl, slices_of.get(key, ()), candidates, labels_of)
+
+
+def _attach_key_endpoints(decl: _ServiceDecl, slices: Iterable[_SliceDecl], pods: Iterable[_PodDecl],
+                          labels_of: Mapping[tuple[str, str], Mapping[str, str]]) -> None:
+    """One service's endpoints (see _attach_endpoints); `pods` may hold more pods than the selector picks."""
+    slices = list(slices)
+    if decl.external_name:
+        # No endpoints of its own: the name it stands for, as a client resolving it would reach it.
+        for port in decl.ports:
+            port.endpoints.append(Endpoint(decl.external_name, port.port))
+    elif slices:
+        for port in decl.ports:
+            candidates = [(endpoint, endpoint_slice.ports[port.name]) for endpoint_slice in slices
+                          if port.name in endpoint_slice.ports for endpoint in endpoint_slice.endpoints]
+            chosen = [item for item in candidates if item[0].ready]
+            if not chosen:
+                chosen = [item for item in candidates if item[0].serving and item[0].terminating]
+            for endpoint, number in chosen:
+                labels = labels_of.get((decl.namespace, endpoint.pod or ""), {})
+                port.endpoints.append(Endpoint(endpoint.ip, number, MappingProxyType(dict(labels))))
+    elif decl.selector:
+        for pod in pods:
+            if not pod.ready or pod.namespace != decl.namespace:
+                continue
+            if not all(pod.labels.get(k) == v for k, v in decl.selector.items()):
+                continue
             for port in decl.ports:
-                port.endpoints.append(Endpoint(decl.external_name, port.port))
-        elif key in slices_of:
-            for port in decl.ports:
-                candidates = [(endpoint, endpoint_slice.ports[port.name]) for endpoint_slice in slices_of[key]
-                              if port.name in endpoint_slice.ports for endpoint in endpoint_slice.endpoints]
-                chosen = [item for item in candidates if item[0].ready]
-                if not chosen:
-                    chosen = [item for item in candidates if item[0].serving and item[0].terminating]
-                for endpoint, number in chosen:
-                    labels = labels_of.get((decl.namespace, endpoint.pod or ""), {})
-                    port.endpoints.append(Endpoint(endpoint.ip, number, MappingProxyType(dict(labels))))
-        elif decl.selector:
-            for pod in pods:
-                if not pod.ready or pod.namespace != decl.namespace:
-                    continue
-                if not all(pod.labels.get(k) == v for k, v in decl.selector.items()):
-                    continue
-                for port in decl.ports:
-                    target = port.target
-                    pod_port: int | None = pod.ports.get(target) if isinstance(target, str) else target
-                    if pod_port:
-                        port.endpoints.append(Endpoint(pod.ip, int(pod_port), MappingProxyType(dict(pod.labels))))
+                target = port.target
+                pod_port: int | None = pod.ports.get(target) if isinstance(target, str) else target
+                if pod_port:
+                    port.endpoints.append(Endpoint(pod.ip, int(pod_port), MappingProxyType(dict(pod.labels))))
 
 
 def _assemble(
@@ -900,6 +953,7 @@ def _assemble(
     *,
     version: str,
     namespace: str,
+    parts: Parts | None = None,
 ) -> RouteTable:
     known_groups = {g.name for g in group_decls}
     lane_names: dict[str, _LaneDecl] = {}
@@ -915,13 +969,8 @@ def _assemble(
     for group in group_decls:
         for key in group.services:
             if key not in service_decls:
-                ns, _, name = key.partition("/")
-                service_decls[key] = _ServiceDecl(group.source, ns, name, [_PortDecl("", DEFAULT_SERVICE_PORT, None, [])],
-                                                  None)
-    # One Service per port: each port has its own endpoints (its own target port) and its own clusters.
-    by_port = {key: [Service(d.namespace, d.name, p.port, _unique(p.endpoints), p.protocol or UpstreamProtocol.AUTO)
-                     for p in d.ports]
-               for key, d in sorted(service_decls.items())}
+                service_decls[key] = _placeholder(group.source, key)
+    by_port = {key: _port_services(d) for key, d in sorted(service_decls.items())}
     services = {key: ports[0] for key, ports in by_port.items()}
 
     groups: dict[str, SwimLaneGroup] = {}
@@ -1003,24 +1052,15 @@ def _assemble(
     other_ports: list[ServiceRoutes] = []
     for key, ports in by_port.items():
         service_decl = service_decls[key]
-        service_group = groups.get(group_of_service.get(key, ""))
-        # Only a group's services are taken over; any other Service answers as it does without laneproxy.
-        passthrough = service_group is None and service_decl.kube
-        per_port = [_service_routes(service, service_group, passthrough) for service in ports]
+        per_port, names = _key_routes(service_decl, ports, groups.get(group_of_service.get(key, "")), namespace)
         routes[key] = per_port[0]
         other_ports.extend(per_port[1:])
-        # A name without a port is port 80 if the service has it, else its primary port.
-        bare = next((r for r in per_port if r.service.port == 80), per_port[0])
-        for host_name in _host_names(ports[0], namespace):
-            hosts.setdefault(host_name, bare)
-        for service_routes in per_port:
-            for host_name in _host_names(ports[0], namespace):
-                hosts.setdefault(b"%s:%d" % (host_name, service_routes.service.port), service_routes)
-            if service_decl.cluster_ip:
-                # A client that calls the ClusterIP (Host: ip:port, or the captured original destination).
-                hosts.setdefault(b"%s:%d" % (service_decl.cluster_ip.encode(), service_routes.service.port), service_routes)
-        if service_decl.cluster_ip:
-            hosts.setdefault(service_decl.cluster_ip.encode(), bare)
+        for name, service_routes in names.items():
+            hosts.setdefault(name, service_routes)
+        if parts is not None:
+            parts.keys[key] = KeyRoutes(tuple(per_port), names)
+    if parts is not None:
+        parts.group_of_service = group_of_service
     return RouteTable(
         version=version,
         services=MappingProxyType(services),
@@ -1030,6 +1070,58 @@ def _assemble(
         ingress_rules=tuple(rules),
         other_ports=tuple(other_ports),
     )
+
+
+def _placeholder(source: str, key: str) -> _ServiceDecl:
+    """A service a group names that nothing declares: it exists, with no endpoints (503, not 404)."""
+    ns, _, name = key.partition("/")
+    return _ServiceDecl(source, ns, name, [_PortDecl("", DEFAULT_SERVICE_PORT, None, [])], None)
+
+
+def _port_services(decl: _ServiceDecl) -> list[Service]:
+    """One Service per port: each port has its own endpoints (its own target port) and its own clusters."""
+    return [Service(decl.namespace, decl.name, p.port, _unique(p.endpoints), p.protocol or UpstreamProtocol.AUTO)
+            for p in decl.ports]
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRoutes:
+    """One service's share of a table: its routes per port (the first is its primary port's) and its host names."""
+
+    per_port: tuple[ServiceRoutes, ...]
+    hosts: Mapping[bytes, ServiceRoutes]  # in the order a build offers them to the table's host index
+
+
+@dataclass(slots=True)
+class Parts:
+    """How a built table was put together, for an update that replaces only what changed (core.incremental)."""
+
+    declared: list[tuple[ConfigDocument, Declared]] = field(default_factory=list)
+    keys: dict[str, KeyRoutes] = field(default_factory=dict)
+    group_of_service: dict[str, str] = field(default_factory=dict)
+
+
+def _key_routes(decl: _ServiceDecl, ports: list[Service], group: SwimLaneGroup | None,
+                namespace: str) -> tuple[list[ServiceRoutes], dict[bytes, ServiceRoutes]]:
+    """One service's routes per port, and the names it offers the host index (the table keeps the first offer)."""
+    # Only a group's services are taken over; any other Service answers as it does without laneproxy.
+    passthrough = group is None and decl.kube
+    per_port = [_service_routes(service, group, passthrough) for service in ports]
+    hosts: dict[bytes, ServiceRoutes] = {}
+    # A name without a port is port 80 if the service has it, else its primary port.
+    bare = next((r for r in per_port if r.service.port == 80), per_port[0])
+    names = _host_names(ports[0], namespace)
+    for name in names:
+        hosts.setdefault(name, bare)
+    for service_routes in per_port:
+        for name in names:
+            hosts.setdefault(b"%s:%d" % (name, service_routes.service.port), service_routes)
+        if decl.cluster_ip:
+            # A client that calls the ClusterIP (Host: ip:port, or the captured original destination).
+            hosts.setdefault(b"%s:%d" % (decl.cluster_ip.encode(), service_routes.service.port), service_routes)
+    if decl.cluster_ip:
+        hosts.setdefault(decl.cluster_ip.encode(), bare)
+    return per_port, hosts
 
 
 def _check_chains(lane: _LaneDecl, group: _GroupDecl, member_names: set[str], problems: _Problems) -> None:

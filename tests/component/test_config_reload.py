@@ -166,3 +166,45 @@ def test_run_refuses_a_misspelled_field_and_with_lenient_starts_and_logs_it(tmp_
         lenient.terminate()
         _, stderr = lenient.communicate(timeout=30)
     assert f"{line} (ignored: --lenient)" in stderr
+
+
+def _endpoints_yaml(services: dict[str, dict[str, list[str]]]) -> str:
+    lines = ["apiVersion: laneproxy.dev/v1", "kind: LaneEndpoints", "services:"]
+    for name, lanes in services.items():
+        lines += [f"  test/{name}:", "    port: 8000", "    lanes:",
+                  *(f"      {lane}: [{', '.join(addresses)}]" for lane, addresses in lanes.items())]
+    return "\n".join(lines) + "\n"
+
+
+async def test_an_endpoints_file_change_replaces_only_the_changed_service_and_equals_a_full_load(tmp_path: Path):
+    from laneproxy.control.files import FileSource, load_files
+    from laneproxy.core.store import RouteTableStore
+
+    swimlanes, endpoints = tmp_path / "swimlanes.yaml", tmp_path / "endpoints.yaml"
+    swimlanes.write_text(SWIMLANES.read_text())
+    services = {name: {"base": [f"127.0.0.{n + 1}:80"]} for n, name in enumerate(("mocka", "mockb", "mockc"))}
+    endpoints.write_text(_endpoints_yaml(services))
+    paths = (str(swimlanes), str(endpoints))
+    store = RouteTableStore()
+    source = FileSource(paths, store, namespace="default", interval=3600)
+    await source.start()
+    try:
+        before = store.current
+        services["mockb"]["canary"] = ["127.0.0.9:80"]
+        endpoints.write_text(_endpoints_yaml(services))
+        assert await source.load_once()
+        after = store.current
+        assert source.incremental_updates == 1
+        assert after == load_files(list(paths), namespace="default").table
+        assert after.routes["test/mocka"] is before.routes["test/mocka"]
+        assert after.routes["test/mockc"] is before.routes["test/mockc"]
+        assert "127.0.0.9:80" in [e.address for e in after.routes["test/mockb"].route_for(b"canary").endpoints]
+
+        # A swimlane change is the full load's: the lane named in a route changes with it.
+        swimlanes.write_text(SWIMLANES.read_text().replace("fallbackTarget: base", "fallbackTarget: canary"))
+        assert await source.load_once()
+        assert source.incremental_updates == 1
+        assert store.current == load_files(list(paths), namespace="default").table
+        assert store.current.groups["rollout"].fallback_target == "canary"
+    finally:
+        await source.stop()

@@ -54,6 +54,7 @@ from laneproxy.control.kubernetes import (  # noqa: E402
     Reflector,
     ResourceExpiredError,
 )
+from laneproxy.core.build import build_skipping  # noqa: E402
 from laneproxy.core.model import RouteTable  # noqa: E402
 from laneproxy.core.store import RouteTableStore  # noqa: E402
 from tests.kube.apiserver import WATCHER_USER, KubeApiServer  # noqa: E402
@@ -438,6 +439,12 @@ async def test_seed_rollout_canary_promotion_and_rollback_move_lane_membership(c
         await cluster.delete_pod("mocka-canary-2")
         await takes_effect(store, "undo: canary falls back to base", {("mocka", "canary"): ("base", ["10.1.0.21:8000"])})
         assert store.rejected == 0
+        # Pod changes replaced only their services' routes; the table is still what a full build makes of the cache.
+        await eventually(lambda: built_from_current_cache(store, source), what="table built from the whole cache")
+        documents, version = source.documents()
+        assert store.current == build_skipping(documents, version=version, namespace=NAMESPACE).table
+        print(f"{source.incremental_updates} of {source.rebuilds} updates applied incrementally")
+        assert source.incremental_updates > 0
 
 
 async def test_a_burst_of_pod_events_is_coalesced_into_few_rebuilds(cluster: Cluster, kubeconfig: Path) -> None:
