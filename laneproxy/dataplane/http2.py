@@ -116,13 +116,14 @@ def send_within_window(conn: h2.connection.H2Connection, stream_id: int, outbox:
 class Http2Stream:
     """One client stream: the `DownstreamStream` of its Exchange."""
 
-    __slots__ = ("connection", "stream_id", "exchange", "outbox", "end_pending", "trailers", "unacked", "held",
+    __slots__ = ("connection", "stream_id", "exchange", "head", "outbox", "end_pending", "trailers", "unacked", "held",
                  "blocked", "stalled", "request_ended", "response_ended", "opened_at", "closed")
 
     def __init__(self, connection: Http2Connection, stream_id: int) -> None:
         self.connection = connection
         self.stream_id = stream_id
         self.exchange: Exchange | None = None
+        self.head: list[tuple[bytes, bytes]] | None = None  # the response head, held until more follows (send_head)
         self.outbox: deque[bytes] = deque()  # response bytes waiting for the client's flow-control window
         self.end_pending = False
         self.trailers: Sequence[tuple[bytes, bytes]] | None = None
@@ -150,11 +151,11 @@ class Http2Stream:
 
     def send_head(self, exchange: Exchange, status: int, reason: bytes, headers: Sequence[tuple[bytes, bytes]],
                   overrides: dict[bytes, bytes]) -> None:
-        if self.closed:
-            return
-        self.connection.h2.send_headers(self.stream_id, response_headers(status, headers, overrides,
-                                                                         exchange.listener.response_dropped))
-        self.connection.flush()
+        # Held until body bytes, trailers or the end follow, or the upstream read that brought it ends
+        # (flush_head): a response with no body and no trailers (gRPC's Trailers-Only, every status an app
+        # returns without a message) must be one HEADERS frame with END_STREAM, or gRPC clients call it broken.
+        if not self.closed:
+            self.head = response_headers(status, headers, overrides, exchange.listener.response_dropped)
 
     def send_data(self, data: bytes) -> None:
         if self.closed:
@@ -163,7 +164,22 @@ class Http2Stream:
         self._pump()
 
     def flush_head(self) -> None:
-        """Headers go out as soon as they are written: nothing is held."""
+        """The upstream read that brought the head ended with no end of the response: the head goes now."""
+        if self.head is not None and not self.closed:
+            self._send_head(end_stream=False)
+            self.connection.flush()
+
+    def _send_head(self, *, end_stream: bool) -> None:
+        head, self.head = self.head, None
+        if head is None:
+            return
+        try:
+            self.connection.h2.send_headers(self.stream_id, head, end_stream=end_stream)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            self.outbox.clear()  # the client reset the stream or is going away
+            return
+        if end_stream:
+            self.response_ended = True
 
     def send_trailers(self, trailers: Sequence[tuple[bytes, bytes]]) -> None:
         self.trailers = [(name, value) for name, value in trailers if name not in _NOT_IN_HTTP2]
@@ -231,6 +247,8 @@ class Http2Stream:
             return
         connection = self.connection
         outbox = self.outbox
+        if self.head is not None:
+            self._send_head(end_stream=not outbox and self.end_pending and not self.trailers)
         _, ended = send_within_window(connection.h2, self.stream_id, outbox, self.trailers,
                                       end=self.end_pending and not self.response_ended)
         if ended:

@@ -23,6 +23,7 @@ import h2.exceptions
 import h2.settings
 from h2.errors import ErrorCodes
 from h2.settings import SettingCodes
+from hpack import NeverIndexedHeaderTuple
 
 from laneproxy.core import headers as h
 from laneproxy.dataplane.http2 import send_within_window
@@ -41,6 +42,31 @@ _HTTP = b"http"
 _TRAILERS = b"trailers"
 # Never sent in an HTTP/2 request (RFC 9113 8.2.2); `te` is kept when it says `trailers` (gRPC requires it).
 _NOT_IN_HTTP2 = (h.NOT_FORWARDED - {h.TE}) | frozenset({h.HOST})
+
+
+# Header values the upstream's HPACK table may keep: constants every caller sends alike.
+_INDEXABLE = frozenset({b"content-type", b"te", b"user-agent", b"accept", b"accept-encoding", b"grpc-accept-encoding",
+                        b"grpc-encoding"})
+
+
+def _header_field(name: bytes, value: bytes) -> tuple[bytes, bytes]:
+    """A request header as sent upstream: anything but a known constant is never indexed in HPACK's table.
+
+    One upstream connection carries many clients' requests, and a peer may refuse a value it cannot parse
+    (grpc-core drops a `grpc-timeout` of `zz` or a non-printable value) without storing it in its table: if
+    the proxy's encoder had stored it, every later request on that connection would decode wrongly at the
+    peer (found by tests/component/test_fuzz_http2.py: one bad call broke every call after it). Values that
+    change per request (trace ids, timeouts) gain nothing from the table anyway.
+    """
+    if name in _INDEXABLE:
+        return (name, value)
+    return NeverIndexedHeaderTuple(name, value)
+
+
+def _trailer_fields(sink: Exchange | None) -> list[tuple[bytes, bytes]] | None:
+    """The request trailers the client sent, encoded as headers are (_header_field)."""
+    trailers = sink.trailers if sink is not None else None
+    return None if trailers is None else [_header_field(name, value) for name, value in trailers]
 
 
 class Http2UpstreamStream:
@@ -96,14 +122,15 @@ class Http2UpstreamStream:
         self.stream_id = conn.get_next_available_stream_id()
         connection.streams[self.stream_id] = self
         last = complete and not body and not (self.sink is not None and self.sink.trailers)
-        conn.send_headers(self.stream_id, pseudo + block, end_stream=last)
+        conn.send_headers(self.stream_id, pseudo + [_header_field(name, value) for name, value in block],
+                          end_stream=last)
         if last:
             self.end_pending = self.ended = True
         else:
             self.outbox.extend(body)
             if complete:
                 self.end_pending = True
-                self.trailers = self.sink.trailers if self.sink is not None else None
+                self.trailers = _trailer_fields(self.sink)
         self._pump()
 
     def send_body(self, data: bytes) -> None:
@@ -116,7 +143,7 @@ class Http2UpstreamStream:
         if self.done or self.end_pending:
             return
         self.end_pending = True
-        self.trailers = self.sink.trailers if self.sink is not None else None
+        self.trailers = _trailer_fields(self.sink)
         self._pump()
 
     def _pump(self) -> None:
@@ -245,15 +272,20 @@ class Http2UpstreamConnection(asyncio.Protocol):
             self._fail_all(UpstreamProtocolError(f"HTTP/2: {exc}"))
             self.close()
             return
+        heads: list[Http2UpstreamStream] = []
         for event in events:
-            self._dispatch(event)
+            self._dispatch(event, heads)
+        for stream in heads:
+            if stream.sink is not None:
+                stream.sink.flush_head()  # a head held for body bytes goes out once the read that brought it ends
         self.flush()
 
-    def _dispatch(self, event: h2.events.Event) -> None:
+    def _dispatch(self, event: h2.events.Event, heads: list[Http2UpstreamStream]) -> None:
         if isinstance(event, h2.events.ResponseReceived):
             stream = self.streams.get(event.stream_id)
             if stream is None or stream.sink is None:
                 return
+            heads.append(stream)
             stream.received_any = True
             status = 0
             headers: list[tuple[bytes, bytes]] = []

@@ -123,6 +123,18 @@ def test_a_stream_for_a_lane_the_service_lacks_falls_back_to_base_and_keeps_aski
     chan.close()
 
 
+def test_a_status_the_app_returns_without_a_message_reaches_the_caller_as_the_app_sent_it(sidecar):
+    # grpcio answers an unknown method with Trailers-Only (one HEADERS frame with END_STREAM), as apps answer
+    # NOT_FOUND or PERMISSION_DENIED without a message: the proxy must keep it one frame, or the caller reads
+    # UNKNOWN "Stream removed" instead of the app's status (found by tests/component/test_fuzz_http2.py).
+    chan = channel(sidecar.outbound_port, "mockc")
+    with pytest.raises(grpc.RpcError) as raised:
+        method(chan, "NoSuchMethod")(b"hi", timeout=10)
+    assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED, raised.value
+    assert method(chan, "Unary")(b"after", timeout=10).endswith(b"|after")  # the stream's end left nothing behind
+    chan.close()
+
+
 def test_a_deadline_that_expires_is_deadline_exceeded(sidecar):
     chan = channel(sidecar.outbound_port, "mockc")
     started = time.monotonic()
@@ -264,3 +276,17 @@ def test_through_gateway_and_sidecar_the_trace_table_keeps_each_call_in_its_lane
     assert sidecar.stat("laneproxy.lane_source.trace-table") == 40
     chan.close()
 
+
+
+@pytest.mark.parametrize("value", [b"zz", b"\x01\x02"])
+def test_a_value_the_app_refuses_fails_that_call_alone_and_not_the_calls_after_it(sidecar, value):
+    # grpc-core refuses such a grpc-timeout without keeping it in its HPACK table; had the proxy's encoder kept
+    # it, every later call on the shared upstream connection would decode wrongly (found by test_fuzz_http2).
+    response, trailers, _, _ = raw_call(sidecar.outbound_port, grpc_headers(
+        b"mockc", b"/lanetest.Echo/Unary", [(b"grpc-timeout", value), (b"my-request-id", b"bad-" + value.hex().encode())]),
+        b"\x00\x00\x00\x00\x02hi")
+    assert (trailers or response).get(b"grpc-status") != b"0"
+    chan = channel(sidecar.outbound_port, "mockc")
+    for index in range(5):
+        assert method(chan, "Unary")(b"%d" % index, timeout=10).endswith(b"|%d" % index)
+    chan.close()
