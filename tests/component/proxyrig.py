@@ -181,11 +181,21 @@ def stop_process(process: subprocess.Popen | None, timeout: float = 10.0) -> Non
             process.wait()
 
 
+class _PortTakenError(RuntimeError):
+    """The proxy could not bind a port chosen for it: another process took it first."""
+
+
 class ProxyProcess:
     """`laneproxy run` as a real process with the given listeners; waits for /ready."""
 
     def __init__(self, *config: Path, gateway: bool = False, outbound: bool = False, inbound_app: int | None = None,
                  extra: tuple[str, ...] = ()) -> None:
+        self._listeners = (config, gateway, outbound, inbound_app, extra)
+        self._choose_ports()
+        self.process: subprocess.Popen | None = None
+
+    def _choose_ports(self) -> None:
+        config, gateway, outbound, inbound_app, extra = self._listeners
         self.admin_port = free_port()
         self.gateway_port = free_port() if gateway else None
         self.outbound_port = free_port() if outbound else None
@@ -203,14 +213,30 @@ class ProxyProcess:
         if inbound_app:
             args += ["--inbound", f"127.0.0.1:{self.inbound_port}", "--app", f"127.0.0.1:{inbound_app}"]
         self.args = args + list(extra)
-        self.process: subprocess.Popen | None = None
+        self._chosen_args = list(self.args)
 
     def start(self, timeout: float = 15.0) -> ProxyProcess:
+        # free_port() closes the port before the proxy binds it: another process may take it in between. Then
+        # the proxy exits with "address already in use", and new ports are chosen (a few times at most), unless
+        # the test set its own ports or arguments.
+        for _ in range(3):
+            try:
+                return self._start(timeout)
+            except _PortTakenError:
+                if self.args != self._chosen_args:
+                    raise
+                self._choose_ports()
+        return self._start(timeout)
+
+    def _start(self, timeout: float) -> ProxyProcess:
         self.process = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"laneproxy exited {self.process.returncode}: {self.process.stderr.read().decode()}")
+                stderr = self.process.stderr.read().decode()
+                if "address already in use" in stderr:
+                    raise _PortTakenError(stderr)
+                raise RuntimeError(f"laneproxy exited {self.process.returncode}: {stderr}")
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/ready", timeout=1) as response:
                     if response.status == 200:
