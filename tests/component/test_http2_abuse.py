@@ -147,25 +147,29 @@ def test_rapid_reset_ends_the_connection_with_goaway_and_leaves_no_upstream_call
     assert len(upstream.calls) == calls + 1
 
 
-def test_a_ping_flood_from_a_client_that_reads_nothing_is_cut_off_with_memory_bounded(sidecar):
+@pytest.mark.parametrize("control_frame", [
+    pytest.param(b"\x00\x00\x08\x06\x00\x00\x00\x00\x00" + b"12345678", id="PING"),  # 8 opaque bytes
+    pytest.param(b"\x00\x00\x00\x04\x00\x00\x00\x00\x00", id="SETTINGS"),  # empty, still to be acknowledged
+])
+def test_a_control_frame_flood_from_a_client_that_reads_nothing_is_cut_off_with_memory_bounded(sidecar, control_frame):
     before = sidecar.stat("http.outbound.http2.outbound_control_flood")
     sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the client's window for PING ACKs stays tiny
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the client's window for the ACKs stays tiny
     sock.connect(("127.0.0.1", sidecar.outbound_port))
     conn = client()
     sock.sendall(conn.data_to_send())
-    ping = b"\x00\x00\x08\x06\x00\x00\x00\x00\x00" + b"12345678"  # PING, 8 opaque bytes
+    ping = control_frame
     watch = RssWatch(sidecar.process.pid)
     cut = False
     sock.settimeout(5)
     try:
-        for _ in range(100):  # at most 100 x 10,000 PINGs (17 MB); the proxy must stop it long before
+        for _ in range(100):  # at most 100 x 10,000 frames (17 MB); the proxy must stop it long before
             sock.sendall(ping * 10_000)
     except (ConnectionError, TimeoutError, OSError):
         cut = True
     peak = watch.stop()
     sock.close()
-    assert cut, "the proxy kept reading PINGs whose answers the client never read"
+    assert cut, "the proxy kept reading control frames whose ACKs the client never read"
     assert sidecar.stat("http.outbound.http2.outbound_control_flood") == before + 1
     assert peak < 200 * 1024 * 1024
 
