@@ -47,7 +47,7 @@ def test_benchmark_smoke_variant_runs_every_case_and_writes_json_markdown_and_ch
         assert ("latency-1cx", case) in cases
     assert {kind for kind, _ in cases} >= {"table", "swap", "demo"}
     # h2c and WebSocket rows: the peers always; laneproxy measured once it speaks the protocol, else skipped saying why.
-    for kind, why in (("h2c", "no HTTP/2 listener yet"), ("websocket", "does not pass WebSocket upgrades yet")):
+    for kind, why in (("h2c", "does not answer the h2c preface"), ("websocket", "does not pass WebSocket upgrades yet")):
         for case in ("direct", "nginx", "envoy"):
             assert (kind, case) in cases
         assert ((kind, "laneproxy") in cases) != (why in data["skipped"].get(f"{kind} laneproxy", "")), data["skipped"]
