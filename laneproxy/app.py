@@ -78,7 +78,7 @@ class ProxyApp:
                 raise StartupError(f"--source kubernetes needs: pip install 'laneproxy[kubernetes]' ({exc})") from exc
             return KubernetesSource(self.store, namespace=settings.namespace, kubeconfig=settings.kubeconfig,
                                     lenient=settings.lenient, watch_read_timeout=settings.watch_read_timeout,
-                                    stale_after=settings.table_stale_after)
+                                    stale_after=settings.table_stale_after, pods=settings.pods)
         if not settings.config_files:
             raise StartupError("no configuration: give --config FILE (or --source kubernetes)")
         return FileSource(settings.config_files, self.store, namespace=settings.namespace,

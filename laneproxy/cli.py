@@ -202,6 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
                      default=_checked_env("WATCH_READ_TIMEOUT", "60", _positive_seconds),
                      help="--source kubernetes: seconds a watch may stay silent before it is opened again, so a "
                           "connection dead without a FIN is noticed (env LANEPROXY_WATCH_READ_TIMEOUT)")
+    run.add_argument("--pods", choices=["full", "metadata"], default=_checked_env("PODS", "full", ["full", "metadata"]),
+                     help="--source kubernetes: read whole Pods (full), or only the metadata of the pods labelled "
+                          "ASM_TRAFFIC_TAG, with addresses and readiness from EndpointSlices alone (metadata: far "
+                          "less memory; needs the EndpointSlice API) (env LANEPROXY_PODS)")
     run.add_argument("--table-stale-after", type=_positive_seconds,
                      default=_checked_env("TABLE_STALE_AFTER", "180", _positive_seconds),
                      help="seconds the route table may be behind its source before laneproxy.config.table_stale "
@@ -449,7 +453,7 @@ def settings_from_args(args: argparse.Namespace) -> ProxySettings:
         gateway=args.gateway, inbound=args.inbound, app=args.app, outbound=args.outbound, admin=args.admin,
         config_files=config, source=args.source, kubeconfig=args.kubeconfig, namespace=args.namespace,
         own_lane=args.lane, reload_interval=args.reload_interval, lenient=args.lenient,
-        watch_read_timeout=args.watch_read_timeout, table_stale_after=args.table_stale_after,
+        watch_read_timeout=args.watch_read_timeout, table_stale_after=args.table_stale_after, pods=args.pods,
         trace_table_capacity=args.trace_table_size, trace_table_ttl=args.trace_table_ttl,
         trace_table_bytes=args.trace_table_bytes, trust_client_trace_id=args.trust_client_trace_id,
         timeouts=TimeoutSettings(connect=args.connect_timeout, route=args.route_timeout,
