@@ -128,7 +128,7 @@ class DeltaAdsServer:
 
     # -- tables ---------------------------------------------------------------------------------
 
-    def publish(self, table: RouteTable) -> dict[str, Change]:
+    def publish(self, table: RouteTable) -> None:
         """Take a new table: encode what is new in it, and owe each stream the resources that changed for it."""
         resources = self.encoder.encode(table)
         changes = diff(self.resources, resources)
@@ -140,13 +140,13 @@ class DeltaAdsServer:
         for stream in self.streams:
             stream.notify(changes)
         self.served.set()
-        return changes
 
     # -- the gRPC server ------------------------------------------------------------------------
 
     async def start(self, host: str, port: int) -> int:
         """Listen on host:port (0: the kernel chooses); returns the bound port."""
-        server = grpc.aio.server(options=[("grpc.max_receive_message_length", 4 * 1024 * 1024)])
+        # No SO_REUSEPORT: a port another process holds is an error at start, never a shared port.
+        server = grpc.aio.server(options=[("grpc.max_receive_message_length", 4 * 1024 * 1024), ("grpc.so_reuseport", 0)])
         handlers = {
             "DeltaAggregatedResources": grpc.stream_stream_rpc_method_handler(
                 self._delta, request_deserializer=None, response_serializer=None),
