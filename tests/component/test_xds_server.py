@@ -301,3 +301,27 @@ def test_a_controller_whose_configuration_is_rejected_exits_2_with_every_problem
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "laneproxy controller: configuration rejected" in result.stderr
     assert "unknown lane 'nowhere'" in result.stderr
+
+
+def test_a_client_moving_to_another_replica_is_sent_nothing_it_already_has(world) -> None:
+    controller, endpoints, stream = world
+    other = ControllerProcess(SWIMLANES, endpoints).start()  # a second replica on the same input
+    try:
+        versions = {}
+        for type_url in (CLUSTER, GROUP):
+            first = stream()
+            first.send(type_url=type_url)
+            versions[type_url] = {r.name: r.version for r in first.receive().resources}
+            first.close()
+        moved = AdsStream(other.xds_port)
+        try:
+            for type_url in (CLUSTER, GROUP):
+                moved.send(type_url=type_url, initial_resource_versions=versions[type_url])
+                response = moved.receive()
+                assert response.type_url == type_url
+                assert not response.resources and not response.removed_resources
+            assert other.stats()["controller.xds.cluster.resources_sent"] == 0
+        finally:
+            moved.close()
+    finally:
+        other.stop()
