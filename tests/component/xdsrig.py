@@ -48,10 +48,11 @@ def write_endpoints(path: Path, lanes: dict[str, dict[str, list[str]]], port: in
 
 
 class ControllerProcess:
-    """`laneproxy controller --source files` on 127.0.0.1 with kernel-chosen ports."""
+    """`laneproxy controller` (files, unless `extra` says otherwise) on 127.0.0.1 with kernel-chosen ports."""
 
-    def __init__(self, *config: Path, reload_interval: float = 0.2) -> None:
+    def __init__(self, *config: Path, reload_interval: float = 0.2, extra: tuple[str, ...] = ()) -> None:
         self.config = config
+        self.extra = extra  # more options: `--source kubernetes --kubeconfig FILE`
         self.reload_interval = reload_interval
         self.process: subprocess.Popen | None = None
         self.xds_port = 0
@@ -63,6 +64,7 @@ class ControllerProcess:
                 "--xds-port", "0", "--admin", "127.0.0.1:0", "--reload-interval", str(self.reload_interval)]
         for path in self.config:
             args += ["--config", str(path)]
+        args += list(self.extra)
         self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.PIPE, text=True,
                                         env={k: v for k, v in os.environ.items() if not k.startswith("LANEPROXY_")})
