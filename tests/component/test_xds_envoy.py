@@ -104,10 +104,19 @@ class EnvoyOnAds:
         stop_process(self.process)
 
 
+EXTERNAL = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "db", "namespace": "default"},
+            # localhost: Envoy resolves it from /etc/hosts, and nothing ever connects to it here.
+            "spec": {"type": "ExternalName", "externalName": "localhost", "ports": [{"name": "tcp-db", "port": 5432}]}}
+
+
 @pytest.fixture
-def oracle(tmp_path):
+def oracle(tmp_path, request):
     endpoints = write_endpoints(tmp_path / "endpoints.yaml", LANES)
-    controller = ControllerProcess(SWIMLANES, endpoints).start()
+    extra = []
+    if getattr(request, "param", None) == "external":
+        extra.append(tmp_path / "external.yaml")
+        extra[0].write_text(yaml.safe_dump(EXTERNAL))
+    controller = ControllerProcess(SWIMLANES, endpoints, *extra).start()
     envoy = EnvoyOnAds(tmp_path, controller.xds_port)
     try:
         yield controller, endpoints, envoy
@@ -178,3 +187,27 @@ def test_envoy_accepts_exactly_the_contracts_clusters_and_endpoints_and_follows_
     assert after["controller.xds.cluster.pushes"] == before["controller.xds.cluster.pushes"]
     assert after["controller.xds.cluster_load_assignment.nacks"] == 0
     assert envoy.stats()[f"cluster.outbound|8000|canary|{fqdn('mocka')}.update_rejected"] == 0
+
+
+@pytest.mark.parametrize("oracle", ["external"], indirect=True)
+def test_an_external_name_service_is_a_dns_cluster_envoy_accepts_beside_every_other_assignment(oracle) -> None:
+    controller, _, envoy = oracle
+    external = f"outbound|5432||{fqdn('db')}"
+    expected = {**expected_hosts(LANES), external: ["127.0.0.1:5432"]}
+    wait_for(lambda: envoy.hosts() == expected, "Envoy's clusters with the ExternalName one resolved", timeout=15)
+    stats = envoy.stats()
+    assert stats["cluster_manager.cds.update_rejected"] == 0
+    assert all(stats.get(f"cluster.{name}.update_rejected", 0) == 0 for name in expected)
+    assert controller.stats()["controller.xds.cluster_load_assignment.nacks"] == 0
+    dump = json.loads(envoy.get("/config_dump").body)
+    [cluster] = [entry["cluster"] for config in dump["configs"] if config["@type"].endswith("ClustersConfigDump")
+                 for entry in config.get("dynamic_active_clusters", []) if entry["cluster"]["name"] == external]
+    assert cluster["type"] == "STRICT_DNS"
+    assert cluster["metadata"]["filter_metadata"]["laneproxy"]["service"]["external_name"] == "localhost"
+    # A sidecar still gets its assignment by name: the name the service stands for.
+    sidecar = AdsStream(controller.xds_port)
+    try:
+        sidecar.send(type_url=ASSIGNMENT, resource_names_subscribe=[external])
+        assert addresses(sidecar.receive()) == {external: ["localhost:5432"]}
+    finally:
+        sidecar.close()
