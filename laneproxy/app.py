@@ -79,6 +79,16 @@ class ProxyApp:
             return KubernetesSource(self.store, namespace=settings.namespace, kubeconfig=settings.kubeconfig,
                                     lenient=settings.lenient, watch_read_timeout=settings.watch_read_timeout,
                                     stale_after=settings.table_stale_after)
+        if settings.source.startswith("xds://"):
+            try:
+                from laneproxy.control.xds import XdsSource, node_id  # optional dependency, and grpcio's memory
+            except ImportError as exc:
+                raise StartupError(f"--source xds:// needs: pip install 'laneproxy[xds]' ({exc})") from exc
+            from laneproxy.core.xds_view import parse_source
+            pod = settings.pod
+            return XdsSource(parse_source(settings.source), self.store, namespace=settings.namespace,
+                             node=node_id(pod_ip=pod.pod_ip, pod_name=pod.pod_name, namespace=settings.namespace),
+                             lenient=settings.lenient, stale_after=settings.table_stale_after)
         if not settings.config_files:
             raise StartupError("no configuration: give --config FILE (or --source kubernetes)")
         return FileSource(settings.config_files, self.store, namespace=settings.namespace,

@@ -15,6 +15,7 @@ import os
 import sys
 
 from laneproxy.core.errors import ConfigInvalidError
+from laneproxy.core.xds_view import XdsAddressError, parse_source
 from laneproxy.settings import (
     Address,
     CircuitBreakerSettings,
@@ -119,6 +120,16 @@ def _checked_env(name: str, default: str | None, check) -> str | None:
     return text
 
 
+def _source(text: str) -> str:
+    if text in ("files", "kubernetes"):
+        return text
+    try:
+        parse_source(text)
+    except XdsAddressError as exc:
+        raise argparse.ArgumentTypeError(f"expected files, kubernetes or xds://HOST:PORT[,HOST:PORT...]: {exc}") from None
+    return text
+
+
 def _promql_duration(text: str) -> str:
     import re
 
@@ -177,8 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run the proxy (gateway and/or sidecar listeners)")
     run.add_argument("--config", action="append", default=None, metavar="FILE",
                      help="swimlane manifests or endpoints file; repeatable (env LANEPROXY_CONFIG, comma-separated)")
-    run.add_argument("--source", choices=["files", "kubernetes"], default=_checked_env("SOURCE", "files", ["files", "kubernetes"]),
-                     help="where lane membership comes from (env LANEPROXY_SOURCE)")
+    run.add_argument("--source", type=_source, default=_checked_env("SOURCE", "files", _source),
+                     metavar="{files,kubernetes,xds://HOST:PORT[,HOST:PORT...]}",
+                     help="where lane membership comes from: the --config files, the Kubernetes API, or the "
+                          "laneproxy controller over xDS (delta ADS; more addresses are replicas tried in turn; "
+                          "no Kubernetes credentials needed) (env LANEPROXY_SOURCE)")
     run.add_argument("--kubeconfig", default=_env("KUBECONFIG") or os.environ.get("KUBECONFIG"),
                      help="kubeconfig for --source kubernetes; in-cluster credentials when absent")
     run.add_argument("--gateway", type=_optional_address, default=_checked_env("GATEWAY", "none", _optional_address),
