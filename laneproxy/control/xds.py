@@ -185,7 +185,7 @@ class XdsSource:
                     try:
                         response = await asyncio.wait_for(call.read(), timeout)
                     except asyncio.TimeoutError:
-                        raise _Reconnect(progressed, f"no full snapshot within {self.first_snapshot_timeout:g}s")
+                        raise _Reconnect(progressed, f"no full snapshot within {self.first_snapshot_timeout:g}s") from None
                     if response is grpc.aio.EOF:
                         return progressed
                     if not self.connected:

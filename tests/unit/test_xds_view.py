@@ -40,7 +40,6 @@ from tests.unit.test_incremental import (
     endpoints_st,
     group,
     lane,
-    pod,
     pods_st,
     service,
     slices_st,
