@@ -66,6 +66,35 @@ def node_id(*, pod_ip: str | None, pod_name: str | None, namespace: str) -> str:
     return f"sidecar~{pod_ip or '127.0.0.1'}~{pod_name or 'laneproxy'}.{namespace}~{namespace}.svc.cluster.local"
 
 
+def decode_resource(type_url: str, name: str, value: bytes) -> Any:
+    """One resource's bytes as core.xds_view reads it; raises DecodeError or XdsResourceError."""
+    if type_url == CLUSTER_TYPE:
+        cluster = cluster_pb2.Cluster.FromString(value)
+        if cluster.name != name:
+            raise XdsResourceError([ConfigProblem(f"Cluster({name})", "name", f"{cluster.name!r} differs from the "
+                                                                              "resource's name")])
+        metadata = cluster.metadata.filter_metadata
+        laneproxy = json_format.MessageToDict(metadata["laneproxy"]) if "laneproxy" in metadata else None
+        return decode_cluster(name, laneproxy)
+    if type_url == ASSIGNMENT_TYPE:
+        assignment = endpoint_pb2.ClusterLoadAssignment.FromString(value)
+        if assignment.cluster_name != name:
+            raise XdsResourceError([ConfigProblem(f"ClusterLoadAssignment({name})", "cluster_name",
+                                                  f"{assignment.cluster_name!r} differs from the resource's name")])
+        endpoints = []
+        for locality in assignment.endpoints:
+            for lb_endpoint in locality.lb_endpoints:
+                if lb_endpoint.health_status not in _SERVING:
+                    continue
+                address = lb_endpoint.endpoint.address.socket_address
+                metadata = lb_endpoint.metadata.filter_metadata
+                labels = json_format.MessageToDict(metadata["laneproxy"]) if "laneproxy" in metadata else None
+                endpoints.append((address.address, address.port_value, labels))
+        return decode_assignment(name, endpoints)
+    fields = struct_pb2.Struct.FromString(value)
+    return decode_group(name, json_format.MessageToDict(fields))
+
+
 class _Reconnect(Exception):
     """The stream is to be given up and opened again (to the next address)."""
 
@@ -274,7 +303,7 @@ class XdsSource:
             if type_url == ASSIGNMENT_TYPE and resource.name in self._dropped:
                 continue  # sent before the server saw the unsubscription
             try:
-                changed[resource.name] = self._decode_one(type_url, resource.name, resource.resource.value)
+                changed[resource.name] = decode_resource(type_url, resource.name, resource.resource.value)
             except DecodeError as exc:
                 problems.append(ConfigProblem(where, "resource.value", f"malformed {kind} message: {exc}"))
             except XdsResourceError as exc:
@@ -282,34 +311,6 @@ class XdsSource:
         if problems:
             raise XdsResourceError(problems)
         return Update(type_url, changed, frozenset(response.removed_resources))
-
-    @staticmethod
-    def _decode_one(type_url: str, name: str, value: bytes) -> Any:
-        if type_url == CLUSTER_TYPE:
-            cluster = cluster_pb2.Cluster.FromString(value)
-            if cluster.name != name:
-                raise XdsResourceError([ConfigProblem(f"Cluster({name})", "name", f"{cluster.name!r} differs from the "
-                                                                                  "resource's name")])
-            metadata = cluster.metadata.filter_metadata
-            laneproxy = json_format.MessageToDict(metadata["laneproxy"]) if "laneproxy" in metadata else None
-            return decode_cluster(name, laneproxy)
-        if type_url == ASSIGNMENT_TYPE:
-            assignment = endpoint_pb2.ClusterLoadAssignment.FromString(value)
-            if assignment.cluster_name != name:
-                raise XdsResourceError([ConfigProblem(f"ClusterLoadAssignment({name})", "cluster_name",
-                                                      f"{assignment.cluster_name!r} differs from the resource's name")])
-            endpoints = []
-            for locality in assignment.endpoints:
-                for lb_endpoint in locality.lb_endpoints:
-                    if lb_endpoint.health_status not in _SERVING:
-                        continue
-                    address = lb_endpoint.endpoint.address.socket_address
-                    metadata = lb_endpoint.metadata.filter_metadata
-                    labels = json_format.MessageToDict(metadata["laneproxy"]) if "laneproxy" in metadata else None
-                    endpoints.append((address.address, address.port_value, labels))
-            return decode_assignment(name, endpoints)
-        fields = struct_pb2.Struct.FromString(value)
-        return decode_group(name, json_format.MessageToDict(fields))
 
     # -- stats -----------------------------------------------------------------------------------
 

