@@ -57,12 +57,10 @@ def _wire(value: dict) -> dict:
 def comparable(value: Any) -> Any:
     """canonical(), without the swimlane objects' `document` (kept as read: the controller serves it trimmed of
     metadata that says nothing about lanes, and equality skips it)."""
-    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], tuple):
-        return (value[0], tuple(item for item in (comparable(f) for f in value[1]) if item is not None))
-    if isinstance(value, tuple) and len(value) == 2 and value[0] == "document":
-        return None
-    if isinstance(value, list):
-        return [comparable(item) for item in value]
+    if isinstance(value, (tuple, list)):
+        kept = [comparable(item) for item in value
+                if not (isinstance(item, tuple) and len(item) == 2 and item[0] == "document")]
+        return type(value)(kept)
     return value
 
 
