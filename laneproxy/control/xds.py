@@ -52,6 +52,7 @@ from laneproxy.core.xds_view import (
 log = logging.getLogger("laneproxy.xds")
 
 SUBSCRIBED = (CLUSTER_TYPE, GROUP_TYPE, ASSIGNMENT_TYPE)
+_SETTLED = 5.0  # a stream that lasted this long starts the backoff over, even if it carried nothing new
 _SERVING = (health_check_pb2.HealthStatus.UNKNOWN, health_check_pb2.HealthStatus.HEALTHY)
 # HTTP/2 PINGs on an idle stream: gRPC servers refuse them more often than every 5 minutes by default, so
 # this only finds a controller gone without a FIN (a power-off); one that stopped answering is noticed by
@@ -132,6 +133,7 @@ class XdsSource:
         self.reconnects = 0
         self.unknown_types = 0
         self.complete = False  # a full snapshot has been published
+        self._connected_at = 0.0
         self._behind_since: float | None = None  # no stream since then (the table may be behind)
         self._subscribed: set[str] = set()  # assignment names subscribed on this stream
         self._dropped: set[str] = set()  # unsubscribed: an assignment for one of them still in flight is ignored
@@ -166,7 +168,7 @@ class XdsSource:
                 progressed = bool(exc.args and exc.args[0])
                 reason = str(exc.args[1]) if len(exc.args) > 1 else "reconnecting"
             except grpc.aio.AioRpcError as exc:
-                progressed = self.connected
+                progressed = self.connected and self.clock() - self._connected_at > _SETTLED
                 reason = f"{exc.code().name}: {exc.details()}"
             except Exception as exc:  # a bug here must not end the source: the next stream starts afresh
                 log.exception("xDS stream to %s failed", address)
@@ -208,6 +210,15 @@ class XdsSource:
             stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
             call = stub.DeltaAggregatedResources(requests())
             try:
+                # Open once the controller took the call: after a reconnect with the versions the sidecar has,
+                # a controller with nothing newer rightly says nothing.
+                try:
+                    await asyncio.wait_for(call.wait_for_connection(), self.first_snapshot_timeout)
+                except asyncio.TimeoutError:
+                    raise _Reconnect(False, "no connection") from None
+                self.connected, self._behind_since = True, None
+                opened = self._connected_at = self.clock()
+                log.info("xDS stream to %s open", address)
                 while True:
                     # Until the first full snapshot, a controller that does not answer is as good as gone.
                     timeout = None if self.complete else self.first_snapshot_timeout
@@ -216,10 +227,7 @@ class XdsSource:
                     except asyncio.TimeoutError:
                         raise _Reconnect(progressed, f"no full snapshot within {self.first_snapshot_timeout:g}s") from None
                     if response is grpc.aio.EOF:
-                        return progressed
-                    if not self.connected:
-                        self.connected, self._behind_since = True, None
-                        log.info("xDS stream to %s open", address)
+                        return progressed or self.clock() - opened > _SETTLED
                     for request in self._handle(response):
                         queue.put_nowait(request)
                     progressed = True

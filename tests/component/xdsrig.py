@@ -50,8 +50,9 @@ def write_endpoints(path: Path, lanes: dict[str, dict[str, list[str]]], port: in
 class ControllerProcess:
     """`laneproxy controller --source files` on 127.0.0.1 with kernel-chosen ports."""
 
-    def __init__(self, *config: Path, reload_interval: float = 0.2) -> None:
+    def __init__(self, *config: Path, reload_interval: float = 0.2, xds_port: int = 0) -> None:
         self.config = config
+        self.chosen_xds_port = xds_port  # 0: the kernel's choice; a port: a controller started again where it was
         self.reload_interval = reload_interval
         self.process: subprocess.Popen | None = None
         self.xds_port = 0
@@ -60,7 +61,7 @@ class ControllerProcess:
 
     def start(self, timeout: float = 20.0) -> ControllerProcess:
         args = [sys.executable, "-m", "laneproxy", "--log-level", "info", "controller", "--xds-address", "127.0.0.1",
-                "--xds-port", "0", "--admin", "127.0.0.1:0", "--reload-interval", str(self.reload_interval)]
+                "--xds-port", str(self.chosen_xds_port), "--admin", "127.0.0.1:0", "--reload-interval", str(self.reload_interval)]
         for path in self.config:
             args += ["--config", str(path)]
         self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
