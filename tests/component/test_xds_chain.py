@@ -70,6 +70,12 @@ def test_the_chain_on_xds_takes_the_lanes_the_files_give_and_follows_the_control
         numbers = stats(port)
         assert numbers["laneproxy.config.xds.connected"] == "1"
         assert numbers.get("laneproxy.config.xds.nacks.Cluster", "0") == "0"
+        assert "laneproxy.config.xds.seconds_since_update.ClusterLoadAssignment" in numbers
+    with urllib.request.urlopen(f"http://127.0.0.1:{cluster.pods[0].admin_port}/stats/prometheus", timeout=5) as response:
+        exposition = response.read().decode()
+    assert "laneproxy_config_xds_connected{} 1" in exposition
+    assert 'laneproxy_config_xds_seconds_since_update{type="SwimLaneGroup"}' in exposition
+    assert 'laneproxy_config_sync_info{resource="xds.controller"' in exposition
 
     # An endpoints-file change: mockc's canary pod leaves; the canary chain falls back to mockc v1 for that hop.
     canary_mockc = next(p for p in cluster.pods if p.app == "mockc" and p.lane == "canary")
