@@ -8,6 +8,7 @@ Bad resources are refused with the resource and field named, and the view keeps 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -19,7 +20,7 @@ from hypothesis import strategies as st
 from laneproxy.core.build import ConfigDocument, build, parse_yaml
 from laneproxy.core.errors import ConfigInvalidError
 from laneproxy.core.model import RouteTable
-from laneproxy.xds.resources import encode_table
+from laneproxy.xds.resources import diff, encode_table
 from laneproxy.control.xds import decode_resource
 from laneproxy.core.xds_view import (
     ASSIGNMENT_TYPE,
@@ -276,3 +277,57 @@ def test_an_xds_source_names_its_controllers_in_order(text, expected) -> None:
 def test_an_xds_source_without_host_and_port_is_refused(text) -> None:
     with pytest.raises(XdsAddressError):
         parse_source(text)
+
+
+def _push(view: XdsView, before, after) -> None:
+    """What the controller sends a sidecar between two tables (Clusters, then groups, then the assignments it
+    subscribes to), applied to the view as the source applies it."""
+    changes = diff(before, after)
+    for type_url in (CLUSTER_TYPE, GROUP_TYPE, ASSIGNMENT_TYPE):
+        change = changes.get(type_url)
+        wanted = view.service_clusters
+        if type_url == ASSIGNMENT_TYPE:
+            # newly subscribed clusters get their assignment whether or not it changed
+            names = {n for n in wanted if n not in view.assignments} | {n for n in (change.changed if change else ())
+                                                                         if n in wanted}
+            removed = frozenset(n for n in (change.removed if change else ()) if n in view.assignments)
+        elif change is None:
+            continue
+        else:
+            names, removed = set(change.changed), change.removed
+        if not names and not removed:
+            continue
+        encoded = after.by_type[type_url]
+        view.apply(Update(type_url, {n: decode_resource(type_url, n, encoded[n].resource().resource.value)
+                                     for n in names}, removed), version=after.version)
+
+
+endpoint_steps_st = st.lists(
+    st.dictionaries(st.sampled_from(("mocka", "mockb", "mockc", "mockd")),
+                    st.dictionaries(st.sampled_from(("base", "canary", "dev")),
+                                    st.lists(st.sampled_from(("127.0.0.1:1", "127.0.0.2:2", "10.0.0.1:8080")),
+                                             max_size=2, unique=True), max_size=3), max_size=4),
+    min_size=1, max_size=6)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(endpoint_steps_st, st.lists(st.sampled_from(("base", "canary", "dev")), min_size=1, max_size=3, unique=True))
+def test_every_push_of_a_changing_world_leaves_the_sidecar_with_the_direct_table(steps, lanes) -> None:
+    swimlanes = [group(SERVICES[:3]), *(lane(name) for name in sorted(set(lanes) | {"base"}))]
+    view = XdsView(namespace=NAMESPACE)
+    previous = encode_table(build([], version="0").table)
+    for number, services in enumerate(steps):
+        used: set[str] = set()
+        body = {"apiVersion": "laneproxy.dev/v1", "kind": "LaneEndpoints", "services": {}}
+        for name, per_lane in services.items():
+            kept = {tag: [a for a in addresses if not (a in used or used.add(a))] for tag, addresses in per_lane.items()}
+            body["services"][f"default/{name}"] = {"port": 8000, "lanes": kept}
+            used.clear()
+        table = build([ConfigDocument("s", doc) for doc in (*swimlanes, body)], version=str(number + 1),
+                      namespace=NAMESPACE).table
+        resources = encode_table(table)
+        _push(view, previous, resources)
+        previous = resources
+        assert not view.missing_assignments()
+        # A table that changes no resource is not pushed: the sidecar keeps the version of the last one that did.
+        assert same_table(view.built.table, dataclasses.replace(table, version=view.built.table.version))
