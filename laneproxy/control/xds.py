@@ -294,10 +294,12 @@ class XdsSource:
                                                     resource_names_subscribe=new, resource_names_unsubscribe=gone)]
 
     def _publish(self, table: RouteTable, *, settle: bool) -> None:
-        ready = (self.types[CLUSTER_TYPE].answered and self.types[GROUP_TYPE].answered
-                 and not self.view.missing_assignments())
+        ready = self.complete or (self.types[CLUSTER_TYPE].answered and self.types[GROUP_TYPE].answered
+                                  and not self.view.missing_assignments())
         if not ready:
-            return  # a cluster waits for its endpoints before any request is routed by it (Envoy's warming)
+            # The first table waits for every cluster's endpoints. Later, a new cluster's assignment is a
+            # subscription away; holding every other change back for it would leave the table behind.
+            return
         if not self.complete:
             log.info("first full xDS snapshot from %s: %d services, %d groups", self.controller,
                      len(table.services), len(table.groups))
