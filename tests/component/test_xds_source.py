@@ -314,3 +314,24 @@ async def test_clusters_that_come_and_go_change_the_assignment_subscriptions(run
     # mockb is a service of the group: it stays in the table with no endpoints (503, not 404)
     await until(lambda: store.current.version == "seed-2", "published")
     assert store.current.routes["default/mockb"].service.endpoints == ()
+
+
+async def test_a_response_of_a_type_never_subscribed_to_is_nacked_and_counted_not_a_crash(running) -> None:
+    _, resources = seed_resources()
+    listener = "type.googleapis.com/envoy.config.listener.v3.Listener"
+
+    async def script(stream: Stream) -> None:
+        serving = asyncio.ensure_future(serve_seed(stream, resources))
+        try:
+            await until(lambda: len([r for r in stream.server.received if r.response_nonce]) >= 3, "acked")
+            stream.send(listener, [])
+            await asyncio.sleep(3600)
+        finally:
+            serving.cancel()
+
+    (server,), source, store = await running(script)
+    await until(lambda: server.nacks(), "a NACK")
+    assert server.nacks()[0].type_url == listener
+    assert "not a type this sidecar subscribes to" in server.nacks()[0].error_detail.message
+    assert source.unknown_types == 1 and source.connected and store.ready
+    assert server.streams == 1  # the stream goes on
