@@ -325,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     controller = commands.add_parser("controller", help="watch the cluster (or files) once and serve every sidecar "
                                                         "its routes over xDS (delta ADS)")
-    _source_options(controller, pods="metadata")
+    _source_options(controller)
     controller.add_argument("--xds-port", type=_port, default=_checked_env("XDS_PORT", "15010", _port),
                             help="the xDS (gRPC) port; 0 picks a free one, logged (env LANEPROXY_XDS_PORT)")
     controller.add_argument("--xds-address", default=_env("XDS_ADDRESS", "0.0.0.0"), metavar="HOST",
@@ -437,9 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _source_options(parser: argparse.ArgumentParser, *, xds: bool = False, pods: str = "full") -> None:
+def _source_options(parser: argparse.ArgumentParser, *, xds: bool = False) -> None:
     """Where the route table comes from: the same options for `run` and `controller` (`run` may follow a
-    controller: `xds`; the controller reads pod metadata: `pods`)."""
+    controller: `xds`)."""
     parser.add_argument("--config", action="append", default=None, metavar="FILE",
                         help="swimlane manifests or endpoints file; repeatable (env LANEPROXY_CONFIG, comma-separated)")
     if xds:
@@ -466,10 +466,11 @@ def _source_options(parser: argparse.ArgumentParser, *, xds: bool = False, pods:
                      default=_checked_env("WATCH_READ_TIMEOUT", "60", _positive_seconds),
                         help="--source kubernetes: seconds a watch may stay silent before it is opened again, so a "
                              "connection dead without a FIN is noticed (env LANEPROXY_WATCH_READ_TIMEOUT)")
-    parser.add_argument("--pods", choices=["full", "metadata"], default=_checked_env("PODS", pods, ["full", "metadata"]),
+    parser.add_argument("--pods", choices=["full", "metadata"], default=_checked_env("PODS", "full", ["full", "metadata"]),
                         help="--source kubernetes: read whole Pods (full), or only the metadata of the pods labelled "
                              "ASM_TRAFFIC_TAG, with addresses and readiness from EndpointSlices alone (metadata: far "
-                             f"less memory; needs the EndpointSlice API) (default {pods}; env LANEPROXY_PODS)")
+                             "less memory; needs the EndpointSlice API; the controller's Deployment reads metadata) "
+                             "(env LANEPROXY_PODS)")
     parser.add_argument("--table-stale-after", type=_positive_seconds,
                      default=_checked_env("TABLE_STALE_AFTER", "180", _positive_seconds),
                         help="seconds the route table may be behind its source before laneproxy.config.table_stale "
