@@ -253,7 +253,7 @@ async def run(args: argparse.Namespace) -> dict:
     results: dict = {"pods": args.pods, "services": len(services), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                      "machine": f"{platform.machine()} {os.cpu_count()} CPUs, python {platform.python_version()}",
                      "load_before": os.getloadavg()[0]}
-    with KubeApiServer(binary=ensure_binary()) as kube:
+    with KubeApiServer(binary=ensure_binary(), service_cluster_ip_range="10.96.0.0/16") as kube:
         configuration = client.Configuration()
         await config.load_kube_config(config_file=str(kube.kubeconfig_path), client_configuration=configuration)
         async with client.ApiClient(configuration=configuration) as api:
