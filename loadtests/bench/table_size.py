@@ -8,7 +8,7 @@ baseline), the 10,000-service table walked by 15 combinations of its own (only t
 the 10,000-service table walked by 10,000 combinations (bench's case: every request a different service,
 lane and trace id, so also a different cluster's stats, Istio series and trace-table entry). Prints
 req/s, CPU per request and each case against the baseline of the same round; `--profile` adds a py-spy
-profile of the last case. Nothing is asserted.
+profile of each case. Nothing is asserted.
 
     .venv/bin/python loadtests/bench/table_size.py [--services 10000] [--rounds 3] [--duration 5] [--profile]
 """
@@ -109,15 +109,16 @@ def main() -> None:
                   f"| {statistics.median(ratios[case]) * 100:.0f}% |")
         spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
         if args.profile and Path(spy).exists():
-            raw = work / "wide.profile.txt"
-            recorder = subprocess.Popen([spy, "record", "--format", "raw", "--output", str(raw), "--pid", str(big.pid),
-                                         "--duration", str(int(args.duration)), "--nonblocking"],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            service, mix = mixes[cases[-1]]
-            wrk.run(f"http://127.0.0.1:{service.port}/", script, connections=args.connections,
-                    duration=args.duration + 1, core=LOAD_CORE, script_args=(str(mix),))
-            recorder.wait(timeout=60)
-            print(f"py-spy profile of the wide case (collapsed stacks): {raw}")
+            for number, case in enumerate(cases):
+                service, mix = mixes[case]
+                raw = work / f"profile-{number}.txt"
+                recorder = subprocess.Popen([spy, "record", "--format", "raw", "--output", str(raw), "--pid",
+                                             str(service.pid), "--duration", str(int(args.duration)), "--rate", "1000", "--nonblocking"],
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                wrk.run(f"http://127.0.0.1:{service.port}/", script, connections=args.connections,
+                        duration=args.duration + 1, core=LOAD_CORE, script_args=(str(mix),))
+                recorder.wait(timeout=60)
+                print(f"py-spy profile of {case} (collapsed stacks): {raw}")
     finally:
         for service in reversed(started):
             service.stop()
