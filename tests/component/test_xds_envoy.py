@@ -222,3 +222,28 @@ def test_envoy_accepts_an_external_name_service_as_a_dns_cluster_and_every_proto
         assert addresses(sidecar.receive()) == {external: ["localhost:5432"]}
     finally:
         sidecar.close()
+
+
+def test_envoy_resumes_from_a_restarted_controller_with_nothing_resent_and_nothing_refused(oracle, tmp_path) -> None:
+    controller, endpoints, envoy = oracle
+    expected = expected_hosts(LANES)
+    wait_for(lambda: envoy.hosts() == expected, "Envoy's clusters and hosts", timeout=15)
+    port = controller.xds_port
+    controller.stop()
+    # Another replica in its place (same input, same port): Envoy reconnects with the versions it holds.
+    replacement = ControllerProcess(SWIMLANES, endpoints, xds_port=port).start()
+    try:
+        wait_for(lambda: replacement.stats()["controller.xds.streams_connected"] == 1, "Envoy reconnected",
+                 timeout=30)
+        wait_for(lambda: replacement.stats()["controller.xds.cluster_load_assignment.pushes"] >= 1,
+                 "Envoy's EDS subscription answered")
+        stats = replacement.stats()
+        assert stats["controller.xds.cluster.resources_sent"] == 0
+        assert stats["controller.xds.cluster_load_assignment.resources_sent"] == 0
+        assert stats["controller.xds.streams_ended_malformed"] == 0
+        assert envoy.hosts() == expected
+        changed = {**LANES, "mockb": {"base": ["127.0.0.1:16002"], "canary": ["127.0.0.1:16008"]}}
+        write_endpoints(endpoints, changed)
+        wait_for(lambda: envoy.hosts() == expected_hosts(changed), "Envoy following the new replica", timeout=5)
+    finally:
+        replacement.stop()
