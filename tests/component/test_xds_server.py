@@ -8,6 +8,11 @@ stream; the controller keeps serving everyone else.
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+
 import grpc
 import pytest
 from envoy.config.endpoint.v3 import endpoint_pb2
@@ -222,7 +227,8 @@ def test_a_nack_is_counted_and_logged_with_its_reason_and_that_version_is_not_se
     sidecar.send(type_url=ASSIGNMENT, response_nonce=rejected.nonce, error_detail=status_pb2.Status(
         code=3, message="endpoint 10.1.0.4 is not in any lane of mine"))
     wait_until(lambda: controller.stats()["controller.xds.cluster_load_assignment.nacks"] == 1, "the NACK counted")
-    assert any("endpoint 10.1.0.4 is not in any lane of mine" in line for line in controller.log)
+    wait_until(lambda: any("endpoint 10.1.0.4 is not in any lane of mine" in line for line in controller.log),
+               "the NACK's reason in the controller's log")
     # The stream's next request (a subscription to mockb) gets mockb only: the NACKed version is not resent...
     sidecar.send(type_url=ASSIGNMENT, resource_names_subscribe=[f"outbound|8000||{fqdn('mockb')}"])
     response = sidecar.receive()
@@ -269,3 +275,53 @@ def test_an_ack_with_a_nonce_never_sent_ends_only_that_stream(world) -> None:
     other.send(type_url=CLUSTER)
     assert names(other.receive()) == ALL_CLUSTERS
     assert controller.stats()["controller.xds.streams_connected"] == 1
+
+
+def controller_exit(*args: str) -> subprocess.CompletedProcess:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("LANEPROXY_")}
+    return subprocess.run([sys.executable, "-m", "laneproxy", "controller", "--xds-address", "127.0.0.1",
+                           "--admin", "127.0.0.1:0", *args], capture_output=True, text=True, timeout=30,
+                          env=environment)
+
+
+def test_a_controller_whose_xds_port_is_taken_exits_2_naming_it_never_sharing_the_port(tmp_path) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = controller_exit("--xds-port", str(port), "--config", str(SWIMLANES))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"laneproxy controller: xDS on 127.0.0.1:{port}" in result.stderr
+
+
+def test_a_controller_whose_configuration_is_rejected_exits_2_with_every_problem(tmp_path) -> None:
+    broken = tmp_path / "swimlanes.yaml"
+    broken.write_text(SWIMLANES.read_text().replace("fallbackTarget: base", "fallbackTarget: nowhere"))
+    result = controller_exit("--xds-port", "0", "--config", str(broken))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "laneproxy controller: configuration rejected" in result.stderr
+    assert "unknown lane 'nowhere'" in result.stderr
+
+
+def test_a_client_moving_to_another_replica_is_sent_nothing_it_already_has(world) -> None:
+    controller, endpoints, stream = world
+    other = ControllerProcess(SWIMLANES, endpoints).start()  # a second replica on the same input
+    try:
+        versions = {}
+        for type_url in (CLUSTER, GROUP):
+            first = stream()
+            first.send(type_url=type_url)
+            versions[type_url] = {r.name: r.version for r in first.receive().resources}
+            first.close()
+        moved = AdsStream(other.xds_port)
+        try:
+            for type_url in (CLUSTER, GROUP):
+                moved.send(type_url=type_url, initial_resource_versions=versions[type_url])
+                response = moved.receive()
+                assert response.type_url == type_url
+                assert not response.resources and not response.removed_resources
+            assert other.stats()["controller.xds.cluster.resources_sent"] == 0
+        finally:
+            moved.close()
+    finally:
+        other.stop()
