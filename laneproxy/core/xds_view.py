@@ -403,13 +403,17 @@ class XdsView:
                 affected.add(f"SwimLaneGroup/{name}")
         else:
             raise XdsResourceError([ConfigProblem(update.type_url, "type_url", "not a type this sidecar subscribes to")])
+        new_ports_of: dict[str, set[str]] = {}
+        for name, port in ports.items():
+            if port is not None:
+                new_ports_of.setdefault(port.key, set()).add(name)
         changes: dict[str, tuple[ConfigDocument, ...]] = {}
         for item in sorted(affected):
             if item.startswith("SwimLaneGroup/"):
                 name = item.partition("/")[2]
                 changes[f"{_SOURCE_PREFIX}{item}"] = (groups[name] if name in groups else self.groups.get(name)) or ()
                 continue
-            names = set(self._ports_of.get(item, ())) | {n for n, p in ports.items() if p is not None and p.key == item}
+            names = self._ports_of.get(item, set()) | new_ports_of.get(item, set())
             key_ports = [port for port in (ports[n] if n in ports else self.ports.get(n) for n in names) if port is not None]
             key_ports.sort(key=lambda p: (not p.first_port, p.port))
             endpoints = {port.cluster: found for port in key_ports

@@ -16,10 +16,12 @@ with the table, each in a fresh process (only the source's own imports loaded). 
 from __future__ import annotations
 
 import argparse
+import pickle
 import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,31 +36,26 @@ from laneproxy.core.xds_view import ASSIGNMENT_TYPE, CLUSTER_TYPE, GROUP_TYPE, U
 from laneproxy.xds.resources import ResourceEncoder  # noqa: E402
 
 RSS_PROBE = """
-import gc, re, sys
+import gc, pickle, re, sys
 sys.path.insert(0, {bench!r})
-from table_update import NAMESPACE, documents
-from laneproxy.core.build import build
-docs = documents({services})
-table = build([docs[s] for s in sorted(docs)], version="0", namespace=NAMESPACE).table
 if {xds}:
-    import laneproxy.control.xds as source
+    import laneproxy.control.xds as source  # grpcio and the messages, as --source xds:// loads them
     from laneproxy.core.xds_view import ASSIGNMENT_TYPE, CLUSTER_TYPE, GROUP_TYPE, Update, XdsView
-    from laneproxy.xds.resources import encode_table
-    resources = encode_table(table)
-    del docs, table
-    view = XdsView(namespace=NAMESPACE)
+    with open({resources!r}, "rb") as saved:
+        resources = pickle.load(saved)  # type URL -> [(name, bytes)], as the controller sent them
+    view = XdsView(namespace="default")
     for type_url in (CLUSTER_TYPE, GROUP_TYPE, ASSIGNMENT_TYPE):
-        names = view.service_clusters if type_url == ASSIGNMENT_TYPE else resources.by_type[type_url]
-        view.apply(Update(type_url, {{n: source.decode_resource(type_url, n, resources.by_type[type_url][n].resource()
-                                     .resource.value) for n in names}}), version="0")
+        view.apply(Update(type_url, {{name: source.decode_resource(type_url, name, value)
+                                     for name, value in resources[type_url]}}), version="0")
     del resources
 else:
     import kubernetes_asyncio  # the direct source's client, loaded by --source kubernetes
+    from table_update import NAMESPACE, documents
+    from laneproxy.core.build import build
     from laneproxy.core.incremental import IncrementalTable
-    from laneproxy.core.build import build as full
-    built = full([docs[s] for s in sorted(docs)], version="0", namespace=NAMESPACE)
+    docs = documents({services})  # the source keeps every object it watches
+    built = build([docs[s] for s in sorted(docs)], version="0", namespace=NAMESPACE)
     keep = (docs, IncrementalTable(built, namespace=NAMESPACE, rank=lambda s: s))
-    del table
 gc.collect()
 print(int(re.search(r"VmRSS:\\s+(\\d+)", open("/proc/self/status").read()).group(1)))
 """
@@ -70,8 +67,9 @@ def cpu(action) -> float:
     return time.process_time() - started
 
 
-def rss_mib(services: int, xds: bool) -> float:
-    probe = RSS_PROBE.format(bench=str(Path(__file__).resolve().parent), services=services, xds=xds)
+def rss_mib(services: int, xds: bool, resources: str = "") -> float:
+    probe = RSS_PROBE.format(bench=str(Path(__file__).resolve().parent), services=services, xds=xds,
+                             resources=resources)
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     return int(out.strip().splitlines()[-1]) / 1024
 
@@ -108,13 +106,13 @@ def main() -> None:
         source = f"kubernetes:Pod/{NAMESPACE}/{name}-canary"
         docs[source] = ConfigDocument(source, pod)
         version = str(update + 1)
-        timings["direct"].append(cpu(lambda: direct.apply({source: [docs[source]]}, version=version)))
+        timings["direct"].append(cpu(lambda s=source, v=version: direct.apply({s: [docs[s]]}, version=v)))
         table = direct.table
         resources = encoder.encode(table)  # the controller's side, not timed
         cluster = f"outbound|8000||{name}.{NAMESPACE}.svc.cluster.local"
         value = resources.by_type[ASSIGNMENT_TYPE][cluster].resource().resource.value
 
-        def on_xds() -> None:
+        def on_xds(cluster: str = cluster, value: bytes = value, version: str = version) -> None:
             view.apply(Update(ASSIGNMENT_TYPE, {cluster: decode_resource(ASSIGNMENT_TYPE, cluster, value)}),
                        version=version)
 
@@ -123,8 +121,16 @@ def main() -> None:
     print(f"one pod's change, median of {args.updates}: direct source {direct_ms:.2f} ms CPU, xDS sidecar "
           f"{xds_ms:.2f} ms CPU ({xds_ms / direct_ms:.2f}x the direct source's, "
           f"{full_build * 1000 / xds_ms:.0f}x less than a full build)")
+    with tempfile.TemporaryDirectory(prefix="xds-bench-") as scratch:
+        saved = Path(scratch) / "resources.pickle"
+        wanted = {ASSIGNMENT_TYPE: view.service_clusters}
+        saved.write_bytes(pickle.dumps({type_url: [(name, encoded.resource().resource.value)
+                                                   for name, encoded in resources.by_type[type_url].items()
+                                                   if type_url not in wanted or name in wanted[type_url]]
+                                        for type_url in (CLUSTER_TYPE, GROUP_TYPE, ASSIGNMENT_TYPE)}))
+        xds_rss = rss_mib(args.services, True, str(saved))
     print(f"resident memory with the table: direct source {rss_mib(args.services, False):.1f} MiB "
-          f"(objects and indexes), xDS sidecar {rss_mib(args.services, True):.1f} MiB (grpcio and the view)")
+          f"(every object, the table, the indexes), xDS sidecar {xds_rss:.1f} MiB (grpcio, the view and the table)")
 
 
 def platform_line() -> str:
