@@ -47,8 +47,9 @@ if {xds}:
     view = XdsView(namespace="default")
     for type_url in (CLUSTER_TYPE, GROUP_TYPE, ASSIGNMENT_TYPE):
         view.apply(Update(type_url, {{name: source.decode_resource(type_url, name, value)
-                                     for name, value in resources[type_url]}}), version="0")
+                                     for name, value in resources[type_url]}}), version="0", build_table=False)
     del resources
+    view.rebuild("0")
 else:
     import kubernetes_asyncio  # the direct source's client, loaded by --source kubernetes
     from xds_update import NAMESPACE, documents
@@ -105,10 +106,12 @@ def main() -> None:
     resources = encoder.encode(built.table)
     view = XdsView(namespace=NAMESPACE)
     started = time.process_time()
-    for type_url in (CLUSTER_TYPE, GROUP_TYPE, ASSIGNMENT_TYPE):
+    for type_url in (CLUSTER_TYPE, GROUP_TYPE, ASSIGNMENT_TYPE):  # as control/xds.py: kept, then one build
         names = view.service_clusters if type_url == ASSIGNMENT_TYPE else resources.by_type[type_url]
         view.apply(Update(type_url, {n: decode_resource(type_url, n, resources.by_type[type_url][n].resource()
-                                                        .resource.value) for n in names}), version="0")
+                                                        .resource.value) for n in names}), version="0",
+                   build_table=False)
+    view.rebuild("0")
     first_snapshot = time.process_time() - started
     print(f"{platform_line()}\n{args.services} services, {max(args.pods, 2 * args.services)} pods, {len(docs)} objects")
     print(f"full build {full_build * 1000:.0f} ms CPU; the sidecar's first xDS snapshot (decode and build) "
