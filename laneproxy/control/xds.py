@@ -50,6 +50,7 @@ from laneproxy.core.xds_view import (
     decode_assignment,
     decode_cluster,
     decode_group,
+    parse_cluster_name,
 )
 
 log = logging.getLogger("laneproxy.xds")
@@ -96,6 +97,9 @@ def decode_resource(type_url: str, name: str, value: bytes) -> Any:
         if cluster.name != name:
             raise XdsResourceError([ConfigProblem(f"Cluster({name})", "name", f"{cluster.name!r} differs from the "
                                                                               "resource's name")])
+        parsed = parse_cluster_name(name)
+        if parsed is not None and parsed[1]:
+            return None  # a lane's cluster: its lane comes from the whole service's endpoint labels, never read
         metadata = cluster.metadata.filter_metadata
         laneproxy = _plain_struct(metadata["laneproxy"]) if "laneproxy" in metadata else None
         return decode_cluster(name, laneproxy)
