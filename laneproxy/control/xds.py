@@ -28,7 +28,7 @@ from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2, health_check_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import struct_pb2
 from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, status_pb2
 
@@ -50,6 +50,7 @@ from laneproxy.core.xds_view import (
     decode_assignment,
     decode_cluster,
     decode_group,
+    parse_cluster_name,
 )
 
 log = logging.getLogger("laneproxy.xds")
@@ -73,6 +74,22 @@ def node_id(*, pod_ip: str | None, pod_name: str | None, namespace: str) -> str:
     return f"sidecar~{pod_ip or '127.0.0.1'}~{pod_name or 'laneproxy'}.{namespace}~{namespace}.svc.cluster.local"
 
 
+def _plain_value(value: struct_pb2.Value) -> Any:
+    kind = value.WhichOneof("kind")
+    if kind == "struct_value":
+        return _plain_struct(value.struct_value)
+    if kind == "list_value":
+        return [_plain_value(item) for item in value.list_value.values]
+    if kind == "null_value" or kind is None:
+        return None
+    return getattr(value, kind)
+
+
+def _plain_struct(struct: struct_pb2.Struct) -> dict[str, Any]:
+    """A Struct as dicts, lists, strings, floats, bools and None (json_format's, without its generality)."""
+    return {key: _plain_value(value) for key, value in struct.fields.items()}
+
+
 def decode_resource(type_url: str, name: str, value: bytes) -> Any:
     """One resource's bytes as core.xds_view reads it; raises DecodeError or XdsResourceError."""
     if type_url == CLUSTER_TYPE:
@@ -80,8 +97,11 @@ def decode_resource(type_url: str, name: str, value: bytes) -> Any:
         if cluster.name != name:
             raise XdsResourceError([ConfigProblem(f"Cluster({name})", "name", f"{cluster.name!r} differs from the "
                                                                               "resource's name")])
+        parsed = parse_cluster_name(name)
+        if parsed is not None and parsed[1]:
+            return None  # a lane's cluster: its lane comes from the whole service's endpoint labels, never read
         metadata = cluster.metadata.filter_metadata
-        laneproxy = json_format.MessageToDict(metadata["laneproxy"]) if "laneproxy" in metadata else None
+        laneproxy = _plain_struct(metadata["laneproxy"]) if "laneproxy" in metadata else None
         return decode_cluster(name, laneproxy)
     if type_url == ASSIGNMENT_TYPE:
         assignment = endpoint_pb2.ClusterLoadAssignment.FromString(value)
@@ -95,11 +115,11 @@ def decode_resource(type_url: str, name: str, value: bytes) -> Any:
                     continue
                 address = lb_endpoint.endpoint.address.socket_address
                 metadata = lb_endpoint.metadata.filter_metadata
-                labels = json_format.MessageToDict(metadata["laneproxy"]) if "laneproxy" in metadata else None
+                labels = _plain_struct(metadata["laneproxy"]) if "laneproxy" in metadata else None
                 endpoints.append((address.address, address.port_value, labels))
         return decode_assignment(name, endpoints)
     fields = struct_pb2.Struct.FromString(value)
-    return decode_group(name, json_format.MessageToDict(fields))
+    return decode_group(name, _plain_struct(fields))
 
 
 class _Reconnect(Exception):
@@ -248,15 +268,22 @@ class XdsSource:
             self.unknown_types += 1
             log.warning("xDS response of a type never subscribed to (%s): NACKed", type_url)
             return [self._nack(response, f"{type_url} is not a type this sidecar subscribes to")]
-        def apply() -> tuple[Update, Built]:
+        def apply() -> tuple[Update, Built | None]:
             update = self._decode(response)
-            return update, self.view.apply(update, version=response.system_version_info)
+            version = response.system_version_info
+            # Until the first full snapshot, responses are checked and kept; the table is built once, when the
+            # last of them is in. (Should that build fail, this response is NACKed and the next one tries again.)
+            built = self.view.apply(update, version=version, build_table=self.complete)
+            answered = {t for t, s in self.types.items() if s.answered} | {type_url}
+            if built is None and {CLUSTER_TYPE, GROUP_TYPE} <= answered and not self.view.missing_assignments():
+                built = self.view.rebuild(version)
+            return update, built
 
         size = len(response.resources) + len(response.removed_resources)
         try:
             # A few assignments are applied on the event loop (core.incremental: a few ms at 10,000 services); a
             # snapshot, or a change of groups (a full build), in a worker thread, as the other sources do.
-            if type_url == ASSIGNMENT_TYPE and size <= INLINE_UPDATE_LIMIT:
+            if self.complete and type_url == ASSIGNMENT_TYPE and size <= INLINE_UPDATE_LIMIT:
                 update, built = apply()
             else:
                 update, built = await build_off_loop(apply)
@@ -277,7 +304,8 @@ class XdsSource:
         out = [discovery_pb2.DeltaDiscoveryRequest(node=self.node, type_url=type_url, response_nonce=response.nonce)]
         if type_url == CLUSTER_TYPE:
             out.extend(self._follow_clusters())
-        self._publish(built.table, settle=not (type_url == ASSIGNMENT_TYPE and size <= INLINE_UPDATE_LIMIT))
+        if built is not None:
+            self._publish(built.table, settle=not (type_url == ASSIGNMENT_TYPE and size <= INLINE_UPDATE_LIMIT))
         return out
 
     def _follow_clusters(self) -> list[discovery_pb2.DeltaDiscoveryRequest]:
