@@ -61,11 +61,15 @@ SUBSCRIBED = (CLUSTER_TYPE, GROUP_TYPE, ASSIGNMENT_TYPE)
 INLINE_UPDATE_LIMIT = 64
 _SETTLED = 5.0  # a stream that lasted this long starts the backoff over, even if it carried nothing new
 _SERVING = (health_check_pb2.HealthStatus.UNKNOWN, health_check_pb2.HealthStatus.HEALTHY)
-# HTTP/2 PINGs on an idle stream: gRPC servers refuse them more often than every 5 minutes by default, so
-# this only finds a controller gone without a FIN (a power-off); one that stopped answering is noticed by
-# the first-snapshot timeout, and the table stays in service meanwhile.
-_CHANNEL_OPTIONS = [("grpc.keepalive_time_ms", 300_000), ("grpc.keepalive_timeout_ms", 20_000),
-                    ("grpc.keepalive_permit_without_calls", 0), ("grpc.max_receive_message_length", 64 << 20),
+# HTTP/2 PINGs every 30 s on the stream, answered within 10 s (grpc-core's own ping timeout is a minute unless
+# set), so a controller gone without a FIN or one that stopped answering (a half-open connection) is noticed
+# in about 40 s and the source moves to the
+# next address; the table stays in service meanwhile. The controller permits pings this often
+# (xds/server.KEEPALIVE_OPTIONS); gRPC servers' default refuses them more often than every 5 minutes.
+_CHANNEL_OPTIONS = [("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_timeout_ms", 10_000),
+                    ("grpc.http2.ping_timeout_ms", 10_000),
+                    ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0),
+                    ("grpc.max_receive_message_length", 64 << 20),
                     ("grpc.enable_retries", 0)]
 
 

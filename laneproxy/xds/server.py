@@ -51,6 +51,14 @@ MAX_UNKNOWN_PENDING = 64  # unknown type URLs one stream may have waiting for th
 _ABSENT = ""  # a version recorded for a name the client was told does not exist
 
 
+# Sidecars ping every 30 s to notice a half-open stream within a minute (control/xds.py); allow that, and no
+# more often than every 10 s, so a client pinging harder is sent GOAWAY as gRPC does.
+KEEPALIVE_OPTIONS = (("grpc.keepalive_permit_without_calls", 1),
+                     ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+                     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+                     ("grpc.http2.max_ping_strikes", 2))
+
+
 class StreamRefusedError(Exception):
     """A request that ends its stream: the gRPC status code and the reason sent with it."""
 
@@ -149,7 +157,8 @@ class DeltaAdsServer:
     async def start(self, host: str, port: int) -> int:
         """Listen on host:port (0: the kernel chooses); returns the bound port."""
         # No SO_REUSEPORT: a port another process holds is an error at start, never a shared port.
-        server = grpc.aio.server(options=[("grpc.max_receive_message_length", 4 * 1024 * 1024), ("grpc.so_reuseport", 0)])
+        server = grpc.aio.server(options=[("grpc.max_receive_message_length", 4 * 1024 * 1024), ("grpc.so_reuseport", 0),
+                                          *KEEPALIVE_OPTIONS])
         handlers = {
             "DeltaAggregatedResources": grpc.stream_stream_rpc_method_handler(
                 self._delta, request_deserializer=None, response_serializer=None),

@@ -9,6 +9,8 @@ starts before any controller answers is not ready until the first full snapshot.
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -127,6 +129,29 @@ def test_the_chain_on_xds_takes_the_lanes_the_files_give_and_follows_the_control
                    "every proxy connected again", timeout=30)
     finally:
         restarted.stop()
+
+
+def test_a_controller_that_stops_answering_without_closing_is_left_for_the_other_within_a_minute(xds_chain):
+    """A frozen process (SIGSTOP: a hung controller, or a node gone without a FIN) keeps its connections open
+    and answers nothing; only the stream's keepalive pings notice it. The proxies keep serving meanwhile."""
+    cluster, (first, second) = xds_chain
+    mock = cluster.gateway_url + "/mock"
+    on_first = f"connected 127.0.0.1:{first.xds_port}"
+    assert all(controller_of(port) == on_first for port in admin_ports(cluster))
+    os.kill(first.process.pid, signal.SIGSTOP)
+    try:
+        frozen_at = time.monotonic()
+        canary_mockc = next(p for p in cluster.pods if p.app == "mockc" and p.lane == "canary")
+        cluster.write_endpoints([p for p in cluster.pods if p is not canary_mockc])
+        assert get(mock, {"x-asm-prefer-tag": "canary", "my-request-id": "f0"}) == (200, CANARY_CHAIN)
+        wait_until(lambda: get(mock, {"x-asm-prefer-tag": "canary", "my-request-id": f"f{time.monotonic()}"})
+                   == (200, CANARY_WITHOUT_MOCKC), "the change followed through the other replica", timeout=75)
+        on_second = f"connected 127.0.0.1:{second.xds_port}"
+        wait_until(lambda: all(controller_of(port) == on_second for port in admin_ports(cluster)),
+                   "every proxy on the second replica", timeout=30)
+        print(f"a frozen controller left for the other in {time.monotonic() - frozen_at:.1f}s")
+    finally:
+        os.kill(first.process.pid, signal.SIGCONT)
 
 
 def test_a_sidecar_started_before_its_controller_is_not_ready_until_the_first_full_snapshot(tmp_path):
