@@ -154,7 +154,7 @@ class Http2UpstreamStream:
         self.pool.tx_bytes += sent
         if ended:
             self.ended = True
-        connection.flush()
+        connection.flush_soon()
         sink = self.sink
         if sink is None:
             return
@@ -234,6 +234,7 @@ class Http2UpstreamConnection(asyncio.Protocol):
         self.closed = False
         self.retired = False  # GOAWAY received or sent: no new streams
         self.server_limit = MAX_STREAMS_PER_CONNECTION
+        self.flush_pending = False
 
     @property
     def capacity(self) -> int:
@@ -366,7 +367,7 @@ class Http2UpstreamConnection(asyncio.Protocol):
     def stream_done(self, stream: Http2UpstreamStream) -> None:
         self.streams.pop(stream.stream_id, None)
         self.active -= 1
-        self.flush()
+        self.flush_soon()
         if self.retired and not self.streams:
             self.close()
         else:
@@ -382,15 +383,28 @@ class Http2UpstreamConnection(asyncio.Protocol):
                 self.h2.increment_flow_control_window(size)
             except (h2.exceptions.FlowControlError, h2.exceptions.ProtocolError):
                 pass
-        self.flush()
+        self.flush_soon()
 
     def flush(self) -> None:
+        self.flush_pending = False
         data = self.h2.data_to_send()
         if data and self.transport is not None and not self.closed:
             self.transport.write(data)
 
+    def flush_soon(self) -> None:
+        """Write once this pass of the event loop is over: the requests of many client streams opened in one
+        pass go out in one write, not a send() each (see Http2Connection.flush_soon)."""
+        if not self.flush_pending:
+            self.flush_pending = True
+            self.pool.loop.call_soon(self._flush_pending)
+
+    def _flush_pending(self) -> None:
+        if self.flush_pending:
+            self.flush()
+
     def close(self) -> None:
         if not self.closed:
+            self.flush()  # frames a flush_soon() was to send (a RST_STREAM, the last request DATA)
             self.closed = True
             self.pool.forget(self)
             if self.transport is not None:
@@ -411,7 +425,7 @@ class Http2Pool:
         self.open_count = 0
         self.pending = 0
         self.rx_bytes = self.tx_bytes = self.destroyed_local = self.destroyed_remote = 0
-        self._loop = loop
+        self._loop = self.loop = loop
         self._connect_timeout = connect_timeout
 
     def take_stream(self) -> Http2UpstreamStream | None:
