@@ -282,15 +282,17 @@ class Bench:
 
     def _measure(self, round_index: int, kind: str, case: str, url: str, script: Path, pids_of, *, connections: int,
                  duration: float, script_args: tuple[str, ...] = (), during=None, rss_of=None) -> dict:
+        user_before = processes.user_seconds(pids_of())
         cpu_before = processes.cpu_seconds(pids_of())
         result = wrk.run(url, script, connections=connections, duration=duration, core=LOAD_CORE,
                          script_args=script_args, during=during)
-        return self._record(round_index, kind, case, result, pids_of, cpu_before, connections)
+        return self._record(round_index, kind, case, result, pids_of, cpu_before, connections, user_before)
 
     def _record(self, round_index: int, kind: str, case: str, result: wrk.WrkResult, pids_of, cpu_before: float,
-                connections: int) -> dict:
+                connections: int, user_before: float | None = None) -> dict:
         pids = pids_of()
         cpu = processes.cpu_seconds(pids) - cpu_before
+        user = None if user_before is None else processes.user_seconds(pids) - user_before
         record = {
             "round": round_index, "kind": kind, "case": case, "connections": connections,
             "requests": result.requests, "duration_s": round(result.duration_s, 3), "rps": round(result.rps, 1),
@@ -298,6 +300,7 @@ class Bench:
             "max_us": result.max_us, "mean_us": round(result.mean_us, 1), "errors": result.errors,
             "cpu_s": round(cpu, 3),
             "cpu_us_per_request": round(cpu * 1e6 / result.requests, 2) if result.requests else None,
+            "user_us_per_request": round(user * 1e6 / result.requests, 2) if result.requests and user is not None else None,
             "rss_bytes": processes.rss_bytes(pids),
         }
         self.runs.append(record)
@@ -390,11 +393,13 @@ class Bench:
         args = self.args
         h2c = self._h2c_cases()
         for case, port, pids_of in h2c[index % len(h2c):] + h2c[:index % len(h2c)]:
+            user_before = processes.user_seconds(pids_of())
             cpu_before = processes.cpu_seconds(pids_of())
             result = h2load.run(f"http://127.0.0.1:{port}/", authority=H2C_HOST, headers={"my-request-id": tables.TRACE_ID},
                                 connections=args.h2_connections, streams=args.h2_streams, duration=args.duration,
                                 core=LOAD_CORE, log_path=self.work / f"h2load-{case}-{index}.log")
-            self._record(index, "h2c", case, result, pids_of, cpu_before, args.h2_connections * args.h2_streams)
+            self._record(index, "h2c", case, result, pids_of, cpu_before, args.h2_connections * args.h2_streams,
+                         user_before)
         ws = self._websocket_cases()
         for case, port, pids_of in ws[index % len(ws):] + ws[:index % len(ws)]:
             cpu_before = processes.cpu_seconds(pids_of())

@@ -58,6 +58,7 @@ def summarise(data: dict) -> dict:
             "p50_us": _median(r["p50_us"] for r in rows),
             "p99_us": _median(r["p99_us"] for r in rows),
             "cpu_us_per_request": _median(r["cpu_us_per_request"] for r in rows),
+            "user_us_per_request": _median(r.get("user_us_per_request") for r in rows),
             "rss_bytes": _median(r["rss_bytes"] for r in rows),
             "errors": sum(sum(r["errors"].values()) for r in rows),
             "vs_nginx": _ratio_per_round(runs, "throughput", case, "nginx"),
@@ -141,6 +142,8 @@ def targets(summary: dict, data: dict) -> list[dict]:
             _times(t.get("vs_envoy"))),
         row("CPU <= 25 us per proxied request", t.get("cpu_us_per_request"),
             check(t.get("cpu_us_per_request"), lambda v: v <= 25), _us(t.get("cpu_us_per_request"))),
+        row("of which user space <= 8 us", t.get("user_us_per_request"),
+            check(t.get("user_us_per_request"), lambda v: v <= 8), _us(t.get("user_us_per_request"))),
         row("added latency per hop at p50, one connection, <= 1.2x nginx's", added_ratio,
             check(added_ratio, lambda v: v <= 1.2),
             "n/a" if added_ratio is None else f"{added:.0f} us = {added_ratio:.2f}x nginx's {nginx_added:.0f} us"),
@@ -221,6 +224,10 @@ def _mib(v):
     return "n/a" if v is None else f"{v / MiB:.1f} MiB"
 
 
+def _num(v):
+    return "n/a" if v is None else f"{v:.1f}"
+
+
 def _k(v):
     return "n/a" if v is None else f"{v:,.0f}"
 
@@ -247,18 +254,19 @@ def markdown(data: dict, *, chart_name: str | None = None) -> str:
         "",
         "### Throughput, one worker each",
         "",
-        "| case | req/s | vs nginx | vs Envoy | p50 ms | p99 ms | CPU us/req | RSS MiB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| case | req/s | vs nginx | vs Envoy | p50 ms | p99 ms | CPU us/req | of it user us/req | RSS MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for case, r in s["throughput"].items():
         out.append(f"| {case} | {_k(r['rps'])} | {_pct(r['vs_nginx'])} | {_times(r['vs_envoy'])} | "
                    f"{r['p50_us'] / 1000:.2f} | {r['p99_us'] / 1000:.2f} | {r['cpu_us_per_request']:.1f} | "
-                   f"{r['rss_bytes'] / MiB:.1f} |")
+                   f"{_num(r.get('user_us_per_request'))} | {r['rss_bytes'] / MiB:.1f} |")
     for case, r in s["demo"].items():
         out.append(f"| {case}, informational | {_k(r['rps'])} | | | {r['p50_us'] / 1000:.2f} | {r['p99_us'] / 1000:.2f} | "
-                   f"{r['cpu_us_per_request']:.0f} (11 processes) | {r['rss_bytes'] / MiB:.0f} |")
+                   f"{r['cpu_us_per_request']:.0f} (11 processes) | | {r['rss_bytes'] / MiB:.0f} |")
     out += ["", "`direct` is wrk against the upstream itself: the limit; its CPU column is the upstream nginx's. "
-            "CPU is utime+stime of the proxy's processes from /proc over the run, divided by the requests wrk completed. "
+            "CPU is utime+stime of the proxy's processes from /proc over the run, divided by the requests wrk completed; "
+            "user is utime alone (the proxy's own code; the rest is the kernel's). "
             "The demo rows go through the gateway and three sidecar pairs with aiohttp mock apps (CPU summed over all "
             "eleven processes, on the proxy core).", ""]
     for kind, title, unit, item, note in (
