@@ -23,7 +23,7 @@ import h2.exceptions
 import h2.settings
 from h2.errors import ErrorCodes
 from h2.settings import SettingCodes
-from hpack import NeverIndexedHeaderTuple
+from hpack import HeaderTuple, NeverIndexedHeaderTuple
 
 from laneproxy.core import headers as h
 from laneproxy.dataplane.http2 import send_within_window
@@ -49,7 +49,7 @@ _INDEXABLE = frozenset({b"content-type", b"te", b"user-agent", b"accept", b"acce
                         b"grpc-encoding"})
 
 
-def _header_field(name: bytes, value: bytes) -> tuple[bytes, bytes]:
+def _header_field(name: bytes, value: bytes) -> HeaderTuple:
     """A request header as sent upstream: anything but a known constant is never indexed in HPACK's table.
 
     One upstream connection carries many clients' requests, and a peer may refuse a value it cannot parse
@@ -57,13 +57,17 @@ def _header_field(name: bytes, value: bytes) -> tuple[bytes, bytes]:
     the proxy's encoder had stored it, every later request on that connection would decode wrongly at the
     peer (found by tests/component/test_fuzz_http2.py: one bad call broke every call after it). Values that
     change per request (trace ids, timeouts) gain nothing from the table anyway.
+
+    Typed HeaderTuple, not tuple[bytes, bytes]: the compiled build keeps a value of that tuple type as a C
+    struct and builds a plain tuple again when it hands it on, so the never-indexed mark was lost (the fuzz
+    test's bad `grpc-timeout` broke the calls after it again, on the compiled build only).
     """
     if name in _INDEXABLE:
-        return (name, value)
+        return HeaderTuple(name, value)
     return NeverIndexedHeaderTuple(name, value)
 
 
-def _trailer_fields(sink: Exchange | None) -> list[tuple[bytes, bytes]] | None:
+def _trailer_fields(sink: Exchange | None) -> list[HeaderTuple] | None:
     """The request trailers the client sent, encoded as headers are (_header_field)."""
     trailers = sink.trailers if sink is not None else None
     return None if trailers is None else [_header_field(name, value) for name, value in trailers]
@@ -83,7 +87,7 @@ class Http2UpstreamStream:
         self.outbox: deque[bytes] = deque()  # request bytes waiting for the server's window
         self.end_pending = False
         self.ended = False  # END_STREAM went out
-        self.trailers: list[tuple[bytes, bytes]] | None = None
+        self.trailers: list[HeaderTuple] | None = None
         self.paused = False  # the client is not taking the response: its DATA is not acknowledged
         self.unacked = 0
         self.received_any = False
