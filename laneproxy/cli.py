@@ -158,7 +158,9 @@ def _version_text() -> str:
         version = metadata.version("laneproxy")
     except metadata.PackageNotFoundError:
         from laneproxy import __version__ as version
-    return f"laneproxy {version}"
+    from laneproxy import BUILD
+
+    return f"laneproxy {version}, {BUILD}"
 
 
 LOG_LEVELS = ["debug", "info", "warning", "error"]

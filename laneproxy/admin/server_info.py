@@ -8,7 +8,7 @@ import time
 
 from aiohttp import web
 
-from laneproxy import __version__
+from laneproxy import BUILD, __version__
 from laneproxy.admin.endpoint import AdminEndpoint, context
 
 
@@ -36,6 +36,8 @@ async def server_info(request: web.Request) -> web.Response:
                  "user_agent_build_version": {"version": dict(zip(("major_number", "minor_number", "patch"),
                                                                   map(int, __version__.split(".")[:3])))}},
         "config_version": proxy.store.current.version,
+        # Not Envoy's: which build of the hot path runs (compiled extensions or pure Python) and why.
+        "laneproxy_build": {"compiled": BUILD.compiled, "detail": str(BUILD)},
     }
     return web.Response(text=json.dumps(document, indent=1), content_type="application/json")
 

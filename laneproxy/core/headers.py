@@ -61,8 +61,8 @@ X_LANEPROXY_PEER = b"x-laneproxy-peer"
 X_LANEPROXY_ROUTE = b"x-laneproxy-route"
 # Hop-by-hop headers and laneproxy's per-hop ones: what a proxy never forwards as it received it (it
 # writes its own value of a per-hop header where it has one, so a client cannot forge either).
-NOT_FORWARDED = HOP_BY_HOP | {X_LANEPROXY_PEER, X_LANEPROXY_ROUTE}
+NOT_FORWARDED: frozenset[bytes] = HOP_BY_HOP | {X_LANEPROXY_PEER, X_LANEPROXY_ROUTE}
 # The mesh-internal failure marks: meant for the callers inside the mesh, so the gateway never sends them on
 # to its own clients (nor puts them on its local replies).
-MESH_MARKS = frozenset({X_LANEPROXY_FAILED_HOP, X_LANEPROXY_NOT_FORWARDED})
-NOT_FORWARDED_TO_CLIENTS = NOT_FORWARDED | MESH_MARKS
+MESH_MARKS: frozenset[bytes] = frozenset({X_LANEPROXY_FAILED_HOP, X_LANEPROXY_NOT_FORWARDED})
+NOT_FORWARDED_TO_CLIENTS: frozenset[bytes] = NOT_FORWARDED | MESH_MARKS

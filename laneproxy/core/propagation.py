@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Callable
 
+from mypy_extensions import mypyc_attr
+
 from laneproxy.core import headers
 
 _HEX = frozenset(b"0123456789abcdef")
@@ -93,6 +95,8 @@ def entry_bytes(key: bytes, lane: bytes) -> int:
     return len(key) + len(lane) + ENTRY_OVERHEAD_BYTES
 
 
+# Compiled with the hot path; the workers' shared table (laneproxy/workers.py) is an interpreted subclass.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class TraceLaneTable:
     """Trace key -> lane, least recently used first out, entries expiring `ttl` seconds after their last write.
 

@@ -141,31 +141,37 @@ class DownstreamConnection(asyncio.Protocol):
         """Requests received and not yet answered, pipelined ones included."""
         return (self.active is not None) + len(self.queue)
 
-    def _feed(self, data: bytes, start: int, *, whole_if_room: bool) -> None:
-        """Parse data[start:]; keep what is left when reading must stop (the queue or the buffer is full)."""
+    def _feed(self, data: bytes, start: int, *, whole_if_room: bool) -> bool:
+        """Parse data[start:]; keep what is left when reading must stop (the queue or the buffer is full).
+
+        True if bytes were kept for later (in `unparsed`). Callers test this rather than `unparsed` itself:
+        a caller that has just set `unparsed` to None would see it narrowed to None by the type checker, and
+        the compiled build trusts that narrowing (it raised TypeError when the feed had kept bytes again).
+        """
         if self.input_done:
-            return
+            return False
         end = len(data)
         room = self.listener.max_pipelined - len(self.queue)
         if whole_if_room and data.count(_HEAD_END, start) + 1 < room:
             # The common case, one request or a few per read: no slicing. (+1: a head whose end
             # straddles the previous read completes in this one without a whole terminator in it.)
             self._parse(data if start == 0 else memoryview(data)[start:])
-            return
+            return False
         # A burst of pipelined requests: one head per feed, so that parsing stops where the queue fills.
         view = memoryview(data)
         while start < end:
             if not self._may_read():
                 self.unparsed, self.unparsed_from = data, start  # bounded: no more is read until this is parsed
                 self.pause_reading()
-                return
+                return True
             stop = data.find(_HEAD_END, start)
             stop = end if stop < 0 else stop + len(_HEAD_END)
             if not self._parse(view[start:stop]):
                 if self.tunnel_early is not None:
                     self.tunnel_early += bytes(view[stop:])  # tunnels: the rest of this read follows the head
-                return
+                return False
             start = stop
+        return False
 
     def _parse(self, data: bytes | memoryview) -> bool:
         """Feed the parser, enforce the head limit on a head still arriving; False if parsing must stop."""
@@ -216,8 +222,7 @@ class DownstreamConnection(asyncio.Protocol):
         data, self.unparsed = self.unparsed, None
         if data is None or self.closed:
             return
-        self._feed(data, self.unparsed_from, whole_if_room=False)
-        if self.unparsed is None:
+        if not self._feed(data, self.unparsed_from, whole_if_room=False):
             self.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:

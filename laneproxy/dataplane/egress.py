@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from laneproxy.core import headers as h
 from laneproxy.core.errors import DownstreamProtocolError, EgressBlockedError, NoRouteError, UpstreamConnectError
@@ -83,7 +83,9 @@ def _in_mesh(table: RouteTable, host: str, port: int) -> bool:
 
 
 def _is_this_listener(listener: Listener, host: str, port: int) -> bool:
-    server = cast("asyncio.Server | None", listener.server)
+    # Any, not asyncio.Server: uvloop's Server.sockets is a list where typeshed says tuple, and the compiled
+    # build checks a declared type when it reads the attribute.
+    server: Any = listener.server
     if server is None or not server.sockets:
         return False
     bound_host, bound_port = server.sockets[0].getsockname()[:2]

@@ -167,7 +167,7 @@ class Http2Stream:
         """The upstream read that brought the head ended with no end of the response: the head goes now."""
         if self.head is not None and not self.closed:
             self._send_head(end_stream=False)
-            self.connection.flush()
+            self.connection.flush_soon()
 
     def _send_head(self, *, end_stream: bool) -> None:
         head, self.head = self.head, None
@@ -199,7 +199,7 @@ class Http2Stream:
             self._pump()
         else:
             self.response_ended = True
-            self.connection.flush()
+            self.connection.flush_soon()
 
     def reset(self) -> None:
         self.connection.reset_stream(self, ErrorCodes.INTERNAL_ERROR)
@@ -239,7 +239,7 @@ class Http2Stream:
         self.unacked = 0
         connection = self.connection
         connection.credit(unacked, self.stream_id)
-        connection.flush()
+        connection.flush_soon()
 
     def _pump(self) -> None:
         """Send what the client's windows allow; the rest waits for WINDOW_UPDATE with the upstream paused."""
@@ -253,7 +253,7 @@ class Http2Stream:
                                       end=self.end_pending and not self.response_ended)
         if ended:
             self.response_ended = True
-        connection.flush()
+        connection.flush_soon()
         exchange = self.exchange
         if self.response_ended and not outbox and (exchange is None or exchange.finished):
             connection.finish_stream(self)  # the exchange ended while its last bytes waited for the window
@@ -273,7 +273,7 @@ class Http2Connection:
     """A client's HTTP/2 connection on a listener: the asyncio protocol once the preface has been seen."""
 
     __slots__ = ("listener", "transport", "h2", "streams", "closed", "draining", "writing_paused", "unread_control",
-                 "streams_opened", "premature_resets", "last_activity", "counters", "drained_at")
+                 "streams_opened", "premature_resets", "last_activity", "counters", "drained_at", "flush_pending")
 
     def __init__(self, listener: Listener, transport: asyncio.Transport) -> None:
         self.listener = listener
@@ -299,6 +299,7 @@ class Http2Connection:
         self.streams_opened = 0
         self.premature_resets = 0
         self.last_activity = listener.now
+        self.flush_pending = False
         self.h2.initiate_connection()
         self.h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
         self.flush()
@@ -545,12 +546,28 @@ class Http2Connection:
                 self.h2.increment_flow_control_window(size)
             except (h2.exceptions.FlowControlError, h2.exceptions.ProtocolError):
                 pass
-            self.flush()
+            self.flush_soon()
 
     def flush(self) -> None:
+        self.flush_pending = False
         data = self.h2.data_to_send()
         if data and self.transport is not None and not self.closed:
             self.transport.write(data)
+
+    def flush_soon(self) -> None:
+        """Write what h2 has queued once this pass of the event loop is over, not now.
+
+        The streams of one connection are answered from many upstream reads in one pass of the loop; a write
+        per stream was a send() system call per stream (and often a TCP segment each). Frames stay in h2's
+        buffer in the order they were made, so a later immediate flush() sends these too, in order.
+        """
+        if not self.flush_pending:
+            self.flush_pending = True
+            self.listener.loop.call_soon(self._flush_pending)
+
+    def _flush_pending(self) -> None:
+        if self.flush_pending:
+            self.flush()
 
     # connection lifecycle (the listener's view: the same as an HTTP/1.1 connection's) -----------
 
@@ -601,6 +618,7 @@ class Http2Connection:
 
     def close(self) -> None:
         if not self.closed and self.transport is not None:
+            self.flush()  # frames a flush_soon() was to send
             self.closed = True
             self.transport.close()
 

@@ -23,7 +23,7 @@ import h2.exceptions
 import h2.settings
 from h2.errors import ErrorCodes
 from h2.settings import SettingCodes
-from hpack import NeverIndexedHeaderTuple
+from hpack import HeaderTuple, NeverIndexedHeaderTuple
 
 from laneproxy.core import headers as h
 from laneproxy.dataplane.http2 import send_within_window
@@ -49,7 +49,7 @@ _INDEXABLE = frozenset({b"content-type", b"te", b"user-agent", b"accept", b"acce
                         b"grpc-encoding"})
 
 
-def _header_field(name: bytes, value: bytes) -> tuple[bytes, bytes]:
+def _header_field(name: bytes, value: bytes) -> HeaderTuple:
     """A request header as sent upstream: anything but a known constant is never indexed in HPACK's table.
 
     One upstream connection carries many clients' requests, and a peer may refuse a value it cannot parse
@@ -57,13 +57,17 @@ def _header_field(name: bytes, value: bytes) -> tuple[bytes, bytes]:
     the proxy's encoder had stored it, every later request on that connection would decode wrongly at the
     peer (found by tests/component/test_fuzz_http2.py: one bad call broke every call after it). Values that
     change per request (trace ids, timeouts) gain nothing from the table anyway.
+
+    Typed HeaderTuple, not tuple[bytes, bytes]: the compiled build keeps a value of that tuple type as a C
+    struct and builds a plain tuple again when it hands it on, so the never-indexed mark was lost (the fuzz
+    test's bad `grpc-timeout` broke the calls after it again, on the compiled build only).
     """
     if name in _INDEXABLE:
-        return (name, value)
+        return HeaderTuple(name, value)
     return NeverIndexedHeaderTuple(name, value)
 
 
-def _trailer_fields(sink: Exchange | None) -> list[tuple[bytes, bytes]] | None:
+def _trailer_fields(sink: Exchange | None) -> list[HeaderTuple] | None:
     """The request trailers the client sent, encoded as headers are (_header_field)."""
     trailers = sink.trailers if sink is not None else None
     return None if trailers is None else [_header_field(name, value) for name, value in trailers]
@@ -83,7 +87,7 @@ class Http2UpstreamStream:
         self.outbox: deque[bytes] = deque()  # request bytes waiting for the server's window
         self.end_pending = False
         self.ended = False  # END_STREAM went out
-        self.trailers: list[tuple[bytes, bytes]] | None = None
+        self.trailers: list[HeaderTuple] | None = None
         self.paused = False  # the client is not taking the response: its DATA is not acknowledged
         self.unacked = 0
         self.received_any = False
@@ -154,7 +158,7 @@ class Http2UpstreamStream:
         self.pool.tx_bytes += sent
         if ended:
             self.ended = True
-        connection.flush()
+        connection.flush_soon()
         sink = self.sink
         if sink is None:
             return
@@ -234,6 +238,7 @@ class Http2UpstreamConnection(asyncio.Protocol):
         self.closed = False
         self.retired = False  # GOAWAY received or sent: no new streams
         self.server_limit = MAX_STREAMS_PER_CONNECTION
+        self.flush_pending = False
 
     @property
     def capacity(self) -> int:
@@ -366,7 +371,7 @@ class Http2UpstreamConnection(asyncio.Protocol):
     def stream_done(self, stream: Http2UpstreamStream) -> None:
         self.streams.pop(stream.stream_id, None)
         self.active -= 1
-        self.flush()
+        self.flush_soon()
         if self.retired and not self.streams:
             self.close()
         else:
@@ -382,15 +387,28 @@ class Http2UpstreamConnection(asyncio.Protocol):
                 self.h2.increment_flow_control_window(size)
             except (h2.exceptions.FlowControlError, h2.exceptions.ProtocolError):
                 pass
-        self.flush()
+        self.flush_soon()
 
     def flush(self) -> None:
+        self.flush_pending = False
         data = self.h2.data_to_send()
         if data and self.transport is not None and not self.closed:
             self.transport.write(data)
 
+    def flush_soon(self) -> None:
+        """Write once this pass of the event loop is over: the requests of many client streams opened in one
+        pass go out in one write, not a send() each (see Http2Connection.flush_soon)."""
+        if not self.flush_pending:
+            self.flush_pending = True
+            self.pool.loop.call_soon(self._flush_pending)
+
+    def _flush_pending(self) -> None:
+        if self.flush_pending:
+            self.flush()
+
     def close(self) -> None:
         if not self.closed:
+            self.flush()  # frames a flush_soon() was to send (a RST_STREAM, the last request DATA)
             self.closed = True
             self.pool.forget(self)
             if self.transport is not None:
@@ -411,7 +429,7 @@ class Http2Pool:
         self.open_count = 0
         self.pending = 0
         self.rx_bytes = self.tx_bytes = self.destroyed_local = self.destroyed_remote = 0
-        self._loop = loop
+        self._loop = self.loop = loop
         self._connect_timeout = connect_timeout
 
     def take_stream(self) -> Http2UpstreamStream | None:

@@ -44,6 +44,8 @@ LOAD_CORE, PROXY_CORE = (0, 1) if (os.cpu_count() or 1) >= 2 else (None, None)
 FIXED_HEADERS = {"Host": "bench", "my-request-id": tables.TRACE_ID}
 # The h2c and WebSocket rows' services (outside the swimlane group: one hop, no lane work on any proxy).
 H2C_HOST, WS_HOST = "bench-h2", "wsecho"
+# The same sidecar run from its pure-Python sources (LANEPROXY_PURE=1): the compiled build's reference.
+PURE = "laneproxy (pure Python)"
 NO_H2C = "laneproxy's outbound listener does not answer the h2c preface"
 NO_WEBSOCKET = "laneproxy does not pass WebSocket upgrades yet (its listener does not answer the upgrade with 101)"
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"  # /usr/sbin is not on every user's PATH
@@ -161,6 +163,15 @@ class Bench:
             "--config", str(small_sw), "--config", str(small_ep), "--config", str(protocols_ep)],
             PROXY_CORE, ports["outbound"])
         self.h2c_ports["laneproxy"] = self.ws_ports["laneproxy"] = ports["outbound"]
+        self.pure_ports = {"inbound": free_port(), "outbound": free_port(), "admin": free_port()}
+        pp = self.pure_ports
+        self._service(PURE, [
+            py, "-m", "laneproxy", "--log-level", "warning", "run",
+            "--inbound", f"127.0.0.1:{pp['inbound']}", "--app", address,
+            "--outbound", f"127.0.0.1:{pp['outbound']}", "--admin", f"127.0.0.1:{pp['admin']}",
+            "--config", str(small_sw), "--config", str(small_ep), "--config", str(protocols_ep)],
+            PROXY_CORE, pp["outbound"], env={"LANEPROXY_PURE": "1"})
+        self.h2c_ports[PURE] = pp["outbound"]
 
         if args.workers > 1:
             self.workers_ports = {"outbound": free_port(), "admin": free_port(), "inbound": free_port()}
@@ -178,7 +189,7 @@ class Bench:
             "--outbound", f"127.0.0.1:{self.big_ports['outbound']}", "--admin", f"127.0.0.1:{self.big_ports['admin']}",
             "--config", str(self.big_sw), "--config", str(self.big_ep)], PROXY_CORE, self.big_ports["outbound"])
 
-        for name in ("nginx", "envoy", "laneproxy", "laneproxy-workers"):
+        for name in ("nginx", "envoy", "laneproxy", PURE, "laneproxy-workers"):
             if name in self.services:
                 self.services[name].start()
                 time.sleep(0.5)  # let start-up settle before reading its resident size
@@ -233,7 +244,14 @@ class Bench:
     def _check_routes(self) -> None:
         """Every case answers 200 before anything is timed; the sidecar really resolves the primed lane."""
         self.prime(self.sidecar_ports["inbound"])
-        for name in ("upstream", "nginx", "envoy", "laneproxy", "laneproxy-big"):
+        self.prime(self.pure_ports["inbound"])
+        self.builds = {name: self.build_of(ports["admin"]) for name, ports in
+                       (("laneproxy", self.sidecar_ports), (PURE, self.pure_ports))}
+        for name, build in self.builds.items():
+            self.log(f"{name}: {build['detail']}")
+        if self.builds[PURE]["compiled"]:
+            raise RuntimeError(f"{PURE} runs the compiled build: {self.builds[PURE]['detail']}")
+        for name in ("upstream", "nginx", "envoy", "laneproxy", PURE, "laneproxy-big"):
             status, body = http_get(f"http://127.0.0.1:{self.services[name].port}/", FIXED_HEADERS)
             if status != 200:
                 raise RuntimeError(f"{name} answered {status}: {body[:200]!r}")
@@ -247,6 +265,13 @@ class Bench:
                     raise RuntimeError(f"demo chain ({lane}) answered {status}: {body[:200]!r}")
                 self.log(f"demo {lane}: {body.decode(errors='replace').strip()}")
 
+    def build_of(self, admin_port: int) -> dict:
+        """Which build of the hot path a laneproxy runs, as its /server_info says."""
+        status, body = http_get(f"http://127.0.0.1:{admin_port}/server_info")
+        if status != 200:
+            raise RuntimeError(f"/server_info answered {status}")
+        return json.loads(body)["laneproxy_build"]
+
     def stop(self) -> None:
         if self.demo is not None:
             self.demo.stop()
@@ -258,15 +283,17 @@ class Bench:
 
     def _measure(self, round_index: int, kind: str, case: str, url: str, script: Path, pids_of, *, connections: int,
                  duration: float, script_args: tuple[str, ...] = (), during=None, rss_of=None) -> dict:
+        user_before = processes.user_seconds(pids_of())
         cpu_before = processes.cpu_seconds(pids_of())
         result = wrk.run(url, script, connections=connections, duration=duration, core=LOAD_CORE,
                          script_args=script_args, during=during)
-        return self._record(round_index, kind, case, result, pids_of, cpu_before, connections)
+        return self._record(round_index, kind, case, result, pids_of, cpu_before, connections, user_before)
 
     def _record(self, round_index: int, kind: str, case: str, result: wrk.WrkResult, pids_of, cpu_before: float,
-                connections: int) -> dict:
+                connections: int, user_before: float | None = None) -> dict:
         pids = pids_of()
         cpu = processes.cpu_seconds(pids) - cpu_before
+        user = None if user_before is None else processes.user_seconds(pids) - user_before
         record = {
             "round": round_index, "kind": kind, "case": case, "connections": connections,
             "requests": result.requests, "duration_s": round(result.duration_s, 3), "rps": round(result.rps, 1),
@@ -274,6 +301,7 @@ class Bench:
             "max_us": result.max_us, "mean_us": round(result.mean_us, 1), "errors": result.errors,
             "cpu_s": round(cpu, 3),
             "cpu_us_per_request": round(cpu * 1e6 / result.requests, 2) if result.requests else None,
+            "user_us_per_request": round(user * 1e6 / result.requests, 2) if result.requests and user is not None else None,
             "rss_bytes": processes.rss_bytes(pids),
         }
         self.runs.append(record)
@@ -285,7 +313,8 @@ class Bench:
     def _proxy_cases(self) -> list[tuple[str, Service, callable]]:
         s = self.services
         cases = [("direct", s["upstream"], None), ("nginx", s["nginx"], None), ("envoy", s["envoy"], None),
-                 ("laneproxy", s["laneproxy"], lambda: self.prime(self.sidecar_ports["inbound"]))]
+                 ("laneproxy", s["laneproxy"], lambda: self.prime(self.sidecar_ports["inbound"])),
+                 (PURE, s[PURE], lambda: self.prime(self.pure_ports["inbound"]))]
         if "laneproxy-workers" in s:
             cases.append((self.workers_case, s["laneproxy-workers"],
                           lambda: self.prime_all_workers()))
@@ -334,6 +363,7 @@ class Bench:
                  ("envoy", self.h2c_ports["envoy"], s["envoy"].pids)]
         if "h2c laneproxy" not in self.skipped:
             cases.append(("laneproxy", self.h2c_ports["laneproxy"], s["laneproxy"].pids))
+            cases.append((PURE, self.h2c_ports[PURE], s[PURE].pids))
         return cases
 
     def _websocket_cases(self) -> list[tuple[str, int, callable]]:
@@ -348,7 +378,7 @@ class Bench:
         """The h2c and WebSocket peers answer before anything is timed; laneproxy's rows wait for its codecs."""
         for case, port, _ in self._h2c_cases():
             if not h2load.speaks_h2c(port):
-                if case != "laneproxy":
+                if not case.startswith("laneproxy"):
                     raise RuntimeError(f"{case} does not answer the h2c preface on {port}")
                 self.skipped["h2c laneproxy"] = NO_H2C
         for case, port, _ in self._websocket_cases():
@@ -364,11 +394,13 @@ class Bench:
         args = self.args
         h2c = self._h2c_cases()
         for case, port, pids_of in h2c[index % len(h2c):] + h2c[:index % len(h2c)]:
+            user_before = processes.user_seconds(pids_of())
             cpu_before = processes.cpu_seconds(pids_of())
             result = h2load.run(f"http://127.0.0.1:{port}/", authority=H2C_HOST, headers={"my-request-id": tables.TRACE_ID},
                                 connections=args.h2_connections, streams=args.h2_streams, duration=args.duration,
                                 core=LOAD_CORE, log_path=self.work / f"h2load-{case}-{index}.log")
-            self._record(index, "h2c", case, result, pids_of, cpu_before, args.h2_connections * args.h2_streams)
+            self._record(index, "h2c", case, result, pids_of, cpu_before, args.h2_connections * args.h2_streams,
+                         user_before)
         ws = self._websocket_cases()
         for case, port, pids_of in ws[index % len(ws):] + ws[:index % len(ws)]:
             cpu_before = processes.cpu_seconds(pids_of())
@@ -424,7 +456,7 @@ class Bench:
         """RSS of each proxy while 1,000 clients each keep one keep-alive connection open."""
         count = self.args.hold_connections
         s = self.services
-        targets = [("nginx", s["nginx"]), ("envoy", s["envoy"]), ("laneproxy", s["laneproxy"])]
+        targets = [("nginx", s["nginx"]), ("envoy", s["envoy"]), ("laneproxy", s["laneproxy"]), (PURE, s[PURE])]
         if "laneproxy-workers" in s:
             targets.append((self.workers_case, s["laneproxy-workers"]))
         for name, service in targets:
@@ -552,6 +584,7 @@ class Bench:
                 "elapsed_s": round(time.monotonic() - self.started, 1),
                 "command": " ".join(["python", "loadtests/bench/bench.py", *sys.argv[1:]]),
             },
+            "builds": getattr(self, "builds", {}),
             "runs": self.runs, "idle_rss_bytes": self.idle_rss, "idle_private_bytes": self.idle_private,
             "hold": self.hold_rss,
             "sidecar_counters": evidence, "notes": self.notes, "skipped": self.skipped, "profile": profile, "admin_scrape_ms": self.admin_scrape,

@@ -87,6 +87,16 @@ def cpu_seconds_precise(pids: list[int]) -> float:
     return total / 1e9
 
 
+def user_seconds(pids: list[int]) -> float:
+    """utime alone: the proxy's own code (interpreter, extensions, libraries), without the kernel's share."""
+    ticks = 0
+    for pid in pids:
+        fields = _stat_fields(pid)
+        if fields is not None:
+            ticks += int(fields[11])
+    return ticks / CLOCK_TICKS
+
+
 def rss_bytes(pids: list[int]) -> int:
     total = 0
     for pid in pids:

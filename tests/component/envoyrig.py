@@ -292,7 +292,7 @@ class LaneProxy(Proxy):
              "--outbound", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--route-timeout", str(ROUTE_TIMEOUT),
              "--connect-timeout", "5", "--access-log", str(self.access_log), "--drain-seconds", "0"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-            env={k: v for k, v in os.environ.items() if not k.startswith("LANEPROXY_")})
+            env={k: v for k, v in os.environ.items() if not k.startswith("LANEPROXY_") or k == "LANEPROXY_PURE"})
         # The bound ports are in the start-up log: "outbound listener on 127.0.0.1:P", "admin on 127.0.0.1:P".
         ports: dict[str, int] = {}
         while "admin" not in ports or "outbound" not in ports:

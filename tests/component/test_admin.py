@@ -260,3 +260,11 @@ def test_the_trace_tables_byte_budget_and_refused_long_ids_show_in_stats(upstrea
                     "laneproxy.trace_table.evictions": 1, "laneproxy.trace_table.rejected_long_ids": 1}
     assert (samples["laneproxy_trace_table_bytes"], samples["laneproxy_trace_table_rejected_long_ids_total"]) == (
         2 * entry, 1)
+
+
+def test_server_info_names_the_build_of_the_hot_path_the_proxy_runs(proxy):
+    """The proxy runs in this environment (LANEPROXY_PURE included), so it runs the build this process runs."""
+    import laneproxy
+
+    build = get_json(proxy.admin_port, "/server_info")["laneproxy_build"]
+    assert build == {"compiled": laneproxy.BUILD.compiled, "detail": str(laneproxy.BUILD)}

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import urllib.request
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -45,9 +46,10 @@ def wheelhouse(tmp_path_factory) -> Path:
     source = work / "src"
     source.mkdir()
     # A clean copy: a build/ directory left in the checkout could put deleted files into the wheel.
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "setup.py", "README.md"):
         shutil.copy(_REPO / name, source)
-    shutil.copytree(_REPO / "laneproxy", source / "laneproxy", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(_REPO / "laneproxy", source / "laneproxy",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.so", "compiled.json"))
     frozen = run(sys.executable, "-m", "pip", "freeze", "--exclude-editable")
     pins = [line for line in frozen.splitlines() if not line.lower().startswith(("laneproxy==", "pip==", "setuptools=="))]
     (work / "constraints.txt").write_text("\n".join(pins) + "\n")
@@ -68,6 +70,15 @@ def test_the_installed_wheel_runs_the_demo_outside_the_source_tree(wheelhouse, t
     env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "VIRTUAL_ENV")}
     location = run(str(python), "-c", "import laneproxy; print(laneproxy.__file__)", cwd=elsewhere, env=env)
     assert Path(location.strip()).is_relative_to(venv)
+    # The wheel carries the compiled hot path (this machine has a C compiler), unless the build was asked
+    # for the pure one; either way the installed package runs the build it names.
+    wheel = next(wheelhouse.glob("laneproxy-*.whl"))
+    with zipfile.ZipFile(wheel) as archive:
+        extensions = [name for name in archive.namelist() if name.endswith(".so")]
+    pure = os.environ.get("LANEPROXY_PURE", "") not in ("", "0")
+    assert bool(extensions) == (not pure and shutil.which("cc") is not None), extensions
+    build = run(str(python), "-m", "laneproxy", "--version", cwd=elsewhere, env=env)
+    assert ("compiled" in build) == bool(extensions) and ("pure-Python" in build) == (not extensions), build
     # Runtime dependencies only: nothing of the test extra came along.
     missing = subprocess.run([str(python), "-c", "import pytest"], cwd=elsewhere, env=env, capture_output=True)
     assert missing.returncode != 0

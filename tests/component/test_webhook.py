@@ -155,7 +155,7 @@ class WebhookProcess:
         self.port = free_port()
         self.url = f"https://127.0.0.1:{self.port}"
         self.log = workdir / "webhook.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("LANEPROXY_")}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LANEPROXY_") or k == "LANEPROXY_PURE"}
         with open(self.log, "wb") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "laneproxy", "webhook", "--listen", f"127.0.0.1:{self.port}",

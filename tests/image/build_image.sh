@@ -44,9 +44,9 @@ started=$SECONDS
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 mkdir -p "${work}/src"
-# A clean copy of the sources: setuptools' build/ directory in the checkout may hold files deleted since.
-cp pyproject.toml README.md "${work}/src/"
-tar -C "$REPO" --exclude=__pycache__ -cf - laneproxy | tar -C "${work}/src" -xf -
+# A clean copy of the sources (setup.py compiles the hot path into the wheel): setuptools' build/ directory in the checkout may hold files deleted since.
+cp pyproject.toml setup.py README.md "${work}/src/"
+tar -C "$REPO" --exclude=__pycache__ --exclude="*.so" --exclude=compiled.json -cf - laneproxy | tar -C "${work}/src" -xf -
 "$PYTHON" -m pip freeze --exclude-editable | grep -viE '^(laneproxy|pip|setuptools|wheel)==' > "${work}/constraints.txt" || true
 rm -rf build/wheelhouse
 mkdir -p build/wheelhouse

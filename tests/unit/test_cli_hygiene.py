@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from laneproxy import __version__
+from laneproxy import BUILD, __version__
 from laneproxy.cli import build_parser, main
 from laneproxy.observability.logs import JsonLogFormatter
 
@@ -17,15 +17,16 @@ from laneproxy.observability.logs import JsonLogFormatter
 def laneproxy(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     import os
 
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("LANEPROXY_")}
+    # LANEPROXY_PURE stays: the suite's pure-Python run must run its subprocesses pure too.
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("LANEPROXY_") or k == "LANEPROXY_PURE"}
     environment.update(env or {})
     return subprocess.run([sys.executable, "-m", "laneproxy", *args], capture_output=True, text=True, timeout=60,
                           env=environment)
 
 
-def test_version_prints_the_package_version():
+def test_version_prints_the_package_version_and_the_build():
     result = laneproxy("--version")
-    assert (result.returncode, result.stdout.strip()) == (0, f"laneproxy {__version__}")
+    assert (result.returncode, result.stdout.strip()) == (0, f"laneproxy {__version__}, {BUILD}")
 
 
 @pytest.mark.parametrize("args, env, message", [

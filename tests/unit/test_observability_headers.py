@@ -7,6 +7,8 @@ from types import SimpleNamespace
 import pytest
 
 from laneproxy.core.propagation import valid_traceparent
+from laneproxy.core.retry import RetryPolicy
+from laneproxy.dataplane.exchange import Exchange
 from laneproxy.dataplane.header_policy import (
     RequestHeaderPolicy,
     edge_trace_value,
@@ -19,9 +21,16 @@ from .manifests import build, edit, seed_bodies
 NEW_ID = b"00000000-0000-4000-8000-000000000000"  # what uuid4_bytes makes of all-zero random bits
 
 
-def apply(headers, *, edge=False, route_timeout=15.0, peer=("10.9.8.7", 50000)):
+def exchange_with(headers, peer=("10.9.8.7", 50000)):
+    """A real Exchange (the compiled build checks the type), on a client connection that has only a peer."""
     transport = SimpleNamespace(get_extra_info=lambda name: peer if name == "peername" else None)
-    exchange = SimpleNamespace(headers=list(headers), downstream=SimpleNamespace(transport=transport))
+    downstream = SimpleNamespace(transport=transport, listener=SimpleNamespace(now=0.0))
+    return Exchange(downstream, b"GET", b"/", 1, list(headers), b"mockb:8000", True, False, False, None, False,
+                    RetryPolicy(0, frozenset(), frozenset()))
+
+
+def apply(headers, *, edge=False, route_timeout=15.0, peer=("10.9.8.7", 50000)):
+    exchange = exchange_with(headers, peer)
     target = SimpleNamespace(overrides={}, request_id=None, timeout=None)
     policy = RequestHeaderPolicy(edge=edge, route_timeout=route_timeout, random_bits=lambda bits: 0)
     facts = policy.inspect(exchange)
@@ -159,7 +168,7 @@ def table_with(trace_header: str | None = "my-request-id", route_header: str = "
 
 
 def inspected(headers, table, *, edge=True, trust=False):
-    exchange = SimpleNamespace(headers=list(headers))
+    exchange = exchange_with(headers)
     policy = RequestHeaderPolicy(edge=edge, random_bits=lambda bits: 0, trust_client_trace_id=trust,
                                  trace_bits=fixed_bits)
     facts = policy.inspect(exchange, table)
@@ -222,7 +231,7 @@ def test_the_gateways_trace_ids_are_unguessable_and_distinct_by_default():
     table = table_with()
     values = set()
     for _ in range(50):
-        exchange = SimpleNamespace(headers=[(TRACE, b"10002")])
+        exchange = exchange_with([(TRACE, b"10002")])
         policy.inspect(exchange, table)
         (value,) = [v for n, v in exchange.headers if n == TRACE]
         assert uuid.UUID(value.decode()).version == 4

@@ -183,3 +183,22 @@ def test_an_unsolicited_101_is_a_protocol_error(pool):
     connection.data_received(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\nxx")
     assert [type(error) for error in borrower.errors] == [UpstreamProtocolError]
     assert transport.closed and pool.idle == []
+
+
+def test_request_headers_sent_upstream_over_http2_keep_per_call_values_out_of_the_shared_hpack_table():
+    """A value a peer may refuse (a bad grpc-timeout) must never enter the upstream connection's HPACK table:
+    every later call on it would decode wrongly. Checked on h2's real encoder, in both builds (the compiled one
+    once lost the never-indexed mark by passing the field through a tuple type)."""
+    import h2.config
+    import h2.connection
+
+    from laneproxy.dataplane.http2_upstream import _header_field
+
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+    conn.initiate_connection()
+    pseudo = [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"mockc:50051"), (b":path", b"/Echo/Unary")]
+    fields = [_header_field(b"grpc-timeout", b"zz"), _header_field(b"content-type", b"application/grpc")]
+    conn.send_headers(1, pseudo + fields)
+    table = list(conn.encoder.header_table.dynamic_entries)
+    assert (b"content-type", b"application/grpc") in table  # the table is in use: constants are indexed
+    assert not [entry for entry in table if entry[0] == b"grpc-timeout"], table
