@@ -26,6 +26,7 @@ if ! "${kubectl[@]}" api-versions | grep -qx 'policy/v1'; then
     sed -i 's#^apiVersion: policy/v1$#apiVersion: policy/v1beta1#' "$rendered"
 fi
 "${kubectl[@]}" apply -f "$rendered"
-if grep -q '^  name: laneproxy-controller$' "$rendered" && grep -q '^kind: Deployment$' "$rendered"; then
+if awk 'BEGIN { RS = "\n---\n" } /(^|\n)kind: Deployment\n/ && /\n  name: laneproxy-controller\n/ { found = 1 }
+        END { exit !found }' "$rendered"; then
     "${kubectl[@]}" --namespace laneproxy-system rollout status deployment/laneproxy-controller --timeout=300s
 fi
