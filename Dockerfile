@@ -18,7 +18,7 @@ ARG LANEPROXY_VERSION=0.1.0
 COPY build/wheelhouse/ /wheelhouse/
 RUN python3 -m venv /opt/laneproxy \
     && /opt/laneproxy/bin/python -m pip install --no-cache-dir --no-index --find-links=/wheelhouse \
-        "laneproxy[kubernetes,otlp]==${LANEPROXY_VERSION}" \
+        "laneproxy[kubernetes,otlp,xds]==${LANEPROXY_VERSION}" \
     && /opt/laneproxy/bin/python -m pip uninstall --yes --quiet pip setuptools \
     && /opt/laneproxy/bin/python -m compileall -q /opt/laneproxy/lib
 

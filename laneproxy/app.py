@@ -38,6 +38,23 @@ class StartupError(Exception):
     """The proxy cannot start: bad configuration, a port in use, no listener asked for."""
 
 
+def make_source(settings: ProxySettings, store: RouteTableStore):
+    """The source the settings name (files or kubernetes), publishing to `store`; the proxy's and the controller's."""
+    if settings.source == "kubernetes":
+        try:
+            from laneproxy.control.kubernetes import KubernetesSource  # optional dependency
+        except ImportError as exc:
+            raise StartupError(f"--source kubernetes needs: pip install 'laneproxy[kubernetes]' ({exc})") from exc
+        return KubernetesSource(store, namespace=settings.namespace, kubeconfig=settings.kubeconfig,
+                                lenient=settings.lenient, watch_read_timeout=settings.watch_read_timeout,
+                                stale_after=settings.table_stale_after)
+    if not settings.config_files:
+        raise StartupError("no configuration: give --config FILE (or --source kubernetes)")
+    return FileSource(settings.config_files, store, namespace=settings.namespace,
+                      interval=settings.reload_interval, lenient=settings.lenient,
+                      stale_after=settings.table_stale_after)
+
+
 class ProxyApp:
     def __init__(self, settings: ProxySettings, *, reuse_port: bool = False) -> None:
         self.settings = settings
@@ -70,20 +87,7 @@ class ProxyApp:
         return "LIVE" if self.store.ready else "PRE_INITIALIZING"
 
     def _make_source(self):
-        settings = self.settings
-        if settings.source == "kubernetes":
-            try:
-                from laneproxy.control.kubernetes import KubernetesSource  # optional dependency
-            except ImportError as exc:
-                raise StartupError(f"--source kubernetes needs: pip install 'laneproxy[kubernetes]' ({exc})") from exc
-            return KubernetesSource(self.store, namespace=settings.namespace, kubeconfig=settings.kubeconfig,
-                                    lenient=settings.lenient, watch_read_timeout=settings.watch_read_timeout,
-                                    stale_after=settings.table_stale_after)
-        if not settings.config_files:
-            raise StartupError("no configuration: give --config FILE (or --source kubernetes)")
-        return FileSource(settings.config_files, self.store, namespace=settings.namespace,
-                          interval=settings.reload_interval, lenient=settings.lenient,
-                          stale_after=settings.table_stale_after)
+        return make_source(self.settings, self.store)
 
     async def start(self) -> None:
         settings = self.settings

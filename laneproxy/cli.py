@@ -1,4 +1,4 @@
-"""argv and the environment -> settings -> the chosen command (run, validate, crds, mock, demo, inject, webhook,
+"""argv and the environment -> settings -> the chosen command (run, controller, validate, crds, mock, demo, inject, webhook,
 capture, probe, verdict).
 
 Owns option names, their environment variables and help texts, and that a bad value (on the command
@@ -95,6 +95,13 @@ def _address(text: str) -> Address:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
+def _port(text: str) -> int:
+    text = text.strip()
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number from 0 to 65535, got {text!r}")
+    return int(text)
+
+
 def _optional_address(text: str) -> Address | None:
     return None if text.lower() in ("", "none", "off") else _address(text)
 
@@ -184,12 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser = command  # type: ignore[method-assign]
 
     run = commands.add_parser("run", help="run the proxy (gateway and/or sidecar listeners)")
-    run.add_argument("--config", action="append", default=None, metavar="FILE",
-                     help="swimlane manifests or endpoints file; repeatable (env LANEPROXY_CONFIG, comma-separated)")
-    run.add_argument("--source", choices=["files", "kubernetes"], default=_checked_env("SOURCE", "files", ["files", "kubernetes"]),
-                     help="where lane membership comes from (env LANEPROXY_SOURCE)")
-    run.add_argument("--kubeconfig", default=_env("KUBECONFIG") or os.environ.get("KUBECONFIG"),
-                     help="kubeconfig for --source kubernetes; in-cluster credentials when absent")
+    _source_options(run)
     run.add_argument("--gateway", type=_optional_address, default=_checked_env("GATEWAY", "none", _optional_address),
                      metavar="[HOST:]PORT", help="ingress gateway listener (env LANEPROXY_GATEWAY)")
     run.add_argument("--inbound", type=_optional_address, default=_checked_env("INBOUND", "none", _optional_address),
@@ -201,20 +203,6 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--admin", type=_optional_address, default=_checked_env("ADMIN", "127.0.0.1:15000", _optional_address),
                      metavar="[HOST:]PORT|none", help="admin listener (default 127.0.0.1:15000; env LANEPROXY_ADMIN)")
     run.add_argument("--lane", default=_env("LANE"), help="this sidecar's own lane, used in strict mode (env LANEPROXY_LANE)")
-    run.add_argument("--namespace", default=_env("NAMESPACE", "default"), help="namespace short host names resolve in")
-    run.add_argument("--lenient", action="store_true", default=_flag(_env("LENIENT", ""), "LENIENT"),
-                     help="unknown fields in the configuration are logged warnings instead of a rejected update "
-                          "(env LANEPROXY_LENIENT)")
-    run.add_argument("--reload-interval", type=_positive_seconds, default=_checked_env("RELOAD_INTERVAL", "1.0", _positive_seconds),
-                     help="seconds between checks of the config files for changes (env LANEPROXY_RELOAD_INTERVAL)")
-    run.add_argument("--watch-read-timeout", type=_positive_seconds,
-                     default=_checked_env("WATCH_READ_TIMEOUT", "60", _positive_seconds),
-                     help="--source kubernetes: seconds a watch may stay silent before it is opened again, so a "
-                          "connection dead without a FIN is noticed (env LANEPROXY_WATCH_READ_TIMEOUT)")
-    run.add_argument("--table-stale-after", type=_positive_seconds,
-                     default=_checked_env("TABLE_STALE_AFTER", "180", _positive_seconds),
-                     help="seconds the route table may be behind its source before laneproxy.config.table_stale "
-                          "turns 1 (env LANEPROXY_TABLE_STALE_AFTER)")
     run.add_argument("--connect-timeout", type=_seconds, default=5.0, help="upstream connect timeout, seconds (Envoy: 5)")
     run.add_argument("--route-timeout", type=_seconds, default=15.0, help="upstream response timeout, seconds; 0 disables")
     run.add_argument("--trace-table-size", type=_positive_int, default=100_000,
@@ -333,6 +321,18 @@ def build_parser() -> argparse.ArgumentParser:
                            "the sidecars too so they pass their hops on (off by default; "
                            "env LANEPROXY_ROUTE_DEBUG_TOKEN)")
 
+    controller = commands.add_parser("controller", help="watch the cluster (or files) once and serve every sidecar "
+                                                        "its routes over xDS (delta ADS)")
+    _source_options(controller)
+    controller.add_argument("--xds-port", type=_port, default=_checked_env("XDS_PORT", "15010", _port),
+                            help="the xDS (gRPC) port; 0 picks a free one, logged (env LANEPROXY_XDS_PORT)")
+    controller.add_argument("--xds-address", default=_env("XDS_ADDRESS", "0.0.0.0"), metavar="HOST",
+                            help="the address the xDS port binds (default 0.0.0.0; env LANEPROXY_XDS_ADDRESS)")
+    controller.add_argument("--admin", type=_optional_address,
+                            default=_checked_env("CONTROLLER_ADMIN", "0.0.0.0:15014", _optional_address),
+                            metavar="[HOST:]PORT|none", help="admin listener: /ready, /stats, /stats/prometheus "
+                                                             "(default 0.0.0.0:15014; env LANEPROXY_CONTROLLER_ADMIN)")
+
     validate = commands.add_parser("validate", help="check configuration files and print every problem")
     validate.add_argument("files", nargs="+", metavar="FILE")
     validate.add_argument("--namespace", default="default")
@@ -433,6 +433,30 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep asking until it answers 200 or SECONDS pass (a postStart hook holding the app's "
                             "start until the proxy is ready)")
     return parser
+
+
+def _source_options(parser: argparse.ArgumentParser) -> None:
+    """Where the route table comes from: the same options for `run` and `controller`."""
+    parser.add_argument("--config", action="append", default=None, metavar="FILE",
+                        help="swimlane manifests or endpoints file; repeatable (env LANEPROXY_CONFIG, comma-separated)")
+    parser.add_argument("--source", choices=["files", "kubernetes"], default=_checked_env("SOURCE", "files", ["files", "kubernetes"]),
+                        help="where lane membership comes from (env LANEPROXY_SOURCE)")
+    parser.add_argument("--kubeconfig", default=_env("KUBECONFIG") or os.environ.get("KUBECONFIG"),
+                        help="kubeconfig for --source kubernetes; in-cluster credentials when absent")
+    parser.add_argument("--namespace", default=_env("NAMESPACE", "default"), help="namespace short host names resolve in")
+    parser.add_argument("--lenient", action="store_true", default=_flag(_env("LENIENT", ""), "LENIENT"),
+                        help="unknown fields in the configuration are logged warnings instead of a rejected update "
+                             "(env LANEPROXY_LENIENT)")
+    parser.add_argument("--reload-interval", type=_positive_seconds, default=_checked_env("RELOAD_INTERVAL", "1.0", _positive_seconds),
+                        help="seconds between checks of the config files for changes (env LANEPROXY_RELOAD_INTERVAL)")
+    parser.add_argument("--watch-read-timeout", type=_positive_seconds,
+                     default=_checked_env("WATCH_READ_TIMEOUT", "60", _positive_seconds),
+                        help="--source kubernetes: seconds a watch may stay silent before it is opened again, so a "
+                             "connection dead without a FIN is noticed (env LANEPROXY_WATCH_READ_TIMEOUT)")
+    parser.add_argument("--table-stale-after", type=_positive_seconds,
+                     default=_checked_env("TABLE_STALE_AFTER", "180", _positive_seconds),
+                        help="seconds the route table may be behind its source before laneproxy.config.table_stale "
+                             "turns 1 (env LANEPROXY_TABLE_STALE_AFTER)")
 
 
 def _sidecar_options(command: argparse.ArgumentParser) -> None:
@@ -539,6 +563,30 @@ def _run(args: argparse.Namespace) -> int:
         uvloop.run(serve(settings_from_args(args)))
     except StartupError as exc:
         print(f"laneproxy: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _controller(args: argparse.Namespace) -> int:
+    import uvloop
+
+    try:
+        from laneproxy.xds.controller import ControllerSettings, serve_controller
+    except ImportError as exc:
+        print(f"laneproxy controller needs: pip install 'laneproxy[xds]' ({exc})", file=sys.stderr)
+        return 2
+    from laneproxy.app import StartupError
+
+    config = tuple(args.config or [p for p in (_env("CONFIG") or "").split(",") if p])
+    source = ProxySettings(config_files=config, source=args.source, kubeconfig=args.kubeconfig,
+                           namespace=args.namespace, reload_interval=args.reload_interval, lenient=args.lenient,
+                           watch_read_timeout=args.watch_read_timeout, table_stale_after=args.table_stale_after)
+    settings = ControllerSettings(source=source, xds=Address(args.xds_address, args.xds_port), admin=args.admin)
+    _raise_open_file_limit()
+    try:
+        uvloop.run(serve_controller(settings))
+    except StartupError as exc:
+        print(f"laneproxy controller: {exc}", file=sys.stderr)
         return 2
     return 0
 
@@ -756,7 +804,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args = parser.parse_args(argv)  # a bad value exits 2 with argparse's one-line message
     _configure_logging(args.log_level, args.log_format)
-    handler = {"run": _run, "validate": _validate, "crds": _crds, "mock": _mock, "demo": _demo, "inject": _inject,
+    handler = {"run": _run, "controller": _controller, "validate": _validate, "crds": _crds, "mock": _mock, "demo": _demo, "inject": _inject,
                "webhook": _webhook, "capture": _capture, "probe": _probe, "verdict": _verdict}[args.command]
     return handler(args)
 

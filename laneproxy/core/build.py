@@ -246,6 +246,7 @@ class _GroupDecl:
     route_header: str
     trace_header: str | None
     auto_update: bool
+    body: Mapping[str, Any] = field(default_factory=dict)  # the document, kept as it was read
 
 
 @dataclass(slots=True)
@@ -261,6 +262,7 @@ class _LaneDecl:
     fallback_chains: dict[str, tuple[str, ...]]
     fallback_chain_path: str
     spill_below: float
+    body: Mapping[str, Any] = field(default_factory=dict)  # the document, kept as it was read
 
 
 @dataclass(slots=True)
@@ -418,6 +420,7 @@ def _group_decl(doc: ConfigDocument, problems: _Problems) -> _GroupDecl | None:
         route_header=(route_header or "x-asm-prefer-tag").lower(),
         trace_header=trace_header.lower() if trace_header else None,
         auto_update=spec.boolean("autoUpdate", False),
+        body=doc.body,
     )
 
 
@@ -463,6 +466,7 @@ def _lane_decl(doc: ConfigDocument, problems: _Problems) -> _LaneDecl | None:
         fallback_chains=chains,
         fallback_chain_path=annotations.where(FALLBACK_CHAIN_ANNOTATION),
         spill_below=spill_below,
+        body=doc.body,
     )
 
 
@@ -1026,6 +1030,7 @@ def _assemble(
                 weight_destination=weight_destination,
                 fallback_chains=MappingProxyType(dict(lane.fallback_chains)),
                 spill_below=lane.spill_below,
+                document=lane.body,
             )
             rules.extend(lane_rules)
         if decl.strategy is RoutingStrategy.WEIGHTED and not any(lane.weight for lane in lanes.values()):
@@ -1045,6 +1050,7 @@ def _assemble(
             route_header=decl.route_header,
             trace_header=decl.trace_header,
             auto_update=decl.auto_update,
+            document=decl.body,
         )
 
     routes: dict[str, ServiceRoutes] = {}
@@ -1080,8 +1086,10 @@ def _placeholder(source: str, key: str) -> _ServiceDecl:
 
 def _port_services(decl: _ServiceDecl) -> list[Service]:
     """One Service per port: each port has its own endpoints (its own target port) and its own clusters."""
-    return [Service(decl.namespace, decl.name, p.port, _unique(p.endpoints), p.protocol or UpstreamProtocol.AUTO)
-            for p in decl.ports]
+    return [Service(decl.namespace, decl.name, p.port, _unique(p.endpoints), p.protocol or UpstreamProtocol.AUTO,
+                    port_name=p.name, cluster_ip=decl.cluster_ip, external_name=decl.external_name,
+                    first_port=index == 0)
+            for index, p in enumerate(decl.ports)]
 
 
 @dataclass(frozen=True, slots=True)

@@ -52,6 +52,13 @@ class Service:
     port: int
     endpoints: tuple[Endpoint, ...] = ()
     protocol: UpstreamProtocol = UpstreamProtocol.AUTO
+    # What the Service object says of this port and itself, for whoever serves the table on (xDS): the
+    # port's name ("" when unnamed), the ClusterIP, an ExternalName's target, and whether this is the
+    # Service's first port (the one a host name without a port means, unless it has port 80).
+    port_name: str = ""
+    cluster_ip: str | None = None
+    external_name: str | None = None
+    first_port: bool = True
 
     @property
     def key(self) -> str:
@@ -137,6 +144,8 @@ class Lane:
     # service), and the healthy fraction below which a share of the lane's traffic spills to them.
     fallback_chains: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: EMPTY_MAPPING)
     spill_below: float = 0.0
+    # The ASMSwimLane object as it was read (apiVersion, kind, metadata, spec), for serving it on unchanged.
+    document: Mapping[str, Any] = field(default_factory=lambda: EMPTY_MAPPING, compare=False)
 
 
 class RoutingStrategy(str, Enum):
@@ -160,6 +169,8 @@ class SwimLaneGroup:
     route_header: str
     trace_header: str | None
     auto_update: bool
+    # The ASMSwimLaneGroup object as it was read (apiVersion, kind, metadata, spec), for serving it on unchanged.
+    document: Mapping[str, Any] = field(default_factory=lambda: EMPTY_MAPPING, compare=False)
     # The header names as the data plane compares them (lowercase bytes), derived once per table.
     route_header_key: bytes = field(init=False, compare=False)
     trace_header_key: bytes | None = field(init=False, compare=False)

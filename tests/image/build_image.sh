@@ -52,7 +52,7 @@ rm -rf build/wheelhouse
 mkdir -p build/wheelhouse
 mkdir -p "$CACHE_DIR"
 "$PYTHON" -m pip wheel --quiet --disable-pip-version-check --wheel-dir build/wheelhouse \
-    --constraint "${work}/constraints.txt" "${work}/src[kubernetes,otlp]" > "${CACHE_DIR}/wheelhouse.log" 2>&1 \
+    --constraint "${work}/constraints.txt" "${work}/src[kubernetes,otlp,xds]" > "${CACHE_DIR}/wheelhouse.log" 2>&1 \
     || { tail -30 "${CACHE_DIR}/wheelhouse.log" >&2; exit 1; }
 log "wheelhouse: $(ls build/wheelhouse | wc -l) wheels in $((SECONDS - started))s"
 
