@@ -176,7 +176,10 @@ def test_the_controller_runs_two_spread_replicas_behind_the_xds_service_the_prox
     assert term["podAffinityTerm"]["labelSelector"]["matchLabels"].items() <= labels.items()
     (container,) = pod["spec"]["containers"]
     assert container["args"][:3] == ["controller", "--source", "kubernetes"]
-    assert container["readinessProbe"]["exec"]["command"][-1] == "http://127.0.0.1:15000/ready"
+    args = build_parser().parse_args(container["args"])  # laneproxy accepts the command line
+    assert args.command == "controller" and args.source == "kubernetes"
+    assert container["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http-monitoring"}
+    assert {"name": "http-monitoring", "containerPort": 15014, "protocol": "TCP"} in container["ports"]
     assert set(container["resources"]) == {"requests", "limits"}
     gateway = objects[("Deployment", "ingressgateway")]["spec"]["template"]["spec"]
     assert pod["spec"]["securityContext"] == gateway["securityContext"]
