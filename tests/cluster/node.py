@@ -146,6 +146,18 @@ class Cluster:
             raise ClusterError(f"ctr {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
         return result
 
+    def stop_apiserver(self) -> None:
+        """kube-apiserver stopped (etcd and every other component keep running): what the proxies must ride out."""
+        if self.api is None:
+            raise ClusterError("the cluster has no API server")
+        self.api.stop_apiserver()
+
+    def start_apiserver(self) -> None:
+        """kube-apiserver started again as it was (same address, port, certificates, etcd), and serving."""
+        if self.api is None:
+            raise ClusterError("the cluster has no API server")
+        self.api.start_apiserver_again()
+
     def import_image(self, archive: Path) -> None:
         """Import an image archive (OCI or docker-archive) into the namespace kubelet's pods use."""
         self.ctr("images", "import", str(archive))
