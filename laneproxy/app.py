@@ -39,7 +39,8 @@ class StartupError(Exception):
 
 
 def make_source(settings: ProxySettings, store: RouteTableStore):
-    """The source the settings name (files or kubernetes), publishing to `store`; the proxy's and the controller's."""
+    """The source the settings name (files, kubernetes or xds://), publishing to `store`; the proxy's and the
+    controller's (whose command line offers files and kubernetes only)."""
     if settings.source == "kubernetes":
         try:
             from laneproxy.control.kubernetes import KubernetesSource  # optional dependency
@@ -48,6 +49,16 @@ def make_source(settings: ProxySettings, store: RouteTableStore):
         return KubernetesSource(store, namespace=settings.namespace, kubeconfig=settings.kubeconfig,
                                 lenient=settings.lenient, watch_read_timeout=settings.watch_read_timeout,
                                 stale_after=settings.table_stale_after)
+    if settings.source.startswith("xds://"):
+        try:
+            from laneproxy.control.xds import XdsSource, node_id  # optional dependency, and grpcio's memory
+        except ImportError as exc:
+            raise StartupError(f"--source xds:// needs: pip install 'laneproxy[xds]' ({exc})") from exc
+        from laneproxy.core.xds_view import parse_source
+        pod = settings.pod
+        return XdsSource(parse_source(settings.source), store, namespace=settings.namespace,
+                         node=node_id(pod_ip=pod.pod_ip, pod_name=pod.pod_name, namespace=settings.namespace),
+                         lenient=settings.lenient, stale_after=settings.table_stale_after)
     if not settings.config_files:
         raise StartupError("no configuration: give --config FILE (or --source kubernetes)")
     return FileSource(settings.config_files, store, namespace=settings.namespace,

@@ -15,6 +15,7 @@ import os
 import sys
 
 from laneproxy.core.errors import ConfigInvalidError
+from laneproxy.core.xds_view import XdsAddressError, parse_source
 from laneproxy.settings import (
     Address,
     CircuitBreakerSettings,
@@ -135,6 +136,16 @@ def _sidecar_source(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _source(text: str) -> str:
+    if text in ("files", "kubernetes"):
+        return text
+    try:
+        parse_source(text)
+    except XdsAddressError as exc:
+        raise argparse.ArgumentTypeError(f"expected files, kubernetes or xds://HOST:PORT[,HOST:PORT...]: {exc}") from None
+    return text
+
+
 def _promql_duration(text: str) -> str:
     import re
 
@@ -191,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser = command  # type: ignore[method-assign]
 
     run = commands.add_parser("run", help="run the proxy (gateway and/or sidecar listeners)")
-    _source_options(run)
+    _source_options(run, xds=True)
     run.add_argument("--gateway", type=_optional_address, default=_checked_env("GATEWAY", "none", _optional_address),
                      metavar="[HOST:]PORT", help="ingress gateway listener (env LANEPROXY_GATEWAY)")
     run.add_argument("--inbound", type=_optional_address, default=_checked_env("INBOUND", "none", _optional_address),
@@ -435,12 +446,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _source_options(parser: argparse.ArgumentParser) -> None:
-    """Where the route table comes from: the same options for `run` and `controller`."""
+def _source_options(parser: argparse.ArgumentParser, *, xds: bool = False) -> None:
+    """Where the route table comes from: the same options for `run` and `controller` (`xds`: the controller too)."""
     parser.add_argument("--config", action="append", default=None, metavar="FILE",
                         help="swimlane manifests or endpoints file; repeatable (env LANEPROXY_CONFIG, comma-separated)")
-    parser.add_argument("--source", choices=["files", "kubernetes"], default=_checked_env("SOURCE", "files", ["files", "kubernetes"]),
-                        help="where lane membership comes from (env LANEPROXY_SOURCE)")
+    if xds:
+        parser.add_argument("--source", type=_source, default=_checked_env("SOURCE", "files", _source),
+                            metavar="{files,kubernetes,xds://HOST:PORT[,HOST:PORT...]}",
+                            help="where lane membership comes from: the --config files, the Kubernetes API, or the "
+                                 "laneproxy controller over xDS (delta ADS; more addresses are replicas tried in turn; "
+                                 "no Kubernetes credentials needed) (env LANEPROXY_SOURCE)")
+    else:
+        parser.add_argument("--source", choices=["files", "kubernetes"],
+                            default=_checked_env("SOURCE", "files", ["files", "kubernetes"]),
+                            help="where lane membership comes from (env LANEPROXY_SOURCE)")
     parser.add_argument("--kubeconfig", default=_env("KUBECONFIG") or os.environ.get("KUBECONFIG"),
                         help="kubeconfig for --source kubernetes; in-cluster credentials when absent")
     parser.add_argument("--namespace", default=_env("NAMESPACE", "default"), help="namespace short host names resolve in")

@@ -49,6 +49,7 @@ from laneproxy.capture import (
     parse_ports,
 )
 from laneproxy.core.errors import LaneProxyError
+from laneproxy.core.xds_view import XdsAddressError, parse_source
 
 # Opt-in and opt-out, on a namespace or a pod (like istio-injection): `laneproxy-injection: enabled|disabled`.
 INJECTION_LABEL = "laneproxy-injection"
@@ -153,12 +154,14 @@ class SidecarSettings:
 
 
 def check_source(source: str) -> str:
-    """The sidecar source as given, or an InjectionError saying what is accepted."""
+    """The sidecar source as given, or an InjectionError saying what is accepted: what the sidecar's --source takes."""
     if source == DIRECT_SOURCE:
         return source
-    host, _, port = source.removeprefix(XDS_SCHEME).rpartition(":")
-    if not source.startswith(XDS_SCHEME) or not host or "/" in host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise InjectionError(f"sidecar source must be {DIRECT_SOURCE} or {XDS_SCHEME}HOST:PORT, not {source!r}")
+    try:
+        parse_source(source)
+    except XdsAddressError as exc:
+        raise InjectionError(f"sidecar source must be {DIRECT_SOURCE} or {XDS_SCHEME}HOST:PORT[,HOST:PORT...]: "
+                             f"{exc}") from None
     return source
 
 

@@ -127,7 +127,7 @@ class ProxySettings:
     outbound: Address | None = None
     admin: Address | None = Address("127.0.0.1", 15000)
     config_files: tuple[str, ...] = ()
-    source: str = "files"  # files | kubernetes
+    source: str = "files"  # files | kubernetes | xds://HOST:PORT[,HOST:PORT...]
     kubeconfig: str | None = None
     namespace: str = "default"  # short host names resolve here
     own_lane: str | None = None  # this sidecar's lane, used in strict (non-permissive) mode

@@ -19,12 +19,23 @@ NO_SKIPS: Mapping[str, tuple[ConfigProblem, ...]] = MappingProxyType({})
 
 
 @dataclass(frozen=True, slots=True)
+class SourceNumber:
+    """One number a source reports about itself (`laneproxy.config.<name>`), e.g. an xDS type's last update."""
+
+    name: str  # dotted, e.g. "xds.seconds_since_update"
+    value: float
+    counter: bool = False  # a count that only grows; else a gauge
+    tags: tuple[tuple[str, str], ...] = ()  # e.g. (("type", "Cluster"),): part of the stat name, labels in Prometheus
+
+
+@dataclass(frozen=True, slots=True)
 class SourceHealth:
     """What a source says about how current the served table is, for stats."""
 
     table_age_seconds: float | None  # how far behind its source the table may be; None before the first table
     stale: bool  # older than the source's threshold
     resources: tuple[tuple[str, str], ...] = ()  # (collection, sync state), e.g. ("Pod in default", "watching")
+    numbers: tuple[SourceNumber, ...] = ()
 
 
 UNKNOWN_HEALTH = SourceHealth(None, False)

@@ -250,6 +250,13 @@ def _process_records(view: ProcessView, *, active_clusters: int) -> Iterator[Sta
     for resource, state in health.resources:
         yield StatRecord(f"laneproxy.config.sync.{resource}", StatKind.TEXT, state, True, "laneproxy_config_sync_info",
                          (("resource", resource), ("state", state)))
+    for number in health.numbers:
+        name = ".".join(("laneproxy.config", number.name, *(value for _, value in number.tags)))
+        family = "laneproxy_config_" + number.name.replace(".", "_")
+        if number.counter:
+            yield counter(name, int(number.value), family, number.tags)
+        else:
+            yield StatRecord(name, StatKind.GAUGE, int(number.value), True, family, number.tags)
     version = view.table.version
     yield StatRecord("laneproxy.config.version", StatKind.TEXT, version, bool(version), "laneproxy_config_info",
                      (("version", version),))

@@ -394,7 +394,7 @@ def test_injecting_again_with_the_other_source_swaps_the_token_volume():
     assert inject_pod(on_xds, direct) == on_direct
 
 
-@pytest.mark.parametrize("source", ["xds://", "xds://controller", "xds://controller:0", "xds://a/b:15010",
+@pytest.mark.parametrize("source", ["xds://", "xds://controller", "xds://controller:0", "xds://a:1,b",
                                     "grpc://controller:15010", "files"])
 def test_a_sidecar_source_that_is_neither_an_xds_address_nor_kubernetes_is_refused(source):
     with pytest.raises(InjectionError, match="xds://HOST:PORT"):
