@@ -48,7 +48,7 @@ def make_source(settings: ProxySettings, store: RouteTableStore):
             raise StartupError(f"--source kubernetes needs: pip install 'laneproxy[kubernetes]' ({exc})") from exc
         return KubernetesSource(store, namespace=settings.namespace, kubeconfig=settings.kubeconfig,
                                 lenient=settings.lenient, watch_read_timeout=settings.watch_read_timeout,
-                                stale_after=settings.table_stale_after)
+                                stale_after=settings.table_stale_after, pods=settings.pods)
     if settings.source.startswith("xds://"):
         try:
             from laneproxy.control.xds import XdsSource, node_id  # optional dependency, and grpcio's memory

@@ -472,6 +472,10 @@ def _source_options(parser: argparse.ArgumentParser, *, xds: bool = False) -> No
                      default=_checked_env("WATCH_READ_TIMEOUT", "60", _positive_seconds),
                         help="--source kubernetes: seconds a watch may stay silent before it is opened again, so a "
                              "connection dead without a FIN is noticed (env LANEPROXY_WATCH_READ_TIMEOUT)")
+    parser.add_argument("--pods", choices=["full", "metadata"], default=_checked_env("PODS", "full", ["full", "metadata"]),
+                        help="--source kubernetes: read whole Pods (full), or only the metadata of the pods labelled "
+                             "ASM_TRAFFIC_TAG, with addresses and readiness from EndpointSlices alone (metadata: far "
+                             "less memory; needs the EndpointSlice API) (env LANEPROXY_PODS)")
     parser.add_argument("--table-stale-after", type=_positive_seconds,
                      default=_checked_env("TABLE_STALE_AFTER", "180", _positive_seconds),
                         help="seconds the route table may be behind its source before laneproxy.config.table_stale "
@@ -492,8 +496,9 @@ def _sidecar_options(command: argparse.ArgumentParser) -> None:
                          default=_checked_env("SIDECAR_SOURCE", None, _sidecar_source),
                          metavar="xds://HOST:PORT|kubernetes",
                          help="where injected sidecars get lane membership: the controller's xDS service (default "
-                              "xds://laneproxy-controller.laneproxy-system.svc:15010; the pods hold no API token) or `kubernetes`, each sidecar watching the API itself "
-                              "(small clusters; needs deploy/rbac). A Job's sidecar always uses `kubernetes`: it "
+                              "xds://laneproxy-controller.laneproxy-system.svc:15010; the pods hold no API token) "
+                              "or `kubernetes`, each sidecar watching the API itself (small clusters; needs "
+                              "deploy/rbac). A Job's sidecar always uses `kubernetes`: it "
                               "reads its own pod to exit with the app (env LANEPROXY_SIDECAR_SOURCE)")
     command.add_argument("--native-sidecar", action=argparse.BooleanOptionalAction,
                          default=_flag(_env("SIDECAR_NATIVE", "false")),
@@ -508,7 +513,7 @@ def settings_from_args(args: argparse.Namespace) -> ProxySettings:
         gateway=args.gateway, inbound=args.inbound, app=args.app, outbound=args.outbound, admin=args.admin,
         config_files=config, source=args.source, kubeconfig=args.kubeconfig, namespace=args.namespace,
         own_lane=args.lane, reload_interval=args.reload_interval, lenient=args.lenient,
-        watch_read_timeout=args.watch_read_timeout, table_stale_after=args.table_stale_after,
+        watch_read_timeout=args.watch_read_timeout, table_stale_after=args.table_stale_after, pods=args.pods,
         trace_table_capacity=args.trace_table_size, trace_table_ttl=args.trace_table_ttl,
         trace_table_bytes=args.trace_table_bytes, trust_client_trace_id=args.trust_client_trace_id,
         timeouts=TimeoutSettings(connect=args.connect_timeout, route=args.route_timeout,
@@ -599,7 +604,8 @@ def _controller(args: argparse.Namespace) -> int:
     config = tuple(args.config or [p for p in (_env("CONFIG") or "").split(",") if p])
     source = ProxySettings(config_files=config, source=args.source, kubeconfig=args.kubeconfig,
                            namespace=args.namespace, reload_interval=args.reload_interval, lenient=args.lenient,
-                           watch_read_timeout=args.watch_read_timeout, table_stale_after=args.table_stale_after)
+                           watch_read_timeout=args.watch_read_timeout, table_stale_after=args.table_stale_after,
+                           pods=args.pods)
     settings = ControllerSettings(source=source, xds=Address(args.xds_address, args.xds_port), admin=args.admin)
     _raise_open_file_limit()
     try:

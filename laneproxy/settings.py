@@ -134,6 +134,7 @@ class ProxySettings:
     reload_interval: float = 1.0
     lenient: bool = False  # unknown fields in the configuration are warnings instead of a rejected table
     watch_read_timeout: float = 60.0  # a Kubernetes watch silent this long is opened again (half-open connections)
+    pods: str = "full"  # Kubernetes source: whole Pods, or "metadata" (labels of lane-labelled pods; EndpointSlices)
     table_stale_after: float = 180.0  # the table behind its source this long: laneproxy.config.table_stale = 1
     trace_table_capacity: int = 100_000
     trace_table_ttl: float = 300.0

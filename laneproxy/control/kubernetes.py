@@ -14,7 +14,11 @@ What it watches: the cluster-scoped `ASMSwimLaneGroup` and `ASMSwimLane` objects
 EndpointSlices only in the namespaces the swimlane objects name (one list+watch per namespace, started
 and stopped as groups change). It never reads a namespace no group names, so a deployment may grant
 them per namespace, and a sidecar never holds every pod of the cluster in memory. A namespace it may not
-read (403) counts as empty, is reported, and holds back no other update.
+read (403) counts as empty, is reported, and holds back no other update. With `pods="metadata"` (the
+controller's mode) Pods are read as metadata only (`PartialObjectMetadata`, as client-go's metadata
+informer reads them) and only those carrying `ASM_TRAFFIC_TAG` (a label selector): the lane labels, joined
+by core.build with the EndpointSlices' endpoints by targetRef; addresses and readiness come from the
+EndpointSlices alone.
 
 Watch health: a watch is silent while nothing changes, and a connection can die without a FIN. TCP
 keepalive notices a peer that stopped answering, and a read timeout (`watch_read_timeout`) a stream that
@@ -53,6 +57,7 @@ from laneproxy.control.building import build_off_loop, settle_heap
 from laneproxy.core.build import DEFAULT_NAMESPACE, SWIMLANE_API, Built, ConfigDocument, build_skipping
 from laneproxy.core.incremental import IncrementalTable
 from laneproxy.core.errors import ConfigInvalidError, ConfigProblem, LaneProxyError
+from laneproxy.core.headers import TRAFFIC_TAG_LABEL
 from laneproxy.core.store import RouteTableStore, SourceHealth
 
 log = logging.getLogger("laneproxy.kubernetes")
@@ -138,6 +143,16 @@ class ResourceKind:
     api_version: str
     plural: str
     namespaced: bool
+    # Read as PartialObjectMetadata (name, labels, resourceVersion: what client-go's metadata informer reads),
+    # not as the whole object: a few hundred bytes per pod instead of its spec and status.
+    metadata_only: bool = False
+    label_selector: str | None = None  # only the objects it selects are listed and watched
+
+    def accept(self, *, watch: bool) -> str:
+        """The Accept header: JSON, or JSON as PartialObjectMetadata(List) for a metadata-only kind."""
+        if not self.metadata_only:
+            return "application/json"
+        return f"application/json;as=PartialObjectMetadata{'' if watch else 'List'};g=meta.k8s.io;v=v1"
 
     def path(self, namespace: str | None) -> str:
         prefix = "/api/v1" if self.api_version == "v1" else f"/apis/{self.api_version}"
@@ -153,6 +168,13 @@ SWIMLANE_GROUPS = ResourceKind("ASMSwimLaneGroup", SWIMLANE_API, "asmswimlanegro
 SWIMLANES = ResourceKind("ASMSwimLane", SWIMLANE_API, "asmswimlanes", namespaced=False)
 SERVICES = ResourceKind("Service", "v1", "services", namespaced=True)
 PODS = ResourceKind("Pod", "v1", "pods", namespaced=True)
+# The controller's pods: metadata only, and only the pods that carry a lane label. Endpoints (addresses,
+# readiness, ports) then come from EndpointSlices alone, joined with these labels by their targetRef.
+POD_METADATA = ResourceKind("Pod", "v1", "pods", namespaced=True, metadata_only=True,
+                            label_selector=TRAFFIC_TAG_LABEL)
+POD_MODES = {"full": PODS, "metadata": POD_METADATA}
+# What a metadata-only pod keeps: what core.build reads of it, and what the cache's bookkeeping needs.
+_METADATA_KEPT = ("name", "namespace", "labels", "resourceVersion", "deletionTimestamp", "uid")
 # Served as discovery.k8s.io/v1 from Kubernetes 1.21, v1beta1 on 1.17-1.20: a 404 moves to the older one.
 ENDPOINT_SLICES = ResourceKind("EndpointSlice", "discovery.k8s.io/v1", "endpointslices", namespaced=True)
 OLDER_VERSIONS = {ENDPOINT_SLICES: ResourceKind("EndpointSlice", "discovery.k8s.io/v1beta1", "endpointslices",
@@ -178,9 +200,9 @@ class ApiTransport:
         self.connect_timeout = connect_timeout
         self.keepalive = keepalive  # idle seconds, probe interval, probes: a silent peer is dropped after ~45 s
 
-    async def get_json(self, path: str, params: Mapping[str, str]) -> dict:
+    async def get_json(self, path: str, params: Mapping[str, str], *, accept: str = "application/json") -> dict:
         timeout = aiohttp.ClientTimeout(total=self.request_timeout, sock_connect=self.connect_timeout)
-        response = await self._open(path, params, timeout)
+        response = await self._open(path, params, timeout, accept=accept)
         try:
             raw = await response.read()
         except _NETWORK_ERRORS as exc:
@@ -203,10 +225,11 @@ class ApiTransport:
         response.release()
 
     async def stream(self, path: str, params: Mapping[str, str], *, read_timeout: float,
-                     opened: Callable[[], None] = lambda: None) -> AsyncIterator[dict]:
+                     opened: Callable[[], None] = lambda: None,
+                     accept: str = "application/json") -> AsyncIterator[dict]:
         """Watch events, one JSON object per line, until the server ends the stream; `opened` once it answers."""
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout, sock_read=read_timeout)
-        response = await self._open(path, params, timeout)
+        response = await self._open(path, params, timeout, accept=accept)
         self._keep_alive(response)
         opened()
         try:
@@ -247,8 +270,9 @@ class ApiTransport:
             pass
 
     async def _open(self, path: str, params: Mapping[str, str], timeout: aiohttp.ClientTimeout, *,
-                    method: str = "GET", body: Any = None, content_type: str | None = None) -> aiohttp.ClientResponse:
-        headers = {"Accept": "application/json", **({"Content-Type": content_type} if content_type else {})}
+                    method: str = "GET", body: Any = None, content_type: str | None = None,
+                    accept: str = "application/json") -> aiohttp.ClientResponse:
+        headers = {"Accept": accept, **({"Content-Type": content_type} if content_type else {})}
         try:
             response = await self.api.call_api(
                 path, method, query_params=list(params.items()), header_params=headers, body=body,
@@ -359,10 +383,12 @@ class Reflector:
         """
         objects: dict[str, Mapping[str, Any]] = {}
         params = {"limit": str(self.page_size)}
+        if self.kind.label_selector:
+            params["labelSelector"] = self.kind.label_selector
         if not self._consistent_list:
             params["resourceVersion"] = "0"
         while True:
-            page = await self.transport.get_json(self.path, params)
+            page = await self.transport.get_json(self.path, params, accept=self.kind.accept(watch=False))
             items = page.get("items") or []
             if not isinstance(items, list):
                 raise ApiProtocolError(f"GET {self.path}: items is not a list")
@@ -407,11 +433,15 @@ class Reflector:
             "allowWatchBookmarks": "true",
             "timeoutSeconds": str(self.watch_seconds()),
         }
+        if self.kind.label_selector:
+            # An object that loses the label arrives as DELETED, one that gains it as ADDED.
+            params["labelSelector"] = self.kind.label_selector
         self.watches += 1
         applied = 0
         # The read timeout notices a silent connection (half-open, or a relay that stopped passing bytes);
         # a healthy but quiet watch ends by it too and resumes from its resourceVersion, losing nothing.
-        stream = self.transport.stream(self.path, params, read_timeout=self.read_timeout, opened=self._watching)
+        stream = self.transport.stream(self.path, params, read_timeout=self.read_timeout, opened=self._watching,
+                                       accept=self.kind.accept(watch=True))
         try:
             async with aclosing(stream) as events:
                 async for event in events:
@@ -555,6 +585,11 @@ class Reflector:
         """A listed or watched object as build.py reads it: with apiVersion and kind, without managedFields."""
         if not isinstance(item, dict) or not isinstance(item.get("metadata"), dict) or not item["metadata"].get("name"):
             raise ApiProtocolError(f"{self.path}: object without metadata.name")
+        if self.kind.metadata_only:
+            # As the server sends it (PartialObjectMetadata), keeping only what is read: no annotations.
+            kept = {key: item["metadata"][key] for key in _METADATA_KEPT if key in item["metadata"]}
+            return str(kept["name"]), {"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+                                       "metadata": kept}
         body = dict(item)
         body["apiVersion"], body["kind"] = self.kind.api_version, self.kind.kind  # list items carry neither
         meta = dict(body["metadata"])
@@ -624,8 +659,14 @@ class KubernetesSource:
         stale_after: float = 180.0,
         sync_grace: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
+        pods: str = "full",
     ) -> None:
+        if pods not in POD_MODES:
+            raise ValueError(f"pods must be one of {', '.join(POD_MODES)}, not {pods!r}")
         self.store = store
+        # full: whole Pods (addresses and readiness from them where a Service has no EndpointSlices);
+        # metadata: the labels of the pods carrying ASM_TRAFFIC_TAG only, endpoints from EndpointSlices alone.
+        self.pod_kind = POD_MODES[pods]
         self.lenient = lenient  # unknown fields in the objects are warnings, not a rejected update
         self.namespace = namespace  # where the proxy runs: short host names resolve here
         self.kubeconfig, self.context = kubeconfig, context
@@ -813,7 +854,7 @@ class KubernetesSource:
         """Watch Services, Pods and EndpointSlices exactly in the namespaces the swimlane objects name."""
         wanted = namespaces_named(self._bodies(SWIMLANE_GROUPS)) | namespaces_named(self._bodies(SWIMLANES))
         current = set(self.namespaces)
-        kinds = (SERVICES, PODS, ENDPOINT_SLICES)
+        kinds = (SERVICES, self.pod_kind, ENDPOINT_SLICES)
         for namespace in sorted(wanted - current):
             log.info("following %s in namespace %s", ", ".join(kind.plural for kind in kinds), namespace)
             for kind in kinds:

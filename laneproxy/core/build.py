@@ -1,7 +1,8 @@
 """Raw configuration documents -> one validated, immutable RouteTable. The only validation point.
 
 Owns the meaning of every input field: the ASM swimlane resources (`ASMSwimLaneGroup`, `ASMSwimLane`,
-`istio.alibabacloud.com/v1`), Kubernetes `Service` and `Pod` objects, and laneproxy's own
+`istio.alibabacloud.com/v1`), Kubernetes `Service`, `EndpointSlice` and `Pod` objects (a Pod also as its
+metadata alone, `meta.k8s.io/v1` `PartialObjectMetadata`), and laneproxy's own
 `LaneEndpoints` file for local runs. Every problem is collected and reported as
 `source: path.to.field: reason`; nothing past this module sees an untyped dict.
 A field the schema (core/schema.py, also the source of the CRDs) does not know is an error, or a
@@ -671,6 +672,21 @@ def _pod_decl(doc: ConfigDocument, problems: _Problems) -> _PodDecl | None:
     return _PodDecl(namespace, meta.string("name", "") or "", meta.string_map("labels"), ip, ready, ports)
 
 
+def _pod_metadata_decl(doc: ConfigDocument, problems: _Problems) -> _PodDecl | None:
+    """A Pod read as metadata only (PartialObjectMetadata, the only kind laneproxy reads that way): its labels.
+
+    It has no address and no readiness, so it is never an endpoint by itself; its labels join the
+    EndpointSlice endpoints that name it in their targetRef, as a whole Pod's do. A terminating pod's
+    labels are left out as a whole Pod's are (a Pod with a deletionTimestamp declares nothing).
+    """
+    root = _Fields(problems, doc.source, "PartialObjectMetadata", doc.body)
+    meta = root.sub("metadata")
+    if meta.body.get("deletionTimestamp"):
+        return None
+    namespace = meta.string("namespace", DEFAULT_NAMESPACE) or DEFAULT_NAMESPACE
+    return _PodDecl(namespace, meta.string("name", "") or "", meta.string_map("labels"), "", False, {})
+
+
 # ---------------------------------------------------------------------------------------------
 # Declarations -> table
 
@@ -760,6 +776,9 @@ def declare(doc: ConfigDocument, problems: _Problems, unknown: list[ConfigProble
     if kind == "Pod" and api == "v1":
         pod = _pod_decl(doc, problems)
         return Declared(kind, pods=(pod,) if pod is not None else ())
+    if kind == "PartialObjectMetadata" and api == "meta.k8s.io/v1":
+        pod = _pod_metadata_decl(doc, problems)
+        return Declared("Pod", pods=(pod,) if pod is not None else ())
     if kind == "EndpointSlice" and api in ("discovery.k8s.io/v1", "discovery.k8s.io/v1beta1"):
         endpoint_slice = _slice_decl(doc, problems)
         return Declared(kind, slices=(endpoint_slice,) if endpoint_slice is not None else ())

@@ -177,7 +177,7 @@ def test_the_controller_runs_two_spread_replicas_behind_the_xds_service_the_prox
     (container,) = pod["spec"]["containers"]
     assert container["args"][:3] == ["controller", "--source", "kubernetes"]
     args = build_parser().parse_args(container["args"])  # laneproxy accepts the command line
-    assert args.command == "controller" and args.source == "kubernetes"
+    assert (args.command, args.source, args.pods) == ("controller", "kubernetes", "metadata")
     assert container["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http-monitoring"}
     assert {"name": "http-monitoring", "containerPort": 15014, "protocol": "TCP"} in container["ports"]
     assert set(container["resources"]) == {"requests", "limits"}

@@ -18,6 +18,7 @@ import asyncio
 import base64
 import collections
 import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -662,6 +663,152 @@ async def test_services_are_read_as_kube_proxy_serves_them(cluster: Cluster, kub
                                    header_params={"Accept": "application/json"}, response_types_map={"200": "object"})
 
 
+# ---------------------------------------------------------------------------------------------
+# Pods read as metadata only (the controller's mode)
+
+SLICES_PATH = f"/apis/discovery.k8s.io/v1beta1/namespaces/{NAMESPACE}/endpointslices"  # this 1.20 server: v1beta1
+
+
+class SliceWriter:
+    """Writes a Service's EndpointSlice as the endpointslice controller would (no controller-manager runs here):
+    one slice per Service, an endpoint per pod with its address, Ready condition and targetRef."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+
+    async def _call(self, path: str, method: str, body: dict | None = None) -> Any:
+        return await self.cluster.api.call_api(
+            path, method, body=body, auth_settings=["BearerToken"],
+            header_params={"Content-Type": "application/json", "Accept": "application/json"},
+            response_types_map={"200": "object", "201": "object"})
+
+    async def write(self, service: str, pods: list[tuple[str, str, bool]]) -> None:
+        """`pods`: (pod name, pod IP, ready)."""
+        name = f"{service}-abcde"
+        body = {"apiVersion": "discovery.k8s.io/v1beta1", "kind": "EndpointSlice", "addressType": "IPv4",
+                "metadata": {"name": name, "namespace": NAMESPACE, "labels": {
+                    "kubernetes.io/service-name": service, TEST_LABEL[0]: TEST_LABEL[1],
+                    "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"}},
+                "ports": [{"name": "http", "port": 8000, "protocol": "TCP"}],
+                "endpoints": [{"addresses": [ip], "conditions": {"ready": ready},
+                               "targetRef": {"kind": "Pod", "namespace": NAMESPACE, "name": pod}}
+                              for pod, ip, ready in pods]}
+        response = await self.cluster.api.call_api(f"{SLICES_PATH}/{name}", "GET", auth_settings=["BearerToken"],
+                                                   header_params={"Accept": "application/json"}, _preload_content=False)
+        current = json.loads(await response.read())
+        if response.status == 404:
+            await self._call(SLICES_PATH, "POST", body)
+            return
+        body["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
+        await self._call(f"{SLICES_PATH}/{name}", "PUT", body)
+
+    async def delete_all(self) -> None:
+        await self.cluster.api.call_api(
+            SLICES_PATH, "DELETE", query_params=[("labelSelector", f"{TEST_LABEL[0]}={TEST_LABEL[1]}")],
+            auth_settings=["BearerToken"], header_params={"Accept": "application/json"},
+            response_types_map={"200": "object"})
+
+
+def lane_view(table: RouteTable) -> Any:
+    """Every field of the table but its version, endpoint labels and fallback chains included (equality skips them)."""
+    from tests.unit.test_incremental import canonical
+
+    return canonical(dataclasses.replace(table, version=""))
+
+
+async def test_pods_read_as_metadata_only_give_the_table_whole_pods_give(cluster: Cluster, kubeconfig: Path) -> None:
+    """The same objects, two sources side by side: whole Pods, and the metadata of the lane-labelled pods with the
+    EndpointSlices' endpoints. After each step of a rollout both serve a table equal in every field."""
+    await start_seed(cluster, BASE)
+    slices = SliceWriter(cluster)
+    ready = {"mocka": [("mocka-v1-base", BASE["mocka"], True)], "mockb": [("mockb-v1-base", BASE["mockb"], True)],
+             "mockc": [("mockc-v1-base", BASE["mockc"], True)]}
+    await cluster.create_pod("mocka-canary", app="mocka", tag="canary", version="v2", ip="10.1.0.11", ready=True)
+    await cluster.create_pod("mockb-canary", app="mockb", tag="canary", version="v2", ip="10.1.0.12", ready=False)
+    ready["mocka"].append(("mocka-canary", "10.1.0.11", True))
+    ready["mockb"].append(("mockb-canary", "10.1.0.12", False))
+    # A pod with no lane label (a Job's, say) that no Service selects: the metadata source never caches it.
+    await cluster.core.create_namespaced_pod(NAMESPACE, {"metadata": {"name": "migrate-db", "labels": {
+        "app": "migrate", TEST_LABEL[0]: TEST_LABEL[1]}}, "spec": {"containers": [{"name": "job", "image": "job"}]}})
+    await cluster.set_status("migrate-db", ip="10.1.0.99", ready=True)
+    for service, pods in ready.items():
+        await slices.write(service, pods)
+    asked: list[tuple[str, dict, str]] = []
+    try:
+        async with running_source(kubeconfig, pods="full", watch_timeout=100) as (full, full_source), \
+                running_source(kubeconfig, pods="metadata", watch_timeout=100) as (meta, meta_source):
+            transport = meta_source._transport
+            real_get, real_stream = transport.get_json, transport.stream
+
+            def get_json(path: str, params: dict, **kw: Any) -> Any:
+                asked.append((path, dict(params), kw.get("accept", "application/json")))
+                return real_get(path, params, **kw)
+
+            def stream(path: str, params: dict, **kw: Any) -> Any:
+                asked.append((path, dict(params), kw.get("accept", "application/json")))
+                return real_stream(path, params, **kw)
+
+            transport.get_json, transport.stream = get_json, stream
+
+            async def agree(what: str, expected: dict[tuple[str, str], tuple[str, list[str]]]) -> None:
+                def holds() -> bool:
+                    return (full.ready and meta.ready and built_from_current_cache(full, full_source)
+                            and built_from_current_cache(meta, meta_source)
+                            and all(route(store.current, *key) == want for key, want in expected.items()
+                                    for store in (full, meta)))
+
+                try:
+                    await eventually(holds, what=what)
+                except AssertionError:
+                    actual = {name: {key: route(store.current, *key) for key in expected}
+                              for name, store in (("full", full), ("metadata", meta))}
+                    raise AssertionError(f"{what}: expected {expected}, tables have {actual}") from None
+                assert lane_view(meta.current) == lane_view(full.current), what
+
+            await agree("first tables", {
+                ("mocka", "canary"): ("canary", ["10.1.0.11:8000"]), ("mocka", "base"): ("base", ["10.1.0.1:8000"]),
+                ("mockb", "canary"): ("base", ["10.1.0.2:8000"]), ("mockc", "canary"): ("base", ["10.1.0.3:8000"])})
+            labels = [dict(e.labels) for e in meta.current.routes[f"{NAMESPACE}/mocka"].by_lane[b"canary"].endpoints]
+            assert labels and labels[0]["ASM_TRAFFIC_TAG"] == "canary" and labels[0]["version"] == "v2"
+            cached = meta_source.reflectors[("Pod", NAMESPACE)].objects
+            assert "migrate-db" not in cached and "mocka-canary" in cached
+            assert all(set(body) == {"apiVersion", "kind", "metadata"} for body in cached.values())
+            assert "migrate-db" in full_source.reflectors[("Pod", NAMESPACE)].objects
+
+            # The kubelet reports mockb's canary Ready; the endpointslice controller follows.
+            await cluster.set_status("mockb-canary", ip="10.1.0.12", ready=True)
+            ready["mockb"][1] = ("mockb-canary", "10.1.0.12", True)
+            await slices.write("mockb", ready["mockb"])
+            await agree("mockb canary ready", {("mockb", "canary"): ("canary", ["10.1.0.12:8000"])})
+
+            # Kruise relabels mocka's canary pod into base (a promotion in place): only its metadata changes.
+            await cluster.core.patch_namespaced_pod("mocka-canary", NAMESPACE,
+                                                     {"metadata": {"labels": {"ASM_TRAFFIC_TAG": "base"}}})
+            await agree("mocka canary relabelled base", {
+                ("mocka", "canary"): ("base", ["10.1.0.11:8000", "10.1.0.1:8000"]),
+                ("mocka", "base"): ("base", ["10.1.0.11:8000", "10.1.0.1:8000"])})
+
+            # Undo: the canary pod is deleted and leaves its slice.
+            await cluster.delete_pod("mockb-canary")
+            await slices.write("mockb", ready["mockb"][:1])
+            await agree("mockb canary deleted", {("mockb", "canary"): ("base", ["10.1.0.2:8000"])})
+            assert meta.rejected == 0 and full.rejected == 0
+            assert meta_source.incremental_updates > 0
+    finally:
+        await slices.delete_all()
+    pod_lists = [(params, accept) for path, params, accept in asked if path.endswith("/pods") and "watch" not in params]
+    pod_watches = [(params, accept) for path, params, accept in asked if path.endswith("/pods") and "watch" in params]
+    assert pod_lists and pod_watches
+    for params, accept in pod_lists:
+        assert params["labelSelector"] == "ASM_TRAFFIC_TAG" and params.get("resourceVersion") == "0"
+        assert accept == "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
+    for params, accept in pod_watches:
+        assert params["labelSelector"] == "ASM_TRAFFIC_TAG" and 100 <= int(params["timeoutSeconds"]) < 200
+        assert accept == "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
+    others = [accept for path, params, accept in asked if not path.endswith("/pods")]
+    assert others and set(others) == {"application/json"}
+
+
 async def test_a_service_ports_app_protocol_and_name_select_its_upstream_protocol(cluster: Cluster, kubeconfig: Path) -> None:
     """appProtocol and port names as the API server stores them reach the table: HTTP/2 ports, the rest auto."""
     await start_seed(cluster, BASE)
@@ -833,7 +980,7 @@ async def test_lists_come_from_the_watch_cache_and_watch_timeouts_are_spread(clu
     await source.start()  # the watch tasks are created, and run from the next await on
     transport = source._transport
     real_get, real_stream = transport.get_json, transport.stream
-    transport.get_json = lambda path, params: (asked.append((path, dict(params))), real_get(path, params))[1]
+    transport.get_json = lambda path, params, **kw: (asked.append((path, dict(params))), real_get(path, params, **kw))[1]
     transport.stream = lambda path, params, **kw: (asked.append((path, dict(params))), real_stream(path, params, **kw))[1]
     try:
         await eventually(lambda: store.ready, what="first complete sync")
