@@ -297,7 +297,10 @@ class Cluster:
             "--use-service-account-credentials=false", "--leader-elect=false",
             f"--service-cluster-ip-range={SERVICE_CIDR}", "--allocate-node-cidrs=false",
             "--controllers=*,-nodeipam,-cloud-node-lifecycle,-route,-service",
-            "--node-monitor-grace-period=20s", "--pod-eviction-timeout=1h",
+            # Longer than the seed story's API-server outage (30 s), its restart and a lease renewal (10 s): the
+            # kubelet cannot renew its lease while the API is down, and a shorter grace marks the node unknown and
+            # every pod not ready the moment the API returns: Kubernetes' own reaction, not the proxies'.
+            "--node-monitor-grace-period=90s", "--pod-eviction-timeout=1h",
             "--terminated-pod-gc-threshold=50",
         ])
         self._spawn("kube-scheduler", [
