@@ -457,8 +457,10 @@ def _source_options(parser: argparse.ArgumentParser, *, xds: bool = False) -> No
                                  "laneproxy controller over xDS (delta ADS; more addresses are replicas tried in turn; "
                                  "no Kubernetes credentials needed) (env LANEPROXY_SOURCE)")
     else:
+        # The environment is checked as `run` reads it: every command parses it, and a sidecar's LANEPROXY_SOURCE
+        # is an xds:// address while its postStart hook runs `laneproxy probe`. _controller refuses xds:// itself.
         parser.add_argument("--source", choices=["files", "kubernetes"],
-                            default=_checked_env("SOURCE", "files", ["files", "kubernetes"]),
+                            default=_checked_env("SOURCE", "files", _source),
                             help="where lane membership comes from (env LANEPROXY_SOURCE)")
     parser.add_argument("--kubeconfig", default=_env("KUBECONFIG") or os.environ.get("KUBECONFIG"),
                         help="kubeconfig for --source kubernetes; in-cluster credentials when absent")
@@ -601,6 +603,10 @@ def _controller(args: argparse.Namespace) -> int:
         return 2
     from laneproxy.app import StartupError
 
+    if args.source not in ("files", "kubernetes"):
+        print(f"laneproxy controller: --source (env LANEPROXY_SOURCE) must be files or kubernetes, not "
+              f"{args.source!r}", file=sys.stderr)
+        return 2
     config = tuple(args.config or [p for p in (_env("CONFIG") or "").split(",") if p])
     source = ProxySettings(config_files=config, source=args.source, kubeconfig=args.kubeconfig,
                            namespace=args.namespace, reload_interval=args.reload_interval, lenient=args.lenient,

@@ -502,3 +502,18 @@ def test_injected_workloads_and_pods_are_accepted_by_the_real_api_server(kube_ap
         assert again["spec"]["template"] == deployment["spec"]["template"]
     finally:
         _kubectl(kube, "delete", "namespace", NAMESPACE, "--wait=false")
+
+
+def test_the_probe_a_sidecars_hooks_run_accepts_the_environment_injection_gives_it():
+    """The postStart hook runs `laneproxy probe` inside the sidecar, whose environment names an xds:// source:
+    every command parses that environment, so a command that rejected it would hold the app's start forever."""
+    sidecar = container(inject_pod(seed_pod_spec(), SETTINGS), SIDECAR_NAME)
+    env = {e["name"]: e["value"] for e in sidecar["env"] if "value" in e}
+    assert env["LANEPROXY_SOURCE"].startswith("xds://")
+    hook = sidecar["lifecycle"]["postStart"]["exec"]["command"]
+    assert hook[:2] == ["laneproxy", "probe"]
+    result = subprocess.run([sys.executable, "-m", "laneproxy", "probe", "--timeout", "0.5",
+                             "http://127.0.0.1:9/ready"], env={"PATH": "/usr/bin:/bin", **env},
+                            capture_output=True, text=True, timeout=60)
+    # Refused (1: nothing listens there), not a rejected environment (2).
+    assert result.returncode == 1 and "Connection refused" in result.stderr, result.stderr
