@@ -39,8 +39,7 @@ class StartupError(Exception):
 
 
 def make_source(settings: ProxySettings, store: RouteTableStore):
-    """The source the settings name (files, kubernetes or xds://), publishing to `store`; the proxy's and the
-    controller's (whose command line offers files and kubernetes only)."""
+    """The source the settings name (files, kubernetes or xds://), publishing to `store`; the proxy's and the controller's."""
     if settings.source == "kubernetes":
         try:
             from laneproxy.control.kubernetes import KubernetesSource  # optional dependency

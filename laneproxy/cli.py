@@ -447,20 +447,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _source_options(parser: argparse.ArgumentParser, *, xds: bool = False) -> None:
-    """Where the route table comes from: the same options for `run` and `controller` (`xds`: the controller too)."""
+    """Where the route table comes from: the same options for `run` and `controller` (`run` may follow a
+    controller: `xds`)."""
     parser.add_argument("--config", action="append", default=None, metavar="FILE",
                         help="swimlane manifests or endpoints file; repeatable (env LANEPROXY_CONFIG, comma-separated)")
     if xds:
         parser.add_argument("--source", type=_source, default=_checked_env("SOURCE", "files", _source),
                             metavar="{files,kubernetes,xds://HOST:PORT[,HOST:PORT...]}",
                             help="where lane membership comes from: the --config files, the Kubernetes API, or the "
-                                 "laneproxy controller over xDS (delta ADS; more addresses are replicas tried in turn; "
-                                 "no Kubernetes credentials needed) (env LANEPROXY_SOURCE)")
+                                 "laneproxy controller over xDS (delta ADS; further addresses are replicas tried in "
+                                 "turn; no Kubernetes credentials needed) (env LANEPROXY_SOURCE)")
     else:
-        # The environment is checked as `run` reads it: every command parses it, and a sidecar's LANEPROXY_SOURCE
-        # is an xds:// address while its postStart hook runs `laneproxy probe`. _controller refuses xds:// itself.
+        # A sidecar's LANEPROXY_SOURCE=xds://... is not the controller's to follow: it reads files or the API.
+        env = _checked_env("SOURCE", "files", _source)
         parser.add_argument("--source", choices=["files", "kubernetes"],
-                            default=_checked_env("SOURCE", "files", _source),
+                            default=env if env in ("files", "kubernetes") else "files",
                             help="where lane membership comes from (env LANEPROXY_SOURCE)")
     parser.add_argument("--kubeconfig", default=_env("KUBECONFIG") or os.environ.get("KUBECONFIG"),
                         help="kubeconfig for --source kubernetes; in-cluster credentials when absent")
@@ -477,7 +478,8 @@ def _source_options(parser: argparse.ArgumentParser, *, xds: bool = False) -> No
     parser.add_argument("--pods", choices=["full", "metadata"], default=_checked_env("PODS", "full", ["full", "metadata"]),
                         help="--source kubernetes: read whole Pods (full), or only the metadata of the pods labelled "
                              "ASM_TRAFFIC_TAG, with addresses and readiness from EndpointSlices alone (metadata: far "
-                             "less memory; needs the EndpointSlice API) (env LANEPROXY_PODS)")
+                             "less memory; needs the EndpointSlice API; the controller's Deployment reads metadata) "
+                             "(env LANEPROXY_PODS)")
     parser.add_argument("--table-stale-after", type=_positive_seconds,
                      default=_checked_env("TABLE_STALE_AFTER", "180", _positive_seconds),
                         help="seconds the route table may be behind its source before laneproxy.config.table_stale "
@@ -603,10 +605,6 @@ def _controller(args: argparse.Namespace) -> int:
         return 2
     from laneproxy.app import StartupError
 
-    if args.source not in ("files", "kubernetes"):
-        print(f"laneproxy controller: --source (env LANEPROXY_SOURCE) must be files or kubernetes, not "
-              f"{args.source!r}", file=sys.stderr)
-        return 2
     config = tuple(args.config or [p for p in (_env("CONFIG") or "").split(",") if p])
     source = ProxySettings(config_files=config, source=args.source, kubeconfig=args.kubeconfig,
                            namespace=args.namespace, reload_interval=args.reload_interval, lenient=args.lenient,

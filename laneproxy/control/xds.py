@@ -33,7 +33,10 @@ from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, status_pb2
 
 from laneproxy import __version__
+from laneproxy.control.building import build_off_loop, settle_heap
+from laneproxy.core.build import Built
 from laneproxy.core.errors import ConfigInvalidError, ConfigProblem
+from laneproxy.core.model import RouteTable
 from laneproxy.core.store import RouteTableStore, SourceHealth, SourceNumber
 from laneproxy.core.xds_view import (
     ASSIGNMENT_TYPE,
@@ -52,6 +55,10 @@ from laneproxy.core.xds_view import (
 log = logging.getLogger("laneproxy.xds")
 
 SUBSCRIBED = (CLUSTER_TYPE, GROUP_TYPE, ASSIGNMENT_TYPE)
+# An update of up to this many assignments is applied on the event loop (as the Kubernetes source's
+# INLINE_UPDATE_LIMIT: a few ms at 10,000 services); a larger one in a worker thread.
+INLINE_UPDATE_LIMIT = 64
+_SETTLED = 5.0  # a stream that lasted this long starts the backoff over, even if it carried nothing new
 _SERVING = (health_check_pb2.HealthStatus.UNKNOWN, health_check_pb2.HealthStatus.HEALTHY)
 # HTTP/2 PINGs on an idle stream: gRPC servers refuse them more often than every 5 minutes by default, so
 # this only finds a controller gone without a FIN (a power-off); one that stopped answering is noticed by
@@ -64,6 +71,35 @@ _CHANNEL_OPTIONS = [("grpc.keepalive_time_ms", 300_000), ("grpc.keepalive_timeou
 def node_id(*, pod_ip: str | None, pod_name: str | None, namespace: str) -> str:
     """The node id as Istio's sidecars write it."""
     return f"sidecar~{pod_ip or '127.0.0.1'}~{pod_name or 'laneproxy'}.{namespace}~{namespace}.svc.cluster.local"
+
+
+def decode_resource(type_url: str, name: str, value: bytes) -> Any:
+    """One resource's bytes as core.xds_view reads it; raises DecodeError or XdsResourceError."""
+    if type_url == CLUSTER_TYPE:
+        cluster = cluster_pb2.Cluster.FromString(value)
+        if cluster.name != name:
+            raise XdsResourceError([ConfigProblem(f"Cluster({name})", "name", f"{cluster.name!r} differs from the "
+                                                                              "resource's name")])
+        metadata = cluster.metadata.filter_metadata
+        laneproxy = json_format.MessageToDict(metadata["laneproxy"]) if "laneproxy" in metadata else None
+        return decode_cluster(name, laneproxy)
+    if type_url == ASSIGNMENT_TYPE:
+        assignment = endpoint_pb2.ClusterLoadAssignment.FromString(value)
+        if assignment.cluster_name != name:
+            raise XdsResourceError([ConfigProblem(f"ClusterLoadAssignment({name})", "cluster_name",
+                                                  f"{assignment.cluster_name!r} differs from the resource's name")])
+        endpoints = []
+        for locality in assignment.endpoints:
+            for lb_endpoint in locality.lb_endpoints:
+                if lb_endpoint.health_status not in _SERVING:
+                    continue
+                address = lb_endpoint.endpoint.address.socket_address
+                metadata = lb_endpoint.metadata.filter_metadata
+                labels = json_format.MessageToDict(metadata["laneproxy"]) if "laneproxy" in metadata else None
+                endpoints.append((address.address, address.port_value, labels))
+        return decode_assignment(name, endpoints)
+    fields = struct_pb2.Struct.FromString(value)
+    return decode_group(name, json_format.MessageToDict(fields))
 
 
 class _Reconnect(Exception):
@@ -103,6 +139,7 @@ class XdsSource:
         self.reconnects = 0
         self.unknown_types = 0
         self.complete = False  # a full snapshot has been published
+        self._connected_at = 0.0
         self._behind_since: float | None = None  # no stream since then (the table may be behind)
         self._subscribed: set[str] = set()  # assignment names subscribed on this stream
         self._dropped: set[str] = set()  # unsubscribed: an assignment for one of them still in flight is ignored
@@ -137,7 +174,7 @@ class XdsSource:
                 progressed = bool(exc.args and exc.args[0])
                 reason = str(exc.args[1]) if len(exc.args) > 1 else "reconnecting"
             except grpc.aio.AioRpcError as exc:
-                progressed = self.connected
+                progressed = self.connected and self.clock() - self._connected_at > _SETTLED
                 reason = f"{exc.code().name}: {exc.details()}"
             except Exception as exc:  # a bug here must not end the source: the next stream starts afresh
                 log.exception("xDS stream to %s failed", address)
@@ -179,25 +216,31 @@ class XdsSource:
             stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
             call = stub.DeltaAggregatedResources(requests())
             try:
+                # Open once the controller took the call: after a reconnect with the versions the sidecar has,
+                # a controller with nothing newer rightly says nothing.
+                try:
+                    await asyncio.wait_for(call.wait_for_connection(), self.first_snapshot_timeout)
+                except asyncio.TimeoutError:
+                    raise _Reconnect(False, "no connection") from None
+                self.connected, self._behind_since = True, None
+                opened = self._connected_at = self.clock()
+                log.info("xDS stream to %s open", address)
                 while True:
                     # Until the first full snapshot, a controller that does not answer is as good as gone.
                     timeout = None if self.complete else self.first_snapshot_timeout
                     try:
                         response = await asyncio.wait_for(call.read(), timeout)
                     except asyncio.TimeoutError:
-                        raise _Reconnect(progressed, f"no full snapshot within {self.first_snapshot_timeout:g}s")
+                        raise _Reconnect(progressed, f"no full snapshot within {self.first_snapshot_timeout:g}s") from None
                     if response is grpc.aio.EOF:
-                        return progressed
-                    if not self.connected:
-                        self.connected, self._behind_since = True, None
-                        log.info("xDS stream to %s open", address)
-                    for request in self._handle(response):
+                        return progressed or self.clock() - opened > _SETTLED
+                    for request in await self._handle(response):
                         queue.put_nowait(request)
                     progressed = True
             finally:
                 call.cancel()
 
-    def _handle(self, response: discovery_pb2.DeltaDiscoveryResponse) -> list[discovery_pb2.DeltaDiscoveryRequest]:
+    async def _handle(self, response: discovery_pb2.DeltaDiscoveryResponse) -> list[discovery_pb2.DeltaDiscoveryRequest]:
         """Apply one response; the requests to send: its ACK or NACK, and any change of subscriptions."""
         type_url = response.type_url
         state = self.types.get(type_url)
@@ -205,9 +248,18 @@ class XdsSource:
             self.unknown_types += 1
             log.warning("xDS response of a type never subscribed to (%s): NACKed", type_url)
             return [self._nack(response, f"{type_url} is not a type this sidecar subscribes to")]
-        try:
+        def apply() -> tuple[Update, Built]:
             update = self._decode(response)
-            built = self.view.apply(update, version=response.system_version_info)
+            return update, self.view.apply(update, version=response.system_version_info)
+
+        size = len(response.resources) + len(response.removed_resources)
+        try:
+            # A few assignments are applied on the event loop (core.incremental: a few ms at 10,000 services); a
+            # snapshot, or a change of groups (a full build), in a worker thread, as the other sources do.
+            if type_url == ASSIGNMENT_TYPE and size <= INLINE_UPDATE_LIMIT:
+                update, built = apply()
+            else:
+                update, built = await build_off_loop(apply)
         except ConfigInvalidError as exc:
             state.nacks += 1
             state.nacked = True
@@ -225,7 +277,7 @@ class XdsSource:
         out = [discovery_pb2.DeltaDiscoveryRequest(node=self.node, type_url=type_url, response_nonce=response.nonce)]
         if type_url == CLUSTER_TYPE:
             out.extend(self._follow_clusters())
-        self._publish(built.table)
+        self._publish(built.table, settle=not (type_url == ASSIGNMENT_TYPE and size <= INLINE_UPDATE_LIMIT))
         return out
 
     def _follow_clusters(self) -> list[discovery_pb2.DeltaDiscoveryRequest]:
@@ -241,17 +293,21 @@ class XdsSource:
         return [discovery_pb2.DeltaDiscoveryRequest(node=self.node, type_url=ASSIGNMENT_TYPE,
                                                     resource_names_subscribe=new, resource_names_unsubscribe=gone)]
 
-    def _publish(self, table) -> None:
-        ready = (self.types[CLUSTER_TYPE].answered and self.types[GROUP_TYPE].answered
-                 and not self.view.missing_assignments())
+    def _publish(self, table: RouteTable, *, settle: bool) -> None:
+        ready = self.complete or (self.types[CLUSTER_TYPE].answered and self.types[GROUP_TYPE].answered
+                                  and not self.view.missing_assignments())
         if not ready:
-            return  # a cluster waits for its endpoints before any request is routed by it (Envoy's warming)
+            # The first table waits for every cluster's endpoints. Later, a new cluster's assignment is a
+            # subscription away; holding every other change back for it would leave the table behind.
+            return
         if not self.complete:
             log.info("first full xDS snapshot from %s: %d services, %d groups", self.controller,
                      len(table.services), len(table.groups))
         self.complete = True
         if table is not self.store.current:
             self.store.publish(table)
+            if settle:
+                settle_heap()
 
     def _nack(self, response: discovery_pb2.DeltaDiscoveryResponse, reason: str) -> discovery_pb2.DeltaDiscoveryRequest:
         return discovery_pb2.DeltaDiscoveryRequest(
@@ -274,7 +330,7 @@ class XdsSource:
             if type_url == ASSIGNMENT_TYPE and resource.name in self._dropped:
                 continue  # sent before the server saw the unsubscription
             try:
-                changed[resource.name] = self._decode_one(type_url, resource.name, resource.resource.value)
+                changed[resource.name] = decode_resource(type_url, resource.name, resource.resource.value)
             except DecodeError as exc:
                 problems.append(ConfigProblem(where, "resource.value", f"malformed {kind} message: {exc}"))
             except XdsResourceError as exc:
@@ -282,34 +338,6 @@ class XdsSource:
         if problems:
             raise XdsResourceError(problems)
         return Update(type_url, changed, frozenset(response.removed_resources))
-
-    @staticmethod
-    def _decode_one(type_url: str, name: str, value: bytes) -> Any:
-        if type_url == CLUSTER_TYPE:
-            cluster = cluster_pb2.Cluster.FromString(value)
-            if cluster.name != name:
-                raise XdsResourceError([ConfigProblem(f"Cluster({name})", "name", f"{cluster.name!r} differs from the "
-                                                                                  "resource's name")])
-            metadata = cluster.metadata.filter_metadata
-            laneproxy = json_format.MessageToDict(metadata["laneproxy"]) if "laneproxy" in metadata else None
-            return decode_cluster(name, laneproxy)
-        if type_url == ASSIGNMENT_TYPE:
-            assignment = endpoint_pb2.ClusterLoadAssignment.FromString(value)
-            if assignment.cluster_name != name:
-                raise XdsResourceError([ConfigProblem(f"ClusterLoadAssignment({name})", "cluster_name",
-                                                      f"{assignment.cluster_name!r} differs from the resource's name")])
-            endpoints = []
-            for locality in assignment.endpoints:
-                for lb_endpoint in locality.lb_endpoints:
-                    if lb_endpoint.health_status not in _SERVING:
-                        continue
-                    address = lb_endpoint.endpoint.address.socket_address
-                    metadata = lb_endpoint.metadata.filter_metadata
-                    labels = json_format.MessageToDict(metadata["laneproxy"]) if "laneproxy" in metadata else None
-                    endpoints.append((address.address, address.port_value, labels))
-            return decode_assignment(name, endpoints)
-        fields = struct_pb2.Struct.FromString(value)
-        return decode_group(name, json_format.MessageToDict(fields))
 
     # -- stats -----------------------------------------------------------------------------------
 

@@ -3,7 +3,8 @@
 Owns the names, shapes and versions of those resources (the contract between `laneproxy controller` and
 its sidecars, written down in the README's "controller and xDS" section): one `Cluster` and one
 `ClusterLoadAssignment` per service port (`outbound|PORT||FQDN`) and per lane of its group
-(`outbound|PORT|LANE|FQDN`), and one `laneproxy.v1.SwimLaneGroup` per group (a Struct's wire form
+(`outbound|PORT|LANE|FQDN`), EDS clusters save an ExternalName service's (STRICT_DNS, see
+cluster_message), and one `laneproxy.v1.SwimLaneGroup` per group (a Struct's wire form
 holding the group and lane objects as they were read). A resource's version is a hash of its content,
 so every controller replica gives the same resource the same version.
 
@@ -100,14 +101,25 @@ def service_metadata(service: Service) -> dict[str, Any]:
             "external_name": service.external_name, "first_port": service.first_port}
 
 
-def cluster_message(service: Service, group: SwimLaneGroup | None, lane: str | None) -> cluster_pb2.Cluster:
+def cluster_message(service: Service, group: SwimLaneGroup | None, lane: str | None,
+                    endpoints: Iterable[Endpoint] = ()) -> cluster_pb2.Cluster:
+    """The cluster: EDS over ADS; for an ExternalName service a STRICT_DNS cluster holding its endpoints
+    (`endpoints`) itself, as Istio makes it: Envoy refuses a host name in an EDS assignment, and one such
+    assignment would make it refuse every other one sent with it. Its ClusterLoadAssignment is still
+    served, by name, to the sidecars that ask for it."""
     name = cluster_name(service, lane)
-    cluster = cluster_pb2.Cluster(name=name, type=cluster_pb2.Cluster.EDS, lb_policy=cluster_pb2.Cluster.LEAST_REQUEST,
+    cluster = cluster_pb2.Cluster(name=name, lb_policy=cluster_pb2.Cluster.LEAST_REQUEST,
                                   connect_timeout=duration_pb2.Duration(seconds=CONNECT_TIMEOUT_SECONDS))
-    eds = cluster.eds_cluster_config
-    eds.service_name = name
-    eds.eds_config.ads.SetInParent()
-    eds.eds_config.resource_api_version = config_source_pb2.V3
+    if service.external_name:
+        cluster.type = cluster_pb2.Cluster.STRICT_DNS
+        cluster.dns_lookup_family = cluster_pb2.Cluster.V4_PREFERRED  # an IPv4 address where the name has one
+        cluster.load_assignment.CopyFrom(assignment_message(name, endpoints))
+    else:
+        cluster.type = cluster_pb2.Cluster.EDS
+        eds = cluster.eds_cluster_config
+        eds.service_name = name
+        eds.eds_config.ads.SetInParent()
+        eds.eds_config.resource_api_version = config_source_pb2.V3
     cluster.typed_extension_protocol_options[HTTP_PROTOCOL_OPTIONS].CopyFrom(_protocol_options(service.protocol))
     istio: dict[str, Any] = {"services": [{"host": service.fqdn, "name": service.name, "namespace": service.namespace}],
                              "default_original_port": service.port}
@@ -141,14 +153,16 @@ def lane_endpoints(routes: ServiceRoutes, lane: str) -> tuple[Endpoint, ...]:
 def service_resources(routes: ServiceRoutes) -> tuple[tuple[EncodedResource, ...], tuple[EncodedResource, ...]]:
     """(Clusters, ClusterLoadAssignments) of one service port: the whole service's, then each lane's."""
     service, group = routes.service, routes.group
-    clusters = [encode(CLUSTER_TYPE, cluster_name(service, None), cluster_message(service, group, None))]
+    clusters = [encode(CLUSTER_TYPE, cluster_name(service, None),
+                       cluster_message(service, group, None, service.endpoints))]
     assignments = [encode(ENDPOINT_TYPE, cluster_name(service, None),
                           assignment_message(cluster_name(service, None), service.endpoints))]
     if group is not None:
         for lane in sorted(group.lanes):
             name = cluster_name(service, lane)
-            clusters.append(encode(CLUSTER_TYPE, name, cluster_message(service, group, lane)))
-            assignments.append(encode(ENDPOINT_TYPE, name, assignment_message(name, lane_endpoints(routes, lane))))
+            endpoints = lane_endpoints(routes, lane)
+            clusters.append(encode(CLUSTER_TYPE, name, cluster_message(service, group, lane, endpoints)))
+            assignments.append(encode(ENDPOINT_TYPE, name, assignment_message(name, endpoints)))
     return tuple(clusters), tuple(assignments)
 
 

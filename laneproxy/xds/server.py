@@ -8,9 +8,11 @@ removed resources it subscribes to, as the bytes `resources` encoded once for ev
 
 Bad input ends only its own stream, with a gRPC status (INVALID_ARGUMENT): bytes that are no
 DeltaDiscoveryRequest, a request without a type URL, a nonce this stream never sent, more subscribed
-names than MAX_NAMES_PER_TYPE. The state-of-the-world method answers UNIMPLEMENTED. A type URL the
-controller does not serve gets an empty response of that type and is counted. It never builds or
-edits a table (the store's source does) and never blocks the loop on I/O.
+names than MAX_NAMES_PER_TYPE, more unknown types waiting for an answer than MAX_UNKNOWN_PENDING. What a
+stream owes is a set of names per type (a slow reader's pushes coalesce), so its memory is bounded by
+the resources, not by how many tables were published meanwhile. The state-of-the-world method answers
+UNIMPLEMENTED. A type URL the controller does not serve gets an empty response of that type and is
+counted. It never builds or edits a table (the store's source does) and never blocks the loop on I/O.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ WILDCARD = "*"
 # A stream's subscribed names per type beyond this end the stream: the memory one client can make the
 # controller hold is bounded (a real sidecar subscribes to one name per cluster).
 MAX_NAMES_PER_TYPE = 200_000
+MAX_UNKNOWN_PENDING = 64  # unknown type URLs one stream may have waiting for their empty answers
 _ABSENT = ""  # a version recorded for a name the client was told does not exist
 
 
@@ -78,7 +81,7 @@ class Stream:
         self.node_id = ""
         self.subscriptions: dict[str, Subscription] = {}
         self.pending: dict[str, set[str]] = {}  # names to look at again, per known type
-        self.unknown_pending: list[str] = []  # unknown type URLs owed an empty response
+        self.unknown_pending: dict[str, None] = {}  # unknown type URLs owed an empty response, in order
         self.token = secrets.token_hex(4)
         self.nonces = 0
         self.wake = asyncio.Event()
@@ -128,7 +131,7 @@ class DeltaAdsServer:
 
     # -- tables ---------------------------------------------------------------------------------
 
-    def publish(self, table: RouteTable) -> dict[str, Change]:
+    def publish(self, table: RouteTable) -> None:
         """Take a new table: encode what is new in it, and owe each stream the resources that changed for it."""
         resources = self.encoder.encode(table)
         changes = diff(self.resources, resources)
@@ -140,13 +143,13 @@ class DeltaAdsServer:
         for stream in self.streams:
             stream.notify(changes)
         self.served.set()
-        return changes
 
     # -- the gRPC server ------------------------------------------------------------------------
 
     async def start(self, host: str, port: int) -> int:
         """Listen on host:port (0: the kernel chooses); returns the bound port."""
-        server = grpc.aio.server(options=[("grpc.max_receive_message_length", 4 * 1024 * 1024)])
+        # No SO_REUSEPORT: a port another process holds is an error at start, never a shared port.
+        server = grpc.aio.server(options=[("grpc.max_receive_message_length", 4 * 1024 * 1024), ("grpc.so_reuseport", 0)])
         handlers = {
             "DeltaAggregatedResources": grpc.stream_stream_rpc_method_handler(
                 self._delta, request_deserializer=None, response_serializer=None),
@@ -242,7 +245,10 @@ class DeltaAdsServer:
                 self.stats.unknown_type_requests += 1
                 log.info("xDS stream from %s asks for %r, a type the controller does not serve: empty answer",
                          stream.node_id or stream.peer, type_url[:200])
-                stream.unknown_pending.append(type_url)
+                stream.unknown_pending[type_url] = None
+                if len(stream.unknown_pending) > MAX_UNKNOWN_PENDING:
+                    raise StreamRefusedError(grpc.StatusCode.INVALID_ARGUMENT,
+                                             f"more than {MAX_UNKNOWN_PENDING} unknown type URLs asked at once")
                 stream.wake.set()
             return
         subscription = stream.subscriptions.get(type_url)

@@ -34,7 +34,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from laneproxy.inject import SidecarSettings, inject_pod  # noqa: E402
-from loadtests.bench.processes import cpu_seconds, free_port, private_bytes, rss_bytes  # noqa: E402
+from loadtests.bench.processes import cpu_seconds_precise, free_port, private_bytes, rss_bytes  # noqa: E402
 from tests.kube.apiserver import KubeApiServer, ensure_binary  # noqa: E402
 
 NAMESPACE = "default"
@@ -237,7 +237,7 @@ class Sidecar:
         return rss_bytes(pids), private_bytes(pids)
 
     def cpu(self) -> float:
-        return cpu_seconds([self.process.pid])
+        return cpu_seconds_precise([self.process.pid])
 
     def stop(self) -> None:
         if self.process.poll() is None:

@@ -70,6 +70,23 @@ def cpu_seconds(pids: list[int]) -> float:
     return ticks / CLOCK_TICKS
 
 
+def cpu_seconds_precise(pids: list[int]) -> float:
+    """Time on a CPU of these processes' threads in nanoseconds (/proc/PID/task/TID/schedstat), in seconds:
+    for a figure of a millisecond or less, where utime and stime count 10 ms ticks."""
+    total = 0
+    for pid in pids:
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                total += int(Path(f"/proc/{pid}/task/{task}/schedstat").read_text().split()[0])
+            except (OSError, IndexError, ValueError):
+                continue  # a thread that ended meanwhile: its time is lost with it
+    return total / 1e9
+
+
 def rss_bytes(pids: list[int]) -> int:
     total = 0
     for pid in pids:

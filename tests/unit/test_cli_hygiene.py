@@ -44,6 +44,8 @@ def test_version_prints_the_package_version():
     (["verdict", "--prometheus", "http://127.0.0.1:1", "--group", "g", "--lane", "l", "--window", "5m) or vector(1"],
      {}, "--window"),
     (["verdict", "--prometheus", "http://127.0.0.1:1", "--group", "g"], {}, "--lane"),
+    (["controller", "--xds-port", "70000"], {}, "--xds-port"),
+    (["crds"], {"LANEPROXY_XDS_PORT": "grpc"}, "LANEPROXY_XDS_PORT"),
 ])
 def test_a_bad_flag_or_environment_value_is_a_message_and_exit_2_never_a_traceback(args, env, message):
     result = laneproxy(*args, env=env)

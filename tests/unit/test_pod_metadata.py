@@ -8,6 +8,8 @@ tests/component/test_kubernetes_source.py does the same against a real kube-apis
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from laneproxy.core.build import ConfigDocument, build_skipping
@@ -103,3 +105,18 @@ def test_pod_metadata_alone_makes_no_endpoint_where_a_service_has_no_endpoint_sl
     meta = build_skipping(documents(bodies, metadata=True), version="v", namespace=NAMESPACE)
     assert [e.host for e in full.table.routes["default/mocka"].default.endpoints] == ["10.0.0.1"]
     assert meta.table.routes["default/mocka"].default.endpoints == ()
+
+
+def test_a_list_parsed_for_metadata_loses_managed_fields_annotations_and_owners_but_no_label() -> None:
+    """The source drops what it never reads while a list is parsed (so the parse never holds a page of it);
+    a label that happens to be named like one of them is a string and stays."""
+    from laneproxy.control.kubernetes import POD_METADATA, PODS, _parser
+
+    page = json.dumps({"metadata": {"resourceVersion": "7"}, "items": [{"metadata": {
+        "name": "a0", "labels": {"annotations": "kept", "ASM_TRAFFIC_TAG": "canary"},
+        "annotations": {"sidecar.istio.io/status": "x" * 1000}, "ownerReferences": [{"kind": "ReplicaSet"}],
+        "managedFields": [{"manager": "kubelet"}]}}]}).encode()
+    meta = _parser(POD_METADATA.dropped)(page)["items"][0]["metadata"]
+    assert meta == {"name": "a0", "labels": {"annotations": "kept", "ASM_TRAFFIC_TAG": "canary"}}
+    full = _parser(PODS.dropped)(page)["items"][0]["metadata"]
+    assert "managedFields" not in full and full["annotations"] and full["ownerReferences"]

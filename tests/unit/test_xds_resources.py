@@ -201,3 +201,18 @@ def test_the_encoder_reencodes_only_the_services_an_incremental_update_replaced(
     assert set(changes) == {ENDPOINT_TYPE}
     assert changes[ENDPOINT_TYPE].changed == {f"outbound|8000|{lane_name}|{FQDN.format('svc007')}"
                                               for lane_name in ("", "canary")}
+
+
+def test_an_external_name_service_is_a_strict_dns_cluster_holding_its_name_and_still_has_an_assignment() -> None:
+    external = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "db", "namespace": "default"},
+                "spec": {"type": "ExternalName", "externalName": "db.example.internal", "ports": [{"port": 5432}]}}
+    resources = encode_table(table_of([*bodies(), external]))
+    name = f"outbound|5432||{FQDN.format('db')}"
+    cluster = decoded(resources.by_type[CLUSTER_TYPE][name], cluster_pb2.Cluster)
+    assert cluster.type == cluster_pb2.Cluster.STRICT_DNS and not cluster.HasField("eds_cluster_config")
+    inline = cluster.load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.socket_address
+    assert (inline.address, inline.port_value) == ("db.example.internal", 5432)
+    assert [(host, port) for host, port, _ in endpoints_of(resources.by_type[ENDPOINT_TYPE][name])] == \
+        [("db.example.internal", 5432)]
+    others = decoded(resources.by_type[CLUSTER_TYPE][f"outbound|8000||{FQDN.format('mocka')}"], cluster_pb2.Cluster)
+    assert others.type == cluster_pb2.Cluster.EDS
