@@ -28,7 +28,7 @@ from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2, health_check_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import struct_pb2
 from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, status_pb2
 
@@ -73,6 +73,22 @@ def node_id(*, pod_ip: str | None, pod_name: str | None, namespace: str) -> str:
     return f"sidecar~{pod_ip or '127.0.0.1'}~{pod_name or 'laneproxy'}.{namespace}~{namespace}.svc.cluster.local"
 
 
+def _plain_value(value: struct_pb2.Value) -> Any:
+    kind = value.WhichOneof("kind")
+    if kind == "struct_value":
+        return _plain_struct(value.struct_value)
+    if kind == "list_value":
+        return [_plain_value(item) for item in value.list_value.values]
+    if kind == "null_value" or kind is None:
+        return None
+    return getattr(value, kind)
+
+
+def _plain_struct(struct: struct_pb2.Struct) -> dict[str, Any]:
+    """A Struct as dicts, lists, strings, floats, bools and None (json_format's, without its generality)."""
+    return {key: _plain_value(value) for key, value in struct.fields.items()}
+
+
 def decode_resource(type_url: str, name: str, value: bytes) -> Any:
     """One resource's bytes as core.xds_view reads it; raises DecodeError or XdsResourceError."""
     if type_url == CLUSTER_TYPE:
@@ -81,7 +97,7 @@ def decode_resource(type_url: str, name: str, value: bytes) -> Any:
             raise XdsResourceError([ConfigProblem(f"Cluster({name})", "name", f"{cluster.name!r} differs from the "
                                                                               "resource's name")])
         metadata = cluster.metadata.filter_metadata
-        laneproxy = json_format.MessageToDict(metadata["laneproxy"]) if "laneproxy" in metadata else None
+        laneproxy = _plain_struct(metadata["laneproxy"]) if "laneproxy" in metadata else None
         return decode_cluster(name, laneproxy)
     if type_url == ASSIGNMENT_TYPE:
         assignment = endpoint_pb2.ClusterLoadAssignment.FromString(value)
@@ -95,11 +111,11 @@ def decode_resource(type_url: str, name: str, value: bytes) -> Any:
                     continue
                 address = lb_endpoint.endpoint.address.socket_address
                 metadata = lb_endpoint.metadata.filter_metadata
-                labels = json_format.MessageToDict(metadata["laneproxy"]) if "laneproxy" in metadata else None
+                labels = _plain_struct(metadata["laneproxy"]) if "laneproxy" in metadata else None
                 endpoints.append((address.address, address.port_value, labels))
         return decode_assignment(name, endpoints)
     fields = struct_pb2.Struct.FromString(value)
-    return decode_group(name, json_format.MessageToDict(fields))
+    return decode_group(name, _plain_struct(fields))
 
 
 class _Reconnect(Exception):

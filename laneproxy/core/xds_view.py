@@ -309,6 +309,14 @@ def service_documents(ports: Sequence[ServicePort],
     return (*documents, *pods)
 
 
+def _drop(index: dict[str, set[str]], key: str, name: str) -> None:
+    names = index.get(key)
+    if names is not None:
+        names.discard(name)
+        if not names:
+            del index[key]
+
+
 # -- the view --------------------------------------------------------------------------------------
 
 
@@ -337,6 +345,7 @@ class XdsView:
         self.assignments: dict[str, tuple[AssignedEndpoint, ...]] = {}
         self.groups: dict[str, tuple[ConfigDocument, ...]] = {}
         self.documents: dict[str, tuple[ConfigDocument, ...]] = {}  # by source: one per service, one per group
+        self._ports_of: dict[str, set[str]] = {}  # service key -> its whole-service cluster names
         self._incremental: IncrementalTable | None = None
         self.built: Built | None = None
         self.incremental_updates = 0
@@ -352,85 +361,116 @@ class XdsView:
 
     def apply(self, update: Update, *, version: str) -> Built:
         """The table with `update` applied; raises XdsResourceError (or build's ConfigInvalidError) and changes
-        nothing when it cannot be applied."""
-        ports, lane_clusters = self.ports, self.lane_clusters
-        assignments, groups = self.assignments, self.groups
-        affected: set[str] = set()  # sources whose documents change
+        nothing when it cannot be applied. Costs time in proportion to the update, not to the view."""
+        # What the update changes, as overlays on the view's mappings (None: removed); committed once it built.
+        ports: dict[str, ServicePort | None] = {}
+        assignments: dict[str, tuple[AssignedEndpoint, ...] | None] = {}
+        groups: dict[str, tuple[ConfigDocument, ...] | None] = {}
+        lanes_added: set[str] = set()
+        affected: set[str] = set()  # service keys, and SwimLaneGroup/NAME
         if update.type_url == CLUSTER_TYPE:
-            ports, lane_clusters = dict(ports), set(lane_clusters)
-            for name in update.removed:
-                old = ports.pop(name, None)
-                lane_clusters.discard(name)
+            for name in (*update.removed, *update.changed):
+                old = self.ports.get(name)
                 if old is not None:
                     affected.add(old.key)
+                    ports[name] = None
             for name, port in update.changed.items():
-                old = ports.pop(name, None)
-                lane_clusters.discard(name)
-                if old is not None:
-                    affected.add(old.key)
                 if port is None:
-                    lane_clusters.add(name)
+                    lanes_added.add(name)
                 else:
                     ports[name] = port
                     affected.add(port.key)
-            # an assignment outlives its cluster only until the caller unsubscribes: it is no longer read
         elif update.type_url == ASSIGNMENT_TYPE:
-            unknown = sorted(name for name in update.changed if name not in ports)
+            unknown = sorted(name for name in update.changed if name not in self.ports)
             if unknown:
                 raise XdsResourceError([ConfigProblem(f"ClusterLoadAssignment({name})", "cluster_name",
                                                       "no such whole-service Cluster was received") for name in unknown])
-            assignments = dict(assignments)
             for name in update.removed:
-                if assignments.pop(name, None) is not None and name in ports:
-                    affected.add(ports[name].key)
+                if name in self.assignments:
+                    assignments[name] = None
+                    if name in self.ports:
+                        affected.add(self.ports[name].key)
             for name, endpoints in update.changed.items():
                 assignments[name] = endpoints
-                affected.add(ports[name].key)
+                affected.add(self.ports[name].key)
         elif update.type_url == GROUP_TYPE:
-            groups = dict(groups)
             for name in update.removed:
-                if groups.pop(name, None) is not None:
+                if name in self.groups:
+                    groups[name] = None
                     affected.add(f"SwimLaneGroup/{name}")
             for name, documents in update.changed.items():
                 groups[name] = documents
                 affected.add(f"SwimLaneGroup/{name}")
         else:
             raise XdsResourceError([ConfigProblem(update.type_url, "type_url", "not a type this sidecar subscribes to")])
-        by_key: dict[str, list[ServicePort]] = {}
-        for port in ports.values():
-            if port.key in affected:
-                by_key.setdefault(port.key, []).append(port)
+        new_ports_of: dict[str, set[str]] = {}
+        for name, port in ports.items():
+            if port is not None:
+                new_ports_of.setdefault(port.key, set()).add(name)
         changes: dict[str, tuple[ConfigDocument, ...]] = {}
         for item in sorted(affected):
             if item.startswith("SwimLaneGroup/"):
-                changes[f"{_SOURCE_PREFIX}{item}"] = groups.get(item.partition("/")[2], ())
+                name = item.partition("/")[2]
+                changes[f"{_SOURCE_PREFIX}{item}"] = (groups[name] if name in groups else self.groups.get(name)) or ()
                 continue
-            key_ports = sorted(by_key.get(item, ()), key=lambda p: (not p.first_port, p.port))
-            changes[f"{_SOURCE_PREFIX}{item}"] = service_documents(key_ports, assignments) if key_ports else ()
+            names = self._ports_of.get(item, set()) | new_ports_of.get(item, set())
+            key_ports = [port for port in (ports[n] if n in ports else self.ports.get(n) for n in names) if port is not None]
+            key_ports.sort(key=lambda p: (not p.first_port, p.port))
+            endpoints = {port.cluster: found for port in key_ports
+                         if (found := assignments[port.cluster] if port.cluster in assignments
+                             else self.assignments.get(port.cluster)) is not None}
+            changes[f"{_SOURCE_PREFIX}{item}"] = service_documents(key_ports, endpoints) if key_ports else ()
+        built = self._build(changes, version)
+        for name, port in ports.items():  # commit
+            old = self.ports.pop(name, None)
+            if old is not None:
+                _drop(self._ports_of, old.key, name)
+            if port is not None:
+                self.ports[name] = port
+                self._ports_of.setdefault(port.key, set()).add(name)
+            self.lane_clusters.discard(name)
+        for name in update.removed if update.type_url == CLUSTER_TYPE else ():
+            self.lane_clusters.discard(name)
+        self.lane_clusters |= lanes_added
+        for name, endpoints in assignments.items():
+            if endpoints is None:
+                self.assignments.pop(name, None)
+            else:
+                self.assignments[name] = endpoints
+        for name, group_documents in groups.items():
+            if group_documents is None:
+                self.groups.pop(name, None)
+            else:
+                self.groups[name] = group_documents
+        for source, docs in changes.items():
+            if docs:
+                self.documents[source] = docs
+            else:
+                self.documents.pop(source, None)
+        self.built = built
+        return built
+
+    def _build(self, changes: Mapping[str, tuple[ConfigDocument, ...]], version: str) -> Built:
+        incremental = self._incremental
+        # Many sources at once (a first snapshot): one full build is cheaper than as many incremental steps.
+        if incremental is not None and not incremental.spent and len(changes) <= max(64, len(self.documents) // 10):
+            built = incremental.apply(changes, version=version)
+            if built is not None:
+                self.incremental_updates += 1
+                return built
+        self._incremental = None
         documents = dict(self.documents)
         for source, docs in changes.items():
             if docs:
                 documents[source] = docs
             else:
                 documents.pop(source, None)
-        built = self._build(changes, documents, version)
-        self.ports, self.lane_clusters, self.assignments, self.groups = ports, lane_clusters, assignments, groups
-        self.documents, self.built = documents, built
-        return built
-
-    def _build(self, changes: Mapping[str, tuple[ConfigDocument, ...]],
-               documents: Mapping[str, tuple[ConfigDocument, ...]], version: str) -> Built:
-        incremental = self._incremental
-        if incremental is not None and not incremental.spent:
-            built = incremental.apply(changes, version=version)
-            if built is not None:
-                self.incremental_updates += 1
-                return built
-        self._incremental = None
         try:
             built = self._full(documents, version)
         except ConfigInvalidError:
-            if incremental is not None and incremental.spent and self.built is not None:
+            if incremental is not None and not incremental.spent:
+                self._incremental = incremental  # untouched: the full build was a choice, not a fallback
+            elif self.built is not None:
                 # the indexes were half-updated: rebuild them from what the table was made of
                 self._full(self.documents, self.built.table.version)
             raise

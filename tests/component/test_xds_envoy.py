@@ -107,6 +107,10 @@ class EnvoyOnAds:
 EXTERNAL = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "db", "namespace": "default"},
             # localhost: Envoy resolves it from /etc/hosts, and nothing ever connects to it here.
             "spec": {"type": "ExternalName", "externalName": "localhost", "ports": [{"name": "tcp-db", "port": 5432}]}}
+GRPC = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "api", "namespace": "default"},
+        "spec": {"clusterIP": "10.96.0.20", "selector": {"app": "api"}, "ports": [{"name": "grpc", "port": 9000}]}}
+HTTP1 = {"apiVersion": "laneproxy.dev/v1", "kind": "LaneEndpoints",
+         "services": {"default/legacy": {"port": 8000, "protocol": "http1", "lanes": {"base": ["127.0.0.1:16010"]}}}}
 
 
 @pytest.fixture
@@ -115,7 +119,7 @@ def oracle(tmp_path, request):
     extra = []
     if getattr(request, "param", None) == "external":
         extra.append(tmp_path / "external.yaml")
-        extra[0].write_text(yaml.safe_dump(EXTERNAL))
+        extra[0].write_text(yaml.safe_dump_all([EXTERNAL, GRPC, HTTP1]))
     controller = ControllerProcess(SWIMLANES, endpoints, *extra).start()
     envoy = EnvoyOnAds(tmp_path, controller.xds_port)
     try:
@@ -190,20 +194,27 @@ def test_envoy_accepts_exactly_the_contracts_clusters_and_endpoints_and_follows_
 
 
 @pytest.mark.parametrize("oracle", ["external"], indirect=True)
-def test_an_external_name_service_is_a_dns_cluster_envoy_accepts_beside_every_other_assignment(oracle) -> None:
+def test_envoy_accepts_an_external_name_service_as_a_dns_cluster_and_every_protocol_option(oracle) -> None:
     controller, _, envoy = oracle
     external = f"outbound|5432||{fqdn('db')}"
-    expected = {**expected_hosts(LANES), external: ["127.0.0.1:5432"]}
+    expected = {**expected_hosts(LANES), external: ["127.0.0.1:5432"], f"outbound|9000||{fqdn('api')}": [],
+                f"outbound|8000||{fqdn('legacy')}": ["127.0.0.1:16010"]}
     wait_for(lambda: envoy.hosts() == expected, "Envoy's clusters with the ExternalName one resolved", timeout=15)
     stats = envoy.stats()
     assert stats["cluster_manager.cds.update_rejected"] == 0
     assert all(stats.get(f"cluster.{name}.update_rejected", 0) == 0 for name in expected)
     assert controller.stats()["controller.xds.cluster_load_assignment.nacks"] == 0
     dump = json.loads(envoy.get("/config_dump").body)
-    [cluster] = [entry["cluster"] for config in dump["configs"] if config["@type"].endswith("ClustersConfigDump")
-                 for entry in config.get("dynamic_active_clusters", []) if entry["cluster"]["name"] == external]
-    assert cluster["type"] == "STRICT_DNS"
-    assert cluster["metadata"]["filter_metadata"]["laneproxy"]["service"]["external_name"] == "localhost"
+    clusters = {entry["cluster"]["name"]: entry["cluster"]
+                for config in dump["configs"] if config["@type"].endswith("ClustersConfigDump")
+                for entry in config.get("dynamic_active_clusters", [])}
+    assert clusters[external]["type"] == "STRICT_DNS"
+    assert clusters[external]["metadata"]["filter_metadata"]["laneproxy"]["service"]["external_name"] == "localhost"
+    options = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+    grpc_options = clusters[f"outbound|9000||{fqdn('api')}"]["typed_extension_protocol_options"][options]
+    assert "http2_protocol_options" in grpc_options["explicit_http_config"]
+    http1_options = clusters[f"outbound|8000||{fqdn('legacy')}"]["typed_extension_protocol_options"][options]
+    assert "http_protocol_options" in http1_options["explicit_http_config"]
     # A sidecar still gets its assignment by name: the name the service stands for.
     sidecar = AdsStream(controller.xds_port)
     try:
@@ -211,3 +222,28 @@ def test_an_external_name_service_is_a_dns_cluster_envoy_accepts_beside_every_ot
         assert addresses(sidecar.receive()) == {external: ["localhost:5432"]}
     finally:
         sidecar.close()
+
+
+def test_envoy_resumes_from_a_restarted_controller_with_nothing_resent_and_nothing_refused(oracle, tmp_path) -> None:
+    controller, endpoints, envoy = oracle
+    expected = expected_hosts(LANES)
+    wait_for(lambda: envoy.hosts() == expected, "Envoy's clusters and hosts", timeout=15)
+    port = controller.xds_port
+    controller.stop()
+    # Another replica in its place (same input, same port): Envoy reconnects with the versions it holds.
+    replacement = ControllerProcess(SWIMLANES, endpoints, xds_port=port).start()
+    try:
+        wait_for(lambda: replacement.stats()["controller.xds.streams_connected"] == 1, "Envoy reconnected",
+                 timeout=30)
+        wait_for(lambda: replacement.stats()["controller.xds.cluster_load_assignment.pushes"] >= 1,
+                 "Envoy's EDS subscription answered")
+        stats = replacement.stats()
+        assert stats["controller.xds.cluster.resources_sent"] == 0
+        assert stats["controller.xds.cluster_load_assignment.resources_sent"] == 0
+        assert stats["controller.xds.streams_ended_malformed"] == 0
+        assert envoy.hosts() == expected
+        changed = {**LANES, "mockb": {"base": ["127.0.0.1:16002"], "canary": ["127.0.0.1:16008"]}}
+        write_endpoints(endpoints, changed)
+        wait_for(lambda: envoy.hosts() == expected_hosts(changed), "Envoy following the new replica", timeout=5)
+    finally:
+        replacement.stop()

@@ -285,6 +285,8 @@ async def test_a_controller_that_dies_mid_stream_is_replaced_by_the_other_with_t
     await until(lambda: second.streams == 1 and source.connected and source.controller.endswith(f":{second.port}"),
                 "moved to the second address")
     assert ended.is_set()
+    await until(lambda: {r.type_url for r in second.received if not r.response_nonce} == {CLUSTER, GROUP, ASSIGNMENT},
+                "the second stream's three subscriptions")
     opening = [r for r in second.received if not r.response_nonce]
     cluster_versions = next(r.initial_resource_versions for r in opening if r.type_url == CLUSTER)
     assert dict(cluster_versions) == {name: e.version for name, e in resources.by_type[CLUSTER].items()}

@@ -53,8 +53,8 @@ class ControllerProcess:
     def __init__(self, *config: Path, reload_interval: float = 0.2, extra: tuple[str, ...] = (),
                  xds_port: int = 0) -> None:
         self.config = config
+        self.want_port = xds_port  # 0: the kernel chooses
         self.extra = extra  # more options: `--source kubernetes --kubeconfig FILE`
-        self.chosen_xds_port = xds_port  # 0: the kernel's choice; a port: a controller started again where it was
         self.reload_interval = reload_interval
         self.process: subprocess.Popen | None = None
         self.xds_port = 0
@@ -63,7 +63,7 @@ class ControllerProcess:
 
     def start(self, timeout: float = 20.0) -> ControllerProcess:
         args = [sys.executable, "-m", "laneproxy", "--log-level", "info", "controller", "--xds-address", "127.0.0.1",
-                "--xds-port", str(self.chosen_xds_port), "--admin", "127.0.0.1:0", "--reload-interval", str(self.reload_interval)]
+                "--xds-port", str(self.want_port), "--admin", "127.0.0.1:0", "--reload-interval", str(self.reload_interval)]
         for path in self.config:
             args += ["--config", str(path)]
         args += list(self.extra)

@@ -46,6 +46,8 @@ def test_version_prints_the_package_version():
     (["verdict", "--prometheus", "http://127.0.0.1:1", "--group", "g"], {}, "--lane"),
     (["controller", "--xds-port", "70000"], {}, "--xds-port"),
     (["crds"], {"LANEPROXY_XDS_PORT": "grpc"}, "LANEPROXY_XDS_PORT"),
+    (["run", "--gateway", "0", "--source", "xds://controller"], {}, "--source"),
+    (["crds"], {"LANEPROXY_SOURCE": "xds://a:1,b"}, "LANEPROXY_SOURCE"),
 ])
 def test_a_bad_flag_or_environment_value_is_a_message_and_exit_2_never_a_traceback(args, env, message):
     result = laneproxy(*args, env=env)
@@ -53,6 +55,14 @@ def test_a_bad_flag_or_environment_value_is_a_message_and_exit_2_never_a_traceba
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]  # after argparse's usage lines, one message naming the culprit
     assert last.startswith("laneproxy") and message in last
+
+
+def test_an_xds_source_is_taken_from_the_flag_or_the_environment_and_the_controller_ignores_it(monkeypatch):
+    source = "xds://laneproxy-controller.laneproxy-system:15010,127.0.0.1:15010"
+    assert build_parser().parse_args(["run", "--source", source]).source == source
+    monkeypatch.setenv("LANEPROXY_SOURCE", source)
+    assert build_parser().parse_args(["run"]).source == source
+    assert build_parser().parse_args(["controller"]).source == "files"  # a sidecar's setting, not the controller's
 
 
 def test_log_level_and_format_are_accepted_after_the_command_and_before_it():

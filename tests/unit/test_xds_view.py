@@ -42,6 +42,7 @@ from tests.unit.test_incremental import (
     endpoints_st,
     group,
     lane,
+    pod,
     pods_st,
     service,
     slices_st,
@@ -331,3 +332,23 @@ def test_every_push_of_a_changing_world_leaves_the_sidecar_with_the_direct_table
         assert not view.missing_assignments()
         # A table that changes no resource is not pushed: the sidecar keeps the version of the last one that did.
         assert same_table(view.built.table, dataclasses.replace(table, version=view.built.table.version))
+
+
+def test_external_names_cluster_ips_and_a_files_protocol_override_survive_the_round_trip() -> None:
+    external = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "mockb", "namespace": "default"},
+                "spec": {"type": "ExternalName", "externalName": "mockb.example.com",
+                         "ports": [{"name": "http", "port": 8000}]}}
+    multi = service("mocka", (("http", 8000), ("web", 80), ("grpc-api", 9090)), cluster_ip="10.96.0.7")
+    override = {"apiVersion": "laneproxy.dev/v1", "kind": "LaneEndpoints",
+                "services": {"default/mocka": {"port": 8000, "protocol": "http1", "lanes": {"canary": ["10.0.0.9:8080"]}}}}
+    bodies = [group(SERVICES[:3]), lane("base"), lane("canary"), external, multi, override,
+              pod("p1", "mocka", "base", "10.0.0.1", True), pod("p2", "mocka", "canary", "10.0.0.2", True)]
+    table = build([ConfigDocument(f"s{i}", body) for i, body in enumerate(bodies)], version="9",
+                  namespace=NAMESPACE).table
+    view = view_of(table)
+    assert same_table(view.built.table, table)
+    mocka = view.built.table.routes["default/mocka"]
+    assert mocka.service.protocol.value == "http1" and mocka.service.cluster_ip == "10.96.0.7"
+    assert [e.address for e in mocka.route_for(b"canary").endpoints] == ["10.0.0.2:8080", "10.0.0.9:8080"]
+    assert view.built.table.hosts[b"10.96.0.7:9090"].service.port == 9090
+    assert [e.address for e in view.built.table.routes["default/mockb"].service.endpoints] == ["mockb.example.com:8000"]
