@@ -80,11 +80,11 @@ TOKEN_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"
 # Seconds the sidecar waits for its /ready after starting before the kubelet gives up on the pod's start.
 START_TIMEOUT_SECONDS = 120
 CAPTURE_IPTABLES = "iptables"
+CAPTURE_HTTP_PROXY = "http-proxy"
 # Where sidecars get lane membership: the controller's xDS service (deploy/base/controller), or the API directly.
 XDS_SCHEME = "xds://"
 DEFAULT_SOURCE = "xds://laneproxy-controller.laneproxy-system.svc:15010"
 DIRECT_SOURCE = "kubernetes"
-CAPTURE_HTTP_PROXY = "http-proxy"
 # What apps reach directly when they use the sidecar as their proxy: loopback, the API server (kubelet expands
 # $(KUBERNETES_SERVICE_HOST), a service variable) and the link-local metadata endpoints (cloud instance metadata,
 # ECS task metadata): credentials and API calls never pass through the proxy.
