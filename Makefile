@@ -72,6 +72,14 @@ bench-deps: $(STAMP)
 bench: bench-deps
 	$(PY) loadtests/bench/bench.py --publish $(BENCH_ARGS)
 
+# `make bench-scale`: the controller, 200 delta-ADS streams and an xDS sidecar beside the direct Kubernetes source,
+# 5,000 pods in 300 services on a real kube-apiserver (loadtests/bench/xds_scale.py, about 10 minutes), then the
+# 10,000-service table update (table_update.py). SCALE_ARGS passes options, e.g. SCALE_ARGS="--pods 2000".
+.PHONY: bench-scale
+bench-scale: $(STAMP)
+	$(PY) loadtests/bench/xds_scale.py $(SCALE_ARGS)
+	$(PY) loadtests/bench/table_update.py
+
 # The suite runs the benchmark's smoke variant (tests/component/test_bench_smoke.py): it needs the same tools.
 test: bench-deps
 

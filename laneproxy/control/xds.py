@@ -50,6 +50,7 @@ from laneproxy.core.xds_view import (
     decode_assignment,
     decode_cluster,
     decode_group,
+    parse_cluster_name,
 )
 
 log = logging.getLogger("laneproxy.xds")
@@ -96,6 +97,9 @@ def decode_resource(type_url: str, name: str, value: bytes) -> Any:
         if cluster.name != name:
             raise XdsResourceError([ConfigProblem(f"Cluster({name})", "name", f"{cluster.name!r} differs from the "
                                                                               "resource's name")])
+        parsed = parse_cluster_name(name)
+        if parsed is not None and parsed[1]:
+            return None  # a lane's cluster: its lane comes from the whole service's endpoint labels, never read
         metadata = cluster.metadata.filter_metadata
         laneproxy = _plain_struct(metadata["laneproxy"]) if "laneproxy" in metadata else None
         return decode_cluster(name, laneproxy)
@@ -264,15 +268,22 @@ class XdsSource:
             self.unknown_types += 1
             log.warning("xDS response of a type never subscribed to (%s): NACKed", type_url)
             return [self._nack(response, f"{type_url} is not a type this sidecar subscribes to")]
-        def apply() -> tuple[Update, Built]:
+        def apply() -> tuple[Update, Built | None]:
             update = self._decode(response)
-            return update, self.view.apply(update, version=response.system_version_info)
+            version = response.system_version_info
+            # Until the first full snapshot, responses are checked and kept; the table is built once, when the
+            # last of them is in. (Should that build fail, this response is NACKed and the next one tries again.)
+            built = self.view.apply(update, version=version, build_table=self.complete)
+            answered = {t for t, s in self.types.items() if s.answered} | {type_url}
+            if built is None and {CLUSTER_TYPE, GROUP_TYPE} <= answered and not self.view.missing_assignments():
+                built = self.view.rebuild(version)
+            return update, built
 
         size = len(response.resources) + len(response.removed_resources)
         try:
             # A few assignments are applied on the event loop (core.incremental: a few ms at 10,000 services); a
             # snapshot, or a change of groups (a full build), in a worker thread, as the other sources do.
-            if type_url == ASSIGNMENT_TYPE and size <= INLINE_UPDATE_LIMIT:
+            if self.complete and type_url == ASSIGNMENT_TYPE and size <= INLINE_UPDATE_LIMIT:
                 update, built = apply()
             else:
                 update, built = await build_off_loop(apply)
@@ -293,7 +304,8 @@ class XdsSource:
         out = [discovery_pb2.DeltaDiscoveryRequest(node=self.node, type_url=type_url, response_nonce=response.nonce)]
         if type_url == CLUSTER_TYPE:
             out.extend(self._follow_clusters())
-        self._publish(built.table, settle=not (type_url == ASSIGNMENT_TYPE and size <= INLINE_UPDATE_LIMIT))
+        if built is not None:
+            self._publish(built.table, settle=not (type_url == ASSIGNMENT_TYPE and size <= INLINE_UPDATE_LIMIT))
         return out
 
     def _follow_clusters(self) -> list[discovery_pb2.DeltaDiscoveryRequest]:

@@ -359,9 +359,14 @@ class XdsView:
         """Whole-service clusters whose assignment has not arrived yet."""
         return frozenset(name for name in self.ports if name not in self.assignments)
 
-    def apply(self, update: Update, *, version: str) -> Built:
+    def apply(self, update: Update, *, version: str, build_table: bool = True) -> Built | None:
         """The table with `update` applied; raises XdsResourceError (or build's ConfigInvalidError) and changes
-        nothing when it cannot be applied. Costs time in proportion to the update, not to the view."""
+        nothing when it cannot be applied. Costs time in proportion to the update, not to the view.
+
+        Without `build_table` (the responses of a first snapshot) the update is only checked and kept, None
+        returned, and `rebuild` makes the table once they are all in: one full build, not one per response.
+        Groups are then checked by a build of every group on its own, which is what a full build finds wrong
+        with them (services a group names need not exist)."""
         # What the update changes, as overlays on the view's mappings (None: removed); committed once it built.
         ports: dict[str, ServicePort | None] = {}
         assignments: dict[str, tuple[AssignedEndpoint, ...] | None] = {}
@@ -420,7 +425,15 @@ class XdsView:
                          if (found := assignments[port.cluster] if port.cluster in assignments
                              else self.assignments.get(port.cluster)) is not None}
             changes[f"{_SOURCE_PREFIX}{item}"] = service_documents(key_ports, endpoints) if key_ports else ()
-        built = self._build(changes, version)
+        built: Built | None = None
+        if build_table:
+            built = self._build(changes, version)
+        else:
+            if update.type_url == GROUP_TYPE:
+                every = {**self.groups, **groups}
+                build([doc for name in sorted(every) for doc in every[name] or ()], version=version,
+                      namespace=self.namespace, lenient=self.lenient)
+            self._incremental = None  # the documents move on without it: the next table is a full build
         for name, port in ports.items():  # commit
             old = self.ports.pop(name, None)
             if old is not None:
@@ -447,8 +460,15 @@ class XdsView:
                 self.documents[source] = docs
             else:
                 self.documents.pop(source, None)
-        self.built = built
+        if built is not None:
+            self.built = built
         return built
+
+    def rebuild(self, version: str) -> Built:
+        """The table of everything kept (one full build); raises ConfigInvalidError, keeping what was kept."""
+        self._incremental = None
+        self.built = self._full(self.documents, version)
+        return self.built
 
     def _build(self, changes: Mapping[str, tuple[ConfigDocument, ...]], version: str) -> Built:
         incremental = self._incremental

@@ -47,6 +47,7 @@ H2C_HOST, WS_HOST = "bench-h2", "wsecho"
 NO_H2C = "laneproxy's outbound listener does not answer the h2c preface"
 NO_WEBSOCKET = "laneproxy does not pass WebSocket upgrades yet (its listener does not answer the upgrade with 101)"
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"  # /usr/sbin is not on every user's PATH
+SCALE_SECTION = "## Scale benchmarks"  # RESULTS.md from here on is written by hand from `make bench-scale`
 
 
 def envoy_binary() -> str:
@@ -643,7 +644,11 @@ def main(argv: list[str] | None = None) -> int:
         if source.exists():
             shutil.copyfile(source, bench.out / name)
     if args.publish and not args.smoke:
-        (HERE / "RESULTS.md").write_text(report.markdown(data, chart_name="results.png"))
+        # The scale section (xds_scale.py, table_size.py, table_update.py: separate runs) stays as it was.
+        results = HERE / "RESULTS.md"
+        previous = results.read_text() if results.exists() else ""
+        scale = previous[previous.index(SCALE_SECTION):] if SCALE_SECTION in previous else ""
+        results.write_text(report.markdown(data, chart_name="results.png") + ("\n" + scale if scale else ""))
         if chart is not None:
             shutil.copyfile(chart, HERE / "results.png")
     print()

@@ -289,7 +289,7 @@ async def cpu_per_change(cluster: Cluster, kubeconfig: Path, mode: str, changes:
 
 async def run(pods: int, service_count: int, changes: int) -> dict:
     services = service_names(service_count)
-    with KubeApiServer(binary=ensure_binary()) as kube:
+    with KubeApiServer(binary=ensure_binary(), service_cluster_ip_range="10.96.0.0/16") as kube:
         configuration = client.Configuration()
         await config.load_kube_config(config_file=str(kube.kubeconfig_path), client_configuration=configuration)
         async with client.ApiClient(configuration=configuration) as api:

@@ -10,12 +10,13 @@ a response of a few assignments). Also the full build, as a source does on a sta
 time per update (median of --updates), printed side by side with the ratios; then each way's resident memory
 with the table, each in a fresh process (only the source's own imports loaded). Nothing is asserted.
 
-    .venv/bin/python loadtests/bench/xds_update.py [--services 10000] [--updates 20]
+    .venv/bin/python loadtests/bench/xds_update.py [--services 10000] [--pods 20000] [--updates 20]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import pickle
 import re
 import statistics
@@ -27,7 +28,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from table_update import NAMESPACE, _pod, documents  # noqa: E402
+from table_update import LANES, NAMESPACE, _pod  # noqa: E402
+from table_update import documents as two_pod_documents  # noqa: E402
 
 from laneproxy.control.xds import decode_resource  # noqa: E402
 from laneproxy.core.build import ConfigDocument, build  # noqa: E402
@@ -46,19 +48,34 @@ if {xds}:
     view = XdsView(namespace="default")
     for type_url in (CLUSTER_TYPE, GROUP_TYPE, ASSIGNMENT_TYPE):
         view.apply(Update(type_url, {{name: source.decode_resource(type_url, name, value)
-                                     for name, value in resources[type_url]}}), version="0")
+                                     for name, value in resources[type_url]}}), version="0", build_table=False)
     del resources
+    view.rebuild("0")
 else:
     import kubernetes_asyncio  # the direct source's client, loaded by --source kubernetes
-    from table_update import NAMESPACE, documents
+    from xds_update import NAMESPACE, documents
     from laneproxy.core.build import build
     from laneproxy.core.incremental import IncrementalTable
-    docs = documents({services})  # the source keeps every object it watches
+    docs = documents({services}, {pods})  # the source keeps every object it watches
     built = build([docs[s] for s in sorted(docs)], version="0", namespace=NAMESPACE)
     keep = (docs, IncrementalTable(built, namespace=NAMESPACE, rank=lambda s: s))
 gc.collect()
 print(int(re.search(r"VmRSS:\\s+(\\d+)", open("/proc/self/status").read()).group(1)))
 """
+
+
+def documents(services: int, pods: int = 0) -> dict[str, ConfigDocument]:
+    """table_update.py's world; with `pods`, that many pods in all (the first two of each service as there,
+    the others spread over the services and the five lanes)."""
+    docs = two_pod_documents(services)
+    for extra in range(max(0, pods - 2 * services)):
+        index = 2 * services + extra
+        service = f"svc{extra % services:05d}"
+        body = _pod(service, LANES[extra % len(LANES)], index, True)
+        body["metadata"]["name"] = f"{service}-{extra}"
+        source = f"kubernetes:Pod/{NAMESPACE}/{service}-{extra}"
+        docs[source] = ConfigDocument(source, body)
+    return docs
 
 
 def cpu(action) -> float:
@@ -67,8 +84,8 @@ def cpu(action) -> float:
     return time.process_time() - started
 
 
-def rss_mib(services: int, xds: bool, resources: str = "") -> float:
-    probe = RSS_PROBE.format(bench=str(Path(__file__).resolve().parent), services=services, xds=xds,
+def rss_mib(services: int, pods: int, xds: bool, resources: str = "") -> float:
+    probe = RSS_PROBE.format(bench=str(Path(__file__).resolve().parent), services=services, pods=pods, xds=xds,
                              resources=resources)
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     return int(out.strip().splitlines()[-1]) / 1024
@@ -78,9 +95,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--services", type=int, default=10_000)
     parser.add_argument("--updates", type=int, default=20)
+    parser.add_argument("--pods", type=int, default=0, help="pods in all (default: two per service)")
     args = parser.parse_args()
-    docs = documents(args.services)
+    docs = documents(args.services, args.pods)
     ordered = lambda: [docs[source] for source in sorted(docs)]  # noqa: E731
+    # Both full builds as the sources run them (control/building.py): with the cyclic collector paused.
+    gc.disable()
     started = time.process_time()
     built = build(ordered(), version="0", namespace=NAMESPACE)
     full_build = time.process_time() - started
@@ -89,12 +109,16 @@ def main() -> None:
     resources = encoder.encode(built.table)
     view = XdsView(namespace=NAMESPACE)
     started = time.process_time()
-    for type_url in (CLUSTER_TYPE, GROUP_TYPE, ASSIGNMENT_TYPE):
+    for type_url in (CLUSTER_TYPE, GROUP_TYPE, ASSIGNMENT_TYPE):  # as control/xds.py: kept, then one build
         names = view.service_clusters if type_url == ASSIGNMENT_TYPE else resources.by_type[type_url]
         view.apply(Update(type_url, {n: decode_resource(type_url, n, resources.by_type[type_url][n].resource()
-                                                        .resource.value) for n in names}), version="0")
+                                                        .resource.value) for n in names}), version="0",
+                   build_table=False)
+    view.rebuild("0")
     first_snapshot = time.process_time() - started
-    print(f"{platform_line()}\n{args.services} services, {len(docs)} objects")
+    gc.enable()
+    gc.freeze()  # settle_heap, as after a publish
+    print(f"{platform_line()}\n{args.services} services, {max(args.pods, 2 * args.services)} pods, {len(docs)} objects")
     print(f"full build {full_build * 1000:.0f} ms CPU; the sidecar's first xDS snapshot (decode and build) "
           f"{first_snapshot * 1000:.0f} ms CPU")
     timings: dict[str, list[float]] = {"direct": [], "xds": []}
@@ -128,8 +152,8 @@ def main() -> None:
                                                    for name, encoded in resources.by_type[type_url].items()
                                                    if type_url not in wanted or name in wanted[type_url]]
                                         for type_url in (CLUSTER_TYPE, GROUP_TYPE, ASSIGNMENT_TYPE)}))
-        xds_rss = rss_mib(args.services, True, str(saved))
-    print(f"resident memory with the table: direct source {rss_mib(args.services, False):.1f} MiB "
+        xds_rss = rss_mib(args.services, args.pods, True, str(saved))
+    print(f"resident memory with the table: direct source {rss_mib(args.services, args.pods, False):.1f} MiB "
           f"(every object, the table, the indexes), xDS sidecar {xds_rss:.1f} MiB (grpcio, the view and the table)")
 
 

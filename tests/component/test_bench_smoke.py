@@ -155,3 +155,18 @@ def test_workers_share_the_ports_and_the_admin_adds_their_stats_up(tmp_path):
         upstream.terminate()
         upstream.wait(timeout=10)
     assert proxy.returncode == 0
+
+
+def test_scale_benchmark_smoke_variant_pushes_every_change_to_every_stream_and_reports_both_sources(tmp_path):
+    """loadtests/bench/xds_scale.py --smoke against a real kube-apiserver: no speed asserted, only that every
+    stream received every readiness change, both ends were measured, and the direct source's rows are there."""
+    out = tmp_path / "scale.json"
+    done = subprocess.run([sys.executable, str(BENCH / "xds_scale.py"), "--smoke", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    data = json.loads(out.read_text())
+    xds = data["xds"]
+    assert xds["changes"] == 3 and xds["missed"] == 0 and xds["push_p99_ms"] is not None
+    assert xds["controller_rss"] > 0 and xds["sidecar_rss"] > 0
+    assert set(data["direct"]) == {"full", "metadata"}
+    assert "sidecar RSS with that table" in done.stdout and "| metadata |" in done.stdout

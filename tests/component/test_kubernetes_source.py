@@ -1000,26 +1000,38 @@ async def test_the_table_turns_stale_while_the_api_server_is_away_and_current_on
                          what="current again")
 
 
+@pytest.mark.parametrize("pods", ["full", "metadata"])
 async def test_a_watch_gone_silent_without_a_fin_is_noticed_and_resumed_with_no_update_lost(
-        cluster: Cluster, relay: TcpRelay, tmp_path: Path) -> None:
-    """Before: the read timeout was the watch timeout + 30 s, so a half-open watch went unnoticed for 330 s."""
+        cluster: Cluster, relay: TcpRelay, tmp_path: Path, pods: str) -> None:
+    """Before: the read timeout was the watch timeout + 30 s, so a half-open watch went unnoticed for 330 s.
+    Pods read as metadata are watched with the same read timeout (their endpoints come from the slices)."""
     await start_seed(cluster, BASE)
+    slices = SliceWriter(cluster)
+    if pods == "metadata":
+        for app, ip in BASE.items():
+            await slices.write(app, [(f"{app}-v1-base", ip, True)])
     kubeconfig = await cluster.service_account_kubeconfig(tmp_path / "relay.json", relay.url)
     read_timeout = 3.0
-    async with running_source(kubeconfig, watch_read_timeout=read_timeout) as (store, source):
-        await eventually(lambda: store.ready, what="first complete sync")
-        await eventually(lambda: all(r.state == "watching" for r in source.reflectors.values()), what="all watching")
-        lists = {key: r.lists for key, r in source.reflectors.items()}
-        silent = {key: r.silent_watches for key, r in source.reflectors.items()}
-        relay.black_hole()  # every open watch goes silent: no byte, no FIN, no RST
-        # Made while nobody hears: the pod events are on streams that will never deliver them.
-        await cluster.create_pod("mocka-canary", app="mocka", tag="canary", ip="10.1.0.11", ready=True)
-        elapsed = await takes_effect(store, "canary pod created behind a black-holed watch",
-                                     {("mocka", "canary"): ("canary", ["10.1.0.11:8000"])}, timeout=60)
-        print(f"noticed and caught up after {elapsed:.1f}s with a read timeout of {read_timeout:.0f}s")
-        pods = source.reflectors[("Pod", NAMESPACE)]
-        assert pods.silent_watches > silent[("Pod", NAMESPACE)]
-        assert {key: r.lists for key, r in source.reflectors.items()} == lists  # resumed from its resourceVersion
+    try:
+        async with running_source(kubeconfig, watch_read_timeout=read_timeout, pods=pods) as (store, source):
+            await eventually(lambda: store.ready, what="first complete sync")
+            await eventually(lambda: all(r.state == "watching" for r in source.reflectors.values()), what="all watching")
+            lists = {key: r.lists for key, r in source.reflectors.items()}
+            silent = {key: r.silent_watches for key, r in source.reflectors.items()}
+            relay.black_hole()  # every open watch goes silent: no byte, no FIN, no RST
+            # Made while nobody hears: the pod events are on streams that will never deliver them.
+            await cluster.create_pod("mocka-canary", app="mocka", tag="canary", ip="10.1.0.11", ready=True)
+            if pods == "metadata":
+                await slices.write("mocka", [("mocka-v1-base", BASE["mocka"], True), ("mocka-canary", "10.1.0.11", True)])
+            elapsed = await takes_effect(store, "canary pod created behind a black-holed watch",
+                                         {("mocka", "canary"): ("canary", ["10.1.0.11:8000"])}, timeout=60)
+            print(f"noticed and caught up after {elapsed:.1f}s with a read timeout of {read_timeout:.0f}s")
+            pod_watch = source.reflectors[("Pod", NAMESPACE)]
+            assert pod_watch.kind.metadata_only == (pods == "metadata")
+            assert pod_watch.silent_watches > silent[("Pod", NAMESPACE)]
+            assert {key: r.lists for key, r in source.reflectors.items()} == lists  # resumed from its resourceVersion
+    finally:
+        await slices.delete_all()
 
 
 async def test_lists_come_from_the_watch_cache_and_watch_timeouts_are_spread(cluster: Cluster, kubeconfig: Path) -> None:

@@ -3,19 +3,23 @@ the file source, the gateway and five app+sidecar pairs as `laneproxy demo` star
 
 Lanes and fallback are those of the file source; an endpoints-file change reaches every sidecar through the
 controller; with one replica killed the sidecars move to the other, with both gone they keep serving their
-last table, and a controller started again where it was is followed to the next change.
+last table, and a controller started again where it was is followed to the next change. A sidecar that
+starts before any controller answers is not ready until the first full snapshot.
 """
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
 
 import pytest
 
-from laneproxy.demo import DemoCluster
-from xdsrig import SWIMLANES, ControllerProcess, wait_until
+from laneproxy.demo import DemoCluster, free_port
+from proxyrig import stop_process
+from xdsrig import SWIMLANES, ControllerProcess, wait_until, write_endpoints
 
 BASE_CHAIN = "mocka(version: v1, ip: 127.0.0.1)-> mockb(version: v1, ip: 127.0.0.1)-> mockc(version: v1, ip: 127.0.0.1)"
 CANARY_CHAIN = "mocka(version: v2, ip: 127.0.0.1)-> mockb(version: v1, ip: 127.0.0.1)-> mockc(version: v2, ip: 127.0.0.1)"
@@ -118,3 +122,34 @@ def test_the_chain_on_xds_takes_the_lanes_the_files_give_and_follows_the_control
                    "every proxy connected again", timeout=30)
     finally:
         restarted.stop()
+
+
+def test_a_sidecar_started_before_its_controller_is_not_ready_until_the_first_full_snapshot(tmp_path):
+    xds_port, admin_port = free_port(), free_port()
+    sidecar = subprocess.Popen([sys.executable, "-m", "laneproxy", "--log-level", "warning", "run", "--admin",
+                                f"127.0.0.1:{admin_port}", "--outbound", f"127.0.0.1:{free_port()}",
+                                "--source", f"xds://127.0.0.1:{xds_port}"], stdin=subprocess.DEVNULL)
+    controller = None
+    try:
+        wait_until(lambda: ready_status(admin_port) == 503, "the admin port answering")
+        time.sleep(1.0)  # reconnection attempts against nothing: still not ready
+        assert ready_status(admin_port) == 503 and sidecar.poll() is None
+        endpoints = write_endpoints(tmp_path / "endpoints.yaml", {"mocka": {"base": ["127.0.0.1:1"]}})
+        controller = ControllerProcess(SWIMLANES, endpoints, xds_port=xds_port).start()
+        wait_until(lambda: ready_status(admin_port) == 200, "ready once the controller answered", timeout=30)
+        numbers = stats(admin_port)
+        assert numbers["laneproxy.config.sync.xds.ClusterLoadAssignment"].strip('"') == "current"
+    finally:
+        stop_process(sidecar)
+        if controller is not None:
+            controller.stop()
+
+
+def ready_status(admin_port: int) -> int | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/ready", timeout=2) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+    except OSError:
+        return None

@@ -337,3 +337,28 @@ async def test_a_response_of_a_type_never_subscribed_to_is_nacked_and_counted_no
     assert "not a type this sidecar subscribes to" in server.nacks()[0].error_detail.message
     assert source.unknown_types == 1 and source.connected and store.ready
     assert server.streams == 1  # the stream goes on
+
+
+async def test_a_bad_group_in_the_first_snapshot_is_nacked_and_the_good_one_after_it_makes_the_proxy_ready(running) -> None:
+    _, resources = seed_resources()
+
+    async def script(stream: Stream) -> None:
+        while True:
+            request = await stream.request(timeout=3600)
+            if request.response_nonce:
+                if request.HasField("error_detail") and request.type_url == GROUP:
+                    stream.send(GROUP, entries(resources, GROUP), version="seed-1")  # the corrected group
+                continue
+            if request.type_url == CLUSTER:
+                stream.send(CLUSTER, entries(resources, CLUSTER))
+            elif request.type_url == GROUP:
+                stream.send(GROUP, [_bad_group(resources)], version="seed-0")
+            elif request.type_url == ASSIGNMENT and request.resource_names_subscribe:
+                stream.send(ASSIGNMENT, entries(resources, ASSIGNMENT, request.resource_names_subscribe))
+
+    (server,), source, store = await running(script)
+    await until(lambda: store.ready, "ready after the corrected group")
+    nacks = server.nacks()
+    assert [n.type_url for n in nacks] == [GROUP] and "spec.isPermissive" in nacks[0].error_detail.message
+    assert store.current.version == "seed-1" and "rollout" in store.current.groups
+    assert source.view.full_builds == 1  # the first table is one build, however many responses it took
