@@ -99,6 +99,11 @@ def test_the_chain_on_xds_takes_the_lanes_the_files_give_and_follows_the_control
                    "every proxy on the second replica", timeout=20)
     except TimeoutError:
         raise AssertionError(f"not all on {on_second}: {[controller_of(port) for port in admin_ports(cluster)]}") from None
+    # They came with the versions they hold, equal on both replicas: the second sent them nothing again.
+    sent = second.stats()
+    assert sent["controller.xds.streams_connected"] == len(admin_ports(cluster))
+    assert [sent[f"controller.xds.{kind}.resources_sent"] for kind in ("cluster", "cluster_load_assignment",
+                                                                         "swimlane_group")] == [0, 0, 0]
 
     # Both gone: the last table keeps serving, the proxies say they are not connected, and stay ready.
     second.stop()
