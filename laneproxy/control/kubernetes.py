@@ -374,6 +374,7 @@ class Reflector:
         self.on_change, self.backoff, self.on_unauthorized = on_change, backoff, on_unauthorized
         self.watch_timeout, self.read_timeout, self.page_size = watch_timeout, read_timeout, page_size
         self.rng, self.clock = rng or random.Random(), clock
+        self.slices_required = False  # EndpointSlices: the only source of endpoints (pods read as metadata)
         self.path = kind.path(namespace)
         self.objects: dict[str, Mapping[str, Any]] = {}
         self.changed: set[str] = set()  # names added, modified or deleted since the source last took them
@@ -561,8 +562,10 @@ class Reflector:
                         self.kind, self.path = older, older.path(self.namespace)
                         continue
                     if not self.forbidden:
-                        log.info("%s: no EndpointSlice API served: endpoints come from the ready pods each Service "
-                                 "selects", self.name)
+                        log.log(logging.ERROR if self.slices_required else logging.INFO,
+                                "%s: no EndpointSlice API served: %s", self.name,
+                                "pods read as metadata give no endpoints without it; run with --pods full"
+                                if self.slices_required else "endpoints come from the ready pods each Service selects")
                     self._forbid(exc, quiet=True)
                     await asyncio.sleep(self.backoff.cap)
                     continue
@@ -866,6 +869,7 @@ class KubernetesSource:
             watch_timeout=self.watch_timeout, read_timeout=self.watch_read_timeout, page_size=self.page_size,
             on_unauthorized=self._reload_credentials, rng=self.rng, clock=self.clock,
         )
+        reflector.slices_required = kind.kind == ENDPOINT_SLICES.kind and self.pod_kind.metadata_only
         self.reflectors[key] = reflector
         self._incremental, self._layout = None, self._layout + 1  # a new collection: the next table is a full build
         loop = asyncio.get_running_loop()
