@@ -127,6 +127,15 @@ def _checked_env(name: str, default: str | None, check) -> str | None:
     return text
 
 
+def _sidecar_source(text: str) -> str:
+    from laneproxy.inject import InjectionError, check_source
+
+    try:
+        return check_source(text)
+    except InjectionError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _source(text: str) -> str:
     if text in ("files", "kubernetes"):
         return text
@@ -489,6 +498,14 @@ def _sidecar_options(command: argparse.ArgumentParser) -> None:
                          help="iptables: an init container redirects the pod's traffic; http-proxy: no init container, "
                               "the apps get HTTP_PROXY (env LANEPROXY_SIDECAR_CAPTURE; pods override it with the "
                               "laneproxy.dev/capture annotation)")
+    command.add_argument("--sidecar-source", type=_sidecar_source,
+                         default=_checked_env("SIDECAR_SOURCE", None, _sidecar_source),
+                         metavar="xds://HOST:PORT|kubernetes",
+                         help="where injected sidecars get lane membership: the controller's xDS service (default "
+                              "xds://laneproxy-controller.laneproxy-system.svc:15010; the pods hold no API token) "
+                              "or `kubernetes`, each sidecar watching the API itself (small clusters; needs "
+                              "deploy/rbac). A Job's sidecar always uses `kubernetes`: it "
+                              "reads its own pod to exit with the app (env LANEPROXY_SIDECAR_SOURCE)")
     command.add_argument("--native-sidecar", action=argparse.BooleanOptionalAction,
                          default=_flag(_env("SIDECAR_NATIVE", "false")),
                          help="Kubernetes 1.29+: inject the sidecar as an init container with restartPolicy: Always "
@@ -684,10 +701,11 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _sidecar_settings(args: argparse.Namespace):
-    from laneproxy.inject import SidecarSettings, default_image
+    from laneproxy.inject import DEFAULT_SOURCE, SidecarSettings, default_image
 
     return SidecarSettings(image=args.image or default_image(), image_pull_policy=args.image_pull_policy,
-                           capture=args.capture, log_level=args.log_level, native_sidecar=args.native_sidecar)
+                           capture=args.capture, log_level=args.log_level, native_sidecar=args.native_sidecar,
+                           source=args.sidecar_source or DEFAULT_SOURCE)
 
 
 def _inject(args: argparse.Namespace) -> int:

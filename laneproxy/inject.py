@@ -19,8 +19,12 @@ It also owns the pod's lifecycle around the proxy:
   never cuts a drain short.
 - Jobs: their pods are injected only when they opt in (label `laneproxy-injection: enabled` on the pod
   itself); the sidecar then exits once the app containers have (it reads its own pod's status).
-- credentials: the app containers get no API token; the sidecar alone mounts a projected token of the pod's
-  service account (unless the pod sets `automountServiceAccountToken: true`: then the app keeps its own).
+- credentials: a sidecar on the xDS source (the default: `laneproxy controller` watches the API once and serves
+  every sidecar) holds no API token at all: the pod gets `automountServiceAccountToken: false` and its token path
+  in the sidecar is an empty directory, so even a token the app asks for (`automountServiceAccountToken: true`,
+  which the app keeps) never reaches the proxy. A sidecar on the direct `kubernetes` source (small clusters, local
+  runs) and a Job's sidecar (it reads its own pod to exit with the app before Kubernetes 1.29, so it stays on the
+  direct source) alone mount a projected token of the pod's service account; the app containers get none.
 - capture: every TCP port the app containers declare is captured inbound (the ports a Service can target by
   name, and those it targets by number when declared), or the ports of the `inbound-ports` annotation. `inject_pod` is pure and
 idempotent: injecting an injected pod returns an equal pod, so the webhook's JSON patch (a diff of its
@@ -45,6 +49,7 @@ from laneproxy.capture import (
     parse_ports,
 )
 from laneproxy.core.errors import LaneProxyError
+from laneproxy.core.xds_view import XdsAddressError, parse_source
 
 # Opt-in and opt-out, on a namespace or a pod (like istio-injection): `laneproxy-injection: enabled|disabled`.
 INJECTION_LABEL = "laneproxy-injection"
@@ -69,11 +74,17 @@ METRICS_PORT = 15020  # Istio's merged-metrics port
 # nothing that changes the proxy, unlike the admin API, which stays on loopback.
 LIFECYCLE_PORT = 15021
 TOKEN_VOLUME = "laneproxy-api-token"
+# An empty directory over the token path in a sidecar that must hold no API credentials (the xDS source).
+NO_TOKEN_VOLUME = "laneproxy-no-token"
 TOKEN_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"
 # Seconds the sidecar waits for its /ready after starting before the kubelet gives up on the pod's start.
 START_TIMEOUT_SECONDS = 120
 CAPTURE_IPTABLES = "iptables"
 CAPTURE_HTTP_PROXY = "http-proxy"
+# Where sidecars get lane membership: the controller's xDS service (deploy/base/controller), or the API directly.
+XDS_SCHEME = "xds://"
+DEFAULT_SOURCE = "xds://laneproxy-controller.laneproxy-system.svc:15010"
+DIRECT_SOURCE = "kubernetes"
 # What apps reach directly when they use the sidecar as their proxy: loopback, the API server (kubelet expands
 # $(KUBERNETES_SERVICE_HOST), a service variable) and the link-local metadata endpoints (cloud instance metadata,
 # ECS task metadata): credentials and API calls never pass through the proxy.
@@ -133,10 +144,25 @@ class SidecarSettings:
     stop_margin_seconds: float = 2.0
     # The sidecar's minimum drain after SIGTERM (Istio's MINIMUM_DRAIN_DURATION); shortened for a short grace.
     drain_seconds: float = 5.0
+    # `xds://HOST:PORT` (the controller; no API credentials in the pod) or `kubernetes` (the sidecar watches the API).
+    source: str = DEFAULT_SOURCE
 
     def __post_init__(self) -> None:
         if self.capture not in (CAPTURE_IPTABLES, CAPTURE_HTTP_PROXY):
             raise InjectionError(f"capture must be {CAPTURE_IPTABLES} or {CAPTURE_HTTP_PROXY}, not {self.capture!r}")
+        check_source(self.source)
+
+
+def check_source(source: str) -> str:
+    """The sidecar source as given, or an InjectionError saying what is accepted: what the sidecar's --source takes."""
+    if source == DIRECT_SOURCE:
+        return source
+    try:
+        parse_source(source)
+    except XdsAddressError as exc:
+        raise InjectionError(f"sidecar source must be {DIRECT_SOURCE} or {XDS_SCHEME}HOST:PORT[,HOST:PORT...]: "
+                             f"{exc}") from None
+    return source
 
 
 # Kubernetes' default terminationGracePeriodSeconds, and what is kept back from it for the kubelet's SIGKILL.
@@ -225,13 +251,21 @@ def inject_pod(pod: dict, settings: SidecarSettings, workload: str | None = None
     if capture == CAPTURE_IPTABLES:
         _refuse_proxy_uid(spec, app_containers, settings.proxy_uid)
     job = job or is_job_pod(injected)
+    # A Job's sidecar reads its own pod to exit with the app (control/own_pod.py): it needs the API, so it keeps
+    # the direct source and its token; every other sidecar uses the source the injector is set to.
+    source = DIRECT_SOURCE if job else settings.source
 
-    sidecar = sidecar_container(settings, app_port, inbound_ports,
+    sidecar = sidecar_container(settings, app_port, inbound_ports, source=source,
                                 exit_with=[c.get("name", "") for c in app_containers] if job else None,
                                 budget=stop_budget(spec.get("terminationGracePeriodSeconds", DEFAULT_GRACE_SECONDS),
                                                    settings.drain_seconds))
     add_telemetry(sidecar, annotations, settings, workload or workload_of_pod(pod))
-    token_mount = _token_for_sidecar_only(spec, app_containers)
+    if source == DIRECT_SOURCE:
+        _remove_volume(spec, NO_TOKEN_VOLUME)
+        token_mount = _token_for_sidecar_only(spec, app_containers)
+    else:
+        _remove_volume(spec, TOKEN_VOLUME)
+        token_mount = _no_token_for_sidecar(spec, app_containers)
     if token_mount is not None:
         sidecar["volumeMounts"] = [token_mount]
     if settings.native_sidecar:
@@ -287,10 +321,11 @@ def _add_pre_stop(container: dict, settings: SidecarSettings, *, wait_for_app: b
 
 
 def sidecar_container(settings: SidecarSettings, app_port: int | None, inbound_ports: tuple[int, ...] = (),
-                      exit_with: list[str] | None = None, budget: StopBudget | None = None) -> dict:
+                      exit_with: list[str] | None = None, budget: StopBudget | None = None,
+                      source: str | None = None) -> dict:
     budget = budget or stop_budget(DEFAULT_GRACE_SECONDS, settings.drain_seconds)
     env = [
-        {"name": "LANEPROXY_SOURCE", "value": "kubernetes"},
+        {"name": "LANEPROXY_SOURCE", "value": source or settings.source},
         {"name": "LANEPROXY_OUTBOUND", "value": f"127.0.0.1:{settings.outbound_port}"},
         {"name": "LANEPROXY_ADMIN", "value": f"127.0.0.1:{settings.admin_port}"},
         {"name": "LANEPROXY_LIFECYCLE", "value": f"0.0.0.0:{settings.lifecycle_port}"},
@@ -458,21 +493,8 @@ def _token_for_sidecar_only(spec: dict, app_containers: list[dict]) -> dict | No
     spec["automountServiceAccountToken"] = False
     # What the ServiceAccount admission plugin would set: a projected token must name its account.
     spec.setdefault("serviceAccountName", spec.get("serviceAccount") or "default")
-    removed: set[str] = set()
-    for container in [*app_containers, *(spec.get("initContainers") or [])]:
-        if container.get("name") in (SIDECAR_NAME, CAPTURE_INIT_NAME):
-            continue
-        mounts = container.get("volumeMounts") or []
-        kept = [m for m in mounts if not (m.get("mountPath") == TOKEN_PATH and _automatic_token(spec, m.get("name")))]
-        removed.update(m.get("name") for m in mounts if m not in kept)
-        if len(kept) != len(mounts):
-            if kept:
-                container["volumeMounts"] = kept
-            else:
-                del container["volumeMounts"]
-    still_used = {m.get("name") for c in [*spec.get("containers", []), *spec.get("initContainers", [])]
-                  if c.get("name") != SIDECAR_NAME for m in c.get("volumeMounts") or []}
-    volumes = [v for v in spec.get("volumes") or [] if v.get("name") not in removed - still_used]
+    _remove_automatic_tokens(spec, app_containers)
+    volumes = spec.get("volumes") or []
     token_volume = {"name": TOKEN_VOLUME, "projected": {"defaultMode": 0o444, "sources": [
         {"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}},
         {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
@@ -487,6 +509,52 @@ def _token_for_sidecar_only(spec: dict, app_containers: list[dict]) -> dict | No
         volumes.append(token_volume)
     spec["volumes"] = volumes
     return {"name": TOKEN_VOLUME, "mountPath": TOKEN_PATH, "readOnly": True}
+
+
+def _no_token_for_sidecar(spec: dict, app_containers: list[dict]) -> dict:
+    """The sidecar's mount of an empty directory over the token path: it holds no API credentials whatever the pod.
+
+    The app containers lose the automatic token unless the pod asks for it (`automountServiceAccountToken: true`:
+    the app keeps it). Either way the sidecar's token path is an empty, read-only directory, so a token the
+    ServiceAccount admission plugin would add when it runs again after the webhook (reinvocation) never lands there.
+    """
+    if spec.get("automountServiceAccountToken") is not True:
+        spec["automountServiceAccountToken"] = False
+        _remove_automatic_tokens(spec, app_containers)
+    volumes = spec.get("volumes") or []
+    if not any(volume.get("name") == NO_TOKEN_VOLUME for volume in volumes):
+        volumes.append({"name": NO_TOKEN_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "1Ki"}})
+    spec["volumes"] = volumes
+    return {"name": NO_TOKEN_VOLUME, "mountPath": TOKEN_PATH, "readOnly": True}
+
+
+def _remove_automatic_tokens(spec: dict, app_containers: list[dict]) -> None:
+    """Take the token mounts the ServiceAccount admission plugin added away from the app containers, and their
+    volumes when nothing else mounts them (the webhook sees the pod after that plugin)."""
+    removed: set[str] = set()
+    for container in [*app_containers, *(spec.get("initContainers") or [])]:
+        if container.get("name") in (SIDECAR_NAME, CAPTURE_INIT_NAME):
+            continue
+        mounts = container.get("volumeMounts") or []
+        kept = [m for m in mounts if not (m.get("mountPath") == TOKEN_PATH and _automatic_token(spec, m.get("name")))]
+        removed.update(m.get("name") for m in mounts if m not in kept)
+        if len(kept) != len(mounts):
+            if kept:
+                container["volumeMounts"] = kept
+            else:
+                del container["volumeMounts"]
+    still_used = {m.get("name") for c in [*spec.get("containers", []), *spec.get("initContainers", [])]
+                  if c.get("name") != SIDECAR_NAME for m in c.get("volumeMounts") or []}
+    if removed - still_used:
+        spec["volumes"] = [v for v in spec.get("volumes") or [] if v.get("name") not in removed - still_used]
+
+
+def _remove_volume(spec: dict, name: str) -> None:
+    """A volume laneproxy added for another source (injecting again with new settings changes the shape)."""
+    if spec.get("volumes"):
+        spec["volumes"] = [volume for volume in spec["volumes"] if volume.get("name") != name]
+        if not spec["volumes"]:
+            del spec["volumes"]
 
 
 def _automatic_token(spec: dict, volume_name: str | None) -> bool:

@@ -575,7 +575,13 @@ class Reflector:
                 self._streak += 1
                 self.state = "retrying"
                 if isinstance(exc, ApiStatusError) and exc.status == 403 and self.kind.namespaced:
-                    self._forbid(exc)
+                    if self.synced and not self.forbidden:
+                        # Read before: keep what it holds, as client-go's reflector keeps its store. A kube-apiserver
+                        # that has just started answers 403 until its RBAC cache is warm; emptying the collection
+                        # then would take every endpoint of the namespace out of the table for those seconds.
+                        self.state = "forbidden"
+                    else:
+                        self._forbid(exc)
                 # The first failure of a streak, then every tenth: an outage must not flood the log.
                 level = logging.ERROR if isinstance(exc, (ApiStatusError, KubernetesConfigError)) else logging.WARNING
                 log.log(level if self._streak % 10 == 1 else logging.DEBUG,

@@ -111,6 +111,8 @@ class Controller:
     async def _stats(self, request: web.Request) -> web.Response:
         rows = self.stats.lines(time.monotonic(), self.ready, self._table_age())
         rows.append(("controller.config.update_rejected", self.store.rejected))
+        # Inputs the served table was built without (a swimlane object left out says why on its own status).
+        rows.append(("controller.config.skipped_objects", len(self.store.skipped)))
         if request.query.get("format") == "json":
             return web.Response(text=json.dumps({"stats": [{"name": name, "value": value} for name, value in rows]},
                                                 indent=1), content_type="application/json")

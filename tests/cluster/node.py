@@ -146,6 +146,18 @@ class Cluster:
             raise ClusterError(f"ctr {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
         return result
 
+    def stop_apiserver(self) -> None:
+        """kube-apiserver stopped (etcd and every other component keep running): what the proxies must ride out."""
+        if self.api is None:
+            raise ClusterError("the cluster has no API server")
+        self.api.stop_apiserver()
+
+    def start_apiserver(self) -> None:
+        """kube-apiserver started again as it was (same address, port, certificates, etcd), and serving."""
+        if self.api is None:
+            raise ClusterError("the cluster has no API server")
+        self.api.start_apiserver_again()
+
     def import_image(self, archive: Path) -> None:
         """Import an image archive (OCI or docker-archive) into the namespace kubelet's pods use."""
         self.ctr("images", "import", str(archive))
@@ -285,7 +297,10 @@ class Cluster:
             "--use-service-account-credentials=false", "--leader-elect=false",
             f"--service-cluster-ip-range={SERVICE_CIDR}", "--allocate-node-cidrs=false",
             "--controllers=*,-nodeipam,-cloud-node-lifecycle,-route,-service",
-            "--node-monitor-grace-period=20s", "--pod-eviction-timeout=1h",
+            # Longer than the seed story's API-server outage (30 s), its restart and a lease renewal (10 s): the
+            # kubelet cannot renew its lease while the API is down, and a shorter grace marks the node unknown and
+            # every pod not ready the moment the API returns: Kubernetes' own reaction, not the proxies'.
+            "--node-monitor-grace-period=90s", "--pod-eviction-timeout=1h",
             "--terminated-pod-gc-threshold=50",
         ])
         self._spawn("kube-scheduler", [

@@ -5,8 +5,9 @@ The seed (deploy/examples/seed-local, applied as a user applies it) with every D
 gateway's included: deleting any pod and a rolling update of each Deployment lose no request and leak none.
 With the seed's one replica, deleting mockb's only pod fails requests only while mockb has no ready pod, and
 no endpoint of another service is ejected for it. An injected app that calls another service in its first
-second and opens a plain TCP connection at start succeeds (the proxy is ready before the app), the app has no
-API token while its sidecar has one, and an injected Job completes.
+second and opens a plain TCP connection at start succeeds (the proxy is ready before the app), neither the app
+nor its sidecar (on the controller's xDS source) has an API token, and an injected Job completes (its sidecar
+keeps the direct source and a token: it reads its own pod to exit with the app).
 
 Traffic is bounded (a few threads, one request at a time each, at most `limit` requests) and goes from the host
 to the gateway's NodePort on the node address only. No version changes here, so the lane oracle is simple: every
@@ -379,7 +380,9 @@ def test_an_app_calling_out_at_once_succeeds_and_has_no_token_and_an_injected_jo
         assert "first-call 200" in log and "mockb(version: v1" in log, log
         assert "tcp HTTP/1.1 200 OK" in log, log
         assert "token False" in log, log
-        assert sidecar_token.strip() == "True"
+        assert sidecar_token.strip() == "False"  # on the xDS source: no credentials in the pod at all
+        job_sidecar = next(c for c in job_pods[0]["spec"]["containers"] if c["name"] == "laneproxy")
+        assert {"name": "LANEPROXY_SOURCE", "value": "kubernetes"} in job_sidecar["env"]
         assert job_pods and all(p["status"]["phase"] == "Succeeded" for p in job_pods), \
             [p["status"] for p in job_pods]
     except (AssertionError, RuntimeError, subprocess.SubprocessError):

@@ -5,9 +5,13 @@ Rollout stand-in under continuous GET and POST traffic from the host in the base
 each request with its own trace id, every chain checked with the load test's lane-leak oracle
 (loadtests/expectations.py) against the gateway's /lanes over time.
 
-Lane leaks must be 0. Failed requests must be 0 too, and are not yet: pod replacement loses requests
-(the lifecycle issue, "Zero lost requests through pod churn"), so when some are lost the test says so as an
-expected failure naming that issue (see test_the_seed_story_loses_no_request for why not a strict marker).
+Every sidecar and both gateways take their tables from `laneproxy controller` over xDS (deploy/base/controller,
+two replicas) and hold no API token. Mid-story, once the canaries are up: the controller replica holding the most
+proxy streams is killed (SIGKILL, its pod force-deleted), and every proxy must resume from the other replica, as
+its stats and the survivor's show; then kube-apiserver is stopped for 30 s under the same traffic, and once it is
+back the tables must follow the story's next change (every proxy's endpoints of mocka's base lane).
+
+Lane leaks must be 0, and failed requests 0 (the whole story, and the windows of the kill and of the outage).
 """
 
 from __future__ import annotations
@@ -44,14 +48,110 @@ BROKEN_LANE = {"apiVersion": "istio.alibabacloud.com/v1", "kind": "ASMSwimLane",
                "spec": {"labelSelector": {"ASM_TRAFFIC_TAG": "orphan"}, "services": []}}
 
 
-def proxy_stat(cluster: Cluster, namespace: str, pod: str, container: str, name: str) -> int:
-    script = "import urllib.request;print(urllib.request.urlopen('http://127.0.0.1:15000/stats',timeout=5).read().decode())"
-    out = cluster.kubectl("exec", "-n", namespace, pod, "-c", container, "--", "python3", "-c", script, timeout=30)
-    for line in out.stdout.splitlines():
-        key, _, value = line.partition(": ")
-        if key == name:
-            return int(value)
-    raise KeyError(name)
+CONTROLLER_NAMESPACE = "laneproxy-system"
+CONTROLLER_SELECTOR = "app.kubernetes.io/component=controller"
+CONTROLLER_ADMIN_PORT = 15014  # read-only: /ready, /stats
+PROXY_ADMIN_PORT = 15000
+API_OUTAGE_SECONDS = 30
+TOKEN_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+
+def stats_of(cluster: Cluster, namespace: str, pod: str, container: str, port: int) -> dict[str, str]:
+    """An admin's /stats (`name: value` lines), read inside its pod."""
+    script = ("import urllib.request,sys;print(urllib.request.urlopen('http://127.0.0.1:'+sys.argv[1]+'/stats',"
+              "timeout=5).read().decode())")
+    out = cluster.kubectl("exec", "-n", namespace, pod, "-c", container, "--", "python3", "-c", script, str(port),
+                          timeout=30)
+    return {key: value.strip().strip('"') for key, _, value in (line.partition(": ") for line in out.stdout.splitlines())
+            if value}
+
+
+def proxies_of(cluster: Cluster, gateways: list[str]) -> list[tuple[str, str, str]]:
+    """(namespace, pod, container) of both gateways and every sidecar of the chain's pods now."""
+    return [("istio-system", gateway, "gateway") for gateway in gateways] + \
+        [(NAMESPACE, p["metadata"]["name"], "laneproxy") for s in SERVICES for p in pods(cluster, NAMESPACE, f"app={s}")]
+
+
+def controller_stats(cluster: Cluster) -> dict[str, dict[str, str]]:
+    return {p["metadata"]["name"]: stats_of(cluster, CONTROLLER_NAMESPACE, p["metadata"]["name"], "controller",
+                                            CONTROLLER_ADMIN_PORT)
+            for p in pods(cluster, CONTROLLER_NAMESPACE, CONTROLLER_SELECTOR)}
+
+
+def kill_controller_replica(cluster: Cluster, gateways: list[str]) -> dict:
+    """SIGKILL the controller replica with the most proxy streams (and force-delete its pod, so the replacement
+    starts elsewhere): every proxy must resume, and the ones it served from the other replica."""
+    before = controller_stats(cluster)
+    assert len(before) == 2, f"expected two controller replicas: {sorted(before)}"
+    victim = max(before, key=lambda name: int(before[name]["controller.xds.streams_connected"]))
+    (survivor,) = set(before) - {victim}
+    proxies = proxies_of(cluster, gateways)
+    proxies_before = {pod: stats_of(cluster, ns, pod, container, PROXY_ADMIN_PORT) for ns, pod, container in proxies}
+    status = cluster.get_json("pod", victim, "-n", CONTROLLER_NAMESPACE)["status"]
+    container_id = next(c["containerID"] for c in status["containerStatuses"] if c["name"] == "controller")
+    killed_at = time.monotonic()
+    cluster.kubectl("delete", "pod", victim, "-n", CONTROLLER_NAMESPACE, "--grace-period=0", "--force", "--wait=false")
+    cluster.ctr("tasks", "kill", "--signal", "SIGKILL", container_id.split("://", 1)[1], check=False)
+    moved = int(before[victim]["controller.xds.streams_connected"])
+    after: dict[str, dict[str, str]] = {}
+
+    def resumed() -> bool:
+        after.clear()
+        after.update({pod: stats_of(cluster, ns, pod, container, PROXY_ADMIN_PORT) for ns, pod, container in proxies})
+        reconnects = sum(int(after[p].get("laneproxy.config.xds.reconnects", 0))
+                         - int(proxies_before[p].get("laneproxy.config.xds.reconnects", 0)) for p in after)
+        return all(stats.get("laneproxy.config.xds.connected") == "1" for stats in after.values()) and reconnects >= moved
+
+    took = wait_for(resumed, 90, "every proxy connected again after the controller replica was killed")
+    survivor_after = stats_of(cluster, CONTROLLER_NAMESPACE, survivor, "controller", CONTROLLER_ADMIN_PORT)
+    keys = ("laneproxy.config.xds.connected", "laneproxy.config.xds.reconnects", "laneproxy.config.sync.xds.controller",
+            "laneproxy.config.version")
+    return {
+        "victim": victim, "survivor": survivor, "killed_at": killed_at, "resumed_s": round(took, 1),
+        "victim_streams_before": moved,
+        "survivor_streams_before": int(before[survivor]["controller.xds.streams_connected"]),
+        "survivor_streams_after": int(survivor_after["controller.xds.streams_connected"]),
+        "survivor_streams_total_gain": int(survivor_after["controller.xds.streams_total"])
+        - int(before[survivor]["controller.xds.streams_total"]),
+        "proxies_before": {p: {k: v.get(k) for k in keys} for p, v in proxies_before.items()},
+        "proxies_after": {p: {k: v.get(k) for k in keys} for p, v in after.items()},
+    }
+
+
+def stop_the_api_server(cluster: Cluster, seconds: float) -> dict:
+    """kube-apiserver stopped for `seconds` under the story's traffic, then started again, serving."""
+    stopped = time.monotonic()
+    cluster.stop_apiserver()
+    refused = cluster.kubectl("get", "--raw", "/readyz", check=False, timeout=30)
+    time.sleep(max(0.0, seconds - (time.monotonic() - stopped)))
+    restarted = time.monotonic()
+    cluster.start_apiserver()
+    serving = time.monotonic()
+    return {"stopped": stopped, "restarted": restarted, "serving": serving, "down_s": round(serving - stopped, 1),
+            "kubectl_while_down": (refused.returncode, refused.stderr.strip()[-120:])}
+
+
+def tables_follow(cluster: Cluster, gateways: list[str], service: str, lane: str, timeout: float = 60) -> dict:
+    """Seconds until every proxy's endpoints of `service` in `lane` are the addresses of its ready pods in that lane."""
+    wanted = {p["status"]["podIP"] for p in pods(cluster, NAMESPACE, f"app={service},ASM_TRAFFIC_TAG={lane}")
+              if any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))}
+    key = f"{NAMESPACE}/{service}"
+    seen: dict[str, list[str]] = {}
+
+    def followed() -> bool:
+        for namespace, pod, container in proxies_of(cluster, gateways):
+            try:
+                endpoints = lanes_of(cluster, namespace, pod, container)["services"][key]["lanes"][lane]["endpoints"]
+            except (RuntimeError, KeyError, ValueError, subprocess.SubprocessError) as exc:
+                seen[pod] = [repr(exc)]
+                return False
+            seen[pod] = sorted(endpoints)
+            if {address.rsplit(":", 1)[0] for address in endpoints} != wanted:
+                return False
+        return True
+
+    took = wait_for(followed, timeout, f"every proxy's {service}/{lane} endpoints to be {sorted(wanted)}: {seen}")
+    return {"seconds": round(took, 1), "addresses": sorted(wanted), "proxies": len(seen)}
 
 
 def lanes_of(cluster: Cluster, namespace: str, pod: str, container: str) -> dict:
@@ -245,6 +345,14 @@ def seed(cluster: Cluster) -> Iterator[Cluster]:
             (pod,) = pods(cluster, NAMESPACE, f"app={service}")
             names = [c["name"] for c in pod["spec"]["containers"]]
             assert "laneproxy" in names, f"{service} has no sidecar: {names}"
+        # Every proxy of the story on the controller's xDS source.
+        proxies = [(p, "laneproxy") for s in SERVICES for p in pods(cluster, NAMESPACE, f"app={s}")]
+        proxies += [(p, "gateway") for p in pods(cluster, "istio-system", "app=ingressgateway")]
+        for pod, container in proxies:
+            env = {e["name"]: e.get("value") for c in pod["spec"]["containers"] if c["name"] == container
+                   for e in c.get("env", [])}
+            assert str(env.get("LANEPROXY_SOURCE")).startswith("xds://laneproxy-controller."), \
+                (pod["metadata"]["name"], env.get("LANEPROXY_SOURCE"))
     except (AssertionError, RuntimeError, subprocess.SubprocessError) as exc:
         pytest.fail(f"{exc}\n{cluster.diagnose(NAMESPACE, 'istio-system', 'laneproxy-system')}")
     sys.stderr.write(f"\n[seed] deployed and injected in {time.monotonic() - began:.1f}s\n")
@@ -344,6 +452,9 @@ def story(seed: Cluster) -> Iterator[dict]:
     traffic = Traffic(NODE_IP, GATEWAY_PORT, history, truth).start()
     propagation: dict[str, float] = {}
     broken: dict = {"status": {}, "skipped_objects": {}}
+    controller_kill: dict = {}
+    outage: dict = {}
+    followed: dict = {}
     began = time.monotonic()
     try:
         time.sleep(5)
@@ -357,6 +468,14 @@ def story(seed: Cluster) -> Iterator[dict]:
             propagation.update(propagation_times(cluster, gateways, service, "canary"))
             truth.set(expectations(versions))
             time.sleep(3)
+        # The canaries are up: a controller replica dies, then the API server goes away for a while.
+        controller_kill = kill_controller_replica(cluster, gateways)
+        time.sleep(3)
+        outage = stop_the_api_server(cluster, API_OUTAGE_SECONDS)
+        wait_for(lambda: len([p for p in pods(cluster, CONTROLLER_NAMESPACE, CONTROLLER_SELECTOR)
+                              if any(c["type"] == "Ready" and c["status"] == "True"
+                                     for c in p["status"].get("conditions", []))]) == 2, 180,
+                 "both controller replicas ready after the API server returned")
         cluster.kubectl("apply", "-f", "-", stdin=json.dumps(BROKEN_LANE))  # the rest of the story goes on beside it
         for service in SERVICES:  # step 6: approve
             before = expectations(versions)
@@ -367,6 +486,8 @@ def story(seed: Cluster) -> Iterator[dict]:
                      and not rollout_status(cluster, f"rollouts-{s}").get("canaryStatus"), 180,
                      f"{service} promoted")
             wait_rollout(cluster, NAMESPACE, f"{service}-v1")
+            if service == SERVICES[0]:  # the first change after the API server's return reaches every proxy
+                followed = tables_follow(cluster, gateways, service, "base")
             time.sleep(3)
             truth.set(expectations(versions))
         # step 7: a v3 canary of mocka, then undo
@@ -385,8 +506,10 @@ def story(seed: Cluster) -> Iterator[dict]:
         time.sleep(3)
         broken = {"status": cluster.get_json("asmswimlanes.istio.alibabacloud.com",
                                              BROKEN_LANE["metadata"]["name"]).get("status") or {},
-                  "skipped_objects": {pod: proxy_stat(cluster, "istio-system", pod, "gateway",
-                                                      "laneproxy.config.skipped_objects") for pod in gateways}}
+                  # The controller is the one watcher: it leaves the object out, so its replicas count it (the
+                  # proxies only ever receive the accepted groups).
+                  "skipped_objects": {pod: int(stats["controller.config.skipped_objects"])
+                                      for pod, stats in controller_stats(cluster).items()}}
     finally:
         cluster.kubectl("delete", "asmswimlanes.istio.alibabacloud.com", BROKEN_LANE["metadata"]["name"],
                         "--wait=false", check=False)
@@ -399,7 +522,20 @@ def story(seed: Cluster) -> Iterator[dict]:
                          f"propagation {propagation}; stand-in errors {standin.errors[:5]}\n"
                          f"first leaks {traffic.leaks[:5]}\nfirst failures {traffic.failures[:5]}\n"
                          f"membership changes {poller.changes[:20]}\n")
+    def window(began_at: float | None, ended_at: float | None) -> dict:
+        """The story's requests that began in a window, and those that failed (any answer but 200)."""
+        if began_at is None or ended_at is None:
+            return {}
+        inside = [r for r in traffic._responses if began_at <= r[3] <= ended_at]  # noqa: SLF001 - our own record
+        return {"requests": len(inside), "failed": [f"{r[1]} {r[0]} {r[5]} {r[6][:120]}" for r in inside if r[5] != 200]}
+
     report = {
+        "controller_kill": {**{k: v for k, v in controller_kill.items() if k != "killed_at"},
+                            "traffic": window(controller_kill.get("killed_at"), controller_kill.get("killed_at", 0)
+                                              + controller_kill.get("resumed_s", 0) + 5)},
+        "api_outage": {**{k: v for k, v in outage.items() if k not in ("stopped", "restarted", "serving")},
+                       "traffic": window(outage.get("stopped"), outage.get("serving"))},
+        "followed_after_outage": followed,
         "requests": sum(traffic.results.values()), "ok": traffic.results["ok"], "failures": traffic.results["error"],
         "leaks": traffic.results["leak"], "seconds": round(time.monotonic() - began, 1),
         "propagation_s": {k: round(v, 2) for k, v in propagation.items()},
@@ -448,8 +584,68 @@ def test_the_seed_story_loses_no_request(story: dict) -> None:
 
 
 def test_a_broken_lane_of_another_group_created_mid_story_is_left_out_says_why_and_is_counted(story: dict) -> None:
-    """The story around it passes (the tests above); the object itself and every gateway's stats say it was skipped."""
+    """The story around it passes (the tests above); the object itself and every controller replica's stats say it
+    was skipped."""
     status = story["broken_lane"]["status"]
     assert "retired" in f"{status.get('error', '')} {status.get('validationMessage', '')}", status
     skipped = story["broken_lane"]["skipped_objects"]
     assert skipped and all(count >= 1 for count in skipped.values()), skipped
+
+
+def test_killing_a_controller_replica_mid_story_moves_its_proxies_to_the_other_replica(story: dict) -> None:
+    kill = story["controller_kill"]
+    sys.stderr.write(f"\n[seed story] controller replica killed: {json.dumps(kill, indent=1)}\n")
+    assert kill["victim_streams_before"] >= 1, kill
+    # Every proxy is connected again, and the survivor took at least the streams the killed replica held.
+    assert all(stats["laneproxy.config.xds.connected"] == "1" for stats in kill["proxies_after"].values()), kill
+    reconnects = {pod: int(kill["proxies_after"][pod]["laneproxy.config.xds.reconnects"])
+                  - int(kill["proxies_before"][pod]["laneproxy.config.xds.reconnects"]) for pod in kill["proxies_after"]}
+    assert sum(reconnects.values()) >= kill["victim_streams_before"], reconnects
+    assert kill["survivor_streams_total_gain"] >= kill["victim_streams_before"], kill
+    assert kill["traffic"]["requests"] > 10 and kill["traffic"]["failed"] == [], kill["traffic"]
+
+
+def test_with_the_api_server_stopped_for_30_s_no_request_fails_and_the_tables_follow_once_it_returns(story: dict):
+    outage = story["api_outage"]
+    sys.stderr.write(f"\n[seed story] API server outage: {json.dumps(outage)}; then "
+                     f"{json.dumps(story['followed_after_outage'])}\n")
+    assert outage["down_s"] >= API_OUTAGE_SECONDS and outage["kubectl_while_down"][0] != 0, outage
+    assert outage["traffic"]["requests"] > 30 and outage["traffic"]["failed"] == [], outage["traffic"]
+    assert story["followed_after_outage"]["proxies"] >= 5, story["followed_after_outage"]
+
+
+def test_a_sidecars_pod_holds_no_api_token_and_its_account_cannot_read_the_api(seed: Cluster) -> None:
+    """`kubectl auth can-i` as each proxy's service account, and the token directory inside each container."""
+    cluster = seed
+    reads = [("list", "pods"), ("watch", "pods"), ("list", "services"), ("list", "endpointslices.discovery.k8s.io"),
+             ("get", "asmswimlanegroups.istio.alibabacloud.com"), ("list", "asmswimlanes.istio.alibabacloud.com")]
+
+    def can(account: str, verb: str, resource: str) -> str:
+        return cluster.kubectl("auth", "can-i", verb, resource, "--all-namespaces",
+                               f"--as=system:serviceaccount:{account}", check=False).stdout.strip()
+
+    script = (f"import os;p={TOKEN_DIR!r};print(sorted(os.listdir(p)) if os.path.isdir(p) else 'absent')")
+    found: dict[str, object] = {}
+    checked = [(NAMESPACE, p) for s in SERVICES for p in pods(cluster, NAMESPACE, f"app={s}")]
+    checked += [("istio-system", p) for p in pods(cluster, "istio-system", "app=ingressgateway")]
+    for namespace, pod in checked:
+        name = pod["metadata"]["name"]
+        account = f"{namespace}:{pod['spec'].get('serviceAccountName', 'default')}"
+        found[name] = {
+            "automount": pod["spec"].get("automountServiceAccountToken"),
+            "token_dirs": {c["name"]: cluster.kubectl("exec", "-n", namespace, name, "-c", c["name"], "--", "python3",
+                                                      "-c", script, timeout=30).stdout.strip()
+                           for c in pod["spec"]["containers"]},
+            "can_i": {f"{verb} {resource}": can(account, verb, resource) for verb, resource in reads},
+        }
+    controller = {f"{verb} {resource}": can(f"{CONTROLLER_NAMESPACE}:laneproxy-controller", verb, resource)
+                  for verb, resource in reads}
+    sys.stderr.write(f"\n[seed] credentials: {json.dumps(found, indent=1)}\ncontroller can-i {controller}\n")
+    for name, seen in found.items():
+        assert seen["automount"] is False, (name, seen)
+        # A sidecar's token path is an empty directory; the gateway and the app containers have none at all.
+        listings = dict(seen["token_dirs"])
+        assert listings.pop("laneproxy", "[]") == "[]", (name, seen)
+        assert all(listing == "absent" for listing in listings.values()), (name, seen)
+        assert set(seen["can_i"].values()) == {"no"}, (name, seen)
+    assert set(controller.values()) == {"yes"}, controller  # the question is asked right: the reader can

@@ -69,8 +69,10 @@ def test_the_seed_overlay_is_the_whole_scenario_on_the_laneproxy_base():
     kinds: dict[str, list[str]] = {}
     for doc in render(SEED):
         kinds.setdefault(doc["kind"], []).append(doc["metadata"]["name"])
-    assert sorted(kinds["Deployment"]) == ["ingressgateway", "laneproxy-webhook", "mocka-v1", "mockb-v1", "mockc-v1"]
-    assert sorted(kinds["Service"]) == ["ingressgateway", "laneproxy-webhook", "mocka", "mockb", "mockc"]
+    assert sorted(kinds["Deployment"]) == ["ingressgateway", "laneproxy-controller", "laneproxy-webhook", "mocka-v1",
+                                           "mockb-v1", "mockc-v1"]
+    assert sorted(kinds["Service"]) == ["ingressgateway", "laneproxy-controller", "laneproxy-webhook", "mocka",
+                                        "mockb", "mockc"]
     assert sorted(kinds["Rollout"]) == ["rollouts-mocka", "rollouts-mockb", "rollouts-mockc"]
     assert kinds["Gateway"] == ["ingressgateway"] and kinds["ASMSwimLaneGroup"] == ["rollout"]
     assert sorted(kinds["ASMSwimLane"]) == ["base", "canary"]
@@ -153,6 +155,109 @@ def test_the_gateway_runs_two_spread_replicas_that_a_disruption_or_a_rollout_nev
     spread = deployment["spec"]["template"]["spec"]["topologySpreadConstraints"]
     assert {c["topologyKey"] for c in spread} == {"kubernetes.io/hostname", "topology.kubernetes.io/zone"}
     assert all(c["labelSelector"]["matchLabels"].items() <= labels.items() for c in spread)
+
+
+CONTROLLER_SOURCE = "xds://laneproxy-controller.laneproxy-system.svc:15010"
+
+
+def test_the_controller_runs_two_spread_replicas_behind_the_xds_service_the_proxies_dial():
+    objects = {(d["kind"], d["metadata"]["name"]): d for d in render(DEPLOY / "base")}
+    deployment = objects[("Deployment", "laneproxy-controller")]
+    service = objects[("Service", "laneproxy-controller")]
+    budget = objects[("PodDisruptionBudget", "laneproxy-controller")]
+    pod = deployment["spec"]["template"]
+    labels = pod["metadata"]["labels"]
+    assert deployment["metadata"]["namespace"] == service["metadata"]["namespace"] == "laneproxy-system"
+    assert deployment["spec"]["replicas"] == 2 and budget["spec"]["minAvailable"] == 1
+    assert budget["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert labels["laneproxy-injection"] == "disabled"
+    (term,) = pod["spec"]["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert term["podAffinityTerm"]["labelSelector"]["matchLabels"].items() <= labels.items()
+    (container,) = pod["spec"]["containers"]
+    assert container["args"][:3] == ["controller", "--source", "kubernetes"]
+    args = build_parser().parse_args(container["args"])  # laneproxy accepts the command line
+    assert (args.command, args.source, args.pods) == ("controller", "kubernetes", "metadata")
+    assert container["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http-monitoring"}
+    assert {"name": "http-monitoring", "containerPort": 15014, "protocol": "TCP"} in container["ports"]
+    assert set(container["resources"]) == {"requests", "limits"}
+    gateway = objects[("Deployment", "ingressgateway")]["spec"]["template"]["spec"]
+    assert pod["spec"]["securityContext"] == gateway["securityContext"]
+    assert container["securityContext"] == gateway["containers"][0]["securityContext"]
+    assert pod["spec"]["serviceAccountName"] == "laneproxy-controller"
+    (port,) = service["spec"]["ports"]
+    assert (port["name"], port["port"], port["appProtocol"]) == ("grpc-xds", 15010, "grpc")
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert {"name": "grpc-xds", "containerPort": 15010, "protocol": "TCP"} in container["ports"]
+    # The address in the proxies' source is this Service's.
+    host, _, number = CONTROLLER_SOURCE.removeprefix("xds://").rpartition(":")
+    assert (host, int(number)) == (f"{service['metadata']['name']}.{service['metadata']['namespace']}.svc",
+                                   port["port"])
+
+
+def test_the_controllers_role_reads_exactly_the_lane_inputs_and_writes_only_swimlane_status():
+    objects = {(d["kind"], d["metadata"]["name"]): d for d in render(DEPLOY / "base" / "controller")}
+    rules = {(group, resource): sorted(rule["verbs"]) for rule in objects[("ClusterRole", "laneproxy-controller")]
+             ["rules"] for group in rule["apiGroups"] for resource in rule["resources"]}
+    read = ["get", "list", "watch"]
+    assert rules == {("istio.alibabacloud.com", "asmswimlanegroups"): read,
+                     ("istio.alibabacloud.com", "asmswimlanes"): read,
+                     ("istio.alibabacloud.com", "asmswimlanegroups/status"): ["get", "patch"],
+                     ("istio.alibabacloud.com", "asmswimlanes/status"): ["get", "patch"],
+                     ("", "services"): read, ("", "pods"): read, ("discovery.k8s.io", "endpointslices"): read}
+    binding = objects[("ClusterRoleBinding", "laneproxy-controller")]
+    assert binding["roleRef"]["name"] == "laneproxy-controller"
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "laneproxy-controller",
+                                    "namespace": "laneproxy-system"}]
+
+
+def test_the_gateway_and_injected_sidecars_use_the_controller_and_hold_no_api_credentials():
+    rendered = render(SEED)
+    objects = {(d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"]): d for d in rendered}
+    gateway = objects[("Deployment", "istio-system", "ingressgateway")]["spec"]["template"]["spec"]
+    env = {e["name"]: e.get("value") for e in gateway["containers"][0]["env"]}
+    assert env["LANEPROXY_SOURCE"] == CONTROLLER_SOURCE
+    assert gateway["automountServiceAccountToken"] is False
+    assert objects[("ServiceAccount", "istio-system", "laneproxy")]["automountServiceAccountToken"] is False
+    # No binding names the gateway's account; the controller's names only its own.
+    subjects = [(s["name"], s.get("namespace")) for d in rendered if d["kind"] in ("ClusterRoleBinding", "RoleBinding")
+                for s in d["subjects"]]
+    assert ("laneproxy-controller", "laneproxy-system") in subjects
+    assert not [s for s in subjects if s[1] == "istio-system"]
+    webhook = objects[("Deployment", "laneproxy-system", "laneproxy-webhook")]["spec"]["template"]["spec"]
+    assert {"name": "LANEPROXY_SIDECAR_SOURCE", "value": CONTROLLER_SOURCE} in webhook["containers"][0]["env"]
+    # The seed's apps run under their namespace's default account: nothing of deploy/rbac's.
+    for name in ("mocka-v1", "mockb-v1", "mockc-v1"):
+        assert "serviceAccountName" not in objects[("Deployment", "default", name)]["spec"]["template"]["spec"]
+
+
+def test_once_deployed_no_proxys_account_can_read_the_api_and_the_controllers_can(cluster_with_crds):
+    """deploy/base's RBAC created for real, then asked with `kubectl auth can-i` as each workload's account."""
+    kube = cluster_with_crds
+    rbac = [d for d in render(DEPLOY / "base") if d["kind"] in ("ServiceAccount", "ClusterRole", "ClusterRoleBinding",
+                                                                  "Role", "RoleBinding")]
+    _kubectl(kube, "apply", "-f", "-", stdin=yaml.safe_dump_all(rbac))
+    try:
+        def can(account: str, verb: str, resource: str, *extra: str) -> bool:
+            result = _kubectl(kube, "auth", "can-i", verb, resource, *extra, "--all-namespaces",
+                              f"--as=system:serviceaccount:{account}", check=False)
+            assert result.stdout.strip() in ("yes", "no"), result.stdout + result.stderr
+            return result.stdout.strip() == "yes"
+
+        reads = [("list", "pods"), ("watch", "services"), ("list", "endpointslices.discovery.k8s.io"),
+                 ("watch", "asmswimlanes.istio.alibabacloud.com")]
+        assert all(can("laneproxy-system:laneproxy-controller", verb, what) for verb, what in reads)
+        assert can("laneproxy-system:laneproxy-controller", "patch", "asmswimlanes.istio.alibabacloud.com",
+                   "--subresource=status")
+        assert not can("laneproxy-system:laneproxy-controller", "get", "secrets")
+        for account in ("istio-system:laneproxy", "default:default", "laneproxy-system:laneproxy-webhook"):
+            assert not any(can(account, verb, what) for verb, what in reads), account
+        # deploy/rbac's account (a Job's sidecar, the direct source) is a watcher of its own.
+        assert can("default:laneproxy", "list", "pods")
+    finally:
+        _kubectl(kube, "delete", "-f", "-", "--ignore-not-found", "--wait=false", stdin=yaml.safe_dump_all(
+            [d for d in rbac if d["kind"] != "ServiceAccount" or d["metadata"]["namespace"] != "default"]),
+            check=False)
 
 
 def test_the_seed_apps_pass_server_side_dry_run_once_injected(cluster_with_crds):

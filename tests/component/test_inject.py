@@ -117,7 +117,7 @@ def test_the_cli_output_is_a_fixed_point_and_keeps_every_other_document():
 def test_sidecar_learns_namespace_lane_and_service_from_the_downward_api_and_listens_for_the_app():
     pod = inject_pod(seed_pod_spec(), SETTINGS)
     env = env_of(container(pod, SIDECAR_NAME))
-    assert env["LANEPROXY_SOURCE"] == "kubernetes"
+    assert env["LANEPROXY_SOURCE"] == "xds://laneproxy-controller.laneproxy-system.svc:15010"
     assert env["LANEPROXY_LANE"] == {"fieldRef": {"fieldPath": "metadata.labels['ASM_TRAFFIC_TAG']"}}
     assert env["LANEPROXY_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
     assert env["LANEPROXY_SERVICE"] == {"fieldRef": {"fieldPath": "metadata.labels['app']"}}
@@ -345,20 +345,70 @@ def test_a_jobs_pods_are_injected_only_when_they_opt_in_and_their_sidecar_exits_
     assert env_of(sidecar)["LANEPROXY_EXIT_WITH"] == "default"
     assert env_of(sidecar)["LANEPROXY_POD_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
     assert "preStop" not in sidecar["lifecycle"] and "lifecycle" not in container(injected, "default")
+    # It reads its own pod to see the app end: the direct source with its token, whatever the injector's source.
+    assert env_of(sidecar)["LANEPROXY_SOURCE"] == "kubernetes"
+    assert sidecar["volumeMounts"] == [{"name": "laneproxy-api-token", "readOnly": True,
+                                        "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount"}]
 
 
-def test_only_the_sidecar_gets_an_api_token():
+def pod_with_automatic_token() -> dict:
+    """The seed's pod as the webhook sees it: the ServiceAccount admission plugin (1.20) has mounted its token."""
     pod = seed_pod_spec()
     pod["spec"]["serviceAccountName"] = "laneproxy"
-    # What the ServiceAccount admission plugin has added by the time the webhook sees the pod (1.20).
     pod["spec"]["volumes"] = [{"name": "laneproxy-token-x7k2p", "secret": {"secretName": "laneproxy-token-x7k2p"}},
                               {"name": "data", "emptyDir": {}}]
     pod["spec"]["containers"][0]["volumeMounts"] = [
         {"name": "laneproxy-token-x7k2p", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount",
          "readOnly": True},
         {"name": "data", "mountPath": "/data"}]
+    return pod
+
+
+def test_a_sidecar_on_the_xds_source_holds_no_api_token_and_the_app_keeps_one_only_when_it_asks():
+    pod = pod_with_automatic_token()
     injected = inject_pod(pod, SETTINGS)
     spec = injected["spec"]
+    assert env_of(container(injected, SIDECAR_NAME))["LANEPROXY_SOURCE"].startswith("xds://")
+    assert spec["automountServiceAccountToken"] is False
+    assert container(injected, "default")["volumeMounts"] == [{"name": "data", "mountPath": "/data"}]
+    # No token volume of any kind; the sidecar's token path is an empty in-memory directory.
+    assert spec["volumes"] == [{"name": "data", "emptyDir": {}},
+                               {"name": "laneproxy-no-token", "emptyDir": {"medium": "Memory", "sizeLimit": "1Ki"}}]
+    assert container(injected, SIDECAR_NAME)["volumeMounts"] == [
+        {"name": "laneproxy-no-token", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount", "readOnly": True}]
+    assert inject_pod(injected, SETTINGS) == injected
+    # An app that asks for its token keeps it; the sidecar's token path stays the empty directory, so a token the
+    # admission plugin adds when it runs again after the webhook cannot land in the proxy.
+    pod["spec"]["automountServiceAccountToken"] = True
+    kept = inject_pod(pod, SETTINGS)
+    assert container(kept, "default")["volumeMounts"] == pod["spec"]["containers"][0]["volumeMounts"]
+    assert [v["name"] for v in kept["spec"]["volumes"]] == ["laneproxy-token-x7k2p", "data", "laneproxy-no-token"]
+    assert container(kept, SIDECAR_NAME)["volumeMounts"][0]["name"] == "laneproxy-no-token"
+
+
+def test_injecting_again_with_the_other_source_swaps_the_token_volume():
+    direct = SidecarSettings(image=SETTINGS.image, source="kubernetes")
+    on_direct = inject_pod(pod_with_automatic_token(), direct)
+    on_xds = inject_pod(on_direct, SETTINGS)
+    assert on_xds == inject_pod(pod_with_automatic_token(), SETTINGS)
+    assert inject_pod(on_xds, direct) == on_direct
+
+
+@pytest.mark.parametrize("source", ["xds://", "xds://controller", "xds://controller:0", "xds://a:1,b",
+                                    "grpc://controller:15010", "files"])
+def test_a_sidecar_source_that_is_neither_an_xds_address_nor_kubernetes_is_refused(source):
+    with pytest.raises(InjectionError, match="xds://HOST:PORT"):
+        SidecarSettings(source=source)
+    result = run_cli("inject", "-f", str(SEED_APPS), "--sidecar-source", source)
+    assert result.returncode == 2 and "xds://HOST:PORT" in result.stderr and not result.stdout
+
+
+def test_on_the_direct_source_only_the_sidecar_gets_an_api_token():
+    pod = pod_with_automatic_token()
+    settings = SidecarSettings(image=SETTINGS.image, source="kubernetes")
+    injected = inject_pod(pod, settings)
+    spec = injected["spec"]
+    assert env_of(container(injected, SIDECAR_NAME))["LANEPROXY_SOURCE"] == "kubernetes"
     assert spec["automountServiceAccountToken"] is False
     assert container(injected, "default")["volumeMounts"] == [{"name": "data", "mountPath": "/data"}]
     assert [v["name"] for v in spec["volumes"]] == ["data", "laneproxy-api-token"]
@@ -367,10 +417,10 @@ def test_only_the_sidecar_gets_an_api_token():
     assert container(injected, SIDECAR_NAME)["volumeMounts"] == [
         {"name": "laneproxy-api-token", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount",
          "readOnly": True}]
-    assert inject_pod(injected, SETTINGS) == injected
+    assert inject_pod(injected, settings) == injected
     # An app that asks for its token keeps it; the sidecar then gets the one the admission plugin mounts.
     pod["spec"]["automountServiceAccountToken"] = True
-    kept = inject_pod(pod, SETTINGS)
+    kept = inject_pod(pod, settings)
     assert container(kept, "default")["volumeMounts"] == pod["spec"]["containers"][0]["volumeMounts"]
     assert "volumeMounts" not in container(kept, SIDECAR_NAME)
 
@@ -452,3 +502,18 @@ def test_injected_workloads_and_pods_are_accepted_by_the_real_api_server(kube_ap
         assert again["spec"]["template"] == deployment["spec"]["template"]
     finally:
         _kubectl(kube, "delete", "namespace", NAMESPACE, "--wait=false")
+
+
+def test_the_probe_a_sidecars_hooks_run_accepts_the_environment_injection_gives_it():
+    """The postStart hook runs `laneproxy probe` inside the sidecar, whose environment names an xds:// source:
+    every command parses that environment, so a command that rejected it would hold the app's start forever."""
+    sidecar = container(inject_pod(seed_pod_spec(), SETTINGS), SIDECAR_NAME)
+    env = {e["name"]: e["value"] for e in sidecar["env"] if "value" in e}
+    assert env["LANEPROXY_SOURCE"].startswith("xds://")
+    hook = sidecar["lifecycle"]["postStart"]["exec"]["command"]
+    assert hook[:2] == ["laneproxy", "probe"]
+    result = subprocess.run([sys.executable, "-m", "laneproxy", "probe", "--timeout", "0.5",
+                             "http://127.0.0.1:9/ready"], env={"PATH": "/usr/bin:/bin", **env},
+                            capture_output=True, text=True, timeout=60)
+    # Refused (1: nothing listens there), not a rejected environment (2).
+    assert result.returncode == 1 and "Connection refused" in result.stderr, result.stderr

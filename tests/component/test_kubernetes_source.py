@@ -570,6 +570,57 @@ async def test_a_namespace_the_sidecar_may_not_read_counts_as_empty_and_holds_ba
                            {("mocka", "canary"): ("canary", ["10.1.0.11:8000"])})
 
 
+async def test_a_403_after_a_namespace_was_read_keeps_its_objects_until_reading_is_allowed_again(
+        cluster: Cluster, kube_apiserver: KubeApiServer, tmp_path: Path) -> None:
+    """A kube-apiserver that has just started answers 403 until its RBAC cache is warm (the cluster tier's API
+    outage showed it: a watcher that emptied the namespace then took every endpoint out for seconds). Reproduced
+    on demand: the watcher's RoleBinding is taken away while it is cut off, so its reconnect is refused with 403."""
+    await start_seed(cluster, BASE)
+    await cluster.apply({"apiVersion": "v1", "kind": "ServiceAccount",
+                         "metadata": {"name": "laneproxy-revoked", "namespace": NAMESPACE}})
+    subject = [{"kind": "ServiceAccount", "name": "laneproxy-revoked", "namespace": NAMESPACE}]
+    await cluster.apply({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+                         "metadata": {"name": "laneproxy-swimlanes-only"},
+                         "rules": [{"apiGroups": [SWIMLANE_API_GROUP], "resources": list(PLURALS.values()),
+                                    "verbs": ["get", "list", "watch"]}]})
+    await cluster.apply({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+                         "metadata": {"name": "laneproxy-revoked"}, "subjects": subject,
+                         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                                     "name": "laneproxy-swimlanes-only"}})
+    binding = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+               "metadata": {"name": "laneproxy-revoked"}, "subjects": subject,
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "laneproxy"}}
+    rbac = client.RbacAuthorizationV1Api(cluster.api)
+    with contextlib.suppress(ApiException):
+        await rbac.create_namespaced_role_binding(NAMESPACE, binding)
+    relay = await TcpRelay(kube_apiserver.port).open()
+    kubeconfig = await cluster.service_account_kubeconfig(tmp_path / "revoked.json", relay.url,
+                                                          name="laneproxy-revoked")
+    try:
+        async with running_source(kubeconfig) as (store, source):
+            await eventually(lambda: store.ready, what="first complete sync")
+            served = store.current
+            assert route(served, "mocka", "base") == ("base", ["10.1.0.1:8000"])
+            await relay.close()  # every open connection cut too: the watches must reconnect
+            await rbac.delete_namespaced_role_binding("laneproxy-revoked", NAMESPACE)
+            await relay.open()
+            pods = source.reflectors[(PODS.kind, NAMESPACE)]
+            await eventually(lambda: isinstance(pods.last_error, ApiStatusError) and pods.last_error.status == 403
+                             and ("Pod.default", "forbidden") in source.health().resources,
+                             what="the reconnect refused with 403")
+            assert store.current is served  # nothing emptied: the table is the one served before
+            assert route(store.current, "mocka", "base") == ("base", ["10.1.0.1:8000"])
+            await rbac.create_namespaced_role_binding(NAMESPACE, binding)
+            await cluster.create_pod("mocka-canary", app="mocka", tag="canary", ip="10.1.0.11", ready=True)
+            await takes_effect(store, "a change once reading is allowed again", {
+                ("mocka", "canary"): ("canary", ["10.1.0.11:8000"]), ("mocka", "base"): ("base", ["10.1.0.1:8000"])},
+                timeout=60)
+    finally:
+        await relay.close()
+        with contextlib.suppress(ApiException):
+            await rbac.delete_namespaced_role_binding("laneproxy-revoked", NAMESPACE)
+
+
 async def test_a_group_naming_another_namespace_makes_the_watcher_follow_it_and_let_go_again(
         cluster: Cluster, kubeconfig: Path) -> None:
     await start_seed(cluster, BASE)

@@ -354,6 +354,37 @@ class KubeApiServer:
             self._tmp.cleanup()
             self._tmp = None
 
+    def stop_apiserver(self) -> None:
+        """Stop kube-apiserver alone (SIGTERM, as an operator or a crash would), keeping etcd and every file:
+        clients see refused connections until start_apiserver_again()."""
+        proc = self._apiserver_process()
+        _stop_process(proc.popen)
+
+    def start_apiserver_again(self) -> None:
+        """Start kube-apiserver again with the same command line (same port, certificates and etcd) and wait
+        for /readyz; its log goes on in the same file."""
+        proc = self._apiserver_process()
+        if proc.popen.poll() is None:
+            raise KubeApiServerError("kube-apiserver is still running")
+        self._processes.remove(proc)
+        again = self._spawn(proc.name, list(proc.popen.args), append=True)  # type: ignore[arg-type]
+        context = self.ssl_context()
+
+        def ready() -> bool:
+            request = urllib.request.Request(
+                f"{self.url}/readyz", headers={"Authorization": f"Bearer {self.token}"}
+            )
+            with urllib.request.urlopen(request, timeout=5, context=context) as resp:
+                return bool(resp.status == 200 and resp.read().strip() == b"ok")
+
+        self._wait_until(again, ready, "kube-apiserver /readyz after a restart")
+
+    def _apiserver_process(self) -> _Process:
+        for proc in self._processes:
+            if proc.name == "kube-apiserver":
+                return proc
+        raise KubeApiServerError("kube-apiserver was never started")
+
     def __enter__(self) -> KubeApiServer:
         return self.start()
 
@@ -431,9 +462,9 @@ class KubeApiServer:
             sa_key=pki_dir / "sa.key",
         )
 
-    def _spawn(self, name: str, argv: Sequence[str]) -> _Process:
+    def _spawn(self, name: str, argv: Sequence[str], append: bool = False) -> _Process:
         log_path = self.workdir / f"{name}.log"
-        with open(log_path, "wb") as log:
+        with open(log_path, "ab" if append else "wb") as log:
             popen = subprocess.Popen(
                 list(argv),
                 stdin=subprocess.DEVNULL,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator
@@ -239,3 +240,27 @@ async def test_watcher_user_gets_only_rbac_granted_access(
                 assert denied.value.status == 403
 
         await client.CoreV1Api(admin).delete_namespace(ns)
+
+
+def test_a_stopped_api_server_refuses_connections_and_serves_what_etcd_kept_once_started_again() -> None:
+    """The cluster tier stops kube-apiserver mid-traffic; its own server here, so no other test sees it stop."""
+    with KubeApiServer() as kube:
+        headers = {"Authorization": f"Bearer {kube.token}"}
+        context = kube.ssl_context()
+        body = json.dumps({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "kept"},
+                           "data": {"k": "v"}}).encode()
+        request = urllib.request.Request(f"{kube.url}/api/v1/namespaces/default/configmaps", data=body,
+                                         headers={**headers, "Content-Type": "application/json"}, method="POST")
+        with urllib.request.urlopen(request, timeout=10, context=context) as response:
+            assert response.status == 201
+        port = kube.port
+        kube.stop_apiserver()
+        with pytest.raises(urllib.error.URLError) as refused:
+            urllib.request.urlopen(urllib.request.Request(f"{kube.url}/readyz", headers=headers), timeout=5,
+                                   context=context)
+        assert isinstance(refused.value.reason, ConnectionRefusedError)
+        kube.start_apiserver_again()
+        assert kube.port == port
+        request = urllib.request.Request(f"{kube.url}/api/v1/namespaces/default/configmaps/kept", headers=headers)
+        with urllib.request.urlopen(request, timeout=10, context=context) as response:
+            assert json.load(response)["data"] == {"k": "v"}
