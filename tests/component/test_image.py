@@ -186,16 +186,17 @@ def test_the_demo_role_answers_the_seeds_three_chains_from_the_installed_package
 
 def test_the_injected_sidecar_starts_from_its_injected_spec_and_follows_the_real_api_server(
         image, containers, kube_apiserver, tmp_path):
-    """The container `laneproxy inject` adds, run as a kubelet would run it: its args, its environment (the
-    downward-API values filled in by hand) and its readiness probe. Only the listeners move to free loopback
-    ports, and credentials come from a kubeconfig instead of a service account token."""
+    """The container `laneproxy inject` adds for the direct Kubernetes source (small clusters, Jobs), run as a
+    kubelet would run it: its args, its environment (the downward-API values filled in by hand) and its
+    readiness probe. Only the listeners move to free loopback ports, and credentials come from a kubeconfig
+    instead of a service account token. (The default, xDS, sidecar runs from the image in the cluster tier.)"""
     kube = kube_apiserver
     subprocess.run([kubectl(), "--kubeconfig", str(kube.kubeconfig_path), "apply", "-k",
                     str(_REPO / "deploy" / "crds")], check=True, capture_output=True, timeout=120)
     pod = {"metadata": {"name": "mocka-v2-abc", "namespace": "default",
                         "labels": {"app": "mocka", "ASM_TRAFFIC_TAG": "canary"}},
            "spec": {"containers": [{"name": "default", "ports": [{"containerPort": 8000}]}]}}
-    sidecar = next(c for c in inject_pod(pod, SidecarSettings(image=image))["spec"]["containers"]
+    sidecar = next(c for c in inject_pod(pod, SidecarSettings(image=image, source="kubernetes"))["spec"]["containers"]
                    if c["name"] == SIDECAR_NAME)
     def downward(path: str) -> str:
         # As the kubelet fills them in: a label the pod does not carry is an empty string.
