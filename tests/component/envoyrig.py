@@ -36,7 +36,7 @@ from pathlib import Path
 
 import yaml
 
-from proxyrig import stop_process
+from proxyrig import stop_process, wait_for  # noqa: F401 (wait_for: the envoy tests import it from here)
 
 ROUTE_TIMEOUT = 1.0
 SLOW_SECONDS = 3.0
@@ -189,18 +189,6 @@ def http(method: str, url: str, headers: dict[str, str] | None = None, timeout: 
             return Response(response.status, {k.lower(): v for k, v in response.headers.items()}, response.read())
     except urllib.error.HTTPError as error:
         return Response(error.code, {k.lower(): v for k, v in error.headers.items()}, error.read())
-
-
-def wait_for(predicate, what: str, timeout: float = 20.0, interval: float = 0.05):
-    """Poll until `predicate()` is truthy and return it; a readiness wait, never an assertion on time."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not within {timeout}s")
-        time.sleep(interval)
 
 
 class Proxy:

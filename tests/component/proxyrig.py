@@ -170,6 +170,18 @@ class ThreadedOrigin:
         raise NotImplementedError
 
 
+def wait_for(predicate, what: str, timeout: float = 20.0, interval: float = 0.05):
+    """Poll until `predicate()` is truthy and return it; a wait for a state, never an assertion on time."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not within {timeout}s")
+        time.sleep(interval)
+
+
 def stop_process(process: subprocess.Popen | None, timeout: float = 10.0) -> None:
     """SIGTERM, then SIGKILL if it has not exited within `timeout` seconds."""
     if process is not None and process.poll() is None:

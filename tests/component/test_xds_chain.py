@@ -21,7 +21,7 @@ import pytest
 
 from laneproxy.demo import DemoCluster, free_port
 from proxyrig import stop_process
-from xdsrig import SWIMLANES, ControllerProcess, wait_until, write_endpoints
+from xdsrig import SWIMLANES, ControllerProcess, wait_for, write_endpoints
 
 BASE_CHAIN = "mocka(version: v1, ip: 127.0.0.1)-> mockb(version: v1, ip: 127.0.0.1)-> mockc(version: v1, ip: 127.0.0.1)"
 CANARY_CHAIN = "mocka(version: v2, ip: 127.0.0.1)-> mockb(version: v1, ip: 127.0.0.1)-> mockc(version: v2, ip: 127.0.0.1)"
@@ -87,7 +87,7 @@ def test_the_chain_on_xds_takes_the_lanes_the_files_give_and_follows_the_control
     canary_mockc = next(p for p in cluster.pods if p.app == "mockc" and p.lane == "canary")
     changed_at = time.monotonic()
     cluster.write_endpoints([p for p in cluster.pods if p is not canary_mockc])
-    wait_until(lambda: get(mock, {"x-asm-prefer-tag": "canary", "my-request-id": f"y{time.monotonic()}"})
+    wait_for(lambda: get(mock, {"x-asm-prefer-tag": "canary", "my-request-id": f"y{time.monotonic()}"})
                == (200, CANARY_WITHOUT_MOCKC), "the change followed", timeout=10)
     print(f"endpoints change followed through the controller in {time.monotonic() - changed_at:.2f}s")
 
@@ -97,7 +97,7 @@ def test_the_chain_on_xds_takes_the_lanes_the_files_give_and_follows_the_control
         assert get(mock, {"x-asm-prefer-tag": "base", "my-request-id": f"a{index}"}) == (200, BASE_CHAIN)
     on_second = f"connected 127.0.0.1:{second.xds_port}"
     try:
-        wait_until(lambda: all(controller_of(port) == on_second for port in admin_ports(cluster)),
+        wait_for(lambda: all(controller_of(port) == on_second for port in admin_ports(cluster)),
                    "every proxy on the second replica", timeout=20)
     except TimeoutError:
         raise AssertionError(f"not all on {on_second}: {[controller_of(port) for port in admin_ports(cluster)]}") from None
@@ -113,7 +113,7 @@ def test_the_chain_on_xds_takes_the_lanes_the_files_give_and_follows_the_control
         lane = ("base", "canary")[index % 2]
         expected = BASE_CHAIN if lane == "base" else CANARY_WITHOUT_MOCKC
         assert get(mock, {"x-asm-prefer-tag": lane, "my-request-id": f"b{index}"}) == (200, expected)
-    wait_until(lambda: all(stats(port)["laneproxy.config.xds.connected"] == "0" for port in admin_ports(cluster)),
+    wait_for(lambda: all(stats(port)["laneproxy.config.xds.connected"] == "0" for port in admin_ports(cluster)),
                "every proxy disconnected")
     assert all(urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=5).status == 200
                for port in admin_ports(cluster))
@@ -123,9 +123,9 @@ def test_the_chain_on_xds_takes_the_lanes_the_files_give_and_follows_the_control
     cluster.write_endpoints()
     restarted = ControllerProcess(SWIMLANES, cluster.endpoints_file, xds_port=first.xds_port).start()
     try:
-        wait_until(lambda: get(mock, {"x-asm-prefer-tag": "canary", "my-request-id": f"z{time.monotonic()}"})
+        wait_for(lambda: get(mock, {"x-asm-prefer-tag": "canary", "my-request-id": f"z{time.monotonic()}"})
                    == (200, CANARY_CHAIN), "the change followed after the restart", timeout=30)
-        wait_until(lambda: all(stats(port)["laneproxy.config.xds.connected"] == "1" for port in admin_ports(cluster)),
+        wait_for(lambda: all(stats(port)["laneproxy.config.xds.connected"] == "1" for port in admin_ports(cluster)),
                    "every proxy connected again", timeout=30)
     finally:
         restarted.stop()
@@ -144,10 +144,10 @@ def test_a_controller_that_stops_answering_without_closing_is_left_for_the_other
         canary_mockc = next(p for p in cluster.pods if p.app == "mockc" and p.lane == "canary")
         cluster.write_endpoints([p for p in cluster.pods if p is not canary_mockc])
         assert get(mock, {"x-asm-prefer-tag": "canary", "my-request-id": "f0"}) == (200, CANARY_CHAIN)
-        wait_until(lambda: get(mock, {"x-asm-prefer-tag": "canary", "my-request-id": f"f{time.monotonic()}"})
+        wait_for(lambda: get(mock, {"x-asm-prefer-tag": "canary", "my-request-id": f"f{time.monotonic()}"})
                    == (200, CANARY_WITHOUT_MOCKC), "the change followed through the other replica", timeout=75)
         on_second = f"connected 127.0.0.1:{second.xds_port}"
-        wait_until(lambda: all(controller_of(port) == on_second for port in admin_ports(cluster)),
+        wait_for(lambda: all(controller_of(port) == on_second for port in admin_ports(cluster)),
                    "every proxy on the second replica", timeout=30)
         print(f"a frozen controller left for the other in {time.monotonic() - frozen_at:.1f}s")
     finally:
@@ -161,12 +161,12 @@ def test_a_sidecar_started_before_its_controller_is_not_ready_until_the_first_fu
                                 "--source", f"xds://127.0.0.1:{xds_port}"], stdin=subprocess.DEVNULL)
     controller = None
     try:
-        wait_until(lambda: ready_status(admin_port) == 503, "the admin port answering")
+        wait_for(lambda: ready_status(admin_port) == 503, "the admin port answering")
         time.sleep(1.0)  # reconnection attempts against nothing: still not ready
         assert ready_status(admin_port) == 503 and sidecar.poll() is None
         endpoints = write_endpoints(tmp_path / "endpoints.yaml", {"mocka": {"base": ["127.0.0.1:1"]}})
         controller = ControllerProcess(SWIMLANES, endpoints, xds_port=xds_port).start()
-        wait_until(lambda: ready_status(admin_port) == 200, "ready once the controller answered", timeout=30)
+        wait_for(lambda: ready_status(admin_port) == 200, "ready once the controller answered", timeout=30)
         numbers = stats(admin_port)
         assert numbers["laneproxy.config.sync.xds.ClusterLoadAssignment"].strip('"') == "current"
     finally:

@@ -13,7 +13,7 @@ from envoy.config.endpoint.v3 import endpoint_pb2
 
 from test_kubernetes_source import Cluster, cluster, kubeconfig, start_seed  # noqa: F401 (fixtures)
 from tests.kube.fixtures import kube_apiserver  # noqa: F401
-from xdsrig import ASSIGNMENT, CLUSTER, AdsStream, ControllerProcess, fqdn, names, wait_until
+from xdsrig import ASSIGNMENT, CLUSTER, AdsStream, ControllerProcess, fqdn, names, wait_for
 
 BASE = {"mocka": "10.1.0.1", "mockb": "10.1.0.2", "mockc": "10.1.0.3"}
 
@@ -54,7 +54,7 @@ async def test_a_pods_readiness_change_reaches_a_subscribed_stream_as_its_servic
         update = sidecar.receive()
         sidecar.ack(update)
         assert update.type_url == ASSIGNMENT and addresses(update) == {whole: ["10.1.0.1:8000"]}
-        after = wait_until(lambda: (s := controller.stats())["controller.table.tables"] > before["controller.table.tables"]
+        after = wait_for(lambda: (s := controller.stats())["controller.table.tables"] > before["controller.table.tables"]
                            and s, "the controller's table after the change")
         assert after["controller.xds.cluster_load_assignment.resources_sent"] - \
             before["controller.xds.cluster_load_assignment.resources_sent"] == 1

@@ -30,7 +30,7 @@ from xdsrig import (
     fqdn,
     names,
     node,
-    wait_until,
+    wait_for,
     write_endpoints,
 )
 
@@ -139,7 +139,7 @@ def test_a_change_in_one_lane_sends_only_the_affected_assignments_to_the_streams
 def test_a_service_that_goes_away_is_sent_as_removed(world) -> None:
     controller, endpoints, stream = world
     write_endpoints(endpoints, {**LANES, "extra": {"base": ["10.2.0.1:8080"]}})
-    wait_until(lambda: controller.stats()["controller.table.tables"] == 2, "the controller's second table")
+    wait_for(lambda: controller.stats()["controller.table.tables"] == 2, "the controller's second table")
     sidecar = stream()
     sidecar.send(type_url=CLUSTER)
     first = sidecar.receive()
@@ -226,8 +226,8 @@ def test_a_nack_is_counted_and_logged_with_its_reason_and_that_version_is_not_se
     rejected = sidecar.receive()
     sidecar.send(type_url=ASSIGNMENT, response_nonce=rejected.nonce, error_detail=status_pb2.Status(
         code=3, message="endpoint 10.1.0.4 is not in any lane of mine"))
-    wait_until(lambda: controller.stats()["controller.xds.cluster_load_assignment.nacks"] == 1, "the NACK counted")
-    wait_until(lambda: any("endpoint 10.1.0.4 is not in any lane of mine" in line for line in controller.log),
+    wait_for(lambda: controller.stats()["controller.xds.cluster_load_assignment.nacks"] == 1, "the NACK counted")
+    wait_for(lambda: any("endpoint 10.1.0.4 is not in any lane of mine" in line for line in controller.log),
                "the NACK's reason in the controller's log")
     # The stream's next request (a subscription to mockb) gets mockb only: the NACKed version is not resent...
     sidecar.send(type_url=ASSIGNMENT, resource_names_subscribe=[f"outbound|8000||{fqdn('mockb')}"])

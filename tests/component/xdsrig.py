@@ -21,7 +21,7 @@ import grpc
 import yaml
 from envoy.service.discovery.v3 import discovery_pb2
 
-from proxyrig import stop_process
+from proxyrig import stop_process, wait_for
 
 CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 ASSIGNMENT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
@@ -81,7 +81,7 @@ class ControllerProcess:
             elif " admin on " in line:
                 self.admin_port = int(line.rsplit(":", 1)[1])
         threading.Thread(target=self._drain_log, daemon=True).start()
-        wait_until(lambda: self.admin("/ready")[0] == 200, "controller ready")
+        wait_for(lambda: self.admin("/ready")[0] == 200, "controller ready")
         return self
 
     def _drain_log(self) -> None:
@@ -101,18 +101,6 @@ class ControllerProcess:
 
     def stop(self) -> None:
         stop_process(self.process)
-
-
-def wait_until(predicate, what: str, timeout: float = 15.0):
-    """Poll until `predicate()` is truthy and return it; a wait for a state, never an assertion on time."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not within {timeout}s")
-        time.sleep(0.05)
 
 
 class AdsStream:
