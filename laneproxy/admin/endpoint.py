@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Awaitable, Callable, Iterable, Mapping
 
-from aiohttp import web
+from laneproxy.admin import web
 
 from laneproxy.observability.inventory import CatalogCache
 
@@ -49,11 +49,13 @@ class AdminContext:
         self.catalogs.invalidate(table)
 
 
-CONTEXT_KEY = web.AppKey("laneproxy_admin_context", AdminContext)
+CONTEXT_KEY = "laneproxy_admin_context"
 
 
 def context(request: web.Request) -> AdminContext:
-    return request.app[CONTEXT_KEY]
+    assert request.app is not None
+    admin: AdminContext = request.app[CONTEXT_KEY]
+    return admin
 
 
 def help_text(endpoints: Iterable[AdminEndpoint]) -> str:

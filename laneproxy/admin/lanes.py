@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from aiohttp import web
+from laneproxy.admin import web
 
 from laneproxy.admin.endpoint import AdminEndpoint, context, text
 from laneproxy.core.errors import LocalReplyError

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 
-from aiohttp import web
+from laneproxy.admin import web
 
 from laneproxy.admin.endpoint import AdminEndpoint, text
 
