@@ -11,7 +11,7 @@ first byte (else 408 and the connection closes: a slowloris holds nothing for lo
 connection closed after KEEPALIVE_TIMEOUT, at most MAX_PIPELINED requests read ahead of the one being
 answered (then reading pauses), and 400 for anything httptools cannot parse. Answers go out in request
 order; a handler that waits (the kubelet's /wait-for-stop) holds only its own connection. A request whose
-client has gone is cancelled. On stop: no new connections, idle ones closed, in-flight answers get
+client has closed the connection (or half-closed it) is cancelled. On stop: no new connections, idle ones closed, in-flight answers get
 `shutdown_grace` seconds, then are cancelled.
 
 It never interprets a route's meaning (handlers do) and never serves proxy traffic.
@@ -38,6 +38,7 @@ MAX_BODY_BYTES = 64 * 1024  # admin POSTs carry their arguments in the query; a 
 MAX_PIPELINED = 4
 REQUEST_TIMEOUT = 10.0  # seconds from a request's first byte to its last
 KEEPALIVE_TIMEOUT = 75.0  # seconds an idle keep-alive connection is kept (aiohttp's default)
+LINGER_SECONDS = 2.0  # after a refusal, what the client still sends is read and dropped for this long
 
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
             413: "Payload Too Large", 429: "Too Many Requests", 431: "Request Header Fields Too Large",
@@ -280,14 +281,10 @@ class _Connection(asyncio.Protocol):
         self.transport = None
 
     def eof_received(self) -> bool:
+        # The client has closed its side: as nginx and aiohttp read it, the client is gone, so whatever it
+        # asked is dropped and a held request (a preStop wait whose kubelet gave up) is cancelled.
         self.input_done = True
-        if self.in_message:
-            self._refuse(400, "the connection ended inside a request")
-        elif self.task is None and not self.queue:
-            return False  # nothing to answer: let the transport close
-        else:
-            self.close_after = True
-        return True  # keep the write side open for the answers still due
+        return False
 
     def data_received(self, data: bytes) -> None:
         if self.input_done:
@@ -436,7 +433,23 @@ class _Connection(asyncio.Protocol):
         headers = {**self.server.router.default_headers, **response.headers,
                    "content-type": response._content_type_header(), "content-length": str(len(response.body))}
         self.write_head(refusal.status, headers, response.body)
-        self._close()
+        self._linger()
+
+    def _linger(self) -> None:
+        """Close after a refusal without a reset: send our side's FIN, read and drop what the client still
+        sends for up to LINGER_SECONDS (closing with unread bytes would reset the connection, and a reset can
+        discard the answer before the client reads it)."""
+        transport = self.transport
+        if transport is None:
+            return
+        if not transport.can_write_eof():
+            self._close()
+            return
+        transport.write_eof()
+        if self.reading_paused:
+            transport.resume_reading()
+            self.reading_paused = False
+        self._arm(LINGER_SECONDS, self._close)
 
     def write_head(self, status: int, headers: Mapping[str, str], body: bytes = b"") -> None:
         self.head_sent = True
