@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from laneproxy.admin import web
-
 from laneproxy.admin.endpoint import AdminEndpoint, context, envoy_headers, text
 from laneproxy.admin.exposition import Pacer, indented_json, cluster_order
 from laneproxy.observability.inventory import cluster_members

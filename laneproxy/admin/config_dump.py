@@ -13,7 +13,6 @@ import json
 import time
 
 from laneproxy.admin import web
-
 from laneproxy.admin.endpoint import AdminEndpoint, context, text
 from laneproxy.admin.lanes import lanes_document
 from laneproxy.admin.listeners import listener_addresses

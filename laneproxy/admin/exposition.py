@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Awaitable, Callable, Iterable, Mapping
 
 from laneproxy.admin import web
-
 from laneproxy.admin.endpoint import flag
 from laneproxy.observability import prometheus
 from laneproxy.observability.inventory import (ClusterCatalog, ProcessView, names_are_prefix_free, other_records,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 
 from laneproxy.admin import web
-
 from laneproxy.admin.endpoint import AdminEndpoint, context, flag, text
 
 

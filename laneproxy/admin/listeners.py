@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 from laneproxy.admin import web
-
 from laneproxy.admin.endpoint import AdminEndpoint, context, text
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 
 from laneproxy.admin import web
-
 from laneproxy.admin.endpoint import AdminEndpoint, text
 
 # Envoy's level names -> Python levels; `trace` is below DEBUG, `off` above CRITICAL.

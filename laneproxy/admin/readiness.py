@@ -8,7 +8,6 @@ connections stay alive again, unless the process itself is shutting down.
 from __future__ import annotations
 
 from laneproxy.admin import web
-
 from laneproxy.admin.endpoint import AdminEndpoint, context, text
 
 

@@ -16,8 +16,6 @@ from typing import TYPE_CHECKING
 from laneproxy.admin import (clusters, config_dump, home, lanes, lifecycle, listeners, loggers, readiness, server_info,
                              stats, web)
 from laneproxy.admin.endpoint import CONTEXT_KEY, AdminContext, AdminEndpoint, envoy_headers, help_text, text
-from laneproxy.observability.inventory import all_records
-from laneproxy.observability.prometheus import build_registry
 
 if TYPE_CHECKING:
     from laneproxy.admin.proxy import RunningProxy
@@ -47,8 +45,7 @@ def build_admin_app(proxy: RunningProxy) -> web.Router:
         return text("invalid path. " + help_text(endpoints), status=404)
 
     app = web.Router(default_headers=envoy_headers(proxy.settings.server_name), not_found=not_found)
-    admin = app[CONTEXT_KEY] = AdminContext(proxy, build_registry(lambda: all_records(stats.process_view(proxy))),
-                                                endpoints)
+    admin = app[CONTEXT_KEY] = AdminContext(proxy, endpoints)
     proxy.store.subscribe(admin.on_publish)
     for endpoint in endpoints:
         app.add(endpoint.path, _handler(endpoint))  # any method: a state change refuses all but POST itself

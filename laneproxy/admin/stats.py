@@ -13,7 +13,6 @@ import time
 from typing import TYPE_CHECKING, Iterable, Mapping
 
 from laneproxy.admin import web
-
 from laneproxy.admin.endpoint import AdminEndpoint, context, envoy_headers, text
 from laneproxy.admin.exposition import (JsonFormat, PrometheusFormat, Selection, StatsQueryError, TextFormat,
                                         histogram_summary, stream)

@@ -1,6 +1,7 @@
 """What a sidecar's `laneproxy run` process (one worker) imports, read from the real process with
 `python -X importtime`: its admin API, metrics listener and lifecycle port carry no aiohttp (about 11 MiB of
-resident memory); aiohttp's client is imported only once `--app-metrics` asks to merge the app's metrics."""
+resident memory) and its Prometheus answers no prometheus_client (about 1.4 MiB); aiohttp's client is
+imported only once `--app-metrics` asks to merge the app's metrics."""
 
 from __future__ import annotations
 
@@ -56,12 +57,12 @@ def run_sidecar(tmp_path: Path, app_port: int, extra: tuple[str, ...] = ()) -> t
     return set(_IMPORTED.findall(stderr.read_text())), statuses
 
 
-def test_an_idle_sidecars_listeners_answer_without_importing_aiohttp(tmp_path):
+def test_an_idle_sidecars_listeners_answer_without_importing_aiohttp_or_prometheus_client(tmp_path):
     with UpstreamThread() as app:
         imported, statuses = run_sidecar(tmp_path, app.port)
     assert set(statuses.values()) == {200}, statuses
     assert "laneproxy.admin.web" in imported and "laneproxy.admin.pod_hooks" in imported  # the probe sees them
-    assert sorted(name for name in imported if name.split(".")[0] in ("aiohttp", "yarl")) == []
+    assert sorted(name for name in imported if name.split(".")[0] in ("aiohttp", "yarl", "prometheus_client")) == []
 
 
 def test_merging_the_apps_own_metrics_is_what_brings_aiohttp_in(tmp_path):
