@@ -244,6 +244,7 @@ class _Connection(asyncio.Protocol):
 
     def __init__(self, server: Server) -> None:
         self.server = server
+        assert server.loop is not None, "connections arrive only after start()"
         self.loop = server.loop
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
@@ -508,7 +509,7 @@ class Server:
         self.connections: set[_Connection] = set()
         self.closing = False
         self.listener: asyncio.AbstractServer | None = None
-        self.loop = asyncio.get_event_loop()
+        self.loop: asyncio.AbstractEventLoop | None = None  # the running loop, from start()
         self.port = 0
 
     async def start(self, host: str, port: int) -> int:
@@ -520,8 +521,9 @@ class Server:
     async def stop(self) -> None:
         """Stop accepting, close idle connections, give answers in flight `shutdown_grace` s, then cancel them."""
         self.closing = True
-        if self.listener is not None:
-            self.listener.close()
+        if self.listener is None or self.loop is None:
+            return
+        self.listener.close()
         for connection in list(self.connections):
             if connection.task is None:
                 connection._close()
