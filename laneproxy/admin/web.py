@@ -343,6 +343,12 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.in_head = False
+        # curl and others wait (a second, for curl) for `100 Continue` before sending a body they announced.
+        # Sent only when no earlier answer is still due, so it can never land inside another response.
+        if (self.task is None and not self.queue and self.transport is not None
+                and any(name.lower() == b"expect" and value.lower() == b"100-continue"
+                        for name, value in self.header_list)):
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
         self.body += body

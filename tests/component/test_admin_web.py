@@ -371,3 +371,54 @@ def test_query_keeps_repeated_names_and_blank_flags():
         ["a:1", "b:2"], "", True, {"header": "a:1", "usedonly": ""})
     assert query.items() == [("header", "a:1"), ("usedonly", ""), ("header", "b:2")]
     assert query.getall("missing", []) == []
+
+
+def test_a_body_announced_with_expect_100_continue_is_invited_then_answered():
+    async def scenario():
+        server, port = await start(make_router())
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n")
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        writer.write(b"abc")
+        answer = await read_response(reader)
+        writer.close()
+        await server.stop()
+        return interim, answer[0], answer[2]
+
+    assert run(scenario) == (b"HTTP/1.1 100 Continue\r\n\r\n", 200, b"abc")
+
+
+@pytest.mark.parametrize("raw", [
+    pytest.param(b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+                 id="length-and-chunked"),
+    pytest.param(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com\r\n\r\n", id="connect"),
+    pytest.param(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", id="tls-client-hello"),
+])
+def test_requests_that_could_be_read_two_ways_or_are_not_http_get_400_and_reach_no_handler(raw):
+    calls: list[str] = []
+
+    async def scenario():
+        server, port = await start(make_router(calls))
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(raw)
+        status, headers, _ = await read_response(reader)
+        closed = await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+        await server.stop()
+        return status, closed
+
+    assert run(scenario) == (400, True)
+    assert calls == []
+
+
+def test_a_chunked_request_body_reaches_the_handler_whole():
+    async def scenario():
+        server, port = await start(make_router())
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
+        answer = await read_response(reader)
+        writer.close()
+        await server.stop()
+        return answer[0], answer[2]
+
+    assert run(scenario) == (200, b"abcde")
