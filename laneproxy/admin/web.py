@@ -8,8 +8,8 @@ Owns the framing and the bounds every admin-side listener shares, as the data pl
 a request head (request line and headers) of at most MAX_HEAD_BYTES and MAX_HEADERS headers (else 431), a
 body of at most MAX_BODY_BYTES (else 413), a request that must arrive whole within REQUEST_TIMEOUT of its
 first byte (else 408 and the connection closes: a slowloris holds nothing for long), an idle keep-alive
-connection closed after KEEPALIVE_TIMEOUT, at most MAX_PIPELINED requests read ahead of the one being
-answered (then reading pauses), and 400 for anything httptools cannot parse. Answers go out in request
+connection closed after KEEPALIVE_TIMEOUT, at most MAX_PIPELINED requests parsed ahead of the one being
+answered (then parsing stops and reading pauses), and 400 for anything httptools cannot parse. Answers go out in request
 order; a handler that waits (the kubelet's /wait-for-stop) holds only its own connection. A request whose
 client has closed the connection (or half-closed it) is cancelled. On stop: no new connections, idle ones closed, in-flight answers get
 `shutdown_grace` seconds, then are cancelled.
@@ -252,6 +252,8 @@ class _Connection(asyncio.Protocol):
         self.task: asyncio.Task[None] | None = None
         self.close_after = False
         self.reading_paused = False
+        self.unparsed: bytes | None = None  # the rest of a read, parsed once the queue has room
+        self.unparsed_from = 0
         self.input_done = False  # refused, upgraded or half-closed by the client: nothing more is read
         self.write_paused = False
         self.write_waiter: asyncio.Future[None] | None = None
@@ -288,8 +290,36 @@ class _Connection(asyncio.Protocol):
         return False
 
     def data_received(self, data: bytes) -> None:
-        if self.input_done:
+        if not self.input_done:
+            self._feed(data, 0)
+
+    def _feed(self, data: bytes, start: int) -> None:
+        """Parse one head at a time, so parsing stops where the queue fills: a read of a thousand pipelined
+        requests holds MAX_PIPELINED of them and the unparsed rest of that one read, no more."""
+        view = memoryview(data)
+        end = len(data)
+        while start < end and not self.input_done:
+            if len(self.queue) >= MAX_PIPELINED:
+                self.unparsed, self.unparsed_from = data, start
+                if not self.reading_paused and self.transport is not None:
+                    self.transport.pause_reading()
+                    self.reading_paused = True
+                return
+            stop = data.find(b"\r\n\r\n", start)
+            stop = end if stop < 0 else stop + 4
+            self._parse(view[start:stop])
+            start = stop
+
+    def _feed_unparsed(self) -> None:
+        data, self.unparsed = self.unparsed, None
+        if data is None or self.transport is None:
             return
+        self._feed(data, self.unparsed_from)
+        if self.unparsed is None and self.reading_paused and not self.input_done:
+            self.transport.resume_reading()
+            self.reading_paused = False
+
+    def _parse(self, data: memoryview) -> None:
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -304,8 +334,9 @@ class _Connection(asyncio.Protocol):
                 self._refuse(400, str(exc) or "malformed request")
             return
         if self.in_head and not self.input_done:
-            # Counted per read, so bytes of an earlier request in the same read count too: the bound is
-            # conservative, and httptools never buffers more than one read beyond it.
+            # httptools keeps an unfinished header in memory: the head is counted per slice fed, so bytes of
+            # an earlier request's body in the same slice count too (conservative), and httptools never holds
+            # more than the bound plus one read.
             self.head_bytes += len(data)
             if self.head_bytes > MAX_HEAD_BYTES:
                 self._refuse(431, f"request head over {MAX_HEAD_BYTES} bytes")
@@ -383,9 +414,6 @@ class _Connection(asyncio.Protocol):
 
     def _enqueue(self, item: Request | _Refusal) -> None:
         self.queue.append(item)
-        if len(self.queue) > MAX_PIPELINED and not self.reading_paused and self.transport is not None:
-            self.transport.pause_reading()
-            self.reading_paused = True
         if self.task is None:
             self._disarm()
             self.task = self.loop.create_task(self._answer_queue())
@@ -394,9 +422,8 @@ class _Connection(asyncio.Protocol):
         try:
             while self.queue and self.transport is not None:
                 item = self.queue.popleft()
-                if self.reading_paused and len(self.queue) <= MAX_PIPELINED and self.transport is not None:
-                    self.transport.resume_reading()
-                    self.reading_paused = False
+                if self.unparsed is not None:
+                    self.loop.call_soon(self._feed_unparsed)
                 if isinstance(item, _Refusal):
                     self._send_refusal(item)
                     return

@@ -48,7 +48,13 @@ def make_router(calls: list[str] | None = None) -> web.Router:
     async def broken(request: web.Request) -> web.StreamResponse:
         raise RuntimeError("a handler's bug")
 
+    async def depth(request: web.Request) -> web.StreamResponse:
+        """How many requests were parsed and waiting behind this one when it was answered."""
+        assert request._connection is not None
+        return web.Response(text=f"{len(request._connection.queue)}\n")
+
     router = web.Router(default_headers={"server": "test"})
+    router.add_get("/depth", depth)
     router.add_get("/hello", hello)
     router.add("/echo", echo, ("POST",))
     router.add_get("/held", held)
@@ -196,6 +202,20 @@ def test_pipelined_requests_are_answered_in_order_on_one_connection():
         return bodies
 
     assert run(scenario) == [f"hello n{i}\n".encode() for i in range(web.MAX_PIPELINED * 3)]
+
+
+def test_a_thousand_requests_in_one_write_are_all_answered_with_at_most_the_bound_parsed_ahead():
+    async def scenario():
+        server, port = await start(make_router())
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /depth HTTP/1.1\r\nHost: a\r\n\r\n" * 1000)
+        depths = [int((await read_response(reader))[2]) for _ in range(1000)]
+        writer.close()
+        await server.stop()
+        return depths
+
+    depths = run(scenario)
+    assert len(depths) == 1000 and max(depths) <= web.MAX_PIPELINED
 
 
 def test_sequential_keep_alive_requests_share_a_connection_and_connection_close_ends_it():
