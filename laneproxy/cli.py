@@ -172,6 +172,19 @@ def _version_text() -> str:
     return f"laneproxy {version}, {BUILD}"
 
 
+class _VersionAction(argparse.Action):
+    """--version, worked out only when asked: importlib.metadata (with the email and zipfile packages it loads)
+    would otherwise cost every process, the sidecar included, about 1 MiB of resident memory."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS,
+                 help="show program's version number and exit"):
+        super().__init__(option_strings=option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(_version_text())
+        parser.exit()
+
+
 LOG_LEVELS = ["debug", "info", "warning", "error"]
 LOG_FORMATS = ["text", "json"]
 
@@ -191,7 +204,7 @@ def _logging_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="laneproxy", description="A swimlane sidecar proxy for full-chain gray release.")
-    parser.add_argument("--version", action="version", version=_version_text())
+    parser.add_argument("--version", action=_VersionAction)
     _logging_options(parser, top=True)
     commands = parser.add_subparsers(dest="command", required=True)
     add_parser = commands.add_parser

@@ -14,8 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from aiohttp import web
-
+from laneproxy.admin import web
 from laneproxy.admin.endpoint import AdminEndpoint, context, envoy_headers, text
 from laneproxy.admin.exposition import Pacer, indented_json, cluster_order
 from laneproxy.observability.inventory import cluster_members

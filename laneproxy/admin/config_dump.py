@@ -12,8 +12,7 @@ from __future__ import annotations
 import json
 import time
 
-from aiohttp import web
-
+from laneproxy.admin import web
 from laneproxy.admin.endpoint import AdminEndpoint, context, text
 from laneproxy.admin.lanes import lanes_document
 from laneproxy.admin.listeners import listener_addresses

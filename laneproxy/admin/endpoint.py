@@ -1,7 +1,7 @@
 """What every admin endpoint family declares (path, help, whether it changes state) and what they share.
 
-Owns the AdminEndpoint declaration, the per-server AdminContext (the proxy, this process's
-Prometheus registry, when the running table arrived, the running table's cluster catalog), the help
+Owns the AdminEndpoint declaration, the per-server AdminContext (the proxy, when the running table
+arrived, the running table's cluster catalog), the help
 listing, the headers every admin response carries and Envoy's plain-text response shape. No handler
 lives here.
 """
@@ -12,13 +12,10 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Awaitable, Callable, Iterable, Mapping
 
-from aiohttp import web
-
+from laneproxy.admin import web
 from laneproxy.observability.inventory import CatalogCache
 
 if TYPE_CHECKING:
-    from prometheus_client.registry import CollectorRegistry
-
     from laneproxy.admin.proxy import RunningProxy
     from laneproxy.core.model import RouteTable
 
@@ -33,13 +30,12 @@ class AdminEndpoint:
 
 
 class AdminContext:
-    """The state one admin server reads: the proxy, its registry, and when the running table was published."""
+    """The state one admin server reads: the proxy, and when the running table was published."""
 
-    __slots__ = ("proxy", "registry", "endpoints", "table_updated_at", "catalogs")
+    __slots__ = ("proxy", "endpoints", "table_updated_at", "catalogs")
 
-    def __init__(self, proxy: RunningProxy, registry: CollectorRegistry, endpoints: tuple[AdminEndpoint, ...]) -> None:
+    def __init__(self, proxy: RunningProxy, endpoints: tuple[AdminEndpoint, ...]) -> None:
         self.proxy = proxy
-        self.registry = registry
         self.endpoints = endpoints
         self.table_updated_at = time.time()
         self.catalogs = CatalogCache()  # the running table's clusters, rebuilt after each publication
@@ -49,11 +45,13 @@ class AdminContext:
         self.catalogs.invalidate(table)
 
 
-CONTEXT_KEY = web.AppKey("laneproxy_admin_context", AdminContext)
+CONTEXT_KEY = "laneproxy_admin_context"
 
 
 def context(request: web.Request) -> AdminContext:
-    return request.app[CONTEXT_KEY]
+    assert request.app is not None
+    admin: AdminContext = request.app[CONTEXT_KEY]
+    return admin
 
 
 def help_text(endpoints: Iterable[AdminEndpoint]) -> str:

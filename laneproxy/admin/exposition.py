@@ -20,8 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Awaitable, Callable, Iterable, Mapping
 
-from aiohttp import web
-
+from laneproxy.admin import web
 from laneproxy.admin.endpoint import flag
 from laneproxy.observability import prometheus
 from laneproxy.observability.inventory import (ClusterCatalog, ProcessView, names_are_prefix_free, other_records,

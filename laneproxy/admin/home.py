@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import html
 
-from aiohttp import web
-
+from laneproxy.admin import web
 from laneproxy.admin.endpoint import AdminEndpoint, context, help_text, text
 
 

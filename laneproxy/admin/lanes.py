@@ -13,8 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from aiohttp import web
-
+from laneproxy.admin import web
 from laneproxy.admin.endpoint import AdminEndpoint, context, text
 from laneproxy.core.errors import LocalReplyError
 from laneproxy.core.fallback import choose_lane, healthy_fraction, own_route

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import asyncio
 
-from aiohttp import web
-
+from laneproxy.admin import web
 from laneproxy.admin.endpoint import AdminEndpoint, context, flag, text
 
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import json
 
-from aiohttp import web
-
+from laneproxy.admin import web
 from laneproxy.admin.endpoint import AdminEndpoint, context, text
 
 

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import logging
 
-from aiohttp import web
-
+from laneproxy.admin import web
 from laneproxy.admin.endpoint import AdminEndpoint, text
 
 # Envoy's level names -> Python levels; `trace` is below DEBUG, `off` above CRITICAL.

@@ -18,9 +18,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-import aiohttp
-from aiohttp import web
-
+from laneproxy.admin import web
 from laneproxy.admin.stats import answer_stats
 from laneproxy.observability.inventory import CatalogCache
 
@@ -32,55 +30,61 @@ log = logging.getLogger("laneproxy.metrics")
 PATHS = ("/stats/prometheus", "/metrics")
 APP_METRICS_TIMEOUT = 2.0  # seconds: below Prometheus' default scrape timeout (10 s) with room for the proxy's part
 APP_METRICS_LIMIT = 16 << 20  # bytes of app metrics merged per scrape
-SESSION_KEY = web.AppKey("laneproxy_app_metrics_session", aiohttp.ClientSession)
 
 
-def build_metrics_app(proxy: RunningProxy) -> web.Application:
+def build_metrics_app(proxy: RunningProxy) -> web.Router:
     catalogs = CatalogCache()  # its own: the admin's is rebuilt on the admin's schedule
     proxy.store.subscribe(catalogs.invalidate)
-    app_url = proxy.settings.observability.app_metrics
+    app_metrics = AppMetrics(proxy.settings.observability.app_metrics)
 
-    async def app_metrics() -> bytes:
-        session: aiohttp.ClientSession = app[SESSION_KEY]
+    async def prometheus(request: web.Request) -> web.StreamResponse:
+        return await answer_stats(request, proxy, catalogs, "prometheus", app_metrics.fetch if app_metrics.url else None)
+
+    app = web.Router()
+    app["app_metrics"] = app_metrics
+    for path in PATHS:
+        app.add_get(path, prometheus)  # GET (and HEAD); anything else is 405, unknown paths 404
+    return app
+
+
+class AppMetrics:
+    """The app's own Prometheus text, fetched at each scrape with aiohttp's client, imported only when configured."""
+
+    def __init__(self, url: str | None) -> None:
+        self.url = url
+        self.session = None
+
+    async def fetch(self) -> bytes:
+        import aiohttp  # only a pod whose app has metrics of its own pays for aiohttp's memory
+
+        if self.session is None:
+            self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=APP_METRICS_TIMEOUT),
+                                                 trust_env=False)
         try:
-            async with session.get(app_url) as response:  # type: ignore[arg-type]
+            async with self.session.get(self.url) as response:  # type: ignore[arg-type]
                 if response.status != 200:
-                    log.debug("app metrics at %s answered %d", app_url, response.status)
+                    log.debug("app metrics at %s answered %d", self.url, response.status)
                     return b""
                 body = await response.content.read(APP_METRICS_LIMIT)
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            log.debug("app metrics at %s: %s", app_url, exc)
+            log.debug("app metrics at %s: %s", self.url, exc)
             return b""
         return body if body.endswith(b"\n") or not body else body + b"\n"
 
-    async def prometheus(request: web.Request) -> web.StreamResponse:
-        return await answer_stats(request, proxy, catalogs, "prometheus", app_metrics if app_url else None)
-
-    async def open_session(app: web.Application) -> None:
-        app[SESSION_KEY] = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=APP_METRICS_TIMEOUT),
-                                                 trust_env=False)
-
-    async def close_session(app: web.Application) -> None:
-        await app[SESSION_KEY].close()
-
-    app = web.Application()
-    if app_url:
-        app.on_startup.append(open_session)
-        app.on_cleanup.append(close_session)
-    for path in PATHS:
-        app.router.add_get(path, prometheus)  # GET (and HEAD); anything else is 405, unknown paths 404
-    return app
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
 
 
 class MetricsServer:
     def __init__(self, proxy: RunningProxy) -> None:
-        self.runner = web.AppRunner(build_metrics_app(proxy), access_log=None)
+        self.router = build_metrics_app(proxy)
+        self.server = web.Server(self.router)
 
     async def start(self, host: str, port: int) -> int:
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, host, port, reuse_address=True)
-        await site.start()
-        return site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return await self.server.start(host, port)
 
     async def stop(self) -> None:
-        await self.runner.cleanup()
+        await self.server.stop()
+        await self.router["app_metrics"].close()

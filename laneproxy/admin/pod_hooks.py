@@ -25,7 +25,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from aiohttp import web
+from laneproxy.admin import web
 
 if TYPE_CHECKING:
     from laneproxy.admin.proxy import RunningProxy
@@ -105,14 +105,14 @@ class StopWaiter:
 
 
 class PodHooksServer:
-    """The lifecycle listener: one aiohttp app with the stop wait."""
+    """The lifecycle listener: the stop wait and the readiness probe on a server of their own."""
 
     def __init__(self, proxy: RunningProxy) -> None:
         self.waiter = StopWaiter(proxy)
         self.waiting = 0
-        self.runner: web.AppRunner | None = None
+        self.server: web.Server | None = None
 
-    def build_app(self) -> web.Application:
+    def build_app(self) -> web.Router:
         async def wait_for_stop(request: web.Request) -> web.Response:
             if self.waiting >= MAX_WAITERS:
                 return web.Response(status=429, text="too many waiting\n")
@@ -134,22 +134,19 @@ class PodHooksServer:
                 return web.Response(status=503, text="the app does not accept connections yet\n")
             return web.Response(text="LIVE\n")
 
-        app = web.Application()
+        app = web.Router()
         # Kubelets before 1.26 join "http://host:port/" and the hook's path, so `/wait-for-stop` arrives as
         # `//wait-for-stop` (kubernetes#56770), and they take any answer, a 404 included, as the hook's success:
         # without the second spelling the wait never ran and the app was stopped at once.
         for path, handler in ((WAIT_FOR_STOP_PATH, wait_for_stop), (READY_PATH, ready)):
-            app.router.add_get(path, handler)
-            app.router.add_get("/" + path, handler)
+            app.add_get(path, handler)
+            app.add_get("/" + path, handler)
         return app
 
     async def start(self, host: str, port: int) -> int:
-        self.runner = web.AppRunner(self.build_app(), access_log=None)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, host, port, reuse_address=True)
-        await site.start()
-        return site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.server = web.Server(self.build_app())
+        return await self.server.start(host, port)
 
     async def stop(self) -> None:
-        if self.runner is not None:
-            await self.runner.cleanup()
+        if self.server is not None:
+            await self.server.stop()

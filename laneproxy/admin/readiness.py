@@ -7,8 +7,7 @@ connections stay alive again, unless the process itself is shutting down.
 
 from __future__ import annotations
 
-from aiohttp import web
-
+from laneproxy.admin import web
 from laneproxy.admin.endpoint import AdminEndpoint, context, text
 
 

@@ -13,13 +13,9 @@ import ipaddress
 import logging
 from typing import TYPE_CHECKING
 
-from aiohttp import web
-
 from laneproxy.admin import (clusters, config_dump, home, lanes, lifecycle, listeners, loggers, readiness, server_info,
-                             stats)
+                             stats, web)
 from laneproxy.admin.endpoint import CONTEXT_KEY, AdminContext, AdminEndpoint, envoy_headers, help_text, text
-from laneproxy.observability.inventory import all_records
-from laneproxy.observability.prometheus import build_registry
 
 if TYPE_CHECKING:
     from laneproxy.admin.proxy import RunningProxy
@@ -33,7 +29,7 @@ def admin_endpoints() -> tuple[AdminEndpoint, ...]:
     return tuple(sorted((e for family in FAMILIES for e in family.ENDPOINTS), key=lambda e: e.path))
 
 
-def _handler(endpoint: AdminEndpoint):
+def _handler(endpoint: AdminEndpoint) -> web.Handler:
     async def handle(request: web.Request) -> web.StreamResponse:
         if endpoint.mutates and request.method != "POST":
             return text(f"Method {request.method} not allowed, POST required.", status=405)
@@ -42,45 +38,34 @@ def _handler(endpoint: AdminEndpoint):
     return handle
 
 
-def build_admin_app(proxy: RunningProxy) -> web.Application:
+def build_admin_app(proxy: RunningProxy) -> web.Router:
     endpoints = admin_endpoints()
 
-    @web.middleware
-    async def common_headers(request: web.Request, handler) -> web.StreamResponse:
-        try:
-            response = await handler(request)
-        except web.HTTPNotFound:
-            response = text("invalid path. " + help_text(endpoints), status=404)
-        if not response.prepared:  # a streamed response sent these itself before its first byte
-            response.headers.update(envoy_headers(proxy.settings.server_name))
-        return response
+    async def not_found(request: web.Request) -> web.StreamResponse:
+        return text("invalid path. " + help_text(endpoints), status=404)
 
-    app = web.Application(middlewares=[common_headers])
-    admin = app[CONTEXT_KEY] = AdminContext(proxy, build_registry(lambda: all_records(stats.process_view(proxy))),
-                                                endpoints)
+    app = web.Router(default_headers=envoy_headers(proxy.settings.server_name), not_found=not_found)
+    admin = app[CONTEXT_KEY] = AdminContext(proxy, endpoints)
     proxy.store.subscribe(admin.on_publish)
     for endpoint in endpoints:
-        app.router.add_route("*", endpoint.path, _handler(endpoint))
+        app.add(endpoint.path, _handler(endpoint))  # any method: a state change refuses all but POST itself
     return app
 
 
 class AdminServer:
     def __init__(self, proxy: RunningProxy) -> None:
-        self.runner = web.AppRunner(build_admin_app(proxy), access_log=None)
+        self.server = web.Server(build_admin_app(proxy))
         self.port = 0
 
     async def start(self, host: str, port: int) -> int:
         if not _is_loopback(host):
             log.warning("admin listens on %s: whoever reaches it can fail health checks, drain or stop this proxy",
                         host)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, host, port, reuse_address=True)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.port = await self.server.start(host, port)
         return self.port
 
     async def stop(self) -> None:
-        await self.runner.cleanup()
+        await self.server.stop()
 
 
 def _is_loopback(host: str) -> bool:

@@ -6,7 +6,7 @@ import dataclasses
 import json
 import time
 
-from aiohttp import web
+from laneproxy.admin import web
 
 from laneproxy import BUILD, __version__
 from laneproxy.admin.endpoint import AdminEndpoint, context

@@ -12,8 +12,7 @@ import json
 import time
 from typing import TYPE_CHECKING, Iterable, Mapping
 
-from aiohttp import web
-
+from laneproxy.admin import web
 from laneproxy.admin.endpoint import AdminEndpoint, context, envoy_headers, text
 from laneproxy.admin.exposition import (JsonFormat, PrometheusFormat, Selection, StatsQueryError, TextFormat,
                                         histogram_summary, stream)

@@ -6,17 +6,23 @@ our own rather than `generate_latest` because Envoy's counter families do not al
 (`envoy_cluster_upstream_rq{envoy_response_code="200"}` is a counter), and prometheus_client's
 writer would rename their `# TYPE` lines to `..._total` and collide with the real
 `envoy_cluster_upstream_rq_total` family. The output parses with prometheus_client's own parser.
+
+prometheus_client itself is imported only where its objects are made (metric_families, build_registry: the
+reference renderer the tests hold the streamed exposition to): the listeners' streamed answers need only
+number formatting, done here as its floatToGoString does, so a sidecar never loads its 18 modules (and the
+http.server, wsgiref and urllib.request they pull in), about 1.4 MiB of resident memory.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
-
-from prometheus_client.metrics_core import Metric
-from prometheus_client.registry import Collector, CollectorRegistry
-from prometheus_client.utils import floatToGoString
+import math
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from laneproxy.observability.stats import HISTOGRAM_BOUNDS, Histogram, StatKind, StatRecord
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
+    from prometheus_client.registry import CollectorRegistry
 
 _TYPE_ORDER = {"counter": 0, "gauge": 1, "histogram": 2}
 _ENVOY_BOUND_LABELS = [str(int(b)) if b == int(b) else str(b) for b in HISTOGRAM_BOUNDS] + ["+Inf"]
@@ -31,6 +37,8 @@ def bound_labels(bounds: tuple[float, ...]) -> list[str]:
 
 def metric_families(records: Iterable[StatRecord]) -> list[Metric]:
     """Group records into families, Envoy's order: counters, then gauges, then histograms, each by name."""
+    from prometheus_client.metrics_core import Metric
+
     families: dict[str, Metric] = {}
     for record in records:
         kind = record.kind
@@ -54,8 +62,11 @@ def metric_families(records: Iterable[StatRecord]) -> list[Metric]:
     return sorted(families.values(), key=lambda family: (_TYPE_ORDER.get(family.type, 3), family.name))
 
 
-class ProxyCollector(Collector):
-    """Reads the live stats at every scrape; holds no numbers of its own."""
+class ProxyCollector:
+    """Reads the live stats at every scrape; holds no numbers of its own.
+
+    A prometheus_client Collector by shape (a registry asks only for `collect`), not by base class, so that
+    defining it imports nothing."""
 
     def __init__(self, records: Callable[[], Iterable[StatRecord]]) -> None:
         self._records = records
@@ -66,6 +77,8 @@ class ProxyCollector(Collector):
 
 def build_registry(records: Callable[[], Iterable[StatRecord]]) -> CollectorRegistry:
     """A registry of this process only (auto_describe off: describing would run a full collection)."""
+    from prometheus_client.registry import CollectorRegistry
+
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ProxyCollector(records))
     return registry
@@ -76,7 +89,23 @@ def _escape(value: str) -> str:
 
 
 def _number(value: float) -> str:
-    return str(value) if isinstance(value, int) else floatToGoString(value)
+    return str(value) if isinstance(value, int) else go_float(value)
+
+
+def go_float(value: float) -> str:
+    """A float as Prometheus (Go) writes it: prometheus_client.utils.floatToGoString's output, without its import."""
+    if value == math.inf:
+        return "+Inf"
+    if value == -math.inf:
+        return "-Inf"
+    if math.isnan(value):
+        return "NaN"
+    text = repr(float(value))
+    dot = text.find(".")
+    if value > 0 and dot > 6:  # Go switches to an exponent sooner than Python
+        mantissa = f"{text[0]}.{text[1:dot]}{text[dot + 1:]}".rstrip("0.")
+        return f"{mantissa}e+{dot - 1:02d}"
+    return text
 
 
 def render(families: Iterable[Metric]) -> str:

@@ -103,3 +103,19 @@ def test_passed_through_connections_are_exposed_as_envoys_tcp_proxy_stats():
     assert parsed[("laneproxy_tcp_downstream_cx_active", prefix)] == 1
     stats.reset_counters()
     assert samples(exposition(stats))[("envoy_tcp_downstream_cx_total", prefix)] == 0
+
+
+def test_numbers_are_written_as_prometheus_clients_float_to_go_string_writes_them():
+    """The streamed exposition formats floats itself (so a sidecar never imports prometheus_client): same text."""
+    import math
+    import random
+
+    from prometheus_client.utils import floatToGoString
+
+    from laneproxy.observability.prometheus import go_float
+
+    draw = random.Random(18)
+    values = [0.0, -0.0, 0.5, 1.0, -1.5, 1e-7, 123456.0, 1234567.0, 12345678.9, 1e21, -1e21, 2.5e300, 5e-324,
+              math.inf, -math.inf, math.nan, 0.1 + 0.2]
+    values += [draw.uniform(-1e9, 1e9) for _ in range(200)] + [10 ** draw.uniform(-12, 30) for _ in range(200)]
+    assert [go_float(v) for v in values] == [floatToGoString(v) for v in values]
