@@ -193,9 +193,10 @@ class IstioMetrics:
                                   ("istio_tcp_connections_closed_total", "closed"),
                                   ("istio_tcp_sent_bytes_total", "sent"),
                                   ("istio_tcp_received_bytes_total", "received")):
-            for series in tcp:
-                name = "".join(f"{key}=.={tag};.;" for key, tag in series.labels) + family
-                yield StatRecord(name, StatKind.COUNTER, getattr(series, attribute), True, family, series.labels)
+            for connections in tcp:  # not `series`: typed RequestSeries above, and compiled code checks that
+                name = "".join(f"{key}=.={tag};.;" for key, tag in connections.labels) + family
+                yield StatRecord(name, StatKind.COUNTER, getattr(connections, attribute), True, family,
+                                 connections.labels)
 
     def reset_counters(self) -> None:
         for series in self.series.values():
