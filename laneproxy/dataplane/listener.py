@@ -97,6 +97,11 @@ def header_value(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | Non
     return None
 
 
+# LaneSource's counter names by member identity: `.value` and an Enum's own __hash__ are interpreted Python
+# (enum.py) even in the compiled build, and this runs once per outbound request. Members are singletons.
+_SOURCE_NAMES: dict[int, str] = {id(source): source.value for source in LaneSource}
+
+
 def _no_draw() -> float:
     return 0.0  # only the gateway's weighted ingress draws; the other roles' decisions use no randomness
 
@@ -165,7 +170,7 @@ class Role:
         path, authority = split_target(exchange)
         decision = decide(table, self.meta(exchange, path, authority), self.traces, self.random_value())
         if self.counts_sources and decision.group is not None and decision.lane_source is not None:
-            self.stats.lanes.lane_sources[decision.lane_source.value] += 1
+            self.stats.lanes.lane_sources[_SOURCE_NAMES[id(decision.lane_source)]] += 1
         if decision.trace is not None:
             exchange.trace = decision.trace  # before the endpoint is chosen: a `no healthy upstream` is remembered
         overrides = decision.upstream_headers  # a new dict per decision: this request's to change
