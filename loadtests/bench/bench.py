@@ -666,7 +666,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "h2c, WebSocket, swap or held connections), about 2 minutes")
     parser.add_argument("--out", default=str(ROOT / "loadtests" / "results"))
     parser.add_argument("--publish", action="store_true",
-                        help="also copy the markdown table and the chart to loadtests/bench/RESULTS.md and results.png")
+                        help="also copy the markdown table and the chart to loadtests/bench/RESULTS.md and results.png "
+                             "(full runs only: not with --smoke or --cases http1)")
     args = parser.parse_args(argv)
     if args.smoke:
         args.rounds, args.duration, args.latency_duration = 1, 1.0, 1.0
@@ -700,7 +701,7 @@ def main(argv: list[str] | None = None) -> int:
         source = bench.out / f"bench-{stamp}{Path(name).suffix}"
         if source.exists():
             shutil.copyfile(source, bench.out / name)
-    if args.publish and not args.smoke:
+    if args.publish and not args.smoke and args.cases == "all":  # a partial run never replaces RESULTS.md
         # The scale section (xds_scale.py, table_size.py, table_update.py: separate runs) stays as it was.
         results = HERE / "RESULTS.md"
         previous = results.read_text() if results.exists() else ""
