@@ -380,9 +380,10 @@ class Listener:
         """Bind and serve, and start the timeout sweeper: the only way a listener starts (workers pass reuse_port)."""
         self.server = await self.loop.create_server(self.protocol, host, port, reuse_address=True,
                                                     reuse_port=reuse_port or None, backlog=1024)
-        # getattr (Any): uvloop's Server.sockets is a list where typeshed says tuple, and the compiled build
-        # checks the declared type.
-        bound = int(getattr(self.server, "sockets")[0].getsockname()[1])
+        # Read as Any: uvloop's Server.sockets is a list where typeshed says tuple, and the compiled build checks
+        # the declared type.
+        server: Any = self.server
+        bound = int(server.sockets[0].getsockname()[1])
         self.address_tag = f"{host}_{bound}"  # Envoy's listener_address tag
         self.sweeper = self.loop.create_task(self._sweep(), name=f"{self.name}-timeouts")
         return bound
