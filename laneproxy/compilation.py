@@ -27,10 +27,12 @@ from types import ModuleType
 from typing import Sequence
 
 # The per-request modules: both codecs' glue, the exchange, the upstream pools, local replies, header
-# policy and the core's decision with what it calls per request. Not here: core.errors and core.balance
-# (mypyc cannot compile their class bodies as written) and the listener (per connection, not per request).
+# policy, the listeners' roles, the core's decision with what it calls per request, and the observers every
+# finished request goes through (the recorder, the counters, Istio's metrics). Not here: core.errors (its
+# class bodies assign several class attributes at once, and it only runs when a request fails).
 COMPILED_MODULES = (
     "laneproxy.core.attempts",
+    "laneproxy.core.balance",
     "laneproxy.core.decision",
     "laneproxy.core.fallback",
     "laneproxy.core.headers",
@@ -44,11 +46,15 @@ COMPILED_MODULES = (
     "laneproxy.dataplane.header_policy",
     "laneproxy.dataplane.http2",
     "laneproxy.dataplane.http2_upstream",
+    "laneproxy.dataplane.listener",
     "laneproxy.dataplane.local_reply",
     "laneproxy.dataplane.route_trail",
     "laneproxy.dataplane.sniff",
     "laneproxy.dataplane.tunnel",
     "laneproxy.dataplane.upstream",
+    "laneproxy.observability.istio",
+    "laneproxy.observability.recorder",
+    "laneproxy.observability.stats",
 )
 PURE_ENV = "LANEPROXY_PURE"
 MANIFEST = "compiled.json"  # written by setup.py beside the extensions: module -> sha256 of the source compiled

@@ -57,8 +57,9 @@ class OutlierDetector:
     __slots__ = ("consecutive_5xx", "ejection_seconds", "max_ejection_percent", "_clock", "failures", "ejected",
                  "ejections_total", "ejections_by_endpoint", "ejections_refused", "failed_hop_responses")
 
-    def __init__(self, *, consecutive_5xx: int = 5, ejection_seconds: float = 30.0, max_ejection_percent: int = 10,
-                 clock: Callable[[], float]) -> None:
+    def __init__(self, *, clock: Callable[[], float], consecutive_5xx: int = 5, ejection_seconds: float = 30.0,
+                 max_ejection_percent: int = 10) -> None:
+        # `clock` first: mypyc's signature text refuses a keyword-only argument without a default after defaults.
         self.consecutive_5xx = consecutive_5xx
         self.ejection_seconds = ejection_seconds
         self.max_ejection_percent = max_ejection_percent

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import httptools
 
@@ -75,7 +75,9 @@ def split_target(exchange: Exchange) -> tuple[bytes, bytes | None]:
         return target, None
     if target[:7].lower() == b"http://":
         try:
-            url = httptools.parse_url(target)
+            # Any, not httptools' URL: its stub says bytes where a part absent from the target is None, and the
+            # compiled build checks the declared type.
+            url: Any = httptools.parse_url(target)
         except httptools.HttpParserInvalidURLError as exc:
             raise DownstreamProtocolError(f"invalid request target: {exc}") from exc
         authority = url.host if url.port is None else b"%s:%d" % (url.host, url.port)
@@ -93,6 +95,11 @@ def header_value(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | Non
         if key == name:
             return value
     return None
+
+
+# LaneSource's counter names by member identity: `.value` and an Enum's own __hash__ are interpreted Python
+# (enum.py) even in the compiled build, and this runs once per outbound request. Members are singletons.
+_SOURCE_NAMES: dict[int, str] = {id(source): source.value for source in LaneSource}
 
 
 def _no_draw() -> float:
@@ -163,7 +170,7 @@ class Role:
         path, authority = split_target(exchange)
         decision = decide(table, self.meta(exchange, path, authority), self.traces, self.random_value())
         if self.counts_sources and decision.group is not None and decision.lane_source is not None:
-            self.stats.lanes.lane_sources[decision.lane_source.value] += 1
+            self.stats.lanes.lane_sources[_SOURCE_NAMES[id(decision.lane_source)]] += 1
         if decision.trace is not None:
             exchange.trace = decision.trace  # before the endpoint is chosen: a `no healthy upstream` is remembered
         overrides = decision.upstream_headers  # a new dict per decision: this request's to change
@@ -373,9 +380,13 @@ class Listener:
         """Bind and serve, and start the timeout sweeper: the only way a listener starts (workers pass reuse_port)."""
         self.server = await self.loop.create_server(self.protocol, host, port, reuse_address=True,
                                                     reuse_port=reuse_port or None, backlog=1024)
-        self.address_tag = f"{host}_{self.server.sockets[0].getsockname()[1]}"  # Envoy's listener_address tag
+        # Read as Any: uvloop's Server.sockets is a list where typeshed says tuple, and the compiled build checks
+        # the declared type.
+        server: Any = self.server
+        bound = int(server.sockets[0].getsockname()[1])
+        self.address_tag = f"{host}_{bound}"  # Envoy's listener_address tag
         self.sweeper = self.loop.create_task(self._sweep(), name=f"{self.name}-timeouts")
-        return int(self.server.sockets[0].getsockname()[1])
+        return bound
 
     async def _sweep(self) -> None:
         """Advance the coarse clock and enforce per-connection timeouts, without a timer per request."""

@@ -27,7 +27,7 @@ records; label strings are built once per series, when the series is first seen.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Iterator, Mapping, Protocol
 
 from laneproxy.core import headers as h
 from laneproxy.observability.stats import Histogram, StatKind, StatRecord
@@ -61,6 +61,13 @@ TCP_LABELS: tuple[str, ...] = tuple(label for label in ISTIO_LABELS
 # A Kubernetes label value (what every field of the peer header must be): at most 63 characters.
 _LABEL_VALUE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?")
 _PEER_FIELDS = ("workload", "namespace", "app", "version", "service", "revision", "cluster")
+
+
+class TableSource(Protocol):
+    """Where the running route table is read (core.store's RouteTableStore)."""
+
+    @property
+    def current(self) -> RouteTable: ...
 
 
 class Workload:
@@ -166,15 +173,20 @@ class TcpSeries:
         self.opened = self.closed = self.sent = self.received = 0
 
 
+# (source, destination, service key, status, response flags, lane asked, lane used): one request series.
+SeriesKey = tuple["Workload", "Workload", str, int, str, "str | None", "str | None"]
+TcpKey = tuple["Workload", "Workload", str, str]  # (source, destination, cluster, response flags)
+
+
 class IstioMetrics:
     """Every istio_* series of one process, keyed by the objects they were recorded with."""
 
     __slots__ = ("series", "peers", "tcp")
 
     def __init__(self) -> None:
-        self.series: dict[tuple, RequestSeries] = {}
+        self.series: dict[SeriesKey, RequestSeries] = {}
         self.peers = PeerCache()
-        self.tcp: dict[tuple, TcpSeries] = {}
+        self.tcp: dict[TcpKey, TcpSeries] = {}
 
     def records(self) -> Iterator[StatRecord]:
         families = (("istio_requests_total", StatKind.COUNTER, "count"),
@@ -193,9 +205,10 @@ class IstioMetrics:
                                   ("istio_tcp_connections_closed_total", "closed"),
                                   ("istio_tcp_sent_bytes_total", "sent"),
                                   ("istio_tcp_received_bytes_total", "received")):
-            for series in tcp:
-                name = "".join(f"{key}=.={tag};.;" for key, tag in series.labels) + family
-                yield StatRecord(name, StatKind.COUNTER, getattr(series, attribute), True, family, series.labels)
+            for connections in tcp:  # not `series`: typed RequestSeries above, and compiled code checks that
+                name = "".join(f"{key}=.={tag};.;" for key, tag in connections.labels) + family
+                yield StatRecord(name, StatKind.COUNTER, getattr(connections, attribute), True, family,
+                                 connections.labels)
 
     def reset_counters(self) -> None:
         for series in self.series.values():
@@ -246,7 +259,8 @@ class IstioRecorder:
 
     __slots__ = ("metrics", "reporter", "own", "own_lane", "store", "_services")
 
-    def __init__(self, metrics: IstioMetrics, reporter: str, own: Workload, own_lane: str | None, store) -> None:
+    def __init__(self, metrics: IstioMetrics, reporter: str, own: Workload, own_lane: str | None,
+                 store: TableSource) -> None:
         self.metrics = metrics
         self.reporter = reporter  # "source" (outbound, gateway) or "destination" (inbound)
         self.own = own
@@ -335,7 +349,7 @@ class IstioRecorder:
         return service, lane_asked, peer
 
 
-def _endpoint_workload(labels, peers: PeerCache) -> Workload:
+def _endpoint_workload(labels: Mapping[str, str], peers: PeerCache) -> Workload:
     """The destination when the upstream sent no peer header: what the endpoint's pod labels say."""
     app = labels.get("app")
     if app is None:

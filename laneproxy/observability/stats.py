@@ -244,11 +244,21 @@ class Http2Stats:
                  "premature_reset", "outbound_control_flood")
 
     def __init__(self) -> None:
-        self.reset_counters()
+        self.rx_reset = self.tx_reset = self.goaway_sent = self.header_overflow = self.too_many_streams = 0
+        self.rx_messaging_error = self.premature_reset = self.outbound_control_flood = 0
 
     def reset_counters(self) -> None:
         self.rx_reset = self.tx_reset = self.goaway_sent = self.header_overflow = self.too_many_streams = 0
         self.rx_messaging_error = self.premature_reset = self.outbound_control_flood = 0
+
+    def counters(self) -> tuple[tuple[str, int], ...]:
+        """(Envoy's stat name after `http2.`, value) of every counter, in a fixed order.
+
+        Spelled out rather than read from `__slots__`: a compiled class has no such attribute to walk."""
+        return (("rx_reset", self.rx_reset), ("tx_reset", self.tx_reset), ("goaway_sent", self.goaway_sent),
+                ("header_overflow", self.header_overflow), ("too_many_streams", self.too_many_streams),
+                ("rx_messaging_error", self.rx_messaging_error), ("premature_reset", self.premature_reset),
+                ("outbound_control_flood", self.outbound_control_flood))
 
 
 class ListenerStats:
@@ -289,8 +299,7 @@ class ListenerStats:
         yield counter("downstream_cx_total", self.cx_total)
         yield counter("downstream_cx_http1_total", self.cx_total - self.cx_http2)
         yield counter("downstream_cx_http2_total", self.cx_http2)
-        for name in Http2Stats.__slots__:
-            value = getattr(self.http2, name)
+        for name, value in self.http2.counters():
             yield StatRecord(f"{prefix}http2.{name}", StatKind.COUNTER, value, value > 0, f"envoy_http_http2_{name}", tag)
         yield counter("downstream_cx_protocol_error", self.cx_protocol_error)
         yield counter("no_route", self.no_route)

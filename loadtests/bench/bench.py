@@ -9,7 +9,11 @@ and RSS from /proc; RSS with 1,000 idle keep-alive connections; the slowest requ
 10,000-service table is rebuilt and swapped). A case whose proxy does not speak the protocol yet (probed,
 not assumed) is skipped and says why. The numbers go to report.py; nothing here judges them.
 
-    python loadtests/bench/bench.py [--rounds 3] [--duration 5] [--smoke] [--publish]
+    python loadtests/bench/bench.py [--rounds 3] [--duration 5] [--smoke] [--publish] [--cases all|http1]
+
+`--cases http1` runs only the HTTP/1.1 sidecar hop (throughput and one-connection latency: direct, nginx,
+Envoy, the compiled and the pure laneproxy, same rounds and pinning) and the idle RSS: about 2 minutes,
+for measuring a change to the hot path. The default (`all`) is the full plan.
 """
 
 from __future__ import annotations
@@ -182,6 +186,11 @@ class Bench:
                 "--outbound", f"127.0.0.1:{wp['outbound']}", "--admin", f"127.0.0.1:{wp['admin']}",
                 "--config", str(small_sw), "--config", str(small_ep)], None, wp["outbound"])
 
+        if args.cases == "http1":
+            self._start_proxies()
+            self._write_scripts()
+            self._check_routes()
+            return
         self.big_sw, self.big_ep, self.big_services = tables.write_table(work, "big", args.table_services, upstream_port)
         self.big_ports = {"outbound": free_port(), "admin": free_port()}
         self._service("laneproxy-big", [
@@ -189,15 +198,7 @@ class Bench:
             "--outbound", f"127.0.0.1:{self.big_ports['outbound']}", "--admin", f"127.0.0.1:{self.big_ports['admin']}",
             "--config", str(self.big_sw), "--config", str(self.big_ep)], PROXY_CORE, self.big_ports["outbound"])
 
-        for name in ("nginx", "envoy", "laneproxy", PURE, "laneproxy-workers"):
-            if name in self.services:
-                self.services[name].start()
-                time.sleep(0.5)  # let start-up settle before reading its resident size
-                shown = self.workers_case if name == "laneproxy-workers" else name
-                self.idle_rss[shown] = self.services[name].rss()
-                self.idle_private[shown] = self.services[name].private()
-                self.log(f"{shown} ready, idle RSS {self.idle_rss[shown] / 2**20:.1f} MiB")
-        self.idle_rss["upstream"] = self.services["upstream"].rss()
+        self._start_proxies()
         self.log(f"loading the {args.table_services}-service x {len(tables.LANES)}-lane table")
         big = self.services["laneproxy-big"]
         big.start(timeout=300)
@@ -220,6 +221,17 @@ class Bench:
         self._check_routes()
         self._check_protocols()
 
+    def _start_proxies(self) -> None:
+        for name in ("nginx", "envoy", "laneproxy", PURE, "laneproxy-workers"):
+            if name in self.services:
+                self.services[name].start()
+                time.sleep(0.5)  # let start-up settle before reading its resident size
+                shown = self.workers_case if name == "laneproxy-workers" else name
+                self.idle_rss[shown] = self.services[name].rss()
+                self.idle_private[shown] = self.services[name].private()
+                self.log(f"{shown} ready, idle RSS {self.idle_rss[shown] / 2**20:.1f} MiB")
+        self.idle_rss["upstream"] = self.services["upstream"].rss()
+
     def _write_scripts(self) -> None:
         work = self.work
         self.fixed_script = work / "fixed.lua"
@@ -227,6 +239,8 @@ class Bench:
         self.rotate_script = work / "rotate.lua"
         self.rotate_script.write_text(wrk.rotating_script())
         self.small_mix = tables.request_mix(work / "small-mix.txt", self.small_services, size=10_000)
+        if self.args.cases == "http1":
+            return
         self.big_mix = tables.request_mix(work / "big-mix.txt", self.big_services, size=10_000)
         self.demo_scripts = {}
         for lane in ("base", "canary"):
@@ -252,6 +266,8 @@ class Bench:
         if self.builds[PURE]["compiled"]:
             raise RuntimeError(f"{PURE} runs the compiled build: {self.builds[PURE]['detail']}")
         for name in ("upstream", "nginx", "envoy", "laneproxy", PURE, "laneproxy-big"):
+            if name not in self.services:  # --cases http1 starts no big table
+                continue
             status, body = http_get(f"http://127.0.0.1:{self.services[name].port}/", FIXED_HEADERS)
             if status != 200:
                 raise RuntimeError(f"{name} answered {status}: {body[:200]!r}")
@@ -342,6 +358,8 @@ class Bench:
                 before()
             self._measure(index, "latency-1cx", case, f"http://127.0.0.1:{service.port}/", self.fixed_script, service.pids,
                           connections=1, duration=args.latency_duration)
+        if args.cases == "http1":
+            return
         self._protocol_rounds(index)
         small, big = self.services["laneproxy"], self.services["laneproxy-big"]
         table_cases = [("3 services", small, self.small_mix), (f"{args.table_services} services", big, self.big_mix)]
@@ -567,8 +585,9 @@ class Bench:
                     core=LOAD_CORE)
         for index in range(args.rounds):
             self.round(index)
-        self.hold()
-        self.scrape_cost()
+        if args.cases != "http1":
+            self.hold()
+            self.scrape_cost()
         profile = self.profile() if args.profile else None
         evidence = self.lane_evidence()
         return {
@@ -642,14 +661,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true",
                         help="also profile the sidecar under load: py-spy, perf, and strace system calls per request")
     parser.add_argument("--smoke", action="store_true", help="seconds, not minutes: 1 round, tiny table, no targets")
+    parser.add_argument("--cases", choices=("all", "http1"), default="all",
+                        help="http1: only the HTTP/1.1 hop's throughput and one-connection rows (no tables, demo, "
+                             "h2c, WebSocket, swap or held connections), about 2 minutes")
     parser.add_argument("--out", default=str(ROOT / "loadtests" / "results"))
     parser.add_argument("--publish", action="store_true",
-                        help="also copy the markdown table and the chart to loadtests/bench/RESULTS.md and results.png")
+                        help="also copy the markdown table and the chart to loadtests/bench/RESULTS.md and results.png "
+                             "(full runs only: not with --smoke or --cases http1)")
     args = parser.parse_args(argv)
     if args.smoke:
         args.rounds, args.duration, args.latency_duration = 1, 1.0, 1.0
         args.table_services, args.hold_connections, args.connections = 200, 100, 16
         args.h2_connections, args.h2_streams, args.ws_connections = 2, 4, 4
+    if args.cases == "http1":
+        args.workers, args.no_demo = 1, True
     return args
 
 
@@ -676,7 +701,7 @@ def main(argv: list[str] | None = None) -> int:
         source = bench.out / f"bench-{stamp}{Path(name).suffix}"
         if source.exists():
             shutil.copyfile(source, bench.out / name)
-    if args.publish and not args.smoke:
+    if args.publish and not args.smoke and args.cases == "all":  # a partial run never replaces RESULTS.md
         # The scale section (xds_scale.py, table_size.py, table_update.py: separate runs) stays as it was.
         results = HERE / "RESULTS.md"
         previous = results.read_text() if results.exists() else ""

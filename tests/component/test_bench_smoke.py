@@ -65,6 +65,23 @@ def test_benchmark_smoke_variant_runs_every_case_and_writes_json_markdown_and_ch
     assert (tmp_path / "latest.png").stat().st_size > 10_000
 
 
+def test_the_http1_cases_alone_measure_the_hop_against_both_peers_and_both_builds_and_nothing_else(tmp_path, bench_tools):
+    done = subprocess.run([sys.executable, str(BENCH / "bench.py"), "--smoke", "--cases", "http1", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+
+    data = json.loads((tmp_path / "latest.json").read_text())
+    cases = {(run["kind"], run["case"]) for run in data["runs"]}
+    expected = {"direct", "nginx", "envoy", "laneproxy", "laneproxy (pure Python)"}
+    assert cases == {(kind, case) for kind in ("throughput", "latency-1cx") for case in expected}
+    for run in data["runs"]:
+        assert run["requests"] > 0 and sum(run["errors"].values()) == 0, run
+    assert data["builds"]["laneproxy (pure Python)"]["compiled"] is False
+    assert data["sidecar_counters"].get("laneproxy.lane_source.trace-table", 0) > 0
+    summary = data["summary"]["throughput"]["laneproxy"]
+    assert summary["vs_nginx"] is not None and summary["vs_envoy"] is not None
+
+
 # --workers N: belongs with the benchmark because its purpose is throughput; it checks behaviour only.
 
 

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 from types import SimpleNamespace
 
 import pytest
 
-from laneproxy.core.propagation import valid_traceparent
+from laneproxy.core.balance import EndpointSelector, RandomPicker
+from laneproxy.core.model import Endpoint, Route
+from laneproxy.core.propagation import TraceLaneTable, valid_traceparent
 from laneproxy.core.retry import RetryPolicy
+from laneproxy.core.store import RouteTableStore
 from laneproxy.dataplane.exchange import Exchange
+from laneproxy.dataplane.listener import Listener, OutboundRole, Target
+from laneproxy.dataplane.upstream import UpstreamPools
+from laneproxy.observability.stats import ClusterStats, ProxyStats
+from laneproxy.settings import ProxySettings
 from laneproxy.dataplane.header_policy import (
     RequestHeaderPolicy,
     edge_trace_value,
@@ -21,17 +29,37 @@ from .manifests import build, edit, seed_bodies
 NEW_ID = b"00000000-0000-4000-8000-000000000000"  # what uuid4_bytes makes of all-zero random bits
 
 
+def real_listener() -> Listener:
+    """A real Listener (the compiled build checks the types of the exchange's listener and of a Target), never
+    started: its loop is closed at once, the header policy only reads the listener's clock."""
+    loop = asyncio.new_event_loop()
+    try:
+        stats = ProxyStats()
+        selector = EndpointSelector(RandomPicker(lambda: 0.0), None, lambda: 0.0)
+        return Listener("outbound", OutboundRole(stats, selector, TraceLaneTable(16, 60.0, lambda: 0.0), None), store=RouteTableStore(),
+                        pools=UpstreamPools(loop, connect_timeout=1.0), stats=stats, settings=ProxySettings(),
+                        loop=loop)
+    finally:
+        loop.close()
+
+
 def exchange_with(headers, peer=("10.9.8.7", 50000)):
-    """A real Exchange (the compiled build checks the type), on a client connection that has only a peer."""
+    """A real Exchange on a real listener, for a client connection that has only a peer."""
     transport = SimpleNamespace(get_extra_info=lambda name: peer if name == "peername" else None)
-    downstream = SimpleNamespace(transport=transport, listener=SimpleNamespace(now=0.0))
+    downstream = SimpleNamespace(transport=transport, listener=real_listener())
     return Exchange(downstream, b"GET", b"/", 1, list(headers), b"mockb:8000", True, False, False, None, False,
                     RetryPolicy(0, frozenset(), frozenset()))
 
 
+def real_target() -> Target:
+    endpoint = Endpoint("10.0.0.5", 8000)
+    route = Route("default/mockb", None, None, "outbound|8000||mockb.default.svc.cluster.local", (endpoint,))
+    return Target(endpoint, b"/", {}, ClusterStats(route.cluster), route, None, None)
+
+
 def apply(headers, *, edge=False, route_timeout=15.0, peer=("10.9.8.7", 50000)):
     exchange = exchange_with(headers, peer)
-    target = SimpleNamespace(overrides={}, request_id=None, timeout=None)
+    target = real_target()
     policy = RequestHeaderPolicy(edge=edge, route_timeout=route_timeout, random_bits=lambda bits: 0)
     facts = policy.inspect(exchange)
     policy.apply(exchange, target, facts)
