@@ -42,6 +42,7 @@ COMPILED_MODULES = (
     "laneproxy.dataplane.egress",
     "laneproxy.dataplane.exchange",
     "laneproxy.dataplane.header_policy",
+    "laneproxy.dataplane.hpack_codec",
     "laneproxy.dataplane.http2",
     "laneproxy.dataplane.http2_upstream",
     "laneproxy.dataplane.local_reply",

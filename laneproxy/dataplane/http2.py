@@ -35,6 +35,7 @@ from hyperframe.frame import GoAwayFrame
 from laneproxy.core import headers as h
 from laneproxy.core.retry import grpc_timeout_seconds
 from laneproxy.dataplane.exchange import Exchange
+from laneproxy.dataplane.hpack_codec import Decoder, Encoder
 
 if TYPE_CHECKING:
     import asyncio
@@ -279,8 +280,13 @@ class Http2Connection:
         self.listener = listener
         self.transport: asyncio.Transport | None = transport
         self.counters: Http2Stats = listener.stats.http2
-        config = h2.config.H2Configuration(client_side=False, header_encoding=None, validate_inbound_headers=True)
+        # Outbound header blocks are built here from parsed (lowercase, connection-header-free) fields, so h2's
+        # outbound normalization and validation are skipped; what the client sends is still validated.
+        config = h2.config.H2Configuration(client_side=False, header_encoding=None, validate_inbound_headers=True,
+                                           validate_outbound_headers=False, normalize_outbound_headers=False)
         self.h2 = h2.connection.H2Connection(config=config)
+        self.h2.encoder = Encoder()  # type: ignore[assignment]
+        self.h2.decoder = Decoder()  # type: ignore[assignment]
         # Our SETTINGS as the values in force from the start (h2 applies update() only once they are acknowledged,
         # and our windows must agree with what the client is told).
         self.h2.local_settings = h2.settings.Settings(client=False, initial_values={

@@ -26,6 +26,7 @@ from h2.settings import SettingCodes
 from hpack import HeaderTuple, NeverIndexedHeaderTuple
 
 from laneproxy.core import headers as h
+from laneproxy.dataplane.hpack_codec import Decoder, Encoder
 from laneproxy.dataplane.http2 import send_within_window
 from laneproxy.core.errors import LocalReplyError, UpstreamConnectError, UpstreamProtocolError, UpstreamResetError
 
@@ -231,8 +232,11 @@ class Http2UpstreamConnection(asyncio.Protocol):
     def __init__(self, pool: Http2Pool) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
-        config = h2.config.H2Configuration(client_side=True, header_encoding=None)
+        config = h2.config.H2Configuration(client_side=True, header_encoding=None, validate_outbound_headers=False,
+                                           normalize_outbound_headers=False)
         self.h2 = h2.connection.H2Connection(config=config)
+        self.h2.encoder = Encoder()  # type: ignore[assignment]
+        self.h2.decoder = Decoder()  # type: ignore[assignment]
         self.streams: dict[int, Http2UpstreamStream] = {}
         self.active = 0  # streams lent and not done
         self.closed = False
