@@ -23,9 +23,9 @@ list past `max_header_list_size`, or know anything of streams, frames or HTTP se
 from __future__ import annotations
 
 from collections import deque
-from typing import Iterable
+from typing import Any, Iterable
 
-from hpack import HeaderTuple, NeverIndexedHeaderTuple
+from hpack import NeverIndexedHeaderTuple
 from hpack.exceptions import (HPACKDecodingError, InvalidTableIndexError, InvalidTableSizeError,
                               OversizedHeaderListError)
 from hpack.huffman_table import HUFFMAN_TABLE
@@ -233,10 +233,14 @@ class Decoder:
         raw = data[position:end]
         return (decode_huffman(raw) if huffman else raw), end
 
-    def decode(self, data: bytes, raw: bool = False) -> list[HeaderTuple]:
-        """A header block to (name, value) pairs: bytes if `raw`, else str (UTF-8, as `hpack` does)."""
+    def decode(self, data: bytes, raw: bool = False) -> list[Any]:
+        """A header block to (name, value) pairs: bytes if `raw`, else str (UTF-8, as `hpack` does).
+
+        Plain tuples, and `NeverIndexedHeaderTuple` for a field the peer marked so (a list of Any: the compiled
+        build would rebuild a typed tuple as a plain one and lose that mark)."""
         data = bytes(data)
-        headers: list[HeaderTuple] = []
+        headers: list[Any] = []
+        header: Any
         inflated = 0
         position = 0
         end = len(data)
@@ -246,7 +250,7 @@ class Decoder:
             if first & 0x80:  # indexed field
                 index, position = decode_integer(data, position, 7)
                 name, value = self._field(index)
-                header = HeaderTuple(name, value)
+                header = (name, value)
             elif first & 0x40:  # literal with incremental indexing
                 index, position = decode_integer(data, position, 6)
                 if index:
@@ -255,7 +259,7 @@ class Decoder:
                     name, position = self._string(data, position)
                 value, position = self._string(data, position)
                 self._add(name, value)
-                header = HeaderTuple(name, value)
+                header = (name, value)
             elif first & 0x20:  # dynamic table size update: only before the first field
                 if headers:
                     raise HPACKDecodingError("Table size update not at the start of the block")
@@ -271,7 +275,7 @@ class Decoder:
                 else:
                     name, position = self._string(data, position)
                 value, position = self._string(data, position)
-                header = NeverIndexedHeaderTuple(name, value) if first & 0x10 else HeaderTuple(name, value)
+                header = NeverIndexedHeaderTuple(name, value) if first & 0x10 else (name, value)
             inflated += len(name) + len(value) + ENTRY_OVERHEAD
             if inflated > limit:
                 raise OversizedHeaderListError(f"A header list larger than {limit} has been received")
@@ -281,6 +285,8 @@ class Decoder:
         if raw:
             return headers
         try:
-            return [header.__class__(header[0].decode("utf-8"), header[1].decode("utf-8")) for header in headers]
+            return [NeverIndexedHeaderTuple(header[0].decode("utf-8"), header[1].decode("utf-8"))
+                    if isinstance(header, NeverIndexedHeaderTuple) else (header[0].decode("utf-8"), header[1].decode("utf-8"))
+                    for header in headers]
         except UnicodeDecodeError as err:
             raise HPACKDecodingError("Unable to decode headers as UTF-8") from err

@@ -23,7 +23,6 @@ import h2.exceptions
 import h2.settings
 from h2.errors import ErrorCodes
 from h2.settings import SettingCodes
-from hpack import HeaderTuple, NeverIndexedHeaderTuple
 
 from laneproxy.core import headers as h
 from laneproxy.dataplane.hpack_codec import Decoder, Encoder
@@ -45,33 +44,10 @@ _TRAILERS = b"trailers"
 _NOT_IN_HTTP2 = (h.NOT_FORWARDED - {h.TE}) | frozenset({h.HOST})
 
 
-# Header values the upstream's HPACK table may keep: constants every caller sends alike.
-_INDEXABLE = frozenset({b"content-type", b"te", b"user-agent", b"accept", b"accept-encoding", b"grpc-accept-encoding",
-                        b"grpc-encoding"})
-
-
-def _header_field(name: bytes, value: bytes) -> HeaderTuple:
-    """A request header as sent upstream: anything but a known constant is never indexed in HPACK's table.
-
-    One upstream connection carries many clients' requests, and a peer may refuse a value it cannot parse
-    (grpc-core drops a `grpc-timeout` of `zz` or a non-printable value) without storing it in its table: if
-    the proxy's encoder had stored it, every later request on that connection would decode wrongly at the
-    peer (found by tests/component/test_fuzz_http2.py: one bad call broke every call after it). Values that
-    change per request (trace ids, timeouts) gain nothing from the table anyway.
-
-    Typed HeaderTuple, not tuple[bytes, bytes]: the compiled build keeps a value of that tuple type as a C
-    struct and builds a plain tuple again when it hands it on, so the never-indexed mark was lost (the fuzz
-    test's bad `grpc-timeout` broke the calls after it again, on the compiled build only).
-    """
-    if name in _INDEXABLE:
-        return HeaderTuple(name, value)
-    return NeverIndexedHeaderTuple(name, value)
-
-
-def _trailer_fields(sink: Exchange | None) -> list[HeaderTuple] | None:
-    """The request trailers the client sent, encoded as headers are (_header_field)."""
+def _trailer_fields(sink: Exchange | None) -> list[tuple[bytes, bytes]] | None:
+    """The request trailers the client sent, as they go upstream."""
     trailers = sink.trailers if sink is not None else None
-    return None if trailers is None else [_header_field(name, value) for name, value in trailers]
+    return None if trailers is None else list(trailers)
 
 
 class Http2UpstreamStream:
@@ -88,7 +64,7 @@ class Http2UpstreamStream:
         self.outbox: deque[bytes] = deque()  # request bytes waiting for the server's window
         self.end_pending = False
         self.ended = False  # END_STREAM went out
-        self.trailers: list[HeaderTuple] | None = None
+        self.trailers: list[tuple[bytes, bytes]] | None = None
         self.paused = False  # the client is not taking the response: its DATA is not acknowledged
         self.unacked = 0
         self.received_any = False
@@ -127,8 +103,9 @@ class Http2UpstreamStream:
         self.stream_id = conn.get_next_available_stream_id()
         connection.streams[self.stream_id] = self
         last = complete and not body and not (self.sink is not None and self.sink.trailers)
-        conn.send_headers(self.stream_id, pseudo + [_header_field(name, value) for name, value in block],
-                          end_stream=last)
+        # No field enters the upstream's HPACK table (hpack_codec.Encoder never indexes): one bad per-call value
+        # (a grpc-timeout a peer refuses to store) cannot make the calls after it decode wrongly at the peer.
+        conn.send_headers(self.stream_id, pseudo + block, end_stream=last)
         if last:
             self.end_pending = self.ended = True
         else:
