@@ -275,7 +275,10 @@ class Decoder:
                 else:
                     name, position = self._string(data, position)
                 value, position = self._string(data, position)
-                header = NeverIndexedHeaderTuple(name, value) if first & 0x10 else (name, value)
+                if first & 0x10:  # an if, not a conditional expression: mypyc would make both a plain tuple
+                    header = NeverIndexedHeaderTuple(name, value)
+                else:
+                    header = (name, value)
             inflated += len(name) + len(value) + ENTRY_OVERHEAD
             if inflated > limit:
                 raise OversizedHeaderListError(f"A header list larger than {limit} has been received")
@@ -285,8 +288,12 @@ class Decoder:
         if raw:
             return headers
         try:
-            return [NeverIndexedHeaderTuple(header[0].decode("utf-8"), header[1].decode("utf-8"))
-                    if isinstance(header, NeverIndexedHeaderTuple) else (header[0].decode("utf-8"), header[1].decode("utf-8"))
-                    for header in headers]
+            text: list[Any] = []
+            for header in headers:
+                if isinstance(header, NeverIndexedHeaderTuple):
+                    text.append(NeverIndexedHeaderTuple(header[0].decode("utf-8"), header[1].decode("utf-8")))
+                else:
+                    text.append((header[0].decode("utf-8"), header[1].decode("utf-8")))
+            return text
         except UnicodeDecodeError as err:
             raise HPACKDecodingError("Unable to decode headers as UTF-8") from err

@@ -80,6 +80,7 @@ def test_credentials_are_never_indexed_even_when_the_caller_did_not_say_so() -> 
 def test_never_indexed_fields_decode_as_never_indexed_so_they_are_forwarded_that_way() -> None:
     block = hpack.Encoder().encode([NeverIndexedHeaderTuple(b"x-token", b"t")])
     assert isinstance(Decoder().decode(block, raw=True)[0], NeverIndexedHeaderTuple)
+    assert isinstance(Decoder().decode(block)[0], NeverIndexedHeaderTuple)
 
 
 C3_REQUESTS = [  # RFC 7541 C.3 (plain literals) and C.4 (Huffman): three requests on one connection
