@@ -44,6 +44,7 @@ COMPILED_MODULES = (
     "laneproxy.dataplane.header_policy",
     "laneproxy.dataplane.hpack_codec",
     "laneproxy.dataplane.http2",
+    "laneproxy.dataplane.http2_fields",
     "laneproxy.dataplane.http2_upstream",
     "laneproxy.dataplane.local_reply",
     "laneproxy.dataplane.route_trail",

@@ -36,6 +36,7 @@ from laneproxy.core import headers as h
 from laneproxy.core.retry import grpc_timeout_seconds
 from laneproxy.dataplane.exchange import Exchange
 from laneproxy.dataplane.hpack_codec import Decoder, Encoder
+from laneproxy.dataplane.http2_fields import fields_error
 
 if TYPE_CHECKING:
     import asyncio
@@ -281,9 +282,11 @@ class Http2Connection:
         self.transport: asyncio.Transport | None = transport
         self.counters: Http2Stats = listener.stats.http2
         # Outbound header blocks are built here from parsed (lowercase, connection-header-free) fields, so h2's
-        # outbound normalization and validation are skipped; what the client sends is still validated.
-        config = h2.config.H2Configuration(client_side=False, header_encoding=None, validate_inbound_headers=True,
-                                           validate_outbound_headers=False, normalize_outbound_headers=False)
+        # outbound normalization and validation are skipped; what the client sends is checked by http2_fields
+        # (h2's own inbound checks, compiled) before anything reads it, and its cookies are joined in _open.
+        config = h2.config.H2Configuration(client_side=False, header_encoding=None, validate_inbound_headers=False,
+                                           normalize_inbound_headers=False, validate_outbound_headers=False,
+                                           normalize_outbound_headers=False)
         self.h2 = h2.connection.H2Connection(config=config)
         self.h2.encoder = Encoder()  # type: ignore[assignment]
         self.h2.decoder = Decoder()  # type: ignore[assignment]
@@ -377,6 +380,8 @@ class Http2Connection:
             if event.stream_ended is not None:
                 self._request_ended(stream)
         elif isinstance(event, h2.events.RequestReceived):
+            if self._malformed(event.headers, trailers=False):
+                return
             self._open(event)
         elif isinstance(event, h2.events.WindowUpdated):
             if event.stream_id:
@@ -392,6 +397,8 @@ class Http2Connection:
             if stream is not None and not stream.request_ended:
                 self._request_ended(stream)
         elif isinstance(event, h2.events.TrailersReceived):
+            if self._malformed(event.headers, trailers=True):
+                return
             stream = self.streams.get(event.stream_id)
             if stream is not None and stream.exchange is not None:
                 stream.exchange.on_request_trailers(list(event.headers))
@@ -404,6 +411,14 @@ class Http2Connection:
                 self.unread_control += 1
         elif isinstance(event, h2.events.ConnectionTerminated):
             self.close()
+
+    def _malformed(self, headers: Sequence[tuple[bytes, bytes]], *, trailers: bool) -> bool:
+        """A header block RFC 9113 8.2/8.3 calls malformed ends the connection with PROTOCOL_ERROR, as h2 did."""
+        if fields_error(headers, request=True, trailers=trailers) is None:
+            return False
+        self.counters.rx_messaging_error += 1
+        self.go_away(ErrorCodes.PROTOCOL_ERROR, abort=False)
+        return True
 
     def _open(self, event: h2.events.RequestReceived) -> None:
         stream_id = event.stream_id

@@ -27,6 +27,7 @@ from h2.settings import SettingCodes
 from laneproxy.core import headers as h
 from laneproxy.dataplane.hpack_codec import Decoder, Encoder
 from laneproxy.dataplane.http2 import send_within_window
+from laneproxy.dataplane.http2_fields import fields_error
 from laneproxy.core.errors import LocalReplyError, UpstreamConnectError, UpstreamProtocolError, UpstreamResetError
 
 if TYPE_CHECKING:
@@ -209,7 +210,9 @@ class Http2UpstreamConnection(asyncio.Protocol):
     def __init__(self, pool: Http2Pool) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
-        config = h2.config.H2Configuration(client_side=True, header_encoding=None, validate_outbound_headers=False,
+        # As on the listener's side (http2.py): h2's header checks are http2_fields', compiled.
+        config = h2.config.H2Configuration(client_side=True, header_encoding=None, validate_inbound_headers=False,
+                                           normalize_inbound_headers=False, validate_outbound_headers=False,
                                            normalize_outbound_headers=False)
         self.h2 = h2.connection.H2Connection(config=config)
         self.h2.encoder = Encoder()  # type: ignore[assignment]
@@ -260,6 +263,8 @@ class Http2UpstreamConnection(asyncio.Protocol):
             return
         heads: list[Http2UpstreamStream] = []
         for event in events:
+            if self.closed:
+                return
             self._dispatch(event, heads)
         for stream in heads:
             if stream.sink is not None:
@@ -268,6 +273,8 @@ class Http2UpstreamConnection(asyncio.Protocol):
 
     def _dispatch(self, event: h2.events.Event, heads: list[Http2UpstreamStream]) -> None:
         if isinstance(event, h2.events.ResponseReceived):
+            if self._malformed(event.headers, trailers=False):
+                return
             stream = self.streams.get(event.stream_id)
             if stream is None or stream.sink is None:
                 return
@@ -288,6 +295,8 @@ class Http2UpstreamConnection(asyncio.Protocol):
                 return
             stream.on_data(event.data, event.flow_controlled_length)
         elif isinstance(event, h2.events.TrailersReceived):
+            if self._malformed(event.headers, trailers=True):
+                return
             stream = self.streams.get(event.stream_id)
             if stream is not None and stream.sink is not None:
                 stream.sink.on_response_trailers([(n, v) for n, v in event.headers if n[:1] != b":"])
@@ -319,6 +328,21 @@ class Http2UpstreamConnection(asyncio.Protocol):
                     stream.fail(UpstreamConnectError("the upstream's GOAWAY came before this stream"))
             if not self.streams:
                 self.close()
+
+    def _malformed(self, headers: Sequence[tuple[bytes, bytes]], *, trailers: bool) -> bool:
+        """A malformed response block (RFC 9113 8.2/8.3) fails every stream and ends the connection, as h2's
+        ProtocolError did: GOAWAY with PROTOCOL_ERROR, nothing of it reaches a client."""
+        error = fields_error(headers, request=False, trailers=trailers)
+        if error is None:
+            return False
+        try:
+            self.h2.close_connection(error_code=ErrorCodes.PROTOCOL_ERROR)
+        except h2.exceptions.ProtocolError:
+            pass
+        self.flush()
+        self._fail_all(UpstreamProtocolError(f"HTTP/2: malformed response header block: {error}"))
+        self.close()
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         pool = self.pool
