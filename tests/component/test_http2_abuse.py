@@ -231,6 +231,26 @@ def test_malformed_request_trailers_end_the_connection_before_they_go_upstream(s
     assert sidecar.stat("http.outbound.http2.rx_messaging_error") == before + 1
 
 
+@pytest.mark.parametrize("block", [
+    b"\xff" + b"\xff" * 40 + b"\x01",  # an index whose integer never ends within the bound
+    b"\x3f\xe1\xff\xff\x07",  # a dynamic table of about 16 MiB, past our SETTINGS
+    b"\x00\x7f\xff\xff\xff\x0f",  # a literal name of about 256 MiB in a 6-byte block
+], ids=["endless integer", "table size past the settings", "string past the block"])
+def test_a_hostile_hpack_block_is_a_protocol_error_and_reaches_no_upstream(sidecar, upstream, block):
+    calls = len(upstream.calls)
+    before = sidecar.stat("http.outbound.http2.rx_messaging_error")
+    conn = client()
+    sock = socket.create_connection(("127.0.0.1", sidecar.outbound_port))
+    sock.sendall(conn.data_to_send())
+    # HEADERS, END_STREAM | END_HEADERS, stream 1
+    sock.sendall(len(block).to_bytes(3, "big") + b"\x01\x05\x00\x00\x00\x01" + block)
+    terminated = goaway(read_until_closed(sock, conn))
+    sock.close()
+    assert terminated is not None and terminated.error_code == ErrorCodes.PROTOCOL_ERROR
+    assert len(upstream.calls) == calls
+    assert sidecar.stat("http.outbound.http2.rx_messaging_error") == before + 1
+
+
 def test_draining_sends_goaway_and_the_call_in_flight_still_completes(tmp_path, upstream):
     endpoints = endpoints_file(tmp_path / "endpoints.yaml", {"default/mockc": {"base": [upstream.port]}})
     proxy = ProxyProcess(SWIMLANES, endpoints, outbound=True, inbound_app=upstream.port).start()
