@@ -35,6 +35,8 @@ from hyperframe.frame import GoAwayFrame
 from laneproxy.core import headers as h
 from laneproxy.core.retry import grpc_timeout_seconds
 from laneproxy.dataplane.exchange import Exchange
+from laneproxy.dataplane.hpack_codec import Decoder, Encoder
+from laneproxy.dataplane.http2_fields import fields_error
 
 if TYPE_CHECKING:
     import asyncio
@@ -96,8 +98,11 @@ def send_within_window(conn: h2.connection.H2Connection, stream_id: int, outbox:
             data = outbox[0]
             if len(data) <= window:
                 outbox.popleft()
-                conn.send_data(stream_id, data)
+                last = end and not outbox and not trailers  # the end rides on the last DATA: no empty frame
+                conn.send_data(stream_id, data, end_stream=last)
                 sent += len(data)
+                if last:
+                    return sent, True
             else:
                 outbox[0] = data[window:]
                 conn.send_data(stream_id, data[:window])
@@ -117,7 +122,7 @@ class Http2Stream:
     """One client stream: the `DownstreamStream` of its Exchange."""
 
     __slots__ = ("connection", "stream_id", "exchange", "head", "outbox", "end_pending", "trailers", "unacked", "held",
-                 "blocked", "stalled", "request_ended", "response_ended", "opened_at", "closed")
+                 "blocked", "stalled", "request_ended", "response_ended", "opened_at", "closed", "pump_scheduled")
 
     def __init__(self, connection: Http2Connection, stream_id: int) -> None:
         self.connection = connection
@@ -135,6 +140,7 @@ class Http2Stream:
         self.response_ended = False
         self.opened_at = time.monotonic()
         self.closed = False
+        self.pump_scheduled = False  # response bytes wait for the end of this pass of the loop (send_data)
 
     # DownstreamStream ----------------------------------------------------------------------------
 
@@ -158,14 +164,19 @@ class Http2Stream:
             self.head = response_headers(status, headers, overrides, exchange.listener.response_dropped)
 
     def send_data(self, data: bytes) -> None:
+        """Sent once this pass of the loop is over: the end of the response, when the same upstream read brought
+        it, then goes out on the last DATA frame rather than an empty one of its own."""
         if self.closed:
             return
         self.outbox.append(data)
-        self._pump()
+        if not self.pump_scheduled:
+            self.pump_scheduled = True
+            self.connection.pump_soon(self)
 
     def flush_head(self) -> None:
-        """The upstream read that brought the head ended with no end of the response: the head goes now."""
-        if self.head is not None and not self.closed:
+        """The upstream read that brought the head ended with no end of the response: the head goes now (unless
+        body bytes are about to go: they take it along)."""
+        if self.head is not None and not self.closed and not self.pump_scheduled:
             self._send_head(end_stream=False)
             self.connection.flush_soon()
 
@@ -186,7 +197,8 @@ class Http2Stream:
 
     def end(self) -> None:
         self.end_pending = True
-        self._pump()
+        if not self.pump_scheduled:  # else the pump this pass sends the end with the last DATA
+            self._pump()
 
     def send_local_reply(self, exchange: Exchange, reply: local_reply.LocalReply) -> None:
         if self.closed:
@@ -273,14 +285,22 @@ class Http2Connection:
     """A client's HTTP/2 connection on a listener: the asyncio protocol once the preface has been seen."""
 
     __slots__ = ("listener", "transport", "h2", "streams", "closed", "draining", "writing_paused", "unread_control",
-                 "streams_opened", "premature_resets", "last_activity", "counters", "drained_at", "flush_pending")
+                 "streams_opened", "premature_resets", "last_activity", "counters", "drained_at", "flush_pending",
+                 "to_pump")
 
     def __init__(self, listener: Listener, transport: asyncio.Transport) -> None:
         self.listener = listener
         self.transport: asyncio.Transport | None = transport
         self.counters: Http2Stats = listener.stats.http2
-        config = h2.config.H2Configuration(client_side=False, header_encoding=None, validate_inbound_headers=True)
+        # Outbound header blocks are built here from parsed (lowercase, connection-header-free) fields, so h2's
+        # outbound normalization and validation are skipped; what the client sends is checked by http2_fields
+        # (h2's own inbound checks, compiled) before anything reads it, and its cookies are joined in _open.
+        config = h2.config.H2Configuration(client_side=False, header_encoding=None, validate_inbound_headers=False,
+                                           normalize_inbound_headers=False, validate_outbound_headers=False,
+                                           normalize_outbound_headers=False)
         self.h2 = h2.connection.H2Connection(config=config)
+        self.h2.encoder = Encoder()  # type: ignore[assignment]
+        self.h2.decoder = Decoder()  # type: ignore[assignment]
         # Our SETTINGS as the values in force from the start (h2 applies update() only once they are acknowledged,
         # and our windows must agree with what the client is told).
         self.h2.local_settings = h2.settings.Settings(client=False, initial_values={
@@ -300,6 +320,7 @@ class Http2Connection:
         self.premature_resets = 0
         self.last_activity = listener.now
         self.flush_pending = False
+        self.to_pump: list[Http2Stream] = []  # streams with response bytes to send before the next flush
         self.h2.initiate_connection()
         self.h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
         self.flush()
@@ -371,6 +392,8 @@ class Http2Connection:
             if event.stream_ended is not None:
                 self._request_ended(stream)
         elif isinstance(event, h2.events.RequestReceived):
+            if self._malformed(event.headers, trailers=False):
+                return
             self._open(event)
         elif isinstance(event, h2.events.WindowUpdated):
             if event.stream_id:
@@ -386,6 +409,8 @@ class Http2Connection:
             if stream is not None and not stream.request_ended:
                 self._request_ended(stream)
         elif isinstance(event, h2.events.TrailersReceived):
+            if self._malformed(event.headers, trailers=True):
+                return
             stream = self.streams.get(event.stream_id)
             if stream is not None and stream.exchange is not None:
                 stream.exchange.on_request_trailers(list(event.headers))
@@ -398,6 +423,14 @@ class Http2Connection:
                 self.unread_control += 1
         elif isinstance(event, h2.events.ConnectionTerminated):
             self.close()
+
+    def _malformed(self, headers: Sequence[tuple[bytes, bytes]], *, trailers: bool) -> bool:
+        """A header block RFC 9113 8.2/8.3 calls malformed ends the connection with PROTOCOL_ERROR, as h2 did."""
+        if fields_error(headers, request=True, trailers=trailers) is None:
+            return False
+        self.counters.rx_messaging_error += 1
+        self.go_away(ErrorCodes.PROTOCOL_ERROR, abort=False)
+        return True
 
     def _open(self, event: h2.events.RequestReceived) -> None:
         stream_id = event.stream_id
@@ -565,7 +598,16 @@ class Http2Connection:
             self.flush_pending = True
             self.listener.loop.call_soon(self._flush_pending)
 
+    def pump_soon(self, stream: Http2Stream) -> None:
+        self.to_pump.append(stream)
+        self.flush_soon()
+
     def _flush_pending(self) -> None:
+        if self.to_pump:
+            streams, self.to_pump = self.to_pump, []
+            for stream in streams:
+                stream.pump_scheduled = False
+                stream._pump()
         if self.flush_pending:
             self.flush()
 

@@ -23,10 +23,11 @@ import h2.exceptions
 import h2.settings
 from h2.errors import ErrorCodes
 from h2.settings import SettingCodes
-from hpack import HeaderTuple, NeverIndexedHeaderTuple
 
 from laneproxy.core import headers as h
+from laneproxy.dataplane.hpack_codec import Decoder, Encoder
 from laneproxy.dataplane.http2 import send_within_window
+from laneproxy.dataplane.http2_fields import fields_error
 from laneproxy.core.errors import LocalReplyError, UpstreamConnectError, UpstreamProtocolError, UpstreamResetError
 
 if TYPE_CHECKING:
@@ -44,33 +45,10 @@ _TRAILERS = b"trailers"
 _NOT_IN_HTTP2 = (h.NOT_FORWARDED - {h.TE}) | frozenset({h.HOST})
 
 
-# Header values the upstream's HPACK table may keep: constants every caller sends alike.
-_INDEXABLE = frozenset({b"content-type", b"te", b"user-agent", b"accept", b"accept-encoding", b"grpc-accept-encoding",
-                        b"grpc-encoding"})
-
-
-def _header_field(name: bytes, value: bytes) -> HeaderTuple:
-    """A request header as sent upstream: anything but a known constant is never indexed in HPACK's table.
-
-    One upstream connection carries many clients' requests, and a peer may refuse a value it cannot parse
-    (grpc-core drops a `grpc-timeout` of `zz` or a non-printable value) without storing it in its table: if
-    the proxy's encoder had stored it, every later request on that connection would decode wrongly at the
-    peer (found by tests/component/test_fuzz_http2.py: one bad call broke every call after it). Values that
-    change per request (trace ids, timeouts) gain nothing from the table anyway.
-
-    Typed HeaderTuple, not tuple[bytes, bytes]: the compiled build keeps a value of that tuple type as a C
-    struct and builds a plain tuple again when it hands it on, so the never-indexed mark was lost (the fuzz
-    test's bad `grpc-timeout` broke the calls after it again, on the compiled build only).
-    """
-    if name in _INDEXABLE:
-        return HeaderTuple(name, value)
-    return NeverIndexedHeaderTuple(name, value)
-
-
-def _trailer_fields(sink: Exchange | None) -> list[HeaderTuple] | None:
-    """The request trailers the client sent, encoded as headers are (_header_field)."""
+def _trailer_fields(sink: Exchange | None) -> list[tuple[bytes, bytes]] | None:
+    """The request trailers the client sent, as they go upstream."""
     trailers = sink.trailers if sink is not None else None
-    return None if trailers is None else [_header_field(name, value) for name, value in trailers]
+    return None if trailers is None else list(trailers)
 
 
 class Http2UpstreamStream:
@@ -87,7 +65,7 @@ class Http2UpstreamStream:
         self.outbox: deque[bytes] = deque()  # request bytes waiting for the server's window
         self.end_pending = False
         self.ended = False  # END_STREAM went out
-        self.trailers: list[HeaderTuple] | None = None
+        self.trailers: list[tuple[bytes, bytes]] | None = None
         self.paused = False  # the client is not taking the response: its DATA is not acknowledged
         self.unacked = 0
         self.received_any = False
@@ -126,8 +104,9 @@ class Http2UpstreamStream:
         self.stream_id = conn.get_next_available_stream_id()
         connection.streams[self.stream_id] = self
         last = complete and not body and not (self.sink is not None and self.sink.trailers)
-        conn.send_headers(self.stream_id, pseudo + [_header_field(name, value) for name, value in block],
-                          end_stream=last)
+        # No field enters the upstream's HPACK table (hpack_codec.Encoder never indexes): one bad per-call value
+        # (a grpc-timeout a peer refuses to store) cannot make the calls after it decode wrongly at the peer.
+        conn.send_headers(self.stream_id, pseudo + block, end_stream=last)
         if last:
             self.end_pending = self.ended = True
         else:
@@ -231,8 +210,13 @@ class Http2UpstreamConnection(asyncio.Protocol):
     def __init__(self, pool: Http2Pool) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
-        config = h2.config.H2Configuration(client_side=True, header_encoding=None)
+        # As on the listener's side (http2.py): h2's header checks are http2_fields', compiled.
+        config = h2.config.H2Configuration(client_side=True, header_encoding=None, validate_inbound_headers=False,
+                                           normalize_inbound_headers=False, validate_outbound_headers=False,
+                                           normalize_outbound_headers=False)
         self.h2 = h2.connection.H2Connection(config=config)
+        self.h2.encoder = Encoder()  # type: ignore[assignment]
+        self.h2.decoder = Decoder()  # type: ignore[assignment]
         self.streams: dict[int, Http2UpstreamStream] = {}
         self.active = 0  # streams lent and not done
         self.closed = False
@@ -279,6 +263,8 @@ class Http2UpstreamConnection(asyncio.Protocol):
             return
         heads: list[Http2UpstreamStream] = []
         for event in events:
+            if self.closed:
+                return
             self._dispatch(event, heads)
         for stream in heads:
             if stream.sink is not None:
@@ -287,6 +273,8 @@ class Http2UpstreamConnection(asyncio.Protocol):
 
     def _dispatch(self, event: h2.events.Event, heads: list[Http2UpstreamStream]) -> None:
         if isinstance(event, h2.events.ResponseReceived):
+            if self._malformed(event.headers, trailers=False):
+                return
             stream = self.streams.get(event.stream_id)
             if stream is None or stream.sink is None:
                 return
@@ -307,6 +295,8 @@ class Http2UpstreamConnection(asyncio.Protocol):
                 return
             stream.on_data(event.data, event.flow_controlled_length)
         elif isinstance(event, h2.events.TrailersReceived):
+            if self._malformed(event.headers, trailers=True):
+                return
             stream = self.streams.get(event.stream_id)
             if stream is not None and stream.sink is not None:
                 stream.sink.on_response_trailers([(n, v) for n, v in event.headers if n[:1] != b":"])
@@ -338,6 +328,21 @@ class Http2UpstreamConnection(asyncio.Protocol):
                     stream.fail(UpstreamConnectError("the upstream's GOAWAY came before this stream"))
             if not self.streams:
                 self.close()
+
+    def _malformed(self, headers: Sequence[tuple[bytes, bytes]], *, trailers: bool) -> bool:
+        """A malformed response block (RFC 9113 8.2/8.3) fails every stream and ends the connection, as h2's
+        ProtocolError did: GOAWAY with PROTOCOL_ERROR, nothing of it reaches a client."""
+        error = fields_error(headers, request=False, trailers=trailers)
+        if error is None:
+            return False
+        try:
+            self.h2.close_connection(error_code=ErrorCodes.PROTOCOL_ERROR)
+        except h2.exceptions.ProtocolError:
+            pass
+        self.flush()
+        self._fail_all(UpstreamProtocolError(f"HTTP/2: malformed response header block: {error}"))
+        self.close()
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         pool = self.pool

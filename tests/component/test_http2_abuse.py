@@ -186,6 +186,71 @@ def test_a_malformed_frame_is_a_protocol_error_answered_with_goaway(sidecar, ups
     assert sidecar.stat("http.outbound.http2.rx_messaging_error") == before + 1
 
 
+MALFORMED_BLOCKS = {
+    "uppercase name": headers(extra=[(b"X-Lane", b"canary")]),
+    "connection-specific field": headers(extra=[(b"connection", b"close")]),
+    "te other than trailers": [(n, b"gzip" if n == b"te" else v) for n, v in headers()],
+    "LF in a value": headers(extra=[(b"x-trace", b"a\nx-lane: canary")]),
+    "no :path": [(n, v) for n, v in headers() if n != b":path"],
+    "empty :path": headers(path=b""),
+    "pseudo-header after a field": headers() + [(b":protocol", b"x")],
+}
+
+
+@pytest.mark.parametrize("block", MALFORMED_BLOCKS.values(), ids=MALFORMED_BLOCKS.keys())
+def test_a_malformed_header_block_is_answered_with_goaway_and_never_reaches_the_upstream(sidecar, upstream, block):
+    calls = len(upstream.calls)
+    before = sidecar.stat("http.outbound.http2.rx_messaging_error")
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(
+        client_side=True, header_encoding=None, validate_outbound_headers=False, normalize_outbound_headers=False))
+    conn.initiate_connection()
+    conn.send_headers(1, block, end_stream=False)
+    conn.send_data(1, MESSAGE, end_stream=True)
+    sock = socket.create_connection(("127.0.0.1", sidecar.outbound_port))
+    sock.sendall(conn.data_to_send())
+    terminated = goaway(read_until_closed(sock, conn))
+    sock.close()
+    assert terminated is not None and terminated.error_code == ErrorCodes.PROTOCOL_ERROR
+    assert len(upstream.calls) == calls
+    assert sidecar.stat("http.outbound.http2.rx_messaging_error") == before + 1
+
+
+def test_malformed_request_trailers_end_the_connection_before_they_go_upstream(sidecar, upstream):
+    before = sidecar.stat("http.outbound.http2.rx_messaging_error")
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(
+        client_side=True, header_encoding=None, validate_outbound_headers=False, normalize_outbound_headers=False))
+    conn.initiate_connection()
+    conn.send_headers(1, headers(), end_stream=False)
+    conn.send_data(1, MESSAGE)
+    conn.send_headers(1, [(b":path", b"/other")], end_stream=True)  # a pseudo-header in trailers
+    sock = socket.create_connection(("127.0.0.1", sidecar.outbound_port))
+    sock.sendall(conn.data_to_send())
+    terminated = goaway(read_until_closed(sock, conn))
+    sock.close()
+    assert terminated is not None and terminated.error_code == ErrorCodes.PROTOCOL_ERROR
+    assert sidecar.stat("http.outbound.http2.rx_messaging_error") == before + 1
+
+
+@pytest.mark.parametrize("block", [
+    b"\xff" + b"\xff" * 40 + b"\x01",  # an index whose integer never ends within the bound
+    b"\x3f\xe1\xff\xff\x07",  # a dynamic table of about 16 MiB, past our SETTINGS
+    b"\x00\x7f\xff\xff\xff\x0f",  # a literal name of about 256 MiB in a 6-byte block
+], ids=["endless integer", "table size past the settings", "string past the block"])
+def test_a_hostile_hpack_block_is_a_protocol_error_and_reaches_no_upstream(sidecar, upstream, block):
+    calls = len(upstream.calls)
+    before = sidecar.stat("http.outbound.http2.rx_messaging_error")
+    conn = client()
+    sock = socket.create_connection(("127.0.0.1", sidecar.outbound_port))
+    sock.sendall(conn.data_to_send())
+    # HEADERS, END_STREAM | END_HEADERS, stream 1
+    sock.sendall(len(block).to_bytes(3, "big") + b"\x01\x05\x00\x00\x00\x01" + block)
+    terminated = goaway(read_until_closed(sock, conn))
+    sock.close()
+    assert terminated is not None and terminated.error_code == ErrorCodes.PROTOCOL_ERROR
+    assert len(upstream.calls) == calls
+    assert sidecar.stat("http.outbound.http2.rx_messaging_error") == before + 1
+
+
 def test_draining_sends_goaway_and_the_call_in_flight_still_completes(tmp_path, upstream):
     endpoints = endpoints_file(tmp_path / "endpoints.yaml", {"default/mockc": {"base": [upstream.port]}})
     proxy = ProxyProcess(SWIMLANES, endpoints, outbound=True, inbound_app=upstream.port).start()

@@ -187,18 +187,30 @@ def test_an_unsolicited_101_is_a_protocol_error(pool):
 
 def test_request_headers_sent_upstream_over_http2_keep_per_call_values_out_of_the_shared_hpack_table():
     """A value a peer may refuse (a bad grpc-timeout) must never enter the upstream connection's HPACK table:
-    every later call on it would decode wrongly. Checked on h2's real encoder, in both builds (the compiled one
-    once lost the never-indexed mark by passing the field through a tuple type)."""
+    every later call on it would decode wrongly. Sent by the upstream connection's own h2 state (its encoder and
+    settings) and read by a real h2 server, in both builds; the server's dynamic table stays empty."""
+    import asyncio
+
     import h2.config
     import h2.connection
+    import h2.events
 
-    from laneproxy.dataplane.http2_upstream import _header_field
+    from laneproxy.dataplane.http2_upstream import Http2Pool, Http2UpstreamConnection
 
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
-    conn.initiate_connection()
+    loop = asyncio.new_event_loop()
+    try:
+        client = Http2UpstreamConnection(Http2Pool("127.0.0.1", 9, loop, connect_timeout=1.0)).h2
+    finally:
+        loop.close()
+    client.initiate_connection()
     pseudo = [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"mockc:50051"), (b":path", b"/Echo/Unary")]
-    fields = [_header_field(b"grpc-timeout", b"zz"), _header_field(b"content-type", b"application/grpc")]
-    conn.send_headers(1, pseudo + fields)
-    table = list(conn.encoder.header_table.dynamic_entries)
-    assert (b"content-type", b"application/grpc") in table  # the table is in use: constants are indexed
-    assert not [entry for entry in table if entry[0] == b"grpc-timeout"], table
+    fields = [(b"grpc-timeout", b"zz"), (b"content-type", b"application/grpc"), (b"authorization", b"Bearer t")]
+    client.send_headers(1, pseudo + fields)
+    client.send_headers(3, pseudo + fields)
+    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
+    server.initiate_connection()
+    requests = [event for event in server.receive_data(client.data_to_send())
+                if isinstance(event, h2.events.RequestReceived)]
+    assert [list(event.headers) for event in requests] == [pseudo + fields] * 2
+    assert list(server.decoder.header_table.dynamic_entries) == []
+    assert server.decoder.header_table_size == 0  # the first block said so: nothing is owed when the server shrinks it
