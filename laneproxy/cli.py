@@ -89,6 +89,17 @@ def _percent(text: str) -> float:
     return value
 
 
+def _whole_percent(text: str) -> int:
+    """A whole percentage, as Envoy's `max_ejection_percent` (a UInt32) is: 12.5 is refused, not rounded."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole percentage from 0 to 100, got {text!r}") from None
+    if not 0 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"expected a whole percentage from 0 to 100, got {text!r}")
+    return value
+
+
 def _address(text: str) -> Address:
     try:
         return Address.parse(text)
@@ -291,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--max-requests", type=_positive_int, default=1024, help="circuit breaker: requests in flight per cluster")
     limits.add_argument("--outlier-consecutive-5xx", type=_positive_int, default=5, help="5xx in a row that eject an endpoint")
     limits.add_argument("--outlier-ejection-seconds", type=_seconds, default=30.0, help="how long an ejection lasts")
-    limits.add_argument("--outlier-max-ejection-percent", type=_percent, default=10,
+    limits.add_argument("--outlier-max-ejection-percent", type=_whole_percent, default=10,
                         help="share of an endpoint set that may be ejected (at least one endpoint always may)")
     tunnels = run.add_argument_group("tunnels and egress")
     tunnels.add_argument("--outbound-traffic-policy", choices=["ALLOW_ANY", "REGISTRY_ONLY"],

@@ -37,3 +37,12 @@ def test_a_byte_budget_that_is_not_a_positive_number_is_refused(value, capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["run", "--trace-table-bytes", value])
     assert "--trace-table-bytes" in capsys.readouterr().err
+
+
+def test_the_outlier_ejection_share_is_a_whole_percentage_as_in_envoy(capsys):
+    # The compiled OutlierDetector checks its int at run time: a float here made the sidecar exit at start.
+    parsed = settings_from_args(build_parser().parse_args(["run", "--outlier-max-ejection-percent", "100"]))
+    assert type(parsed.outlier.max_ejection_percent) is int and parsed.outlier.max_ejection_percent == 100
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["run", "--outlier-max-ejection-percent", "12.5"])
+    assert "whole percentage" in capsys.readouterr().err
