@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -39,10 +40,52 @@ TOPOLOGY = (
 SERVICE_PORT = 8000
 
 
+# Ports the demo hands to the processes it starts are drawn from here: below the kernel's ephemeral range (the
+# kernel never picks these for an outgoing connection by itself) and below Kubernetes' NodePort range.
+PICKED_PORTS_LOW, PICKED_PORTS_HIGH = 20000, 30000
+_handed_out: set[int] = set()
+
+
+def _ephemeral_low(path: Path = Path("/proc/sys/net/ipv4/ip_local_port_range")) -> int:
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default when the range cannot be read
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A loopback TCP port free now, for a process started next to bind.
+
+    The port is released before its process binds it. A port from the ephemeral range (bind to port 0) can be
+    taken in that gap by any outgoing connection of any process on the machine (a mock in the suite once failed
+    to start that way), so the draw is from a range the kernel never assigns by itself; each draw is checked by
+    binding it, and this process never hands out the same port twice. Only where the machine's ephemeral range
+    leaves no such room does it fall back to the kernel's choice."""
+    high = min(PICKED_PORTS_HIGH, _ephemeral_low())
+    if high - PICKED_PORTS_LOW < 1000:
+        return _kernel_port()
+    for _ in range(200):
+        port = random.randrange(PICKED_PORTS_LOW, high)
+        if port in _handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    return _kernel_port()
+
+
+def _kernel_port() -> int:
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 @dataclass
@@ -87,6 +130,8 @@ class DemoCluster:
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="laneproxy-demo-")
         self.workdir = workdir or Path(self._tmp.name)
         self.endpoints_file = self.workdir / "endpoints.yaml"
+        if gateway_port:
+            _handed_out.add(gateway_port)  # never drawn again for another process of this demo
         self.gateway_port = gateway_port or free_port()
         self.gateway_admin_port = free_port()
         self.gateway_metrics_port = free_port()
@@ -94,21 +139,9 @@ class DemoCluster:
         self.proxy_args = proxy_args
         self.app_env = app_env or {}
         self.pods = [Pod(*spec) for spec in TOPOLOGY]
-        self._distinct_ports()
         self.log_level = log_level
         self.own_apps = own_apps
         self.processes: list[subprocess.Popen] = []
-
-    def _distinct_ports(self) -> None:
-        """Draw again any port picked twice: free_port releases each port, so two picks can coincide."""
-        seen = {self.gateway_port}
-        owners = [(self, "gateway_admin_port"), (self, "gateway_metrics_port")]
-        owners += [(pod, name) for pod in self.pods
-                   for name in ("app_port", "inbound_port", "outbound_port", "admin_port", "metrics_port")]
-        for owner, name in owners:
-            while getattr(owner, name) in seen:
-                setattr(owner, name, free_port())
-            seen.add(getattr(owner, name))
 
     @property
     def gateway_url(self) -> str:

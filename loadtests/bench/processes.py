@@ -15,23 +15,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from laneproxy.demo import free_port  # noqa: F401  (the benchmark's processes take their ports from the demo's picker)
+
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
-
-
-_HANDED_OUT: set[int] = set()
-
-
-def free_port() -> int:
-    """A port nothing listens on now, never one this process handed out before: a run starts some twenty servers
-    after choosing all their ports, and the kernel may offer a closed port again before its server has bound it."""
-    while True:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        if port not in _HANDED_OUT:
-            _HANDED_OUT.add(port)
-            return port
 
 
 def _stat_fields(pid: int) -> list[str] | None:

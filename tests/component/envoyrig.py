@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -36,6 +35,7 @@ from pathlib import Path
 
 import yaml
 
+from laneproxy.demo import free_port
 from proxyrig import stop_process, wait_for  # noqa: F401 (wait_for: the envoy tests import it from here)
 
 ROUTE_TIMEOUT = 1.0
@@ -113,10 +113,8 @@ class EchoUpstream:
 
 
 def unused_port() -> int:
-    """A port nothing listens on: bound once by us, then released."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port nothing listens on."""
+    return free_port()
 
 
 def envoy_config(upstream_port: int, dead_port: int, access_log: Path) -> dict:

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from laneproxy.demo import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "loadtests" / "bench"
 
@@ -85,12 +87,6 @@ def test_the_http1_cases_alone_measure_the_hop_against_both_peers_and_both_build
 # --workers N: belongs with the benchmark because its purpose is throughput; it checks behaviour only.
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _get(url: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
@@ -110,7 +106,7 @@ def test_workers_share_the_ports_and_the_admin_adds_their_stats_up(tmp_path):
         import tables
     finally:
         sys.path.remove(str(BENCH))
-    upstream = subprocess.Popen([sys.executable, "-m", "laneproxy", "mock", "--listen", f"127.0.0.1:{_free_port()}"],
+    upstream = subprocess.Popen([sys.executable, "-m", "laneproxy", "mock", "--listen", f"127.0.0.1:{free_port()}"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     app_port = int(upstream.args[-1].rsplit(":", 1)[1])
     deadline = time.monotonic() + 30
@@ -123,7 +119,7 @@ def test_workers_share_the_ports_and_the_admin_adds_their_stats_up(tmp_path):
             time.sleep(0.05)
     swimlanes, endpoints, services = tables.write_table(tmp_path, "w", 3, app_port)
     endpoints.write_text(tables.endpoints_text(services, app_port, lanes=("base",)))  # canary falls back to base
-    inbound, outbound, admin = _free_port(), _free_port(), _free_port()
+    inbound, outbound, admin = free_port(), free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k.lower() not in ("http_proxy", "https_proxy")}
     proxy = subprocess.Popen(
         [sys.executable, "-m", "laneproxy", "--log-level", "warning", "run", "--workers", "2",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from laneproxy.demo import DemoCluster
+from laneproxy.demo import DemoCluster, free_port
 from proxyrig import SWIMLANES
 
 CANARY = "mocka(version: v2, ip: 127.0.0.1)-> mockb(version: v1, ip: 127.0.0.1)-> mockc(version: v2, ip: 127.0.0.1)"
@@ -149,9 +148,7 @@ def test_run_refuses_a_misspelled_field_and_with_lenient_starts_and_logs_it(tmp_
     refused = subprocess.run([*command, "--admin", "none"], capture_output=True, text=True, timeout=30)
     assert refused.returncode == 2 and line in refused.stderr
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        admin = probe.getsockname()[1]
+    admin = free_port()
     lenient = subprocess.Popen([*command, "--admin", f"127.0.0.1:{admin}", "--lenient"], stderr=subprocess.PIPE,
                                text=True)
     try:

@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import ssl
 import subprocess
 import sys
@@ -30,18 +29,13 @@ _REPO = Path(__file__).resolve().parents[2]
 if str(_REPO) not in sys.path:
     sys.path.insert(0, str(_REPO))
 
+from laneproxy.demo import free_port  # noqa: E402
 from laneproxy.inject import SIDECAR_NAME, SidecarSettings, inject_pod  # noqa: E402
 from tests.image.hosttools import PODMAN_RUN_FLAGS, build_image, hadolint, kubectl, make_tls  # noqa: E402
 from tests.kube.fixtures import kube_apiserver  # noqa: E402, F401
 
 SWIMLANES = _REPO / "config" / "swimlanes.yaml"
 READ_ONLY = ("--read-only", "--read-only-tmpfs=false")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def podman(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -12,7 +12,6 @@ import base64
 import copy
 import json
 import os
-import socket
 import ssl
 import subprocess
 import sys
@@ -31,6 +30,7 @@ _REPO = Path(__file__).resolve().parents[2]
 if str(_REPO) not in sys.path:
     sys.path.insert(0, str(_REPO))
 
+from laneproxy.demo import free_port  # noqa: E402
 from laneproxy.inject import SIDECAR_NAME, SidecarSettings, inject_pod  # noqa: E402
 from laneproxy.webhook import CertificateReloader, json_patch, review_response  # noqa: E402
 from tests.image.hosttools import kubectl, make_tls  # noqa: E402
@@ -39,12 +39,6 @@ from tests.kube.fixtures import kube_apiserver  # noqa: E402, F401
 IMAGE = "localhost/laneproxy:test"
 SEED_APPS = _REPO / "deploy" / "examples" / "seed" / "apps.yaml"
 WEBHOOK_CONFIGURATION = _REPO / "deploy" / "base" / "webhook" / "mutatingwebhookconfiguration.yaml"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def apply_patch(document: object, patch: list[dict]) -> object:

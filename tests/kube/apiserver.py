@@ -36,7 +36,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -49,6 +48,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+
+from laneproxy.demo import free_port
 
 __all__ = [
     "ADMIN_USER",
@@ -167,12 +168,6 @@ def _tail(path: Path, lines: int = 30) -> str:
 
 def _first_address(cidr: str) -> str:
     return str(ipaddress.ip_network(cidr)[1])
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((_LOOPBACK, 0))
-        return int(sock.getsockname()[1])
 
 
 def _die_with_parent() -> None:
@@ -485,7 +480,7 @@ class KubeApiServer:
         return proc
 
     def _start_etcd(self, etcd: str) -> None:
-        client_port, peer_port = _free_port(), _free_port()
+        client_port, peer_port = free_port(), free_port()
         self.etcd_url = f"http://{_LOOPBACK}:{client_port}"
         peer_url = f"http://{_LOOPBACK}:{peer_port}"
         proc = self._spawn(
@@ -512,7 +507,7 @@ class KubeApiServer:
         self._wait_until(proc, etcd_healthy, "etcd /health")
 
     def _start_apiserver(self, binary: Path, pki: _Pki) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         proc = self._spawn(
             "kube-apiserver",
             [
