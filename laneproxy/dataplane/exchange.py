@@ -507,15 +507,25 @@ class Exchange:
             self.on_response_complete()
 
     def on_switching_protocols(self, connection: UpstreamConnection, from_upstream: bytes) -> None:
-        """tunnels: the upstream answered this upgrade request 101; record the exchange, then join the sockets."""
+        """tunnels: the upstream answered this upgrade request 101; join the sockets. The exchange is recorded
+        when its tunnel ends (`end_tunnel`), or now if the client is already gone."""
         start = tunnel.switch_protocols(self, connection, from_upstream)
-        self._finish()
-        if start is not None:
-            start()
+        if start is None:
+            self._finish()
+            return
+        self._finish(record=False)
+        start()
 
     def finish_tunnelled(self) -> None:
-        """tunnels: the exchange ends at its 101 or CONNECT 200 (recorded once); its sockets now belong to a tunnel."""
-        self._finish()
+        """tunnels: the HTTP part ends at its 101 or CONNECT 200; its sockets now belong to a tunnel, whose end
+        records the exchange (`end_tunnel`), as Envoy logs an upgraded stream when it ends."""
+        self._finish(record=False)
+
+    def end_tunnel(self, received: int, sent: int) -> None:
+        """tunnels: the tunnel this exchange became has ended (either side closed, idle timeout, drain, reset):
+        the exchange is recorded now, once, with the tunnel's bytes both ways and its whole duration."""
+        self.request_bytes, self.response_bytes = received, sent
+        self.listener.on_exchange_done(self)
 
     def _read_mesh_headers(self, headers: list[tuple[bytes, bytes]]) -> None:
         """The headers the next proxy answered with for this one: who it is, and where the request went next."""
@@ -583,7 +593,7 @@ class Exchange:
             connection.abandon()
         self._finish()
 
-    def _finish(self) -> None:
+    def _finish(self, *, record: bool = True) -> None:
         self.state = _DONE
         self.deadline = 0.0
         if self.deadline_timer is not None:
@@ -592,5 +602,6 @@ class Exchange:
         self.pending_body = None
         if self.pending_bytes:
             self._release_pending()
-        self.listener.on_exchange_done(self)
+        if record:
+            self.listener.on_exchange_done(self)
         self.downstream.exchange_done(self)

@@ -1,0 +1,175 @@
+"""A WebSocket's access-log line and its drain, as Envoy has them, with a real `laneproxy run`, a real `websockets`
+client and a real `websockets` echo server on 127.0.0.1.
+
+Envoy logs an upgraded stream when it ends: %BYTES_RECEIVED%/%BYTES_SENT% are the whole tunnel's bytes and
+%DURATION% runs to its close. The tests compute the exact wire bytes of the frames they send (masked client
+frames: 2 + 4 + payload; server frames: 2 + payload; no compression) and hold the tunnel open for a known
+time. On SIGTERM a tunnel is not cut: it carries messages through the minimum drain and after it, until the
+drain limit closes it, and its line is written then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import websockets
+from websockets.asyncio.client import connect
+from websockets.asyncio.server import serve
+
+from proxyrig import SWIMLANES, ProxyProcess, endpoints_file
+
+MESSAGES = ("hello", "x" * 100, "lane swimming", "y" * 125)  # each under 126 bytes: a 2-byte frame header
+HOLD = 1.5  # seconds the test keeps the tunnel open after its messages
+
+
+def client_frame(text: str) -> int:
+    return 2 + 4 + len(text.encode())  # masked
+
+
+def server_frame(text: str) -> int:
+    return 2 + len(text.encode())
+
+
+CLOSE_FROM_CLIENT = 2 + 4 + 2  # close code 1000, no reason, masked
+CLOSE_FROM_SERVER = 2 + 2
+
+
+class EchoServer:
+    """A `websockets` echo server on its own loop in a thread."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.port = 0
+
+    def __enter__(self) -> EchoServer:
+        self.thread.start()
+        assert self.ready.wait(10)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.loop.call_soon_threadsafe(self.stop.set_result, None)
+        self.thread.join(10)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_until_complete(self._main())
+
+    async def _main(self) -> None:
+        self.stop = self.loop.create_future()
+
+        async def echo(ws) -> None:
+            try:
+                async for message in ws:
+                    await ws.send(message)
+            except websockets.ConnectionClosed:
+                pass
+
+        server = await serve(echo, "127.0.0.1", 0, compression=None)
+        self.port = server.sockets[0].getsockname()[1]
+        self.ready.set()
+        await self.stop
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.fixture(scope="module")
+def echo():
+    with EchoServer() as server:
+        yield server
+
+
+def sidecar(tmp_path: Path, port: int, *extra: str) -> tuple[ProxyProcess, Path]:
+    access_log = tmp_path / "access.log"
+    endpoints = endpoints_file(tmp_path / "endpoints.yaml", {"default/mockb": {"base": [port]}})
+    proxy = ProxyProcess(SWIMLANES, endpoints, outbound=True,
+                         extra=("--access-log", str(access_log), "--access-log-format", "json", *extra)).start()
+    return proxy, access_log
+
+
+def lines(access_log: Path) -> list[dict]:
+    text = access_log.read_text() if access_log.exists() else ""
+    return [json.loads(line) for line in text.splitlines() if line]
+
+
+async def wait_for_lines(access_log: Path, count: int, timeout: float = 10.0) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = lines(access_log)
+        if len(found) >= count:
+            return found
+        await asyncio.sleep(0.05)
+    return lines(access_log)
+
+
+def open_websocket(proxy: ProxyProcess):
+    sock = socket.create_connection(("127.0.0.1", proxy.outbound_port))
+    return connect("ws://mockb:8000/ws", sock=sock, compression=None)
+
+
+async def talk(ws) -> None:
+    for message in MESSAGES:
+        await ws.send(message)
+        assert await asyncio.wait_for(ws.recv(), 10) == message
+
+
+async def test_a_websocket_is_logged_once_when_it_closes_with_the_whole_tunnels_bytes_and_duration(tmp_path, echo):
+    proxy, access_log = sidecar(tmp_path, echo.port)
+    try:
+        async with open_websocket(proxy) as ws:
+            opened = time.monotonic()
+            await talk(ws)
+            assert proxy.stat("http.outbound.downstream_cx_upgrades_active") == 1
+            await asyncio.sleep(HOLD)
+            assert lines(access_log) == [], "the upgrade was logged before its tunnel ended"
+        held_ms = (time.monotonic() - opened) * 1000
+        found = await wait_for_lines(access_log, 1)
+        await asyncio.sleep(0.3)  # a second line for the same exchange would show here
+        found = lines(access_log)
+        assert len(found) == 1, found
+        line = found[0]
+        assert line["response_code"] == 101 and line["response_flags"] == "-"
+        assert line["bytes_received"] == sum(client_frame(m) for m in MESSAGES) + CLOSE_FROM_CLIENT
+        assert line["bytes_sent"] == sum(server_frame(m) for m in MESSAGES) + CLOSE_FROM_SERVER
+        assert HOLD * 1000 <= line["duration"] <= held_ms + 1000
+        assert proxy.stat("http.outbound.downstream_cx_upgrades_active") == 0
+        assert proxy.stat("http.outbound.downstream_cx_upgrades_total") == 1
+    finally:
+        proxy.stop()
+
+
+async def test_a_websocket_open_at_sigterm_carries_messages_through_the_drain_until_its_limit_closes_and_logs_it(
+        tmp_path, echo):
+    minimum, limit = 1.0, 4.0
+    proxy, access_log = sidecar(tmp_path, echo.port, "--drain-seconds", str(minimum),
+                                "--drain-limit-seconds", str(limit))
+    try:
+        async with open_websocket(proxy) as ws:
+            await talk(ws)
+            signalled = time.monotonic()
+            proxy.process.send_signal(signal.SIGTERM)
+            await asyncio.sleep(minimum + 0.5)  # past the minimum drain: new connections are refused by now
+            await talk(ws)  # the tunnel still carries both ways
+            with pytest.raises(websockets.ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), limit + 10)  # nothing comes but the drain limit's close
+            closed_after = time.monotonic() - signalled
+        code = await asyncio.to_thread(proxy.process.wait, 15)
+        assert closed_after >= limit - 0.3, f"the tunnel was cut {closed_after:.2f}s after SIGTERM"
+        assert code == 0
+        found = lines(access_log)
+        assert len(found) == 1, found
+        line = found[0]
+        assert line["response_code"] == 101
+        assert line["bytes_received"] == 2 * sum(client_frame(m) for m in MESSAGES)
+        assert line["bytes_sent"] == 2 * sum(server_frame(m) for m in MESSAGES)
+        assert line["duration"] >= (limit - 0.3) * 1000
+    finally:
+        proxy.stop()
