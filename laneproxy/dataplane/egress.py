@@ -175,7 +175,7 @@ async def _open(exchange: Exchange, host: str, port: int) -> None:
 
     def ended(tunnel: Tunnel) -> None:
         listener.tunnel_closed(tunnel)
-        exchange.end_tunnel(tunnel.received, tunnel.sent)  # the one record of this exchange
+        exchange.end_tunnel(tunnel.received, tunnel.sent, tunnel.ended_by)  # the one record of this exchange
         downstream.connection_lost(tunnel.error)
 
     tunnel = Tunnel(loop, down_transport, transport, idle_timeout=listener.settings.tunnel_idle_timeout,  # type: ignore[arg-type]

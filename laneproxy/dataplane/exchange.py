@@ -114,7 +114,7 @@ class Exchange:
         "deadline", "start", "connection_tokens", "error", "expect_continue", "retry", "attempts",
         "last_activity", "counted_active", "request_bytes", "response_bytes",
         "pending_bytes", "peer", "trail", "trail_key", "trace", "failed_hop", "replay", "replay_bytes", "tried",
-        "upgrade",
+        "upgrade", "tunnel_flag",
     )
 
     def __init__(self, downstream: DownstreamStream, method: bytes, target: bytes, http_minor: int,
@@ -164,6 +164,7 @@ class Exchange:
         self.replay_bytes = 0
         self.tried: tuple[Endpoint, ...] = ()  # endpoints of the attempts that failed, avoided by the retries
         self.upgrade: bytes | None = None  # tunnels: the protocol asked (websocket), or CONNECT
+        self.tunnel_flag: str | None = None  # tunnels: UC or DC, the side that ended the tunnel (Envoy's flag)
 
     @property
     def finished(self) -> bool:
@@ -521,10 +522,15 @@ class Exchange:
         records the exchange (`end_tunnel`), as Envoy logs an upgraded stream when it ends."""
         self._finish(record=False)
 
-    def end_tunnel(self, received: int, sent: int) -> None:
+    def end_tunnel(self, received: int, sent: int, ended_by: str | None) -> None:
         """tunnels: the tunnel this exchange became has ended (either side closed, idle timeout, drain, reset):
-        the exchange is recorded now, once, with the tunnel's bytes both ways and its whole duration."""
+        the exchange is recorded now, once, with the tunnel's bytes both ways and its whole duration. As Envoy
+        does, a tunnel the upstream ended first is flagged UC, one the client ended first DC."""
         self.request_bytes, self.response_bytes = received, sent
+        if ended_by == "upstream":
+            self.tunnel_flag = "UC"
+        elif ended_by == "downstream":
+            self.tunnel_flag = "DC"
         self.listener.on_exchange_done(self)
 
     def _read_mesh_headers(self, headers: list[tuple[bytes, bytes]]) -> None:

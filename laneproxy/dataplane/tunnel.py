@@ -68,6 +68,7 @@ class TunnelEnd(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.ended = True
+        self.tunnel.note_end(self)
         peer = self.peer
         if peer.ended or not peer.transport.can_write_eof():
             self.tunnel.close()
@@ -78,6 +79,7 @@ class TunnelEnd(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
+        self.tunnel.note_end(self)
         self.tunnel.close(exc)
 
     def abort_unflushed(self) -> None:
@@ -103,7 +105,7 @@ class Tunnel:
     """Two transports joined: `downstream` is the client's side, `upstream` the destination's."""
 
     __slots__ = ("loop", "downstream", "upstream", "idle_timeout", "last_activity", "started", "timer", "closed",
-                 "on_closed", "error", "paused_total", "idle_expired", "stats")
+                 "on_closed", "error", "paused_total", "idle_expired", "stats", "ended_by")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, downstream: asyncio.Transport, upstream: asyncio.Transport, *,
                  idle_timeout: float, on_closed: Callable[[Tunnel], None] | None = None) -> None:
@@ -119,6 +121,7 @@ class Tunnel:
         self.error: Exception | None = None
         self.paused_total = 0  # times a side stopped being read for the other's full buffer
         self.idle_expired = False
+        self.ended_by: str | None = None  # "downstream" or "upstream": the side whose EOF or reset came first
         self.stats: TcpStats | None = None  # tcp.<prefix>.* of a passed-through connection
 
     @property
@@ -130,6 +133,10 @@ class Tunnel:
     def sent(self) -> int:
         """Bytes sent to the client through the tunnel."""
         return self.upstream.received
+
+    def note_end(self, end: TunnelEnd) -> None:
+        if self.ended_by is None and not self.closed:
+            self.ended_by = "downstream" if end is self.downstream else "upstream"
 
     def start(self, to_upstream: bytes = b"", to_downstream: bytes = b"") -> None:
         """Take both transports over, send what each side said before the tunnel existed, and read both."""
@@ -261,7 +268,7 @@ def switch_protocols(exchange: Exchange, connection: UpstreamConnection,
         connection.pool.tx_bytes += tunnel.received
         connection.pool.rx_bytes += tunnel.sent
         listener.tunnel_closed(tunnel)
-        exchange.end_tunnel(tunnel.received, tunnel.sent)  # the one record of this exchange
+        exchange.end_tunnel(tunnel.received, tunnel.sent, tunnel.ended_by)  # the one record of this exchange
         downstream.connection_lost(tunnel.error)
         connection.connection_lost(tunnel.error)
 

