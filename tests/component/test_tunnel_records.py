@@ -240,3 +240,44 @@ async def test_a_websocket_whose_client_resets_it_is_logged_dc_as_envoy_logs_it(
     for name, line in found.items():
         assert (int(line["response_code"]), line["response_flags"]) == (101, "DC"), (name, line)
         assert (int(line["bytes_received"]), int(line["bytes_sent"])) == expected, (name, line)
+
+
+async def test_a_connect_tunnel_is_logged_once_when_it_closes_with_its_bytes_both_ways_and_code_200(tmp_path, echo):
+    async def tcp_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        writer.close()  # the client's FIN first, then ours: the client ended the tunnel
+
+    server = await asyncio.start_server(tcp_echo, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    proxy, access_log = sidecar(tmp_path, echo.port)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.outbound_port)
+        writer.write(b"CONNECT 127.0.0.1:%d HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n" % (port, port))
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 200 ")
+        payloads = (b"a" * 10, b"b" * 3000, b"c" * 77)
+        for payload in payloads:
+            writer.write(payload)
+            assert await asyncio.wait_for(reader.readexactly(len(payload)), 10) == payload
+        await asyncio.sleep(HOLD)
+        assert lines(access_log) == [], "the CONNECT was logged before its tunnel ended"
+        writer.write_eof()
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        writer.close()
+        found = await wait_for_lines(access_log, 1)
+        await asyncio.sleep(0.3)
+        found = lines(access_log)
+        assert len(found) == 1, found
+        line = found[0]
+        total = sum(len(p) for p in payloads)
+        assert (line["method"], line["response_code"]) == ("CONNECT", 200)
+        assert (line["bytes_received"], line["bytes_sent"]) == (total, total)
+        assert line["duration"] >= HOLD * 1000
+        assert line["response_flags"] == "DC"
+        assert proxy.stat("http.outbound.downstream_cx_upgrades_total") == 1
+        assert proxy.stat("http.outbound.downstream_cx_upgrades_active") == 0
+    finally:
+        proxy.stop()
+        server.close()
