@@ -1,4 +1,4 @@
-"""A WebSocket's access-log line and its drain, as Envoy has them, with a real `laneproxy run`, a real `websockets`
+"""A WebSocket's (and a CONNECT's) access-log line and its drain, as Envoy has them, with a real `laneproxy run`, a real `websockets`
 client and a real `websockets` echo server on 127.0.0.1.
 
 Envoy logs an upgraded stream when it ends: %BYTES_RECEIVED%/%BYTES_SENT% are the whole tunnel's bytes and
@@ -281,3 +281,26 @@ async def test_a_connect_tunnel_is_logged_once_when_it_closes_with_its_bytes_bot
     finally:
         proxy.stop()
         server.close()
+
+
+async def test_a_websocket_closed_by_the_tunnel_idle_timeout_is_logged_once_at_that_close(tmp_path, echo):
+    proxy, access_log = sidecar(tmp_path, echo.port, "--tunnel-idle-timeout", "1")
+    try:
+        async with open_websocket(proxy) as ws:
+            opened = time.monotonic()
+            await talk(ws)
+            with pytest.raises(websockets.ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), 10)  # nothing moves: the proxy closes both sides
+            quiet_for = time.monotonic() - opened
+        found = await wait_for_lines(access_log, 1)
+        await asyncio.sleep(0.3)
+        found = lines(access_log)
+        assert len(found) == 1, found
+        line = found[0]
+        assert (line["response_code"], line["response_flags"]) == (101, "-")
+        assert line["bytes_received"] == sum(client_frame(m) for m in MESSAGES)
+        assert line["bytes_sent"] == sum(server_frame(m) for m in MESSAGES)
+        assert 1000 <= line["duration"] <= quiet_for * 1000 + 500
+        assert proxy.stat("http.outbound.downstream_cx_upgrades_active") == 0
+    finally:
+        proxy.stop()
