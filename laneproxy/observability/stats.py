@@ -316,7 +316,9 @@ class ListenerStats:
                          self.cx_http2 > 0, "envoy_http_downstream_cx_http2_active", tag)
         yield StatRecord(prefix + "downstream_rq_active", StatKind.GAUGE, self.rq_active, used,
                          "envoy_http_downstream_rq_active", tag)
-        yield StatRecord(prefix + "downstream_cx_upgrades_active", StatKind.GAUGE, self.upgrades_active, used,
+        # Envoy first sets this gauge at the first upgrade: usedonly hides it until then.
+        yield StatRecord(prefix + "downstream_cx_upgrades_active", StatKind.GAUGE, self.upgrades_active,
+                         self.upgrades_total > 0 or self.upgrades_active > 0,
                          "envoy_http_downstream_cx_upgrades_active", tag)
         yield StatRecord(prefix + "downstream_rq_time", StatKind.HISTOGRAM, self.rq_time, self.rq_time.count > 0,
                          "envoy_http_downstream_rq_time", tag)
