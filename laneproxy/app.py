@@ -274,6 +274,8 @@ class ProxyApp:
             await asyncio.sleep(0.05)
         if in_flight:
             log.warning("drain limit reached with requests in flight: exiting anyway")
+            for listener in self.listeners:
+                listener.close_tunnels()  # each tunnel's record is written as it closes
         self._stopped.set()
 
     async def wait_stopped(self) -> None:

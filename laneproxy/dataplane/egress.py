@@ -174,10 +174,13 @@ async def _open(exchange: Exchange, host: str, port: int) -> None:
     downstream.closed = True  # handed over: the HTTP side never writes, closes or times out this socket again
 
     def ended(tunnel: Tunnel) -> None:
+        listener.tunnel_closed(tunnel)
+        exchange.end_tunnel(tunnel.received, tunnel.sent, tunnel.ended_by)  # the one record of this exchange
         downstream.connection_lost(tunnel.error)
 
     tunnel = Tunnel(loop, down_transport, transport, idle_timeout=listener.settings.tunnel_idle_timeout,  # type: ignore[arg-type]
                     on_closed=ended)
+    listener.tunnel_opened(tunnel)
     exchange.finish_tunnelled()
     tunnel.start(to_upstream=early, to_downstream=opening.said)
     if opening.lost:

@@ -114,7 +114,7 @@ class Exchange:
         "deadline", "start", "connection_tokens", "error", "expect_continue", "retry", "attempts",
         "last_activity", "counted_active", "request_bytes", "response_bytes",
         "pending_bytes", "peer", "trail", "trail_key", "trace", "failed_hop", "replay", "replay_bytes", "tried",
-        "upgrade",
+        "upgrade", "tunnel_flag",
     )
 
     def __init__(self, downstream: DownstreamStream, method: bytes, target: bytes, http_minor: int,
@@ -164,6 +164,7 @@ class Exchange:
         self.replay_bytes = 0
         self.tried: tuple[Endpoint, ...] = ()  # endpoints of the attempts that failed, avoided by the retries
         self.upgrade: bytes | None = None  # tunnels: the protocol asked (websocket), or CONNECT
+        self.tunnel_flag: str | None = None  # tunnels: UC or DC, the side that ended the tunnel (Envoy's flag)
 
     @property
     def finished(self) -> bool:
@@ -507,15 +508,30 @@ class Exchange:
             self.on_response_complete()
 
     def on_switching_protocols(self, connection: UpstreamConnection, from_upstream: bytes) -> None:
-        """tunnels: the upstream answered this upgrade request 101; record the exchange, then join the sockets."""
+        """tunnels: the upstream answered this upgrade request 101; join the sockets. The exchange is recorded
+        when its tunnel ends (`end_tunnel`), or now if the client is already gone."""
         start = tunnel.switch_protocols(self, connection, from_upstream)
-        self._finish()
-        if start is not None:
-            start()
+        if start is None:
+            self._finish()
+            return
+        self._finish(record=False)
+        start()
 
     def finish_tunnelled(self) -> None:
-        """tunnels: the exchange ends at its 101 or CONNECT 200 (recorded once); its sockets now belong to a tunnel."""
-        self._finish()
+        """tunnels: the HTTP part ends at its 101 or CONNECT 200; its sockets now belong to a tunnel, whose end
+        records the exchange (`end_tunnel`), as Envoy logs an upgraded stream when it ends."""
+        self._finish(record=False)
+
+    def end_tunnel(self, received: int, sent: int, ended_by: str | None) -> None:
+        """tunnels: the tunnel this exchange became has ended (either side closed, idle timeout, drain, reset):
+        the exchange is recorded now, once, with the tunnel's bytes both ways and its whole duration. As Envoy
+        does, a tunnel the upstream ended first is flagged UC, one the client ended first DC."""
+        self.request_bytes, self.response_bytes = received, sent
+        if ended_by == "upstream":
+            self.tunnel_flag = "UC"
+        elif ended_by == "downstream":
+            self.tunnel_flag = "DC"
+        self.listener.on_exchange_done(self)
 
     def _read_mesh_headers(self, headers: list[tuple[bytes, bytes]]) -> None:
         """The headers the next proxy answered with for this one: who it is, and where the request went next."""
@@ -583,7 +599,7 @@ class Exchange:
             connection.abandon()
         self._finish()
 
-    def _finish(self) -> None:
+    def _finish(self, *, record: bool = True) -> None:
         self.state = _DONE
         self.deadline = 0.0
         if self.deadline_timer is not None:
@@ -592,5 +608,6 @@ class Exchange:
         self.pending_body = None
         if self.pending_bytes:
             self._release_pending()
-        self.listener.on_exchange_done(self)
+        if record:
+            self.listener.on_exchange_done(self)
         self.downstream.exchange_done(self)

@@ -38,6 +38,7 @@ from laneproxy.dataplane.route_trail import TRAIL_HOPS, RouteTrails, hop
 from laneproxy.observability.recorder import ExchangeRecorder
 
 if TYPE_CHECKING:
+    from laneproxy.dataplane.tunnel import Tunnel
     from laneproxy.core.store import RouteTableStore
     from laneproxy.dataplane.exchange import Exchange
     from laneproxy.dataplane.upstream import UpstreamPools
@@ -349,6 +350,7 @@ class Listener:
         self.max_pipelined = settings.max_pipelined_requests
         self.buffer_limit = settings.per_connection_buffer_limit_bytes
         self.connections: set[DownstreamConnection | Http2Connection] = set()
+        self.tunnels: set[Tunnel] = set()  # open WebSocket and CONNECT tunnels; a drain waits for them
         self.server: asyncio.AbstractServer | None = None
         self.sweeper: asyncio.Task[None] | None = None
         self.now = loop.time()  # a coarse clock for timeouts, advanced by the sweeper
@@ -480,8 +482,24 @@ class Listener:
                 connection.close()
 
     def requests_in_flight(self) -> bool:
-        """Some client has a request here not yet fully answered, or has sent part of one."""
-        return any(not connection.idle for connection in self.connections)
+        """Some client has a request here not yet fully answered, or has sent part of one, or an open tunnel."""
+        return bool(self.tunnels) or any(not connection.idle for connection in self.connections)
+
+    def tunnel_opened(self, tunnel: Tunnel) -> None:
+        """An upgrade or CONNECT became a tunnel (Envoy's downstream_cx_upgrades_total and _active)."""
+        self.tunnels.add(tunnel)
+        self.stats.upgrades_total += 1
+        self.stats.upgrades_active += 1
+
+    def tunnel_closed(self, tunnel: Tunnel) -> None:
+        if tunnel in self.tunnels:
+            self.tunnels.discard(tunnel)
+            self.stats.upgrades_active -= 1
+
+    def close_tunnels(self) -> None:
+        """The drain limit: every tunnel still open is closed (and so recorded)."""
+        for tunnel in list(self.tunnels):
+            tunnel.close()
 
     async def stop(self) -> None:
         if self.sweeper is not None:

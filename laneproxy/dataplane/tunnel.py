@@ -7,8 +7,8 @@ plus one read per direction), half-closes passed on (EOF on one side becomes a F
 tunnel closes once both sides ended), the idle timeout (nothing moved either way for that long: both
 sides closed), and the byte counts both ways. It also owns the switch of an HTTP/1.1 exchange to a
 tunnel on `101` (`switch_protocols`): the 101 head to the client, the client bytes held since the
-upgrade request's head, and handing both connections' bookkeeping back to their owners when the
-tunnel ends.
+upgrade request's head, and handing the exchange (to be recorded) and both connections' bookkeeping
+back to their owners when the tunnel ends.
 
 It never parses what goes through, never decides where a tunnel goes (the exchange's role, egress and
 sniff do), and never writes a byte to one side before that side's tunnel exists: bytes a client sends
@@ -68,6 +68,7 @@ class TunnelEnd(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.ended = True
+        self.tunnel.note_end(self)
         peer = self.peer
         if peer.ended or not peer.transport.can_write_eof():
             self.tunnel.close()
@@ -78,6 +79,7 @@ class TunnelEnd(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
+        self.tunnel.note_end(self)
         self.tunnel.close(exc)
 
     def abort_unflushed(self) -> None:
@@ -103,7 +105,7 @@ class Tunnel:
     """Two transports joined: `downstream` is the client's side, `upstream` the destination's."""
 
     __slots__ = ("loop", "downstream", "upstream", "idle_timeout", "last_activity", "started", "timer", "closed",
-                 "on_closed", "error", "paused_total", "idle_expired", "stats")
+                 "on_closed", "error", "paused_total", "idle_expired", "stats", "ended_by")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, downstream: asyncio.Transport, upstream: asyncio.Transport, *,
                  idle_timeout: float, on_closed: Callable[[Tunnel], None] | None = None) -> None:
@@ -119,6 +121,7 @@ class Tunnel:
         self.error: Exception | None = None
         self.paused_total = 0  # times a side stopped being read for the other's full buffer
         self.idle_expired = False
+        self.ended_by: str | None = None  # "downstream" or "upstream": the side whose EOF or reset came first
         self.stats: TcpStats | None = None  # tcp.<prefix>.* of a passed-through connection
 
     @property
@@ -130,6 +133,10 @@ class Tunnel:
     def sent(self) -> int:
         """Bytes sent to the client through the tunnel."""
         return self.upstream.received
+
+    def note_end(self, end: TunnelEnd) -> None:
+        if self.ended_by is None and not self.closed:
+            self.ended_by = "downstream" if end is self.downstream else "upstream"
 
     def start(self, to_upstream: bytes = b"", to_downstream: bytes = b"") -> None:
         """Take both transports over, send what each side said before the tunnel existed, and read both."""
@@ -228,9 +235,10 @@ def switch_protocols(exchange: Exchange, connection: UpstreamConnection,
                      from_upstream: bytes) -> Callable[[], None] | None:
     """The upstream answered an upgrade request with 101: send the 101 on and prepare the tunnel.
 
-    Returns what starts the tunnel, once the exchange is recorded (status 101) and done; None if the
-    client is gone. The client's and the upstream's connection objects get their `connection_lost`
-    once the tunnel ends, so listener and pool count them until then.
+    Returns what starts the tunnel, once the exchange's HTTP part is done; None if the client is gone
+    (the exchange is then recorded as any other). When the tunnel ends, the exchange is recorded (status
+    101, the tunnel's bytes, its whole duration) and the client's and the upstream's connection objects get
+    their `connection_lost`, so listener and pool count them until then.
     """
     downstream = cast("DownstreamConnection", exchange.downstream)  # upgrades are HTTP/1.1's
     listener = exchange.listener
@@ -257,12 +265,14 @@ def switch_protocols(exchange: Exchange, connection: UpstreamConnection,
     downstream.closed = True  # handed over: the HTTP side never writes, closes or times out this socket again
 
     def ended(tunnel: Tunnel) -> None:
-        exchange.request_bytes, exchange.response_bytes = tunnel.received, tunnel.sent
         connection.pool.tx_bytes += tunnel.received
         connection.pool.rx_bytes += tunnel.sent
+        listener.tunnel_closed(tunnel)
+        exchange.end_tunnel(tunnel.received, tunnel.sent, tunnel.ended_by)  # the one record of this exchange
         downstream.connection_lost(tunnel.error)
         connection.connection_lost(tunnel.error)
 
     tunnel = Tunnel(listener.loop, down_transport, up_transport, idle_timeout=listener.settings.tunnel_idle_timeout,
                     on_closed=ended)
+    listener.tunnel_opened(tunnel)
     return lambda: tunnel.start(to_upstream=early, to_downstream=from_upstream)

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Callable, TextIO
 
 from laneproxy.core import headers as h
+from laneproxy.observability.recorder import response_flags
 
 if TYPE_CHECKING:
     import asyncio
@@ -78,15 +79,6 @@ def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
 
 def _text(value: bytes | None) -> str | None:
     return None if value is None else value.decode("latin-1")
-
-
-def response_flags(exchange: FinishedExchange) -> str:
-    error = exchange.error
-    if error is not None:
-        return error.flag
-    if exchange.response_status == 0:
-        return "DC"  # the client went away before a response was written
-    return "-"
 
 
 def access_entry(exchange: FinishedExchange, *, wall_now: float, loop_now: float) -> AccessEntry:

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Iterator, Mapping, Protocol
 
 from laneproxy.core import headers as h
 from laneproxy.observability.stats import Histogram, StatKind, StatRecord
+from laneproxy.observability.recorder import response_flags
 
 if TYPE_CHECKING:
     from laneproxy.core.model import RouteTable
@@ -270,9 +271,8 @@ class IstioRecorder:
 
     def record(self, exchange: FinishedExchange) -> None:
         routed = exchange.routed
-        error = exchange.error
         status = exchange.response_status
-        flags = error.flag if error is not None else ("DC" if status == 0 else "-")
+        flags = response_flags(exchange)
         if self.reporter == "destination":
             service, lane_asked, peer = self._inbound_facts(exchange)
             source = self.metrics.peers.get(peer)

@@ -71,6 +71,7 @@ class FinishedExchange(Protocol):
     response_bytes: int
     peer: bytes | None
     counted_active: bool  # counted in its cluster's rq_active (it passed the circuit breaker)
+    tunnel_flag: str | None  # a WebSocket or CONNECT tunnel's end: UC (the upstream ended it) or DC (the client)
 
 
 class PassedConnectionFacts(Protocol):
@@ -143,6 +144,16 @@ class ExchangeRecorder:
             stats.no_route += 1
         for observer in self.observers:
             observer(exchange)
+
+
+def response_flags(exchange: FinishedExchange) -> str:
+    """Envoy's %RESPONSE_FLAGS%: the local reply's flag, DC for a client gone before any response, a tunnel's end."""
+    error = exchange.error
+    if error is not None:
+        return error.flag
+    if exchange.response_status == 0:
+        return "DC"  # the client went away before a response was written
+    return exchange.tunnel_flag or "-"
 
 
 def count_host_result(host: HostStats, status: int, flag: str | None) -> None:

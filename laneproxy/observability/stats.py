@@ -265,18 +265,21 @@ class ListenerStats:
     """Downstream counters of one listener, reported as `http.<prefix>.*` (the HTTP connection manager's)."""
 
     __slots__ = ("prefix", "rq_total", "rq_by_class", "cx_total", "cx_active", "rq_active", "cx_protocol_error",
-                 "no_route", "rq_time", "rq_http2", "cx_http2", "cx_http2_active", "http2")
+                 "no_route", "rq_time", "rq_http2", "cx_http2", "cx_http2_active", "http2", "upgrades_total",
+                 "upgrades_active")
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
         self.rq_total = self.cx_total = self.cx_active = self.rq_active = self.cx_protocol_error = 0
         self.no_route = self.rq_http2 = self.cx_http2 = self.cx_http2_active = 0
+        self.upgrades_total = self.upgrades_active = 0  # WebSocket and CONNECT tunnels (downstream_cx_upgrades_*)
         self.rq_by_class: Counter[int] = Counter()
         self.rq_time = Histogram()  # downstream_rq_time: first request byte to last response byte
         self.http2 = Http2Stats()
 
     def reset_counters(self) -> None:
         self.rq_total = self.cx_total = self.cx_protocol_error = self.no_route = self.rq_http2 = self.cx_http2 = 0
+        self.upgrades_total = 0
         self.rq_by_class.clear()
         self.http2.reset_counters()
 
@@ -302,6 +305,7 @@ class ListenerStats:
         for name, value in self.http2.counters():
             yield StatRecord(f"{prefix}http2.{name}", StatKind.COUNTER, value, value > 0, f"envoy_http_http2_{name}", tag)
         yield counter("downstream_cx_protocol_error", self.cx_protocol_error)
+        yield counter("downstream_cx_upgrades_total", self.upgrades_total)
         yield counter("no_route", self.no_route)
         yield counter("rq_total", self.rq_total)  # the router's count: every request reaches routing here
         yield StatRecord(prefix + "downstream_cx_active", StatKind.GAUGE, self.cx_active, used,
@@ -312,6 +316,10 @@ class ListenerStats:
                          self.cx_http2 > 0, "envoy_http_downstream_cx_http2_active", tag)
         yield StatRecord(prefix + "downstream_rq_active", StatKind.GAUGE, self.rq_active, used,
                          "envoy_http_downstream_rq_active", tag)
+        # Envoy first sets this gauge at the first upgrade: usedonly hides it until then.
+        yield StatRecord(prefix + "downstream_cx_upgrades_active", StatKind.GAUGE, self.upgrades_active,
+                         self.upgrades_total > 0 or self.upgrades_active > 0,
+                         "envoy_http_downstream_cx_upgrades_active", tag)
         yield StatRecord(prefix + "downstream_rq_time", StatKind.HISTOGRAM, self.rq_time, self.rq_time.count > 0,
                          "envoy_http_downstream_rq_time", tag)
 

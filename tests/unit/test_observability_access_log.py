@@ -36,7 +36,7 @@ def exchange(*, status=200, error=None, routed=True, headers=(), has_body=False,
     return SimpleNamespace(
         routed=target, headers=[(b"user-agent", b"curl/8"), *headers], error=error, has_body=has_body,
         request_complete=True, start=start, method=b"GET", target=b"/mock?q=1", protocol="HTTP/1.1",
-        response_status=status, host=b"mockb:8000", listener=SimpleNamespace(name="outbound"),
+        response_status=status, tunnel_flag=None, host=b"mockb:8000", listener=SimpleNamespace(name="outbound"),
         request_bytes=request_bytes, response_bytes=response_bytes,
         response_started=error is None and status > 0)
 

@@ -52,7 +52,7 @@ def exchange(*, route: Route | None = None, status: int = 200, peer: bytes | Non
     """What the recorder reads of a finished exchange (the real one needs a listener and sockets)."""
     clock = Clock()
     routed = None if route is None else SimpleNamespace(route=route, endpoint=route.endpoints[0])
-    return SimpleNamespace(routed=routed, error=error, response_status=status, peer=peer, headers=headers or [],
+    return SimpleNamespace(routed=routed, error=error, response_status=status, tunnel_flag=None, peer=peer, headers=headers or [],
                            host=host, target=path, start=clock.now - took, listener=SimpleNamespace(loop=clock),
                            request_bytes=0, response_bytes=42)
 

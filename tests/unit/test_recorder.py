@@ -22,7 +22,7 @@ def exchange(stats: ProxyStats, *, status: int, error=None, routed: bool = True,
         host = cluster.host(ENDPOINT)
         host.rq_active += 1
         target = SimpleNamespace(cluster_stats=cluster, host_stats=host, endpoint=ENDPOINT)
-    return SimpleNamespace(response_status=status, start=10.0, error=error, routed=target, counted_active=routed,
+    return SimpleNamespace(response_status=status, tunnel_flag=None, start=10.0, error=error, routed=target, counted_active=routed,
                            protocol=protocol)
 
 
