@@ -321,6 +321,36 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[bytes, 
 
 
 
+class LoopThread:
+    """Servers on their own event loop in a daemon thread, usable from sync and module fixtures, as a context
+    manager. A subclass's `serve(stop)` starts them, sets `self.ready` once they listen, and returns when `stop`
+    (a future of that loop) is done."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        assert self.ready.wait(10)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.loop.call_soon_threadsafe(self.stop.set_result, None)
+        self.thread.join(10)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.stop = self.loop.create_future()
+        self.loop.run_until_complete(self.serve(self.stop))
+
+    async def serve(self, stop: asyncio.Future) -> None:
+        raise NotImplementedError
+
+
 class UpstreamThread:
     """Runs a RecordingUpstream on its own event loop in a daemon thread (usable from sync and module fixtures).
 

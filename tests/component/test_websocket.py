@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import threading
 import time
 
 import pytest
@@ -20,38 +19,22 @@ import websockets
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import serve
 
-from proxyrig import SWIMLANES, ProxyProcess, RssWatch, endpoints_file, rss_bytes
+from proxyrig import SWIMLANES, LoopThread, ProxyProcess, RssWatch, endpoints_file, rss_bytes
 
 MIB = 1024 * 1024
 LANES = ("base", "canary")
 
 
-class LaneServers:
+class LaneServers(LoopThread):
     """Four WebSocket servers (mocka and mockb, base and canary) on one event loop in a thread."""
 
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
+        super().__init__()
         self.ports: dict[tuple[str, str], int] = {}
         self.flood_sent = 0  # bytes the /flood handler got past `send` (the proxy or the kernel took them)
         self.closes: list[tuple[str, int | None]] = []  # (path, close code the server received)
-        self.ready = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> LaneServers:
-        self.thread.start()
-        assert self.ready.wait(10)
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.loop.call_soon_threadsafe(self.stop.set_result, None)
-        self.thread.join(10)
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_until_complete(self._main())
-
-    async def _main(self) -> None:
-        self.stop = self.loop.create_future()
+    async def serve(self, stop: asyncio.Future) -> None:
         servers = []
         for service in ("mocka", "mockb"):
             for lane in LANES:
@@ -59,7 +42,7 @@ class LaneServers:
                 servers.append(server)
                 self.ports[(service, lane)] = server.sockets[0].getsockname()[1]
         self.ready.set()
-        await self.stop
+        await stop
         for server in servers:
             server.close()
             await server.wait_closed()
