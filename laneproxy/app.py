@@ -23,6 +23,8 @@ from laneproxy.core.propagation import TraceLaneTable
 from laneproxy.core.store import RouteTableStore
 from laneproxy.core.balance import EndpointSelector, FailedHops, OutlierDetector, RandomPicker
 from laneproxy.dataplane.listener import GatewayRole, InboundRole, Listener, OutboundRole
+from laneproxy.dataplane.http2_upstream import Http2Pools
+from laneproxy.dataplane.pools import ProcessPools
 from laneproxy.dataplane.upstream import UpstreamPools
 from laneproxy.dataplane.route_trail import RouteTrails
 from laneproxy.observability.access_log import AccessLog
@@ -112,7 +114,9 @@ class ProxyApp:
         pools = UpstreamPools(loop, connect_timeout=settings.timeouts.connect,
                               max_response_head_bytes=settings.max_response_headers_kb * 1024,
                               max_response_headers=settings.max_response_headers_count)
-        self.pools = pools
+        h2_pools = Http2Pools(loop, connect_timeout=settings.timeouts.connect,
+                              max_response_head_bytes=settings.max_response_headers_kb * 1024)
+        self.pools = ProcessPools(pools, h2_pools)
         picker = RandomPicker(random.Random().random)
         self.outliers = OutlierDetector(consecutive_5xx=settings.outlier.consecutive_5xx,
                                         ejection_seconds=settings.outlier.ejection_seconds,
@@ -137,7 +141,8 @@ class ProxyApp:
         trails = RouteTrails() if settings.observability.route_debug_token else None
         failed_hops = FailedHops(clock=loop.time)  # one per process: the outbound records, the inbound reads
         for name, address, role in roles:
-            listener = Listener(name, role, store=self.store, pools=pools, stats=self.stats, settings=settings, loop=loop)
+            listener = Listener(name, role, store=self.store, pools=pools, h2_pools=h2_pools, stats=self.stats,
+                                settings=settings, loop=loop)
             listener.failed_hops = failed_hops
             self._wire_mesh_observability(listener, trails)
             if self.access_log is not None:

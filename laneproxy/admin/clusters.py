@@ -58,8 +58,8 @@ def cluster_view(proxy: RunningProxy, name: str, members: tuple[Endpoint, ...],
         endpoints += [endpoint for endpoint in cluster.hosts if endpoint not in endpoints]
     for endpoint in endpoints:
         host = cluster.hosts.get(endpoint) if cluster is not None else None
-        # Only hosts that saw traffic have a pool; asking for one creates it, so ask only then.
-        open_now = pools.get(endpoint.host, endpoint.port).open_count if host is not None else 0
+        pool = pools.find(endpoint.host, endpoint.port)  # HTTP/1.1 and HTTP/2 connections; never creates a pool
+        open_now = pool.open_count if pool is not None else 0
         counters = {"cx_connect_fail": 0, "rq_error": 0, "rq_success": 0, "rq_timeout": 0, "rq_total": 0}
         gauges = {"cx_active": open_now, "rq_active": 0}
         if host is not None:

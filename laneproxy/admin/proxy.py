@@ -50,7 +50,9 @@ class PoolNumbers(Protocol):
 
 
 class Pools(Protocol):
-    def get(self, host: str, port: int) -> PoolNumbers: ...
+    """The process's upstream pools, HTTP/1.1 and HTTP/2 summed per endpoint."""
+
+    def find(self, host: str, port: int) -> PoolNumbers | None: ...  # None: no pool was ever used for it
     def reset_counters(self) -> None: ...
 
 

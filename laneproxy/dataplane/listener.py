@@ -331,14 +331,17 @@ class Listener:
     """A listening socket with its role and everything its exchanges share."""
 
     def __init__(self, name: str, role: Role, *, store: RouteTableStore, pools: UpstreamPools, stats: ProxyStats,
-                 settings: ProxySettings, loop: asyncio.AbstractEventLoop) -> None:
+                 settings: ProxySettings, loop: asyncio.AbstractEventLoop, h2_pools: Http2Pools | None = None) -> None:
         self.name = name
         self.role = role
         self.store = store
         self.pools = pools
-        # HTTP/2 upstreams: multiplexed connections per endpoint (gRPC, or a port that says http2).
-        self.h2_pools = Http2Pools(loop, connect_timeout=settings.timeouts.connect,
-                                   max_response_head_bytes=settings.max_response_headers_kb * 1024)
+        # HTTP/2 upstreams: multiplexed connections per endpoint (gRPC, or a port that says http2), the process's
+        # (shared by its listeners, as `pools`) when given, else this listener's own, closed when it stops.
+        self.owns_h2_pools = h2_pools is None
+        self.h2_pools = h2_pools if h2_pools is not None else Http2Pools(
+            loop, connect_timeout=settings.timeouts.connect,
+            max_response_head_bytes=settings.max_response_headers_kb * 1024)
         self.proxy_stats = stats
         self.stats = stats.listener(name)
         self.settings = settings
@@ -504,7 +507,8 @@ class Listener:
     async def stop(self) -> None:
         if self.sweeper is not None:
             self.sweeper.cancel()
-        self.h2_pools.close()
+        if self.owns_h2_pools:
+            self.h2_pools.close()
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()

@@ -224,6 +224,20 @@ def test_trailers_and_per_stream_stats_are_envoys(sidecar):
     assert sidecar.stat("http.outbound.downstream_rq_http2_total") >= 1
 
 
+def test_http2_upstream_connections_count_in_clusters_and_cluster_stats_as_http1_ones_do(sidecar, servers):
+    chan = channel(sidecar.outbound_port, "mockc")
+    assert method(chan, "Unary")(b"hi", metadata=[(TAG, "canary")], timeout=10) == b"mockc-canary|canary|hi"
+    chan.close()
+    cluster = "outbound|8000|canary|mockc.default.svc.cluster.local"
+    host = f"127.0.0.1:{servers['mockc-canary'].port}"
+    lines = sidecar.admin("/clusters").decode().splitlines()
+    cx_active = [int(line.rsplit("::", 1)[1]) for line in lines if line.startswith(f"{cluster}::{host}::cx_active::")]
+    assert cx_active and cx_active[0] >= 1, lines  # the pooled connection the call went on
+    assert sidecar.stat(f"cluster.{cluster}.upstream_cx_active") == cx_active[0]
+    assert sidecar.stat(f"cluster.{cluster}.upstream_cx_rx_bytes_total") > 0
+    assert sidecar.stat(f"cluster.{cluster}.upstream_cx_tx_bytes_total") > 0
+
+
 @pytest.fixture
 def chain(tmp_path: Path):
     """client -> gateway -> mocka's sidecar (inbound) -> mocka app -> its outbound -> mockb/mockc, all gRPC."""
