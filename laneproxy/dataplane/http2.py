@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import h2.config
 import h2.connection
@@ -71,11 +71,15 @@ def response_headers(status: int, headers: Sequence[tuple[bytes, bytes]], overri
                      dropped: frozenset[bytes] = frozenset()) -> list[tuple[bytes, bytes]]:
     """An upstream response head as an HTTP/2 header block: `:status` first, no connection-specific fields,
     none of `dropped` (the mesh's own marks, at the gateway)."""
-    block = [(b":status", b"%d" % status)]
-    for name, value in headers:
+    # Lists of Any, each field going on as itself: a never-indexed field keeps its type, the mark (RFC 7541 7.1.3),
+    # which the compiled build would drop by rebuilding a typed tuple as a plain one.
+    block: list[Any] = [(b":status", b"%d" % status)]
+    field: Any
+    for field in headers:
+        name = field[0]
         if name in _NOT_IN_HTTP2 or name in overrides or name in dropped or name[:1] == b":":
             continue
-        block.append((name, value))
+        block.append(field)
     block.extend(overrides.items())
     return block
 
@@ -444,11 +448,13 @@ class Http2Connection:
             return
         method = path = authority = None
         host = None
-        headers: list[tuple[bytes, bytes]] = []
+        headers: list[Any] = []  # of (name, value), each as decoded: see response_headers
         cookies: list[bytes] = []
         max_retries = retry_on = None
         grpc_timeout = None
-        for name, value in event.headers:
+        field: Any  # kept as decoded: a never-indexed field's type is its mark (RFC 7541 7.1.3), forwarded with it
+        for field in event.headers:
+            name, value = field
             if name[:1] == b":":
                 if name == _PSEUDO_METHOD:
                     method = value
@@ -468,7 +474,7 @@ class Http2Connection:
                 retry_on = value
             elif name == _GRPC_TIMEOUT:
                 grpc_timeout = grpc_timeout_seconds(value)
-            headers.append((name, value))
+            headers.append(field)
         if cookies:
             headers.append((_COOKIE, b"; ".join(cookies)))
         if host is None and authority is not None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import h2.config
 import h2.connection
@@ -84,8 +84,12 @@ class Http2UpstreamStream:
                      overrides: dict[bytes, bytes], attempt: int, chunked: bool, body: Sequence[bytes],
                      complete: bool) -> None:
         authority = overrides.get(h.HOST)
-        block: list[tuple[bytes, bytes]] = []
-        for name, value in headers:
+        # A list of Any, each field going on as itself: a never-indexed field keeps its type, the mark (RFC 7541
+        # 7.1.3), which the compiled build would drop by rebuilding a typed tuple as a plain one.
+        block: list[Any] = []
+        field: Any
+        for field in headers:
+            name, value = field
             if name == h.HOST:
                 if authority is None:
                     authority = value
@@ -95,7 +99,7 @@ class Http2UpstreamStream:
             if name in _NOT_IN_HTTP2 or name in skip:
                 if not (name == h.TE and value.strip().lower() == _TRAILERS):
                     continue
-            block.append((name, value))
+            block.append(field)
         block.extend((name, value) for name, value in overrides.items() if name != h.HOST)
         block.append((h.X_ENVOY_ATTEMPT_COUNT, b"%d" % attempt))
         pseudo = [(_METHOD, method), (_SCHEME, _HTTP), (_AUTHORITY, authority or self.pool.authority), (_PATH, path)]
@@ -281,12 +285,14 @@ class Http2UpstreamConnection(asyncio.Protocol):
             heads.append(stream)
             stream.received_any = True
             status = 0
-            headers: list[tuple[bytes, bytes]] = []
-            for name, value in event.headers:
+            headers: list[Any] = []  # of (name, value), each as decoded: see send_request
+            field: Any
+            for field in event.headers:
+                name, value = field
                 if name == _STATUS:
                     status = int(value)
                 elif name[:1] != b":":
-                    headers.append((name, value))
+                    headers.append(field)
             stream.sink.on_response_head(status, b"", headers, True)
         elif isinstance(event, h2.events.DataReceived):
             stream = self.streams.get(event.stream_id)
