@@ -80,23 +80,21 @@ def _positive_seconds(text: str) -> float:
 
 
 def _percent(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a percentage from 0 to 100, got {text!r}") from None
-    if not 0 <= value <= 100:
-        raise argparse.ArgumentTypeError(f"expected a percentage from 0 to 100, got {text!r}")
-    return value
+    return _percentage(text, float, "a percentage")
 
 
 def _whole_percent(text: str) -> int:
     """A whole percentage, as Envoy's `max_ejection_percent` (a UInt32) is: 12.5 is refused, not rounded."""
+    return int(_percentage(text, int, "a whole percentage"))
+
+
+def _percentage(text: str, kind: type[int] | type[float], what: str) -> float:
     try:
-        value = int(text)
+        value = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole percentage from 0 to 100, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected {what} from 0 to 100, got {text!r}") from None
     if not 0 <= value <= 100:
-        raise argparse.ArgumentTypeError(f"expected a whole percentage from 0 to 100, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected {what} from 0 to 100, got {text!r}")
     return value
 
 
