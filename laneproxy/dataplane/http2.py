@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence, cast
 
 import h2.config
 import h2.connection
@@ -75,7 +75,7 @@ def response_headers(status: int, headers: Sequence[tuple[bytes, bytes]], overri
     # which the compiled build would drop by rebuilding a typed tuple as a plain one.
     block: list[Any] = [(b":status", b"%d" % status)]
     field: Any
-    for field in headers:
+    for field in cast(Any, headers):  # as Any: the compiled loop would unbox each item first
         name = field[0]
         if name in _NOT_IN_HTTP2 or name in overrides or name in dropped or name[:1] == b":":
             continue

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence, cast
 
 import h2.config
 import h2.connection
@@ -88,7 +88,7 @@ class Http2UpstreamStream:
         # 7.1.3), which the compiled build would drop by rebuilding a typed tuple as a plain one.
         block: list[Any] = []
         field: Any
-        for field in headers:
+        for field in cast(Any, headers):  # as Any: the compiled loop would unbox each item first
             name, value = field
             if name == h.HOST:
                 if authority is None:
