@@ -169,6 +169,29 @@ class ThreadedOrigin:
     def _serve(self, conn: socket.socket) -> None:
         raise NotImplementedError
 
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Http2Origin(ThreadedOrigin):
+    """An HTTP/2 server (the `h2` library, fields as bytes) on 127.0.0.1; subclasses answer in `on_event`."""
+
+    def _serve(self, sock: socket.socket) -> None:
+        import h2.config
+        import h2.connection
+
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
+        conn.initiate_connection()
+        sock.sendall(conn.data_to_send())
+        with sock:
+            while data := sock.recv(65536):
+                for event in conn.receive_data(data):
+                    self.on_event(conn, event)
+                sock.sendall(conn.data_to_send())
+
+    def on_event(self, conn, event) -> None:
+        raise NotImplementedError
+
 
 def wait_for(predicate, what: str, timeout: float = 20.0, interval: float = 0.05):
     """Poll until `predicate()` is truthy and return it; a wait for a state, never an assertion on time."""
@@ -527,9 +550,6 @@ class ScriptedOrigin(ThreadedOrigin):
     def reset(self) -> None:
         with self.lock:
             self.requests.clear()
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def responses(data: bytes) -> tuple[list[tuple[int, dict[bytes, bytes], bytes]], bytes]:

@@ -7,7 +7,6 @@ header it received, so a test sees which lane each stream took and what the prox
 from __future__ import annotations
 
 import socket
-import threading
 import time
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import pytest
 import yaml
 
 from grpcrig import TAG, EchoServer, channel, method
-from proxyrig import SWIMLANES, ProxyProcess, endpoints_file, free_port
+from proxyrig import SWIMLANES, Http2Origin, ProxyProcess, endpoints_file, free_port
 
 
 @pytest.fixture(scope="module")
@@ -30,45 +29,24 @@ def servers():
         server.stop()
 
 
-class SilentHttp2Server:
+class SilentHttp2Server(Http2Origin):
     """An HTTP/2 server that takes every stream and never answers: a gRPC server that ignores `grpc-timeout`.
 
     A fake, because grpcio servers enforce the deadline themselves and so answer before the proxy's
     route timeout can be seen; this one is what an upstream that does not do that looks like.
     """
 
-    def __init__(self) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.streams = 0
-        threading.Thread(target=self._accept, daemon=True).start()
+    streams = 0
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                sock, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
-
-    def _serve(self, sock: socket.socket) -> None:
-        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
-        conn.initiate_connection()
-        sock.sendall(conn.data_to_send())
-        with sock:
-            while data := sock.recv(65536):
-                for event in conn.receive_data(data):
-                    if isinstance(event, h2.events.RequestReceived):
-                        self.streams += 1
-                sock.sendall(conn.data_to_send())
-
-    def close(self) -> None:
-        self.listener.close()
+    def on_event(self, conn, event) -> None:
+        if isinstance(event, h2.events.RequestReceived):
+            self.streams += 1
 
 
 @pytest.fixture(scope="module")
 def silent():
     server = SilentHttp2Server()
+    server.start_serving()
     yield server
     server.close()
 

@@ -8,50 +8,28 @@ table ever holds it. Both ends are the `h2` library (python-hyper) speaking real
 from __future__ import annotations
 
 import socket
-import threading
 
 import h2.config
 import h2.connection
 import h2.events
 from hpack import NeverIndexedHeaderTuple
 
-from proxyrig import SWIMLANES, ProxyProcess, endpoints_file
+from proxyrig import SWIMLANES, Http2Origin, ProxyProcess, endpoints_file
 
 
-class MarkingServer:
+class MarkingServer(Http2Origin):
     """An HTTP/2 server (h2) that keeps each request's decoded fields and answers 200 with one field marked
     never indexed (x-reply-secret) and one not (x-reply-plain)."""
 
     def __init__(self) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
         self.requests: list[list[tuple[bytes, bytes]]] = []
-        threading.Thread(target=self._accept, daemon=True).start()
+        self.start_serving()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                sock, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
-
-    def _serve(self, sock: socket.socket) -> None:
-        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
-        conn.initiate_connection()
-        sock.sendall(conn.data_to_send())
-        with sock:
-            while data := sock.recv(65536):
-                for event in conn.receive_data(data):
-                    if isinstance(event, h2.events.RequestReceived):
-                        self.requests.append(list(event.headers))
-                        conn.send_headers(event.stream_id, [(b":status", b"200"),
-                                                            NeverIndexedHeaderTuple(b"x-reply-secret", b"r1"),
-                                                            (b"x-reply-plain", b"r2")], end_stream=True)
-                sock.sendall(conn.data_to_send())
-
-    def close(self) -> None:
-        self.listener.close()
+    def on_event(self, conn, event) -> None:
+        if isinstance(event, h2.events.RequestReceived):
+            self.requests.append(list(event.headers))
+            conn.send_headers(event.stream_id, [(b":status", b"200"), NeverIndexedHeaderTuple(b"x-reply-secret", b"r1"),
+                                                (b"x-reply-plain", b"r2")], end_stream=True)
 
 
 def call(port: int, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
