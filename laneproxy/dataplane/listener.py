@@ -354,6 +354,7 @@ class Listener:
         self.buffer_limit = settings.per_connection_buffer_limit_bytes
         self.connections: set[DownstreamConnection | Http2Connection] = set()
         self.tunnels: set[Tunnel] = set()  # open WebSocket and CONNECT tunnels; a drain waits for them
+        self.passed_through: set[Tunnel] = set()  # open TCP/TLS connections passed through (sniff); the same
         self.server: asyncio.AbstractServer | None = None
         self.sweeper: asyncio.Task[None] | None = None
         self.now = loop.time()  # a coarse clock for timeouts, advanced by the sweeper
@@ -485,8 +486,10 @@ class Listener:
                 connection.close()
 
     def requests_in_flight(self) -> bool:
-        """Some client has a request here not yet fully answered, or has sent part of one, or an open tunnel."""
-        return bool(self.tunnels) or any(not connection.idle for connection in self.connections)
+        """Some client has a request here not yet fully answered, or has sent part of one, or an open tunnel, or
+        a TCP/TLS connection passed through."""
+        return bool(self.tunnels) or bool(self.passed_through) or any(not connection.idle
+                                                                     for connection in self.connections)
 
     def tunnel_opened(self, tunnel: Tunnel) -> None:
         """An upgrade or CONNECT became a tunnel (Envoy's downstream_cx_upgrades_total and _active)."""
@@ -500,8 +503,8 @@ class Listener:
             self.stats.upgrades_active -= 1
 
     def close_tunnels(self) -> None:
-        """The drain limit: every tunnel still open is closed (and so recorded)."""
-        for tunnel in list(self.tunnels):
+        """The drain limit: every tunnel and passed-through connection still open is closed (and so recorded)."""
+        for tunnel in [*self.tunnels, *self.passed_through]:
             tunnel.close()
 
     async def stop(self) -> None:

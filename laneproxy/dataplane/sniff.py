@@ -7,7 +7,7 @@ MySQL, SMTP, a banner). The outbound listener passes them to their original dest
 (`tcp.PassthroughCluster.*`), the inbound listener to the app's port they were sent to (a Redis or MySQL
 port the app declares is captured like its HTTP port: `tcp.inbound|<port>||.*`). They are counted as
 Envoy's TCP proxy counts them (connect failures on the cluster) and get one access-log line each when
-they end. A connection that was not redirected (an app using the listener as HTTP_PROXY, a direct
+they end; the listener holds each open one (`passed_through`), so a drain waits for it until its limit. A connection that was not redirected (an app using the listener as HTTP_PROXY, a direct
 caller) is HTTP at once, without waiting.
 
 The classification functions are pure and bounded: at most `SNIFF_LIMIT` bytes are held while deciding.
@@ -242,6 +242,7 @@ class SniffingConnection(asyncio.Protocol):
             return
 
         def ended(tunnel: Tunnel) -> None:
+            listener.passed_through.discard(tunnel)
             tcp.cx_active -= 1
             if tunnel.idle_expired:
                 tcp.idle_timeout += 1
@@ -250,6 +251,7 @@ class SniffingConnection(asyncio.Protocol):
         tunnel = Tunnel(loop, transport, upstream, idle_timeout=listener.settings.tunnel_idle_timeout,  # type: ignore[arg-type]
                         on_closed=ended)
         tunnel.stats = tcp
+        listener.passed_through.add(tunnel)  # a drain waits for it, as for any request in flight, until its limit
         self._report(kind, sni, started, 0, 0, "-", closed=False)  # opened: Istio's connections_opened
         tunnel.start(to_upstream=self.buffer, to_downstream=opening.said)
         self.buffer = b""

@@ -443,7 +443,7 @@ def test_redis_cli_against_redis_server_passes_through_as_tcp(captured_pod):
     assert after[0] - connections == 3
     assert after[1] - received >= len("*1\r\n$4\r\nPING\r\n") and after[2] - sent >= len("+PONG\r\n")
     log = (pod.workdir / "sidecar.log").read_text()
-    assert f'"- - TCP" 0 - ' in log and f'"{CLIENT_IP}:{REDIS_PORT}"' in log
+    assert '"- - TCP" 0 - ' in log and f'"{CLIENT_IP}:{REDIS_PORT}"' in log
     # Istio's TCP metrics, as the sidecar's Prometheus endpoint reports them (on by default).
     closed = [line for line in pod.admin("/stats/prometheus")[1].splitlines()
               if line.startswith("istio_tcp_connections_closed_total{") and 'reporter="source"' in line
@@ -485,3 +485,50 @@ def test_a_non_http_port_the_app_declares_is_captured_inbound_and_passed_to_the_
                for command in (["PING"], ["SET", "pod", "mocka"], ["GET", "pod"])]
     assert answers == ["PONG", "OK", "mocka"]
     assert pod.stats()[name] - before == 3, "the client's connections did not go through the inbound listener"
+
+
+HELD_REDIS_CLIENT = """
+import socket, sys
+with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=60) as conn:
+    def ping():
+        conn.sendall(b"*1\\r\\n$4\\r\\nPING\\r\\n")
+        reply = b""
+        while not reply.endswith(b"\\r\\n"):
+            chunk = conn.recv(1024)
+            if not chunk:
+                return "closed"
+            reply += chunk
+        return reply.decode().strip()
+    print(ping(), flush=True)
+    sys.stdin.readline()  # held open until the test says
+    print(ping(), flush=True)
+"""
+DEFAULT_MINIMUM_DRAIN = 5.0  # `run --drain-seconds`, which the pod's sidecar leaves at its default
+
+
+def test_a_passed_through_connection_open_at_sigterm_is_served_through_the_drain_and_logged_at_its_close(
+        captured_pod):
+    """Last in this module: it stops the pod's sidecar, as a kubelet does on a pod's deletion."""
+    pod = captured_pod
+    sidecar = dict(pod.processes)["sidecar"]
+    client = subprocess.Popen(pod.exec_argv(pod.pod, sys.executable, "-c", HELD_REDIS_CLIENT, "outside.example",
+                                            str(REDIS_PORT), uid=APP_UID),
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert client.stdout.readline().strip() == "+PONG"
+        lines_before = (pod.workdir / "sidecar.log").read_text().count(f'"{CLIENT_IP}:{REDIS_PORT}"')
+        sidecar.terminate()
+        time.sleep(DEFAULT_MINIMUM_DRAIN + 1.5)
+        assert sidecar.poll() is None, "the sidecar exited with a passed-through connection open"
+        client.stdin.write("\n")
+        client.stdin.flush()
+        assert client.stdout.readline().strip() == "+PONG", "the connection did not outlive the minimum drain"
+        assert client.wait(10) == 0
+        assert sidecar.wait(10) == 0, "the sidecar did not exit once nothing was in flight"
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+    closes = [line for line in (pod.workdir / "sidecar.log").read_text().splitlines()
+              if f'"{CLIENT_IP}:{REDIS_PORT}"' in line][lines_before:]
+    assert len(closes) == 1 and '"- - TCP" 0 - 28 14 ' in closes[0], closes  # two PINGs in, two PONGs out
